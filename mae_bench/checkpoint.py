@@ -1,0 +1,169 @@
+"""Checkpoints: tensors and plain Python values only, written atomically.
+
+A mae-bench checkpoint is a dict that ``torch.load(path, weights_only=True)`` reads:
+
+    format_version, method, config (plain dict), model, optimizer, scaler (or None),
+    step (optimizer steps done), micro_step (micro-batches done), epoch, rng, extra
+
+It is written to a temporary file in the same folder, flushed to disk and renamed into place, so
+a crash mid-save leaves the previous checkpoint intact and never a partial file under the final
+name. The previous checkpoint is kept as ``checkpoint.prev.pt`` as a fallback.
+
+Official MAE pretrain checkpoints (``{"model": state_dict}``, facebookresearch/mae) are recognised
+and load unchanged into ``MaskedAutoencoder``.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mae_bench.errors import CheckpointError
+
+FORMAT_VERSION = 1
+LATEST = "checkpoint.pt"
+PREVIOUS = "checkpoint.prev.pt"
+
+
+def save_checkpoint(run_dir: str | Path, state: dict[str, Any]) -> Path:
+    """Atomically write ``state`` as ``run_dir/checkpoint.pt``; the old one becomes
+    ``checkpoint.prev.pt``. Returns the final path."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    final = run_dir / LATEST
+    fd, tmp_name = tempfile.mkstemp(prefix=".checkpoint-", suffix=".tmp", dir=run_dir)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if final.exists():
+            os.replace(final, run_dir / PREVIOUS)
+        os.replace(tmp_name, final)
+        _fsync_dir(run_dir)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def find_checkpoint(path: str | Path) -> Path | None:
+    """The checkpoint file for a run folder or a file path; None when the folder has none."""
+    path = Path(path)
+    if path.is_dir():
+        for name in (LATEST, PREVIOUS):
+            if (path / name).is_file():
+                return path / name
+        return None
+    return path if path.is_file() else None
+
+
+def load_checkpoint(path: str | Path, *, trust: bool = False,
+                    map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint file (or the latest one in a run folder).
+
+    Args:
+        path: a checkpoint file or a run folder.
+        trust: allow full unpickling for checkpoints that are not plain tensors and values
+            (e.g. official checkpoints that pickled an argparse Namespace). Only for files
+            from a source you trust: unpickling can run arbitrary code.
+        map_location: where tensors are loaded.
+
+    Raises:
+        CheckpointError: the file does not exist, is not a checkpoint, is truncated or
+            corrupted, or needs unsafe unpickling without ``trust``.
+    """
+    given = Path(path)
+    file = find_checkpoint(given)
+    if file is None:
+        where = "has no checkpoint.pt" if given.is_dir() else "does not exist"
+        raise CheckpointError(f"checkpoint {given} {where}")
+    try:
+        obj = torch.load(file, map_location=map_location, weights_only=not trust)
+    except pickle.UnpicklingError as exc:
+        if not trust and "weights_only" in str(exc):
+            raise CheckpointError(
+                f"checkpoint {file} holds objects that need unsafe unpickling; pass "
+                "--trust-checkpoint only if you trust its source"
+            ) from None
+        raise CheckpointError(f"checkpoint {file} is corrupted or not a checkpoint") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(
+            f"checkpoint {file} is truncated, corrupted or not a checkpoint ({reason[:120]})"
+        ) from None
+    if not isinstance(obj, dict) or "model" not in obj:
+        raise CheckpointError(f"{file} is not a checkpoint: expected a dict with a 'model' entry")
+    return obj
+
+
+def is_official_mae(ckpt: dict[str, Any]) -> bool:
+    """True for an official facebookresearch/mae pretrain checkpoint ({"model": state_dict})."""
+    sd = ckpt.get("model")
+    return (
+        "format_version" not in ckpt
+        and isinstance(sd, dict)
+        and "patch_embed.proj.weight" in sd
+        and "blocks.0.attn.qkv.weight" in sd
+    )
+
+
+# --- RNG state as plain values -------------------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch RNG states as tensors / plain values (weights_only-safe)."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": _tuple_to_lists(random.getstate()),
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np_s = state["numpy"]
+    np.random.set_state(
+        ("MT19937", np_s["keys"].numpy().astype(np.uint32), np_s["pos"], np_s["has_gauss"],
+         np_s["cached_gaussian"])
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuple_to_lists(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_tuple_to_lists(v) for v in value]
+    return value

@@ -1,0 +1,180 @@
+"""Run configuration: frozen dataclasses built once at the edge (CLI or YAML), passed down as values.
+
+A run's final config is written into its run folder as ``config.yaml``; loading it back gives an
+equal object. Unknown keys are errors, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mae_bench.errors import ConfigError
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The ViT architecture (a preset name from ``mae_bench.vit.PRESETS``) and its overrides."""
+
+    arch: str = "vit_tiny_patch2"
+    img_size: int | None = None  # None: the data set's default image size
+    decoder_embed_dim: int | None = None  # None: the preset's decoder
+    decoder_depth: int | None = None
+    decoder_num_heads: int | None = None
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which data set to pretrain on, and where it lives."""
+
+    dataset: str = "digits"
+    data_dir: str | None = None  # None: the data set's default location
+    split: str = "train"
+    num_workers: int = 4  # DataLoader workers for streamed (large) data sets only
+
+
+@dataclass(frozen=True)
+class MAEConfig:
+    """Masked-autoencoder knobs (He et al. 2021)."""
+
+    mask_ratio: float = 0.75
+    mask_strategy: str = "random"  # random | block | grid (paper Table 1f)
+    norm_pix_loss: bool = True  # the paper's default for its best representations
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation: AdamW(0.9, 0.95), lr = blr x effective batch / 256, warmup then cosine."""
+
+    method: str = "mae"
+    epochs: int = 30
+    batch_size: int = 128  # per process and per micro-batch
+    accum_iter: int = 1  # micro-batches per optimizer step
+    blr: float = 1.5e-4
+    lr: float | None = None  # absolute learning rate; overrides blr when set
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    warmup_epochs: float | None = None  # None: 5 % of the epochs (MAE: 40 of 800)
+    seed: int = 0
+    precision: str = "auto"  # auto | bf16 | fp16 | fp32
+    device: str = "auto"  # auto | cpu | cuda
+    deterministic: bool = False
+    log_every: int = 10  # optimizer steps between metric lines
+    save_every: int = 1  # epochs between checkpoints (the last epoch is always saved)
+    clip_grad: float | None = None
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a pretraining run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mae: MAEConfig = field(default_factory=MAEConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def digest(self) -> str:
+        """A short content hash, stable across processes (for provenance and cache keys)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> RunConfig:
+        if not isinstance(raw, dict):
+            raise ConfigError(f"a run config must be a mapping, got {type(raw).__name__}")
+        _reject_unknown(raw, cls, "config")
+        parts = {}
+        for f in fields(cls):
+            sub = raw.get(f.name, {}) or {}
+            sub_cls = _SECTIONS[f.name]
+            if not isinstance(sub, dict):
+                raise ConfigError(f"config section '{f.name}' must be a mapping")
+            _reject_unknown(sub, sub_cls, f"config section '{f.name}'")
+            parts[f.name] = sub_cls(**sub)
+        return cls(**parts)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> RunConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            first = str(exc).splitlines()[0]
+            raise ConfigError(f"config file {path} is not valid YAML: {first}") from None
+        return cls.from_dict(raw)
+
+    def replace(self, **sections: dict[str, Any]) -> RunConfig:
+        """Return a copy with some fields of some sections replaced, e.g.
+        ``cfg.replace(train={"epochs": 5})``. Values of None are ignored (not given)."""
+        parts = {}
+        for f in fields(self):
+            current = getattr(self, f.name)
+            changes = {k: v for k, v in sections.get(f.name, {}).items() if v is not None}
+            _reject_unknown(changes, type(current), f"config section '{f.name}'")
+            parts[f.name] = dataclasses.replace(current, **changes)
+        return RunConfig(**parts)
+
+
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "mae": MAEConfig}
+
+
+def _reject_unknown(raw: dict[str, Any], cls: type, where: str) -> None:
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {', '.join(unknown)} in {where}; valid keys: {', '.join(sorted(known))}"
+        )
+
+
+def warmup_epochs(t: TrainConfig) -> float:
+    """The warmup length in epochs: as set, or 5 % of the run (the MAE recipe: 40 of 800)."""
+    return t.warmup_epochs if t.warmup_epochs is not None else 0.05 * t.epochs
+
+
+def validate(cfg: RunConfig) -> None:
+    """Check values that do not depend on the data set or the model (those are checked when the
+    run is built, see ``mae_bench.methods.build_method``). Raises ConfigError."""
+    t = cfg.train
+    checks = [
+        (t.epochs >= 1, f"--epochs must be >= 1, got {t.epochs}"),
+        (t.batch_size >= 1, f"--batch-size must be >= 1, got {t.batch_size}"),
+        (t.accum_iter >= 1, f"--accum-iter must be >= 1, got {t.accum_iter}"),
+        (t.blr > 0, f"--blr must be > 0, got {t.blr}"),
+        (t.lr is None or t.lr > 0, f"--lr must be > 0, got {t.lr}"),
+        (t.min_lr >= 0, f"--min-lr must be >= 0, got {t.min_lr}"),
+        (t.weight_decay >= 0, f"--weight-decay must be >= 0, got {t.weight_decay}"),
+        (t.warmup_epochs is None or 0 <= t.warmup_epochs < t.epochs,
+         f"--warmup-epochs must be in [0, epochs={t.epochs}), got {t.warmup_epochs}"),
+        (t.precision in PRECISIONS,
+         f"unknown precision '{t.precision}'; valid: {', '.join(PRECISIONS)}"),
+        (t.device in DEVICES, f"unknown device '{t.device}'; valid: {', '.join(DEVICES)}"),
+        (t.log_every >= 1, f"--log-every must be >= 1, got {t.log_every}"),
+        (t.save_every >= 1, f"--save-every must be >= 1, got {t.save_every}"),
+        (t.clip_grad is None or t.clip_grad > 0, f"--clip-grad must be > 0, got {t.clip_grad}"),
+        (0.0 < cfg.mae.mask_ratio < 1.0,
+         f"--mask-ratio must be strictly between 0 and 1, got {cfg.mae.mask_ratio}"),
+        (cfg.data.num_workers >= 0, f"--num-workers must be >= 0, got {cfg.data.num_workers}"),
+        (cfg.model.img_size is None or cfg.model.img_size > 0,
+         f"--img-size must be > 0, got {cfg.model.img_size}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
