@@ -16,3 +16,8 @@ class ConfigError(MaeBenchError):
 
 class CheckpointError(MaeBenchError):
     """A checkpoint is missing, unreadable, or does not match what was asked."""
+
+
+class TrainingError(RuntimeError):
+    """A run stopped for a reason found while training (e.g. a non-finite loss). The message names
+    the step; the last good checkpoint is kept. The CLI shows it without a traceback (exit 1)."""

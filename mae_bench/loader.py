@@ -1,0 +1,91 @@
+"""Batches for training: uint8 images in a seeded order that depends only on (seed, epoch).
+
+Because the order is a pure function of the seed and the epoch, a run resumed mid-epoch skips
+exactly the batches it already saw and continues with the same ones as an uninterrupted run.
+
+- In-memory data sets (``ArrayDataset``): a batch is one index-select from the uint8 tensor; the
+  crop / flip / normalisation then run batched on the training device (``mae_bench.augment``).
+- Streamed data sets (``StreamingDataset``): a DataLoader with worker processes decodes and crops
+  each image (``augment.sample_transform``); only normalisation runs on the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Sampler
+
+from mae_bench.augment import ViewSpec, sample_transform
+from mae_bench.data import ArrayDataset, StreamingDataset
+
+
+def epoch_order(n: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1) -> Tensor:
+    """The sample order of one epoch for one process: a seeded permutation, split by rank.
+
+    Returns:
+        [n // world_size] int64 indices (the tail that does not divide evenly is dropped).
+    """
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    perm = torch.randperm(n, generator=g)  # [n]
+    per_rank = n // world_size
+    return perm[rank * per_rank:(rank + 1) * per_rank]
+
+
+class _ListSampler(Sampler[int]):
+    def __init__(self, indices: Tensor):
+        self.indices = indices.tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class TrainBatches:
+    """Yields (uint8 images [B, C, H, W], labels [B]) for one epoch from a micro-batch offset.
+
+    Args:
+        dataset: an in-memory or streamed data set.
+        batch_size: images per micro-batch (per process).
+        micro_per_epoch: micro-batches per epoch (the remainder of the data is dropped).
+        seed: the run's seed.
+        num_workers: DataLoader workers (streamed data sets only).
+        view: the crop spec, applied in the workers for streamed data sets.
+        pin_memory: pin host memory (when training on CUDA).
+    """
+
+    def __init__(self, dataset: ArrayDataset | StreamingDataset, batch_size: int,
+                 micro_per_epoch: int, seed: int, num_workers: int = 0,
+                 view: ViewSpec | None = None, pin_memory: bool = False,
+                 rank: int = 0, world_size: int = 1):
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.micro_per_epoch = micro_per_epoch
+        self.seed = seed
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.rank = rank
+        self.world_size = world_size
+        self.streaming = isinstance(dataset, StreamingDataset)
+        if self.streaming and view is not None:
+            dataset.set_transform(sample_transform(view))
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        order = epoch_order(len(self.dataset), self.seed, epoch, self.rank, self.world_size)
+        order = order[start * self.batch_size:self.micro_per_epoch * self.batch_size]
+        if not self.streaming:
+            images, labels = self.dataset.images, self.dataset.labels
+            for idx in order.split(self.batch_size):
+                yield images.index_select(0, idx), labels.index_select(0, idx)
+            return
+        loader = DataLoader(
+            self.dataset, batch_size=self.batch_size, sampler=_ListSampler(order),
+            num_workers=self.num_workers, pin_memory=self.pin_memory, drop_last=True,
+            generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch),
+            persistent_workers=False,
+        )
+        for images, labels in loader:
+            yield images, torch.as_tensor(labels)

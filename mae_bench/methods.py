@@ -1,0 +1,151 @@
+"""The Method contract and its registry. MAE registers here; every baseline registers the same way.
+
+A Method is an ``nn.Module`` that the one training loop (``mae_bench.engine``) drives:
+
+- ``view_specs()``: the train-time views it needs (MAE: one random resized crop + flip).
+- ``forward(batch) -> {"loss": ..., other scalars}``.
+- ``on_step_end(step, total_steps)``: momentum / EMA / temperature schedules.
+- ``encoder``: the ViT that the evaluation protocols use.
+- ``no_weight_decay()``: parameter names that get no weight decay.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import Tensor, nn
+
+from mae_bench.augment import ViewSpec
+from mae_bench.config import RunConfig
+from mae_bench.errors import ConfigError
+from mae_bench.mae import MaskedAutoencoder, masking_noise, validate_mask_ratio
+from mae_bench.vit import VisionTransformer, get_preset
+
+
+@dataclass
+class Batch:
+    """One training batch after augmentation.
+
+    Attributes:
+        views: one [N, C, H, W] normalised float tensor per view spec.
+        labels: [N] int64 (-1 where unknown); methods must not use them for pretraining.
+        generator: the step's random generator (masking noise etc.), seeded from the global
+            step so that a resumed run replays exactly.
+    """
+
+    views: list[Tensor]
+    labels: Tensor
+    generator: torch.Generator
+
+
+class Method(nn.Module, abc.ABC):
+    """Base class: see the module docstring for the contract."""
+
+    name: str = ""
+
+    @abc.abstractmethod
+    def view_specs(self) -> list[ViewSpec]:
+        """The train-time views, one spec per view the forward pass expects."""
+
+    def on_step_end(self, step: int, total_steps: int) -> None:
+        """Called after every optimizer step (step counts from 1)."""
+
+    @property
+    @abc.abstractmethod
+    def encoder(self) -> VisionTransformer:
+        """The ViT that the evaluation protocols use."""
+
+    def no_weight_decay(self) -> set[str]:
+        return set()
+
+
+METHODS: dict[str, Callable[..., Method]] = {}
+
+
+def register_method(name: str):
+    """Class decorator: ``@register_method("mae")``."""
+
+    def wrap(cls):
+        if name in METHODS:
+            raise ValueError(f"method '{name}' is registered twice")
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+
+    return wrap
+
+
+def build_method(cfg: RunConfig, channels: int, img_size: int) -> Method:
+    """Build the configured method for images of ``channels`` x ``img_size``^2.
+
+    Raises:
+        ConfigError: unknown method, image size not divisible by the patch size, or a mask
+            ratio that leaves no visible or no masked patch.
+    """
+    if cfg.train.method not in METHODS:
+        raise ConfigError(
+            f"unknown method '{cfg.train.method}'; valid methods: {', '.join(sorted(METHODS))}"
+        )
+    preset = get_preset(cfg.model.arch)
+    if img_size % preset.patch_size:
+        raise ConfigError(
+            f"image size {img_size} is not divisible by the patch size {preset.patch_size} of "
+            f"{cfg.model.arch}; pick --img-size as a multiple of {preset.patch_size}"
+        )
+    return METHODS[cfg.train.method](cfg, channels, img_size)
+
+
+@register_method("mae")
+class MAE(Method):
+    """Masked Autoencoder (He et al. 2021): the encoder sees only the visible patches."""
+
+    def __init__(self, cfg: RunConfig, channels: int, img_size: int):
+        super().__init__()
+        p = get_preset(cfg.model.arch)
+        m = cfg.model
+        self.mask_ratio = cfg.mae.mask_ratio
+        self.mask_strategy = cfg.mae.mask_strategy
+        self.img_size = img_size
+        self.mae = MaskedAutoencoder(
+            img_size=img_size,
+            patch_size=p.patch_size,
+            in_chans=channels,
+            embed_dim=p.embed_dim,
+            depth=p.depth,
+            num_heads=p.num_heads,
+            decoder_embed_dim=m.decoder_embed_dim or p.decoder_embed_dim,
+            decoder_depth=m.decoder_depth or p.decoder_depth,
+            decoder_num_heads=m.decoder_num_heads or p.decoder_num_heads,
+            mlp_ratio=p.mlp_ratio,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6),
+            norm_pix_loss=cfg.mae.norm_pix_loss,
+            mask_strategy=cfg.mae.mask_strategy,
+        )
+        validate_mask_ratio(self.mae.num_patches, self.mask_ratio)
+        # Strategy-specific checks (grid needs a lattice ratio) fail here, at build time.
+        masking_noise(self.mask_strategy, 1, self.grid_size, self.mask_ratio)
+
+    @property
+    def grid_size(self) -> int:
+        return self.img_size // self.mae.patch_size
+
+    def view_specs(self) -> list[ViewSpec]:
+        return [ViewSpec(img_size=self.img_size)]
+
+    @property
+    def encoder(self) -> VisionTransformer:
+        return self.mae
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"mae.{n}" for n in self.mae.no_weight_decay()}
+
+    def forward(self, batch: Batch) -> dict[str, Tensor]:
+        imgs = batch.views[0]  # [N, C, H, W]
+        noise = masking_noise(self.mask_strategy, imgs.shape[0], self.grid_size, self.mask_ratio,
+                              generator=batch.generator, device=imgs.device)  # [N, L]
+        loss, _, _ = self.mae(imgs, mask_ratio=self.mask_ratio, noise=noise)
+        return {"loss": loss}

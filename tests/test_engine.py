@@ -1,0 +1,161 @@
+"""The training loop: exact resume, schedules, parameter groups, non-finite loss, run folder."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mae_bench.checkpoint import load_checkpoint
+from mae_bench.config import RunConfig
+from mae_bench.engine import (cpu_has_fast_bf16, lr_at, param_groups, pretrain,
+                              resolve_precision)
+from mae_bench.errors import ConfigError, TrainingError
+from mae_bench.methods import MAE, METHODS, build_method
+
+# digits at its native 8 px: 1437 training images -> 22 steps of 64 per epoch
+TINY = RunConfig().replace(
+    model={"arch": "vit_micro_patch2", "img_size": 8},
+    train={"epochs": 2, "batch_size": 64, "log_every": 1, "deterministic": True},
+)
+
+
+@pytest.fixture(autouse=True)
+def _restore_determinism():
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+    full = pretrain(TINY, tmp_path / "full", progress=False)
+    assert full.finished and full.step == 44
+    part = pretrain(TINY, tmp_path / "part", max_steps=7, progress=False)
+    assert not part.finished and part.step == 7
+    assert load_checkpoint(tmp_path / "part")["step"] == 7
+    # resume in a new process, through the CLI, from the run folder alone
+    subprocess.run([sys.executable, "-m", "mae_bench", "pretrain", "--resume",
+                    str(tmp_path / "part"), "--no-progress"], check=True, capture_output=True)
+    a, b = load_checkpoint(tmp_path / "full"), load_checkpoint(tmp_path / "part")
+    assert a["step"] == b["step"] == 44 and a["epoch"] == b["epoch"] == 2
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for pid, sa in a["optimizer"]["state"].items():
+        sb = b["optimizer"]["state"][pid]
+        assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"],
+                                                                         sb["exp_avg_sq"])
+    ma, mb = _metrics(tmp_path / "full"), _metrics(tmp_path / "part")
+    steps_b = [r["step"] for r in mb]
+    assert len(steps_b) == len(set(steps_b)), "a resumed run logged a step twice"
+    assert [(r["step"], r["loss"]) for r in ma] == [(r["step"], r["loss"]) for r in mb]
+
+
+def test_run_folder_contents(tmp_path):
+    res = pretrain(TINY.replace(train={"epochs": 1}), tmp_path / "r", progress=False)
+    files = {p.name for p in (tmp_path / "r").iterdir()}
+    assert {"config.yaml", "run.json", "metrics.jsonl", "checkpoint.pt", "summary.json"} <= files
+    assert RunConfig.from_yaml(tmp_path / "r" / "config.yaml") == TINY.replace(
+        train={"epochs": 1})
+    run = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert run["effective_batch"] == 64
+    assert math.isclose(run["peak_lr"], 1.5e-4 * 64 / 256)
+    rows = _metrics(tmp_path / "r")
+    assert [r["step"] for r in rows] == list(range(1, 23))
+    assert rows[-1]["loss"] < rows[0]["loss"]  # it learns
+    assert res.final_loss == rows[-1]["loss"]
+    ckpt = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
+    assert ckpt["format_version"] == 1 and ckpt["method"] == "mae"
+    assert RunConfig.from_dict(ckpt["config"]) == TINY.replace(train={"epochs": 1})
+
+
+def test_accumulation_counts_optimizer_steps(tmp_path):
+    cfg = TINY.replace(train={"epochs": 1, "batch_size": 32, "accum_iter": 2})
+    res = pretrain(cfg, tmp_path / "r", progress=False)
+    assert res.step == 22 and res.total_steps == 22  # 44 micro-batches of 32
+    run = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert run["effective_batch"] == 64
+
+
+def test_resume_with_another_config_is_refused(tmp_path):
+    pretrain(TINY, tmp_path / "r", max_steps=2, progress=False)
+    before = (tmp_path / "r" / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match=r"another config \(mae.mask_ratio: 0.75 -> 0.5\)"):
+        pretrain(TINY.replace(mae={"mask_ratio": 0.5}), tmp_path / "r", progress=False)
+    with pytest.raises(ConfigError, match="already holds a checkpoint"):
+        pretrain(TINY, tmp_path / "r", resume=False, progress=False)
+    assert (tmp_path / "r" / "config.yaml").read_text() == before
+
+
+class _NanAfter30(MAE):
+    """MAE whose loss turns NaN from optimizer step 31 on."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.done = 0
+
+    def on_step_end(self, step, total_steps):
+        self.done = step
+
+    def forward(self, batch):
+        out = super().forward(batch)
+        if self.done >= 30:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+
+def test_non_finite_loss_names_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setitem(METHODS, "nan30", _NanAfter30)
+    cfg = TINY.replace(train={"method": "nan30"})
+    with pytest.raises(TrainingError, match=r"non-finite loss \(nan\) at step 31"):
+        pretrain(cfg, tmp_path / "r", progress=False)
+    ckpt = load_checkpoint(tmp_path / "r")
+    assert ckpt["step"] == 22  # the end of epoch 1, saved before the bad step
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert max(r["step"] for r in _metrics(tmp_path / "r")) == 30
+
+
+def test_too_few_images_for_one_step(tmp_path):
+    with pytest.raises(ConfigError, match="fewer than one optimizer step needs"):
+        pretrain(TINY.replace(train={"batch_size": 4096}), tmp_path / "r", progress=False)
+    assert not (tmp_path / "r").exists()
+
+
+def test_lr_schedule_values():
+    kw = {"steps_per_epoch": 10, "epochs": 10, "warmup_epochs": 2, "peak_lr": 1.0,
+          "min_lr": 0.1}
+    assert lr_at(0, **kw) == 0.0
+    assert math.isclose(lr_at(10, **kw), 0.5)  # half way through the warmup
+    assert math.isclose(lr_at(20, **kw), 1.0)  # warmup done: the peak
+    assert math.isclose(lr_at(60, **kw), 0.1 + 0.9 * 0.5)  # cosine half way
+    assert math.isclose(lr_at(100, **kw), 0.1)
+    assert all(lr_at(s, **kw) >= lr_at(s + 1, **kw) for s in range(20, 100))
+
+
+def test_param_groups_skip_biases_norms_tokens():
+    method = build_method(TINY, 1, 8)
+    decay, no_decay = param_groups(method, 0.05, method.no_weight_decay())
+    name_of = {id(p): n for n, p in method.named_parameters()}
+    decay_names = {name_of[id(p)] for p in decay["params"]}
+    no_decay_names = {name_of[id(p)] for p in no_decay["params"]}
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert {"mae.cls_token", "mae.mask_token", "mae.norm.weight", "mae.blocks.0.norm1.weight",
+            "mae.blocks.0.attn.qkv.bias", "mae.decoder_embed.bias"} <= no_decay_names
+    assert {"mae.blocks.0.attn.qkv.weight", "mae.patch_embed.proj.weight",
+            "mae.decoder_pred.weight"} <= decay_names
+    assert not any("pos_embed" in n for n in decay_names | no_decay_names)  # fixed, no grad
+    trainable = {n for n, p in method.named_parameters() if p.requires_grad}
+    assert decay_names | no_decay_names == trainable
+
+
+def test_precision_resolution():
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == ("bf16" if cpu_has_fast_bf16() else "fp32")
+    assert resolve_precision("fp32", cpu) == "fp32"
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
+        resolve_precision("fp16", cpu)
