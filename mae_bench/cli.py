@@ -54,7 +54,8 @@ def pretrain(
     min_lr: Annotated[float, typer.Option(help="Floor of the cosine schedule.")] = None,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay on weight matrices "
                                                 "(not biases, norms, tokens).")] = None,
-    warmup_epochs: Annotated[float, typer.Option(help="Linear lr warmup length in epochs (default: 5 % of --epochs).")] = None,
+    warmup_epochs: Annotated[float, typer.Option(
+        help="Linear lr warmup length in epochs (default: 5 % of --epochs).")] = None,
     mask_ratio: Annotated[float, typer.Option(help="Fraction of patches removed (MAE: 0.75); "
                                               "must leave a visible and a masked patch.")] = None,
     mask_strategy: Annotated[str, typer.Option(help="random | block | grid (paper Table 1f).")]

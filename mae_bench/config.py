@@ -1,4 +1,4 @@
-"""Run configuration: frozen dataclasses built once at the edge (CLI or YAML), passed down as values.
+"""Run configuration: frozen dataclasses built once at the edge (CLI or YAML), passed as values.
 
 A run's final config is written into its run folder as ``config.yaml``; loading it back gives an
 equal object. Unknown keys are errors, so a typo never silently falls back to a default.
@@ -56,7 +56,7 @@ class TrainConfig:
     """Optimisation: AdamW(0.9, 0.95), lr = blr x effective batch / 256, warmup then cosine."""
 
     method: str = "mae"
-    epochs: int = 30
+    epochs: int = 20
     batch_size: int = 128  # per process and per micro-batch
     accum_iter: int = 1  # micro-batches per optimizer step
     blr: float = 1.5e-4
@@ -140,7 +140,8 @@ def _reject_unknown(raw: dict[str, Any], cls: type, where: str) -> None:
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(
-            f"unknown key(s) {', '.join(unknown)} in {where}; valid keys: {', '.join(sorted(known))}"
+            f"unknown key(s) {', '.join(unknown)} in {where}; "
+            f"valid keys: {', '.join(sorted(known))}"
         )
 
 

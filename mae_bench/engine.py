@@ -30,14 +30,26 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from torch import nn
 
 from mae_bench import __version__
 from mae_bench.augment import BatchViews
-from mae_bench.checkpoint import (FORMAT_VERSION, find_checkpoint, load_checkpoint, rng_state,
-                                  save_checkpoint, set_rng_state)
+from mae_bench.checkpoint import (
+    FORMAT_VERSION,
+    find_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from mae_bench.config import RunConfig, validate, warmup_epochs
 from mae_bench.data import load_dataset
 from mae_bench.errors import ConfigError, TrainingError

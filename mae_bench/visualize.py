@@ -36,8 +36,9 @@ def load_mae_run(checkpoint: str | Path) -> tuple[RunConfig, MAE]:
 def reconstruct(mae: MaskedAutoencoder, imgs: Tensor, mask_ratio: float, noise: Tensor
                 ) -> tuple[Tensor, Tensor, Tensor]:
     """Run MAE and return (mask image with 1 at masked pixels, reconstruction, reconstruction
-    with the visible patches pasted back), all [N, C, H, W] in the normalised space of ``imgs``. With norm_pix_loss the predicted patches
-    are mapped back with each target patch's own mean and std (as the official demo does)."""
+    with the visible patches pasted back), all [N, C, H, W] in the normalised space of ``imgs``.
+    With norm_pix_loss the predicted patches are mapped back with each target patch's own mean
+    and std (as the official demo does)."""
     _, pred, mask = mae(imgs, mask_ratio=mask_ratio, noise=noise)  # [N, L, P], [N, L]
     if mae.norm_pix_loss:
         target = mae.patchify(imgs)  # [N, L, P]

@@ -10,8 +10,7 @@ import torch
 
 from mae_bench.checkpoint import load_checkpoint
 from mae_bench.config import RunConfig
-from mae_bench.engine import (cpu_has_fast_bf16, lr_at, param_groups, pretrain,
-                              resolve_precision)
+from mae_bench.engine import cpu_has_fast_bf16, lr_at, param_groups, pretrain, resolve_precision
 from mae_bench.errors import ConfigError, TrainingError
 from mae_bench.methods import MAE, METHODS, build_method
 
