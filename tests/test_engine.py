@@ -158,3 +158,34 @@ def test_precision_resolution():
     assert resolve_precision("fp32", cpu) == "fp32"
     with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
         resolve_precision("fp16", cpu)
+
+
+def test_streamed_image_folder_trains_through_workers(tmp_path, monkeypatch):
+    """Large image folders stream through DataLoader workers; the loop is the same."""
+    import functools
+
+    import numpy as np
+    from PIL import Image
+
+    from mae_bench import engine
+    from mae_bench.data import StreamingDataset, load_dataset
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("test", 4)):
+        for cls in ("a", "b"):
+            folder = tmp_path / "data" / split / cls
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)  # odd size
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    streamed = functools.partial(load_dataset, max_in_memory_bytes=0)
+    monkeypatch.setattr(engine, "load_dataset", streamed)
+    assert isinstance(streamed("imagefolder", "train", tmp_path / "data"), StreamingDataset)
+    cfg = RunConfig().replace(
+        model={"arch": "vit_micro_patch4", "img_size": 16},
+        data={"dataset": "imagefolder", "data_dir": str(tmp_path / "data"), "num_workers": 2},
+        train={"epochs": 2, "batch_size": 8, "log_every": 1},
+    )
+    res = pretrain(cfg, tmp_path / "run", progress=False)
+    assert res.finished and res.step == 6  # 24 images / 8 per step x 2 epochs
+    assert all(math.isfinite(r["loss"]) for r in _metrics(tmp_path / "run"))
