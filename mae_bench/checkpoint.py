@@ -99,15 +99,22 @@ def load_checkpoint(path: str | Path, *, trust: bool = False,
     if file is None:
         where = "has no checkpoint.pt" if given.is_dir() else "does not exist"
         raise CheckpointError(f"checkpoint {given} {where}")
+    kind = _torch_save_kind(file)
+    if kind is None:
+        raise CheckpointError(f"{file} is not a checkpoint (not a file written by torch.save)")
+    if kind == "broken-zip":
+        raise CheckpointError(f"checkpoint {file} is truncated or corrupted (an incomplete "
+                              "archive); resume falls back to checkpoint.prev.pt if present")
     try:
         obj = torch.load(file, map_location=map_location, weights_only=not trust)
     except pickle.UnpicklingError as exc:
-        if not trust and "weights_only" in str(exc):
+        if not trust and "Unsupported global" in str(exc):
             raise CheckpointError(
                 f"checkpoint {file} holds objects that need unsafe unpickling; pass "
                 "--trust-checkpoint only if you trust its source"
             ) from None
-        raise CheckpointError(f"checkpoint {file} is corrupted or not a checkpoint") from None
+        raise CheckpointError(
+            f"checkpoint {file} is truncated, corrupted or not a checkpoint") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CheckpointError(
@@ -116,6 +123,16 @@ def load_checkpoint(path: str | Path, *, trust: bool = False,
     if not isinstance(obj, dict) or "model" not in obj:
         raise CheckpointError(f"{file} is not a checkpoint: expected a dict with a 'model' entry")
     return obj
+
+
+def _torch_save_kind(file: Path) -> str | None:
+    """"zip" or "pickle" for what torch.save writes (a zip archive; a pickle stream in its
+    legacy format), "broken-zip" for a zip cut short, None for anything else."""
+    with open(file, "rb") as fh:
+        head = fh.read(4)
+    if head == b"PK\x03\x04":
+        return "zip" if zipfile.is_zipfile(file) else "broken-zip"
+    return "pickle" if head[:1] == b"\x80" else None
 
 
 def is_official_mae(ckpt: dict[str, Any]) -> bool:

@@ -19,6 +19,11 @@ from rich.text import Text
 from mae_bench.config import RunConfig
 from mae_bench.errors import MaeBenchError, TrainingError
 
+try:  # recent typer releases vendor click; older ones use click itself
+    from typer._click.exceptions import ClickException, UsageError
+except ImportError:  # pragma: no cover - depends on the installed typer
+    from click.exceptions import ClickException, UsageError
+
 app = typer.Typer(
     name="mae-bench",
     help="Benchmark self-supervised ViT representations: pretrain MAE (and, later, contrastive "
@@ -154,8 +159,8 @@ def datasets(
                       str(info.img_size), str(info.channels), str(info.num_classes or "?"),
                       info.formats)
     out.print(table)
-    out.print("Missing data: see each data set's source with `mae-bench datasets --help`; set "
-              "MAE_BENCH_DATA=DIR to look in DIR/<name>.")
+    out.print("Missing data: the detail column says where to get it. Point to it with "
+              "--data-dir DIR, or set MAE_BENCH_DATA=DIR to look in DIR/<name>.")
 
 
 @app.command()
@@ -181,7 +186,18 @@ def visualize(
 def main() -> None:
     """Console-script entry point: user errors exit 2 with one line, training failures 1."""
     try:
-        app()
+        code = app(standalone_mode=False)
+    except UsageError as exc:  # a mistyped option or value, found by the parser
+        if not exc.format_message().strip():  # bare `mae-bench`: the help was shown
+            sys.exit(0)
+        name = exc.ctx.command_path if exc.ctx is not None else "mae-bench"
+        console.print(Text.assemble(("error: ", "bold red"), exc.format_message(),
+                                    f" (see '{name} --help')"), soft_wrap=True)
+        sys.exit(2)
+    except ClickException as exc:
+        console.print(Text.assemble(("error: ", "bold red"), exc.format_message()),
+                      soft_wrap=True)
+        sys.exit(exc.exit_code)
     except MaeBenchError as exc:
         console.print(Text.assemble(("error: ", "bold red"), str(exc)), soft_wrap=True)
         sys.exit(2)
@@ -189,9 +205,10 @@ def main() -> None:
         console.print(Text.assemble(("training stopped: ", "bold red"), str(exc)),
                       soft_wrap=True)
         sys.exit(1)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, typer.Abort):
         console.print("interrupted")
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -46,11 +46,16 @@ def test_missing_checkpoint(tmp_path):
         ck.load_checkpoint(tmp_path)
 
 
-@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", b"PK\x03\x04garbage"])
-def test_garbage_checkpoint(tmp_path, content):
+@pytest.mark.parametrize("content, message", [
+    (b"", "bad.pt is not a checkpoint"),
+    (b"# README\nnot a checkpoint at all", "bad.pt is not a checkpoint"),
+    (b"PK\x03\x04garbage", "bad.pt is truncated or corrupted"),
+    (b"\x80\x02garbage", "bad.pt is truncated, corrupted or not a checkpoint"),
+])
+def test_garbage_checkpoint(tmp_path, content, message):
     path = tmp_path / "bad.pt"
     path.write_bytes(content)
-    with pytest.raises(CheckpointError, match="bad.pt"):
+    with pytest.raises(CheckpointError, match=message):
         ck.load_checkpoint(path)
 
 
@@ -58,7 +63,7 @@ def test_truncated_checkpoint(tmp_path):
     ck.save_checkpoint(tmp_path, _state(1.0))
     data = (tmp_path / ck.LATEST).read_bytes()
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="cut.pt is truncated, corrupted"):
+    with pytest.raises(CheckpointError, match="cut.pt is truncated or corrupted"):
         ck.load_checkpoint(tmp_path / "cut.pt")
 
 
