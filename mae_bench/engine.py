@@ -44,6 +44,8 @@ from mae_bench import __version__
 from mae_bench.augment import BatchViews
 from mae_bench.checkpoint import (
     FORMAT_VERSION,
+    LATEST,
+    PREVIOUS,
     find_checkpoint,
     load_checkpoint,
     rng_state,
@@ -52,7 +54,7 @@ from mae_bench.checkpoint import (
 )
 from mae_bench.config import RunConfig, validate, warmup_epochs
 from mae_bench.data import load_dataset
-from mae_bench.errors import ConfigError, TrainingError
+from mae_bench.errors import CheckpointError, ConfigError, TrainingError
 from mae_bench.loader import TrainBatches
 from mae_bench.methods import Batch, Method, build_method
 
@@ -198,7 +200,7 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, *, resume: bool = True,
     rank, world_size = world()
     is_main = rank == 0
 
-    ckpt = _checkpoint_to_resume(cfg, run_dir, resume)
+    ckpt = _checkpoint_to_resume(cfg, run_dir, resume, console)
 
     # Everything that can fail on user input happens before anything is written.
     dataset = load_dataset(cfg.data.dataset, cfg.data.split, cfg.data.data_dir)
@@ -335,13 +337,25 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, *, resume: bool = True,
     return result
 
 
-def _checkpoint_to_resume(cfg: RunConfig, run_dir: Path, resume: bool) -> dict | None:
-    if find_checkpoint(run_dir) is None or not run_dir.is_dir():
+def _checkpoint_to_resume(cfg: RunConfig, run_dir: Path, resume: bool,
+                          console: Console) -> dict | None:
+    if find_checkpoint(run_dir) is None:
         return None
     if not resume:
         raise ConfigError(f"run folder {run_dir} already holds a checkpoint; resume it "
                           "(drop --no-resume) or choose another --out")
-    ckpt = load_checkpoint(run_dir)
+    try:
+        ckpt = load_checkpoint(run_dir)
+    except CheckpointError as exc:
+        latest, previous = run_dir / LATEST, run_dir / PREVIOUS
+        if not (latest.is_file() and previous.is_file()):
+            raise
+        # Keep the damaged file for inspection (never delete a user's file), fall back.
+        kept = latest.with_name(f"checkpoint.damaged-{int(time.time())}.pt")
+        ckpt = load_checkpoint(previous)
+        os.replace(latest, kept)
+        console.print(f"warning: {exc}; moved it to {kept.name} and resumed from {PREVIOUS}",
+                      markup=False, highlight=False)
     saved = RunConfig.from_dict(ckpt["config"])
     if saved.replace(train={"epochs": cfg.train.epochs}) != cfg:
         diffs = _config_diff(saved, cfg)

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from rich.console import Console
 
 from mae_bench.checkpoint import load_checkpoint
 from mae_bench.config import RunConfig
@@ -53,6 +54,24 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     steps_b = [r["step"] for r in mb]
     assert len(steps_b) == len(set(steps_b)), "a resumed run logged a step twice"
     assert [(r["step"], r["loss"]) for r in ma] == [(r["step"], r["loss"]) for r in mb]
+
+
+def test_damaged_checkpoint_falls_back_to_previous_and_replays(tmp_path, capsys):
+    full = tmp_path / "full"
+    pretrain(TINY, full, progress=False)
+    run = tmp_path / "run"
+    pretrain(TINY, run, progress=False)  # checkpoint.pt at step 44, checkpoint.prev.pt at 22
+    data = (run / "checkpoint.pt").read_bytes()
+    (run / "checkpoint.pt").write_bytes(data[: len(data) // 3])  # torn by a crash or a full disk
+    pretrain(TINY, run, progress=False, console=Console(stderr=True, width=400))
+    err = capsys.readouterr().err
+    assert "is truncated or corrupted" in err and "resumed from checkpoint.prev.pt" in err
+    damaged = list(run.glob("checkpoint.damaged-*.pt"))
+    assert len(damaged) == 1 and damaged[0].read_bytes() == data[: len(data) // 3]
+    a, b = load_checkpoint(full), load_checkpoint(run)
+    assert a["step"] == b["step"] == 44
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert [r["step"] for r in _metrics(run)] == list(range(1, 45))
 
 
 def test_run_folder_contents(tmp_path):
