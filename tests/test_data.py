@@ -661,13 +661,13 @@ def test_more_than_one_percent_bad_is_an_error(tmp_path: Path) -> None:
 
 def count_decodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls = [0]
-    real = data._open_rgb
+    real = data.images._open_rgb
 
     def counting(blob: bytes, where: str):
         calls[0] += 1
         return real(blob, where)
 
-    monkeypatch.setattr(data, "_open_rgb", counting)
+    monkeypatch.setattr(data.images, "_open_rgb", counting)
     return calls
 
 
@@ -837,8 +837,8 @@ def test_dataset_status_found_missing_and_cheap(tmp_path: Path, monkeypatch) -> 
     def no_decoding(*args, **kwargs):
         raise AssertionError("dataset_status must not decode")
 
-    monkeypatch.setattr(data, "_open_rgb", no_decoding)
-    monkeypatch.setattr(data, "_unpickle", no_decoding)
+    monkeypatch.setattr(data.images, "_open_rgb", no_decoding)
+    monkeypatch.setattr(data.cifar, "_unpickle", no_decoding)
     assert dataset_status("cifar10", tmp_path / "cifar") == (
         True,
         f"{tmp_path}/cifar: found train, test",

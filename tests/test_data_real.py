@@ -48,13 +48,13 @@ def test_real_cifar10_jpeg_copy_decodes_then_hits_the_cache(tmp_path: Path, monk
     assert seconds["train"] < 60, f"decoding 50k JPEGs took {seconds['train']:.1f} s"
 
     calls = [0]
-    real = data._open_rgb
+    real = data.images._open_rgb
 
     def counting(blob: bytes, where: str):
         calls[0] += 1
         return real(blob, where)
 
-    monkeypatch.setattr(data, "_open_rgb", counting)
+    monkeypatch.setattr(data.images, "_open_rgb", counting)
     start = time.perf_counter()
     again = load_dataset("cifar10", "train", CIFAR10_JPEG, cache_dir=tmp_path)
     cached = time.perf_counter() - start

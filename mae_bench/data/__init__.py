@@ -1,0 +1,78 @@
+"""Dataset registry: what each data set is, where its files are, and how to read them.
+
+``load_dataset(name, split, data_dir)`` returns uint8 images [N, C, H, W] with int64 labels: an
+``ArrayDataset`` held in memory (small sets; image folders are decoded once and cached as .npz), or
+a ``StreamingDataset`` that decodes lazily in DataLoader workers (image folders too big for memory).
+Nothing here touches the network: ``DatasetInfo.how_to_get`` tells the user where data comes from.
+Every problem with the user's data is a one-line ``DataError`` naming the path and the fix.
+
+Modules, one concept each:
+    info, classes       ``DatasetInfo``; class names of the built-in sets.
+    registry            register a format; look a name up; ``dataset_status``, ``load_dataset``.
+    datasets            ``ArrayDataset`` (in memory) and ``StreamingDataset`` (decoded per item).
+    index, images       where a split's images are (folders, tars); decoding them (bad images).
+    cache               decoded image splits stored as .npz.
+    image_splits        splits stored as class folders of images, shared by cifar and imagefolder.
+    digits, cifar, stl10, idx (mnist, fashion-mnist), svhn, imagefolder: one format family each;
+                        importing one registers its data sets.
+"""
+
+# Each format module registers its data sets when imported, and DATASETS keeps that order: it is
+# the order of ``mae-bench datasets`` and of the valid names quoted in errors. So the format
+# modules are imported here first, in this order, before anything below can import one of them.
+# isort: off
+from mae_bench.data import digits, cifar, stl10, idx, svhn, imagefolder  # noqa: F401
+# isort: on
+
+from mae_bench.data.cache import CACHE_FORMAT
+from mae_bench.data.classes import (
+    CIFAR10_CLASSES,
+    CIFAR100_CLASSES,
+    DIGIT_CLASSES,
+    FASHION_CLASSES,
+    STL10_CLASSES,
+)
+from mae_bench.data.datasets import AnyDataset, ArrayDataset, StreamingDataset
+from mae_bench.data.digits import _load_digits as _load_digits  # private; tests use it
+from mae_bench.data.image_splits import ARCHIVE_SUFFIXES
+from mae_bench.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD
+from mae_bench.data.images import BAD_IMAGE_LIMIT
+from mae_bench.data.index import IMAGE_SUFFIXES
+from mae_bench.data.info import DatasetInfo
+from mae_bench.data.registry import _SYSTEM_DIRS as _SYSTEM_DIRS  # private; tests patch it
+from mae_bench.data.registry import (
+    DATASETS,
+    Finder,
+    Loader,
+    dataset_status,
+    default_data_dir,
+    get_dataset_info,
+    load_dataset,
+    register_dataset,
+)
+
+__all__ = [
+    "ARCHIVE_SUFFIXES",
+    "BAD_IMAGE_LIMIT",
+    "CACHE_FORMAT",
+    "CIFAR100_CLASSES",
+    "CIFAR10_CLASSES",
+    "DATASETS",
+    "DIGIT_CLASSES",
+    "FASHION_CLASSES",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "IMAGE_SUFFIXES",
+    "STL10_CLASSES",
+    "AnyDataset",
+    "ArrayDataset",
+    "DatasetInfo",
+    "Finder",
+    "Loader",
+    "StreamingDataset",
+    "dataset_status",
+    "default_data_dir",
+    "get_dataset_info",
+    "load_dataset",
+    "register_dataset",
+]

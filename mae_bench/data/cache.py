@@ -1,0 +1,82 @@
+"""The decode cache: a decoded image split stored as one .npz under ``<cache_dir>/arrays``.
+
+The file name hashes the format version, the data set, the source path and its stamp (names,
+sizes and mtimes), so a changed source is decoded again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mae_bench.data.info import DatasetInfo
+from mae_bench.data.registry import _Options
+
+log = logging.getLogger("mae_bench.data")  # one logger name for the whole package
+
+CACHE_FORMAT = 1  # bump when the cached arrays change meaning; old cache files are then ignored
+
+
+@dataclass
+class _Decoded:
+    images: torch.Tensor  # uint8 [N, 3, H, W]
+    labels: torch.Tensor  # int64 [N]
+    classes: list[str]
+    bad_images: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def _cache_path(info: DatasetInfo, source: Path, stamp: str, opts: _Options) -> Path:
+    key = json.dumps([CACHE_FORMAT, info.name, str(source.resolve()), stamp])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:20]
+    return opts.cache_dir / "arrays" / f"{info.name}-{source.name}-{digest}.npz"
+
+
+def _read_cache(path: Path, budget: int) -> _Decoded | None:
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if int(np.prod(z["shape"])) > budget:
+                return None
+            return _Decoded(
+                torch.from_numpy(z["images"]),
+                torch.from_numpy(z["labels"]),
+                [str(c) for c in z["classes"]],
+                int(z["bad_images"]),
+                tuple(float(m) for m in z["mean"]),
+                tuple(float(s) for s in z["std"]),
+            )
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        log.warning("ignoring unreadable cache file %s (%s)", path, e)
+        return None
+
+
+def _write_cache(path: Path, decoded: _Decoded) -> None:
+    """Writes atomically (temp file + rename); a read-only cache only costs a warning."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
+            np.savez(
+                f,
+                images=decoded.images.numpy(),
+                labels=decoded.labels.numpy(),
+                shape=np.array(decoded.images.shape),
+                classes=np.array(decoded.classes),
+                bad_images=decoded.bad_images,
+                mean=decoded.mean,
+                std=decoded.std,
+            )
+        os.replace(f.name, path)
+    except OSError as e:
+        log.warning("could not write cache file %s (%s); decoding again next time", path, e)

@@ -1,0 +1,124 @@
+"""Splits stored as class folders of image files (a folder or a .tar/.tar.gz of it).
+
+Shared by imagefolder and by CIFAR stored as images: find the split entries, decode a split into
+memory through the cache, or stream it when its pixels exceed the memory budget.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mae_bench.data.cache import _cache_path, _Decoded, _read_cache, _write_cache
+from mae_bench.data.datasets import StreamingDataset
+from mae_bench.data.images import _channel_stats, _common_size, _decode, _sample
+from mae_bench.data.index import (
+    IMAGE_SUFFIXES,
+    _classify,
+    _extract,
+    _Index,
+    _index_tar,
+    _is_plain_tar,
+    _read_compressed_tar,
+    _walk,
+)
+from mae_bench.data.info import DatasetInfo
+from mae_bench.data.registry import _Options
+from mae_bench.errors import DataError
+
+log = logging.getLogger("mae_bench.data")  # one logger name for the whole package
+
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+_SPLIT_NAMES = {"train": ("train",), "test": ("test", "val")}
+
+
+def _find_image_splits(root: Path) -> dict[str, Path]:
+    """{split: folder or archive} for ``train`` and ``test`` (or ``val``) entries in ``root``."""
+    found = {}
+    for split, names in _SPLIT_NAMES.items():
+        for name in names:
+            hits = [root / name] if (root / name).is_dir() else []
+            hits += [
+                root / f"{name}{s}" for s in ARCHIVE_SUFFIXES if (root / f"{name}{s}").is_file()
+            ]
+            if hits:
+                found[split] = hits[0]
+                break
+    return found
+
+
+def _labels(
+    index: _Index, class_order: tuple[str, ...] | None, info: DatasetInfo
+) -> tuple[list[str], list[int]]:
+    """Class names and per-image label ids; DataError when there are no images or (for CIFAR
+    stored as image folders) the class folders are not the data set's classes."""
+    if not index.members:
+        raise DataError(
+            f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in class folders under "
+            f"{index.root}; expected {index.root}/<class>/<image>"
+        )
+    found = sorted(set(index.class_names))
+    if class_order is not None and set(found) != set(class_order):
+        raise DataError(
+            f"class folders in {index.root} ({', '.join(found[:12])}{', ...' * (len(found) > 12)}) "
+            f"are not the {len(class_order)} {info.name} classes ({', '.join(class_order[:10])}...)"
+        )
+    classes = list(class_order or found)
+    ids = {c: i for i, c in enumerate(classes)}
+    return classes, [ids[c] for c in index.class_names]
+
+
+def _load_image_split(
+    info: DatasetInfo, source: Path, class_order: tuple[str, ...] | None, opts: _Options
+) -> _Decoded | StreamingDataset:
+    """Decodes one split (a folder or an archive of class folders) into memory, through the
+    cache, or returns a StreamingDataset when its pixels exceed ``opts.max_in_memory_bytes``."""
+    budget = opts.max_in_memory_bytes
+    if source.is_dir():
+        names, stamp = _walk(source)
+        index: _Index | None = _classify(source, names, strip_prefix=False)
+    else:
+        st = source.stat()
+        index, stamp = None, f"{st.st_size}:{st.st_mtime_ns}"
+    cache = _cache_path(info, source, stamp, opts)
+    cached = _read_cache(cache, budget)
+    if cached is not None:
+        log.info("%s: read decoded images from cache %s", source, cache)
+        return cached
+    if index is not None or _is_plain_tar(source):
+        index = index or _index_tar(source)
+        classes, labels = _labels(index, class_order, info)
+        picks = _sample(len(index.members))
+        sample = _Index(index.root, [index.members[i] for i in picks], [], _rows(index, picks))
+        size = _common_size(sample.read_all())
+        fits = len(labels) * 3 * size[0] * size[1] <= budget
+        decoded = _decode(index, index.read_all(), labels, size, budget) if fits else None
+    else:  # a compressed tar: one pass reads it all, unless it is obviously too big
+        index, blobs = _read_compressed_tar(source, budget)
+        classes, labels = _labels(index, class_order, info)
+        size = _common_size(blobs, _sample(len(blobs))) if blobs else (1, 1)
+        decoded = None if blobs is None else _decode(index, blobs, labels, size, budget)
+        if decoded is None:  # stream from an extracted copy, made once in the cache
+            extracted = _extract(source, opts.cache_dir / "extracted" / cache.stem)
+            index = _classify(extracted, _walk(extracted)[0], strip_prefix=True)
+            classes, labels = _labels(index, class_order, info)
+    if decoded is None:
+        log.info("%s: %d images exceed %d bytes in memory; streaming", source, len(labels), budget)
+        info = replace(info, num_classes=len(classes))
+        return StreamingDataset(index.root, index.members, labels, classes, info, index.offsets)
+    images, kept_labels, bad = decoded
+    mean, std = _channel_stats(images)
+    result = _Decoded(
+        torch.from_numpy(images), torch.from_numpy(kept_labels), classes, bad, mean, std
+    )
+    _write_cache(cache, result)
+    return result
+
+
+def _rows(index: _Index, picks: list[int]) -> np.ndarray | None:
+    return None if index.offsets is None else index.offsets[picks]
