@@ -1,4 +1,4 @@
-"""Tests for mae_bench/data.py: every format written in its real on-disk layout, tiny and fast."""
+"""Tests for mae_bench/data/: every format written in its real on-disk layout, tiny and fast."""
 
 from __future__ import annotations
 
