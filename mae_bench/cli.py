@@ -129,9 +129,9 @@ def pretrain(
     state = "finished" if result.finished else f"stopped at step {result.step}/" \
         f"{result.total_steps} (resume with --resume {run_dir})"
     loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "-"
-    ips = f"{result.images_per_second:.0f}" if result.images_per_second else "-"
+    ips = f", {result.images_per_second:.0f} img/s" if result.images_per_second else ""
     out.print(f"{cfg.train.method} on {cfg.data.dataset}: {state}; final loss {loss}; "
-              f"{result.train_seconds:.1f} s training, {ips} img/s on {result.device} "
+              f"{result.train_seconds:.1f} s training{ips} on {result.device} "
               f"({result.precision}); run folder {run_dir}")
 
 

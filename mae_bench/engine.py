@@ -251,6 +251,8 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, *, resume: bool = True,
                            cfg.data.num_workers, method.view_specs()[0],
                            pin_memory=device.type == "cuda", rank=rank, world_size=world_size)
     logger = _MetricLogger(run_dir, is_main, console)
+    logger.last_loss = _last_logged_loss(run_dir / METRICS) if ckpt is not None else None
+    start_step = step
     stop_at = min(total_steps, max_steps) if max_steps is not None else total_steps
     gen = torch.Generator(device=device)
 
@@ -324,13 +326,16 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, *, resume: bool = True,
                     seconds = elapsed_before + time.perf_counter() - t_start
                     save_checkpoint(run_dir, state(step // steps_per_epoch, seconds))
 
-    train_seconds = elapsed_before + time.perf_counter() - t_start
+    if step == start_step and ckpt is not None:  # nothing left to do: keep the run's record
+        train_seconds = elapsed_before
+    else:
+        train_seconds = elapsed_before + time.perf_counter() - t_start
     result = PretrainResult(
         run_dir=run_dir, step=step, total_steps=total_steps, epoch=step // steps_per_epoch,
         final_loss=logger.last_loss, train_seconds=train_seconds,
         images_per_second=logger.overall_ips(), device=str(device), precision=precision,
         finished=step >= total_steps)
-    if is_main:
+    if is_main and step > start_step:
         summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in result.__dict__.items()}
         _write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
     logger.close()
@@ -448,6 +453,13 @@ def _tensorboard(run_dir: Path):
     except ImportError:  # tensorboard is optional
         return None
     return SummaryWriter(str(run_dir / "tb"))
+
+
+def _last_logged_loss(path: Path) -> float | None:
+    if not path.exists():
+        return None
+    lines = path.read_text().splitlines()
+    return json.loads(lines[-1])["loss"] if lines else None
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

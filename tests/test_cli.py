@@ -72,6 +72,13 @@ def test_pretrain_resume_and_visualize(monkeypatch, capsys, tmp_path):
     code, out, _ = run_cli(monkeypatch, capsys, "pretrain", *TINY, "--epochs", "2",
                            "--out", str(run))
     assert code in (0, None) and "finished" in out
+    summary = (run / "summary.json").read_text()
+    # once more: nothing left to do; the result and the run's record stay as they were
+    code, out2, _ = run_cli(monkeypatch, capsys, "pretrain", *TINY, "--epochs", "2",
+                            "--out", str(run))
+    assert code in (0, None) and "finished" in out2
+    assert out2.split("final loss ")[1][:6] == out.split("final loss ")[1][:6]
+    assert (run / "summary.json").read_text() == summary
     png = tmp_path / "grid.png"
     code, out, _ = run_cli(monkeypatch, capsys, "visualize", "--checkpoint", str(run),
                            "--out", str(png), "--num-images", "3")
