@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 
 from mae_bench.config import RunConfig
-from mae_bench.engine import cpu_has_fast_bf16, pretrain, resolve_device
+from mae_bench.engine import cpu_has_fast_bf16, device_name, pretrain, resolve_device
 
 
 def measure(cfg: RunConfig, steps: int, warmup: int) -> tuple[list[float], float]:
@@ -68,8 +67,7 @@ def main() -> None:
             losses[p] = loss
 
     device = resolve_device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    name = device_name(device)
     print(f"MAE {args.arch} on {args.dataset}, batch {args.batch_size}, device {device} ({name}),"
           f" torch {torch.__version__}, cpu bf16 instructions: {cpu_has_fast_bf16()}")
     ref = statistics.median(per_step[precisions[0]])

@@ -80,6 +80,20 @@ def cpu_has_fast_bf16() -> bool:
     return any(getattr(torch.cpu, c, lambda: False)() for c in checks)
 
 
+def device_name(device: torch.device) -> str:
+    """A readable name: the GPU's, or the CPU model with the thread count torch uses."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            model = next(line.split(":", 1)[1].strip() for line in fh
+                         if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {torch.get_num_threads()} threads"
+
+
 def resolve_precision(name: str, device: torch.device) -> str:
     """auto -> bf16 where the hardware runs it fast, else fp32. fp16 needs a GPU."""
     if name == "auto":
@@ -506,8 +520,7 @@ def _provenance(cfg: RunConfig, device: torch.device, precision: str, img_size: 
         "mae_bench": __version__, "git_sha": git_sha(), "config_hash": cfg.digest(),
         "torch": torch.__version__, "python": sys.version.split()[0],
         "platform": platform.platform(), "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
-        else platform.processor() or platform.machine(),
+        "device_name": device_name(device),
         "precision": precision, "img_size": img_size, "peak_lr": peak_lr,
         "effective_batch": eff_batch, "total_steps": total_steps,
         "command": " ".join(sys.argv),
