@@ -328,6 +328,11 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, *, resume: bool = True,
                     row = logger.flush(step, step / steps_per_epoch)  # raises if non-finite
                     bar.update(task, loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}",
                                ips=f"{row['img_per_s']:.0f}")
+                    if progress and is_main and not console.is_terminal:
+                        # no live bar in a log file (nohup, a cluster job): plain lines instead
+                        console.print(f"step {step}/{total_steps} epoch {row['epoch']:.2f} "
+                                      f"loss {row['loss']:.4f} lr {lr:.2e} "
+                                      f"{row['img_per_s']:.0f} img/s", highlight=False)
                     if batches.streaming:
                         dataset.check_bad_fraction()
                 bar.update(task, completed=step)
