@@ -217,8 +217,6 @@ def pretrain(
             "norm_pix_loss": norm_pix_loss,
         },
     )
-    if resume is not None:
-        _only_epochs_changed(RunConfig.from_yaml(config), cfg)
     run_dir = out_dir or Path("runs") / f"{cfg.train.method}-{cfg.data.dataset}-{cfg.model.arch}"
     result = run_pretrain(cfg, run_dir, max_steps=max_steps, progress=progress, console=console)
     state = (
@@ -233,14 +231,6 @@ def pretrain(
         f"{result.train_seconds:.1f} s training{ips} on {result.device} "
         f"({result.precision}); run folder {run_dir}"
     )
-
-
-def _only_epochs_changed(saved: RunConfig, cfg: RunConfig) -> None:
-    if saved.replace(train={"epochs": cfg.train.epochs}) != cfg:
-        raise MaeBenchError(
-            "--resume continues a run with its saved config; only --epochs "
-            "may change (start a new run with --out for other options)"
-        )
 
 
 @app.command()

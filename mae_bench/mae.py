@@ -248,20 +248,21 @@ def build_mae(
         preset_name: a key of mae_bench.vit.PRESETS.
         img_size: image side; None uses the preset's native size.
         in_chans: image channels.
-        **kwargs: further MaskedAutoencoder arguments (norm_pix_loss, mask_strategy, ...).
+        **kwargs: further MaskedAutoencoder arguments (norm_pix_loss, mask_strategy, ...);
+            they override the preset's values (e.g. decoder_depth) where they overlap.
     """
     p = get_preset(preset_name)
-    kwargs.setdefault("norm_layer", partial(nn.LayerNorm, eps=1e-6))
-    return MaskedAutoencoder(
-        img_size=p.img_size if img_size is None else img_size,
-        patch_size=p.patch_size,
-        in_chans=in_chans,
-        embed_dim=p.embed_dim,
-        depth=p.depth,
-        num_heads=p.num_heads,
-        decoder_embed_dim=p.decoder_embed_dim,
-        decoder_depth=p.decoder_depth,
-        decoder_num_heads=p.decoder_num_heads,
-        mlp_ratio=p.mlp_ratio,
-        **kwargs,
-    )
+    args: dict[str, Any] = {
+        "img_size": p.img_size if img_size is None else img_size,
+        "patch_size": p.patch_size,
+        "in_chans": in_chans,
+        "embed_dim": p.embed_dim,
+        "depth": p.depth,
+        "num_heads": p.num_heads,
+        "decoder_embed_dim": p.decoder_embed_dim,
+        "decoder_depth": p.decoder_depth,
+        "decoder_num_heads": p.decoder_num_heads,
+        "mlp_ratio": p.mlp_ratio,
+        "norm_layer": partial(nn.LayerNorm, eps=1e-6),
+    }
+    return MaskedAutoencoder(**(args | kwargs))

@@ -14,7 +14,6 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -22,7 +21,7 @@ from torch import Tensor, nn
 from mae_bench.augment import ViewSpec
 from mae_bench.config import RunConfig
 from mae_bench.errors import ConfigError
-from mae_bench.mae import MaskedAutoencoder, masking_noise, validate_mask_ratio
+from mae_bench.mae import build_mae, masking_noise, validate_mask_ratio
 from mae_bench.vit import VisionTransformer, get_preset
 
 
@@ -105,25 +104,16 @@ class MAE(Method):
 
     def __init__(self, cfg: RunConfig, channels: int, img_size: int):
         super().__init__()
-        p = get_preset(cfg.model.arch)
         m = cfg.model
         self.mask_ratio = cfg.mae.mask_ratio
         self.mask_strategy = cfg.mae.mask_strategy
         self.img_size = img_size
-        self.mae = MaskedAutoencoder(
-            img_size=img_size,
-            patch_size=p.patch_size,
-            in_chans=channels,
-            embed_dim=p.embed_dim,
-            depth=p.depth,
-            num_heads=p.num_heads,
-            decoder_embed_dim=m.decoder_embed_dim or p.decoder_embed_dim,
-            decoder_depth=m.decoder_depth or p.decoder_depth,
-            decoder_num_heads=m.decoder_num_heads or p.decoder_num_heads,
-            mlp_ratio=p.mlp_ratio,
-            norm_layer=partial(nn.LayerNorm, eps=1e-6),
-            norm_pix_loss=cfg.mae.norm_pix_loss,
+        decoder = {"decoder_embed_dim": m.decoder_embed_dim, "decoder_depth": m.decoder_depth,
+                   "decoder_num_heads": m.decoder_num_heads}
+        self.mae = build_mae(
+            m.arch, img_size, channels, norm_pix_loss=cfg.mae.norm_pix_loss,
             mask_strategy=cfg.mae.mask_strategy,
+            **{k: v for k, v in decoder.items() if v is not None},
         )
         validate_mask_ratio(self.mae.num_patches, self.mask_ratio)
         # Strategy-specific checks (grid needs a lattice ratio) fail here, at build time.
