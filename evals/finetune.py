@@ -1,0 +1,374 @@
+"""End-to-end fine-tuning: full, and partial (the last k blocks), as in MAE (He et al. 2021, A.1).
+
+The recipe of the official ``main_finetune.py``: AdamW (0.9, 0.999), layer-wise lr decay 0.75,
+weight decay 0.05 (none on biases, norms and tokens), lr = blr x batch / 256 with a 5 % linear
+warmup then half-cycle cosine to ``min_lr``, Mixup 0.8 + CutMix 1.0 with label smoothing 0.1,
+drop path (set by the caller when building the model), global average pooling with ``fc_norm``.
+
+Partial fine-tuning (paper Fig. 9) trains the last ``k`` blocks plus ``fc_norm`` and the head and
+freezes everything else; k = 0 is an MLP-free probe on the pooled, re-normed features.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+from torch import Tensor, nn
+
+from mae_bench.augment import BatchViews, ViewSpec, eval_resize
+from mae_bench.data import ArrayDataset
+from mae_bench.engine import autocast, lr_at, resolve_precision, seed_everything
+from mae_bench.errors import ConfigError, DataError, TrainingError
+from mae_bench.vit import VisionTransformer
+
+# Parameters that are never trained: the fixed 2-D sin-cos position embedding.
+FIXED_PARAMS = frozenset({"pos_embed"})
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+
+
+# --- layer-wise lr decay ---------------------------------------------------------------------
+
+
+def layer_id(name: str, depth: int) -> int:
+    """Layer of a parameter for lr decay: embeddings 0, ``blocks.i`` i + 1, the rest (``norm``,
+    ``fc_norm``, ``head``) depth + 1."""
+    if name in ("cls_token", "pos_embed") or name.startswith("patch_embed."):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def param_groups_lrd(
+    model: VisionTransformer,
+    weight_decay: float,
+    layer_decay: float = 0.75,
+    no_weight_decay: Iterable[str] | None = None,
+) -> list[dict[str, Any]]:
+    """AdamW groups with layer-wise lr decay: one group per (layer, decay / no decay).
+
+    Layer ``l`` of a depth-``d`` model gets ``lr_scale = layer_decay ** (d + 1 - l)``, so the head
+    trains at the full lr and the patch embedding at ``layer_decay ** (d + 1)`` of it. Parameters
+    with ``requires_grad`` False (the fixed position embedding, frozen blocks) are left out.
+
+    Args:
+        model: the ViT to fine-tune.
+        weight_decay: decay of weight matrices; biases, norm parameters (ndim 1) and the names
+            in ``no_weight_decay`` get none.
+        layer_decay: lr ratio between a layer and the one above it (1 = no decay).
+        no_weight_decay: parameter names without weight decay; None: ``model.no_weight_decay()``.
+
+    Returns:
+        Groups ordered by (layer, decay first), each with "params", "param_names",
+        "weight_decay" and "lr_scale" (the step's lr is the scheduled lr times "lr_scale").
+    """
+    skip = set(model.no_weight_decay() if no_weight_decay is None else no_weight_decay)
+    depth = len(model.blocks)
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        lid = layer_id(name, depth)
+        decay = not (p.ndim == 1 or name in skip)
+        group = groups.setdefault((lid, decay), {
+            "params": [], "param_names": [], "weight_decay": weight_decay if decay else 0.0,
+            "lr_scale": layer_decay ** (depth + 1 - lid)})
+        group["params"].append(p)
+        group["param_names"].append(name)
+    return [groups[k] for k in sorted(groups, key=lambda k: (k[0], not k[1]))]
+
+
+def freeze_for_partial(model: VisionTransformer, blocks: int) -> None:
+    """Train only the last ``blocks`` transformer blocks plus the final norms and head (in place).
+
+    ``blocks`` = 0 trains ``fc_norm`` (or ``norm``) and ``head`` only; ``blocks`` = depth trains
+    everything, i.e. full fine-tuning. The fixed position embedding stays frozen either way.
+
+    Raises:
+        ConfigError: ``blocks`` outside 0..depth.
+    """
+    depth = len(model.blocks)
+    if not 0 <= blocks <= depth:
+        raise ConfigError(f"partial fine-tuning blocks must be in 0..{depth} for this "
+                          f"depth-{depth} model, got {blocks}")
+    # Layers below the first trained block are frozen; with every block trained, the embeddings
+    # (layer 0) are trained too.
+    first = 0 if blocks == depth else depth + 1 - blocks
+    for name, p in model.named_parameters():
+        p.requires_grad_(layer_id(name, depth) >= first and name not in FIXED_PARAMS)
+
+
+# --- fine-tuning -----------------------------------------------------------------------------
+
+
+def finetune(
+    model: VisionTransformer,
+    train: ArrayDataset,
+    test: ArrayDataset,
+    *,
+    epochs: int = 100,
+    batch_size: int = 128,
+    blr: float = 1e-3,
+    lr: float | None = None,
+    layer_decay: float = 0.75,
+    weight_decay: float = 0.05,
+    warmup_epochs: float | None = None,
+    min_lr: float = 1e-6,
+    mixup: float = 0.8,
+    cutmix: float = 1.0,
+    label_smoothing: float = 0.1,
+    crop_scale: tuple[float, float] = (0.08, 1.0),
+    hflip: float = 0.5,
+    partial_blocks: int | None = None,
+    img_size: int | None = None,
+    train_indices: Tensor | None = None,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+    clip_grad: float | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, float]:
+    """Fine-tune ``model`` (in place, moved to ``device``) on ``train``; evaluate on ``test``.
+
+    Train-time view: RandomResizedCrop (scale 0.08-1) + horizontal flip, batched on the device,
+    then Mixup / CutMix. The paper's RandAugment (9, 0.5) and random erasing (0.25) are per-image
+    PIL ops meant for 224-px ImageNet images; they are left out here, where images are 8-96 px
+    and held in memory as uint8 batches. Test-time view: resize to ``img_size`` and normalise.
+
+    Batches are drop-last: every step sees exactly ``batch_size`` images. Mixup / CutMix pair
+    each image with the flipped batch, so with either on, ``batch_size`` must be even.
+
+    Reproducibility: the global ``random``, numpy and torch generators are seeded with ``seed``
+    (timm's Mixup draws from numpy and random, drop path from torch); crops come from a seeded
+    generator on ``device`` and the data order from (seed, epoch).
+
+    Args:
+        model: a ``VisionTransformer`` with a head (``num_classes`` = the data set's classes),
+            built with ``global_pool="avg"`` and the wanted ``drop_path_rate`` (MAE: 0.1 for
+            ViT-B); pretrained weights loaded, or random ones for a from-scratch baseline.
+        train: training images and labels.
+        test: evaluation images and labels.
+        epochs: training epochs (MAE: 100 for ViT-B, 50 for ViT-L/H).
+        batch_size: images per optimizer step.
+        blr: base lr, scaled by batch_size / 256. 1e-3 (MAE's ViT-L/H value; ViT-B uses 5e-4
+            at batch 1024): small data sets with small batches already get a small absolute
+            lr from the linear scaling (batch 128 -> 5e-4), and short runs have few steps.
+        lr: absolute peak lr; overrides ``blr``.
+        layer_decay: layer-wise lr decay (MAE: 0.75 for ViT-B).
+        weight_decay: AdamW weight decay on weight matrices.
+        warmup_epochs: linear warmup length; None: 5 % of ``epochs`` (MAE: 5 of 100), at least
+            one optimizer step.
+        min_lr: lr at the end of the cosine.
+        mixup: Mixup alpha (0 turns it off).
+        cutmix: CutMix alpha (0 turns it off).
+        label_smoothing: label smoothing of the (mixed) targets.
+        crop_scale: area range of the RandomResizedCrop (MAE / timm: 0.08-1). Tiny images
+            (8 px digits) may want a milder lower bound.
+        hflip: probability of a horizontal flip (0 for digits and text, which flips change).
+        partial_blocks: train only the last k blocks + fc_norm + head (see
+            ``freeze_for_partial``); None: full fine-tuning. Frozen blocks run in eval mode
+            (no drop path): they are a fixed feature extractor.
+        img_size: the training / test resolution; None: the model's own. Must equal it (the
+            position embedding is fixed to the model's grid).
+        train_indices: [K] indices of the training images to use (few-shot subsets); None: all.
+        seed: seeds everything random in the run.
+        device: where to train.
+        precision: "fp32" | "bf16" | "fp16" (grad scaler; CUDA only) | "auto".
+        clip_grad: clip the gradient norm to this; None: no clipping (as MAE).
+        progress: called with (steps done, total steps) after each optimizer step.
+
+    Returns:
+        {"top1", "top5"}: test accuracy of the final model (percent); "train_loss": mean
+        training loss of the last epoch; "train_seconds"; "epochs".
+
+    Raises:
+        ConfigError: a bad argument, or a model that does not fit the data.
+        DataError: labels missing or outside the model's classes; indices out of range.
+        TrainingError: a non-finite loss (the message names the step).
+    """
+    device = torch.device(device)
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    precision = resolve_precision(precision, device)
+    native = model.grid_size * model.patch_size
+    img_size = native if img_size is None else img_size
+    indices = _training_indices(train, train_indices)
+    mixing = mixup > 0 or cutmix > 0
+    _validate(model, train, test, indices, epochs=epochs, batch_size=batch_size, blr=blr, lr=lr,
+              layer_decay=layer_decay, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
+              min_lr=min_lr, mixup=mixup, cutmix=cutmix, label_smoothing=label_smoothing,
+              crop_scale=crop_scale, hflip=hflip,
+              img_size=img_size, native=native, clip_grad=clip_grad, mixing=mixing)
+
+    seed_everything(seed)
+    depth = len(model.blocks)
+    freeze_for_partial(model, depth if partial_blocks is None else partial_blocks)
+    frozen_blocks = [b for b in model.blocks if not any(p.requires_grad for p in b.parameters())]
+    model.to(device)
+    num_classes = model.head.out_features
+
+    steps_per_epoch = len(indices) // batch_size  # drop-last
+    total_steps = steps_per_epoch * epochs
+    peak_lr = lr if lr is not None else blr * batch_size / 256
+    if warmup_epochs is None:
+        warmup_epochs = max(0.05 * epochs, 1 / steps_per_epoch)
+
+    groups = param_groups_lrd(model, weight_decay, layer_decay)
+    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    optimizer = torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999), **fast)
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+
+    spec = ViewSpec(img_size, scale=crop_scale, hflip=hflip)
+    views = BatchViews(spec, train.info.mean, train.info.std)
+    crop_gen = torch.Generator(device=device)
+    crop_gen.manual_seed(seed)
+    mixer = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=label_smoothing,
+                  num_classes=num_classes) if mixing else None
+    criterion: nn.Module = (SoftTargetCrossEntropy() if mixing
+                            else nn.CrossEntropyLoss(label_smoothing=label_smoothing))
+
+    step, epoch_losses = 0, torch.zeros(0)
+    t_start = time.perf_counter()
+    for epoch in range(epochs):
+        model.train()
+        for block in frozen_blocks:
+            block.eval()
+        order_gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = indices[torch.randperm(len(indices), generator=order_gen)]  # [K]
+        losses = []
+        for i in range(steps_per_epoch):
+            lr_now = lr_at(step, steps_per_epoch, epochs, warmup_epochs, peak_lr, min_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_now * group["lr_scale"]
+            idx = order[i * batch_size:(i + 1) * batch_size]  # [B]
+            x = views(train.images[idx].to(device, non_blocking=True), crop_gen)  # [B, C, S, S]
+            y = train.labels[idx].to(device, non_blocking=True)  # [B]
+            if mixer is not None:
+                x, y = mixer(x, y)  # y: [B, num_classes] soft targets
+            with autocast(device, precision):
+                logits = model(x)  # [B, num_classes]
+            loss = criterion(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                if clip_grad is not None:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                if clip_grad is not None:
+                    nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+                optimizer.step()
+            losses.append(loss.detach())
+            step += 1
+            if progress is not None:
+                progress(step, total_steps)
+        # One device sync per epoch, not per step.
+        epoch_losses = torch.stack(losses).cpu()  # [steps_per_epoch]
+        bad = (~torch.isfinite(epoch_losses)).nonzero()
+        if len(bad):
+            first = epoch * steps_per_epoch + int(bad[0])
+            raise TrainingError(f"non-finite fine-tuning loss ({float(epoch_losses[bad[0]])}) at "
+                                f"step {first} (epoch {epoch}); lower the lr or use fp32")
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    train_seconds = time.perf_counter() - t_start
+
+    top1, top5 = evaluate(model, test, img_size=img_size, batch_size=batch_size, device=device,
+                          precision=precision)
+    return {"top1": top1, "top5": top5, "train_loss": float(epoch_losses.mean()),
+            "train_seconds": train_seconds, "epochs": float(epochs)}
+
+
+@torch.no_grad()
+def evaluate(model: VisionTransformer, data: ArrayDataset, *, img_size: int, batch_size: int,
+             device: torch.device, precision: str = "fp32") -> tuple[float, float]:
+    """Top-1 and top-5 accuracy (percent) of ``model`` on ``data`` (top-5 is top-C with fewer
+    than 5 classes), on resized and normalised images, in eval mode."""
+    model.eval()
+    views = BatchViews(ViewSpec(img_size), data.info.mean, data.info.std)
+    k = min(5, model.head.out_features)
+    hits1 = hits5 = 0
+    for start in range(0, len(data), batch_size):
+        x = eval_resize(data.images[start:start + batch_size].to(device), img_size)  # [B, C, S, S]
+        y = data.labels[start:start + batch_size].to(device)  # [B]
+        with autocast(device, precision):
+            logits = model(views.normalize(x))  # [B, num_classes]
+        topk = logits.float().topk(k, dim=1).indices  # [B, k]
+        correct = topk == y[:, None]  # [B, k]
+        hits1 += int(correct[:, 0].sum())
+        hits5 += int(correct.any(dim=1).sum())
+    return 100.0 * hits1 / len(data), 100.0 * hits5 / len(data)
+
+
+# --- input checks ----------------------------------------------------------------------------
+
+
+def _training_indices(train: ArrayDataset, train_indices: Tensor | None) -> Tensor:
+    if train_indices is None:
+        return torch.arange(len(train))
+    idx = torch.as_tensor(train_indices)
+    if idx.ndim != 1 or idx.dtype.is_floating_point or idx.dtype == torch.bool:
+        raise ConfigError(f"train_indices must be a 1-D integer tensor, got dtype {idx.dtype} "
+                          f"and shape {tuple(idx.shape)}")
+    if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= len(train)):
+        raise DataError(f"train_indices must lie in 0..{len(train) - 1} (the training set's "
+                        f"size), got values {int(idx.min())}..{int(idx.max())}")
+    return idx.long().cpu()
+
+
+def _validate(model: VisionTransformer, train: ArrayDataset, test: ArrayDataset, indices: Tensor,
+              *, mixing: bool, native: int, **v: Any) -> None:
+    if not isinstance(model.head, nn.Linear):
+        raise ConfigError("the model has no classification head; build it with num_classes = "
+                          "the data set's number of classes")
+    checks = [
+        (v["epochs"] >= 1, f"epochs must be >= 1, got {v['epochs']}"),
+        (v["batch_size"] >= 2, f"batch_size must be >= 2, got {v['batch_size']}"),
+        (not mixing or v["batch_size"] % 2 == 0,
+         f"batch_size {v['batch_size']} is odd, but Mixup / CutMix mix each image with the "
+         "reversed batch and need an even one: use an even batch_size or mixup=cutmix=0"),
+        (len(indices) >= v["batch_size"],
+         f"{len(indices)} training images are fewer than one batch of {v['batch_size']}; "
+         "lower batch_size"),
+        (v["blr"] > 0, f"blr must be > 0, got {v['blr']}"),
+        (v["lr"] is None or v["lr"] > 0, f"lr must be > 0, got {v['lr']}"),
+        (0 < v["layer_decay"] <= 1, f"layer_decay must be in (0, 1], got {v['layer_decay']}"),
+        (v["weight_decay"] >= 0, f"weight_decay must be >= 0, got {v['weight_decay']}"),
+        (v["warmup_epochs"] is None or 0 <= v["warmup_epochs"] <= v["epochs"],
+         f"warmup_epochs must be in 0..epochs ({v['epochs']}), got {v['warmup_epochs']}"),
+        (v["min_lr"] >= 0, f"min_lr must be >= 0, got {v['min_lr']}"),
+        (v["mixup"] >= 0, f"mixup must be >= 0 (0 = off), got {v['mixup']}"),
+        (v["cutmix"] >= 0, f"cutmix must be >= 0 (0 = off), got {v['cutmix']}"),
+        (0 <= v["label_smoothing"] < 1,
+         f"label_smoothing must be in [0, 1), got {v['label_smoothing']}"),
+        (0 < v["crop_scale"][0] <= v["crop_scale"][1] <= 1,
+         f"crop_scale must be (low, high) with 0 < low <= high <= 1, got {v['crop_scale']}"),
+        (0 <= v["hflip"] <= 1, f"hflip must be a probability in [0, 1], got {v['hflip']}"),
+        (v["clip_grad"] is None or v["clip_grad"] > 0,
+         f"clip_grad must be > 0 or None, got {v['clip_grad']}"),
+        (v["img_size"] == native,
+         f"img_size {v['img_size']} differs from the model's {native} (its position embedding "
+         f"is fixed to that grid); build the model with img_size={v['img_size']} or omit it"),
+        (train.images.shape[1] == model.in_chans,
+         f"the data has {train.images.shape[1]} channels but the model takes {model.in_chans}; "
+         "build it with in_chans to match"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    num_classes = model.head.out_features
+    for name, labels in (("train", train.labels[indices]), ("test", test.labels)):
+        if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+            raise DataError(f"{name} labels must lie in 0..{num_classes - 1} (the model's "
+                            f"classes), got {int(labels.min())}..{int(labels.max())}; "
+                            "unlabeled (-1) images cannot be used for fine-tuning")
+    if len(test) == 0:
+        raise DataError("the test set is empty")
