@@ -1,0 +1,236 @@
+"""Where an evaluated encoder comes from: a mae-bench run, an official MAE checkpoint, or one of
+the two reference rows every table carries (``pixels`` and ``random``).
+
+``load_source`` turns the ``--checkpoint`` argument into an ``EncoderSource``: the encoder's
+architecture, its weights (as the keys of a ``VisionTransformer`` with cls pooling), a content
+fingerprint for the feature cache, and what is known about its pretraining (for result rows).
+``EncoderSource.build`` makes a fresh ``VisionTransformer`` from it with any pooling, head and
+drop path, as the protocols need.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mae_bench.checkpoint import find_checkpoint, is_official_mae, load_checkpoint
+from mae_bench.config import RunConfig
+from mae_bench.errors import CheckpointError, ConfigError
+from mae_bench.vit import PRESETS, VisionTransformer, get_preset
+
+REFERENCES = ("pixels", "random")
+
+
+@dataclass
+class EncoderSource:
+    """An encoder to evaluate.
+
+    Attributes:
+        kind: "run" (a mae-bench checkpoint), "official" (facebookresearch/mae), "random", or
+            "pixels" (no encoder: flattened normalised pixels are the features).
+        label: how the source is named in tables (run folder name, file name, "pixels", ...).
+        method: pretraining method ("mae", "simclr", ...; "official-mae"; "pixels"; "random").
+        arch: preset name, or a description such as "vit(d=768, depth=12, p=16)".
+        vit_kwargs: VisionTransformer arguments (img_size, patch_size, in_chans, embed_dim,
+            depth, num_heads, mlp_ratio); empty for pixels.
+        state: encoder weights with cls-pooling keys; None for random and pixels.
+        fingerprint: a hash of the weights (or of the seed / arch for references).
+        pretrain: facts about pretraining for result rows (dataset, epochs, mask_ratio, seed,
+            pretrain_seconds, config_hash, data_dir).
+    """
+
+    kind: str
+    label: str
+    method: str
+    arch: str
+    vit_kwargs: dict[str, Any]
+    state: dict[str, torch.Tensor] | None
+    fingerprint: str
+    pretrain: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def img_size(self) -> int | None:
+        return self.vit_kwargs.get("img_size")
+
+    @property
+    def channels(self) -> int | None:
+        return self.vit_kwargs.get("in_chans")
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.label}-{self.fingerprint[:8]}"
+
+    def build(self, global_pool: str = "cls", num_classes: int = 0,
+              drop_path_rate: float = 0.0, init_seed: int | None = None,
+              pretrained: bool = True) -> VisionTransformer:
+        """A fresh VisionTransformer of this architecture.
+
+        Args:
+            global_pool: "cls" or "avg" (fine-tuning: mean patch token + fc_norm).
+            num_classes: width of a new head (0: none).
+            drop_path_rate: stochastic depth for fine-tuning.
+            init_seed: seeds the random initialisation (random encoder, new heads).
+            pretrained: load this source's weights; False gives the from-scratch baseline.
+        """
+        if self.kind == "pixels":
+            raise ConfigError("the pixels reference has no encoder; use it with knn or linear")
+        with torch.random.fork_rng(devices=[]):
+            if init_seed is not None:
+                torch.manual_seed(init_seed)
+            vit = VisionTransformer(**self.vit_kwargs, global_pool=global_pool,
+                                    num_classes=num_classes, drop_path_rate=drop_path_rate)
+        if pretrained and self.state is not None:
+            # avg pooling replaces the pretrained final norm with a fresh fc_norm (official
+            # fine-tuning); a new head always starts fresh.
+            state = {k: v for k, v in self.state.items()
+                     if global_pool == "cls" or not k.startswith("norm.")}
+            result = vit.load_state_dict(state, strict=False)
+            missing = [k for k in result.missing_keys if not k.startswith(("fc_norm.", "head."))]
+            if missing or result.unexpected_keys:
+                raise CheckpointError(f"{self.label}: encoder weights do not fit the "
+                                      f"architecture (missing {missing[:3]}, unexpected "
+                                      f"{result.unexpected_keys[:3]})")
+        return vit
+
+
+def load_source(checkpoint: str | Path, *, arch: str | None = None, img_size: int | None = None,
+                channels: int | None = None, seed: int = 0, trust: bool = False) -> EncoderSource:
+    """Resolve ``--checkpoint``: "pixels", "random" (needs ``arch``), a mae-bench run folder or
+    checkpoint file, or an official MAE pretrain checkpoint.
+
+    Args:
+        checkpoint: the argument as given.
+        arch: preset for "random"; for a checkpoint, the architecture the user expects (an
+            error when the checkpoint holds another).
+        img_size: image size for "random" (default: the preset's); ignored for checkpoints.
+        channels: image channels for "random" (default 3).
+        seed: initialisation seed of the random encoder.
+        trust: allow unsafe unpickling (official checkpoints that pickled their arguments).
+    """
+    name = str(checkpoint)
+    if name == "pixels":
+        return EncoderSource("pixels", "pixels", "pixels", "pixels", {}, None, "pixels")
+    if name == "random":
+        if arch is None:
+            raise ConfigError("--checkpoint random needs --arch (the architecture to initialise "
+                              "at random, e.g. the one of the run it is compared with)")
+        preset = get_preset(arch)
+        kwargs = _preset_kwargs(arch, img_size or preset.img_size, channels or 3)
+        digest = _hash_text(f"random:{arch}:{kwargs}:{seed}")
+        return EncoderSource("random", "random", "random", arch, kwargs, None, digest,
+                             {"seed": seed})
+    path = Path(checkpoint)
+    if find_checkpoint(path) is None:
+        valid = "a run folder, a checkpoint file, 'pixels' or 'random'"
+        raise CheckpointError(f"--checkpoint {path}: no such run folder or file (expected "
+                              f"{valid})")
+    ckpt = load_checkpoint(path, trust=trust)
+    if "format_version" in ckpt and "config" in ckpt:
+        source = _from_run(path, ckpt)
+    elif is_official_mae(ckpt):
+        source = _from_official(path, ckpt)
+    else:
+        raise CheckpointError(f"{path} is neither a mae-bench checkpoint nor an official MAE "
+                              "pretrain checkpoint")
+    if arch is not None:
+        expected = _preset_kwargs(arch, source.img_size, source.channels)
+        shape_keys = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
+        diff = [k for k in shape_keys if expected[k] != source.vit_kwargs[k]]
+        if diff:
+            got = ", ".join(f"{k}={source.vit_kwargs[k]}" for k in diff)
+            raise CheckpointError(f"{path} holds a {source.arch} encoder ({got}), not --arch "
+                                  f"{arch}; drop --arch or pass the matching one")
+    return source
+
+
+def _from_run(path: Path, ckpt: dict[str, Any]) -> EncoderSource:
+    from mae_bench.methods import build_method
+
+    cfg = RunConfig.from_dict(ckpt["config"])
+    extra = ckpt.get("extra", {})
+    img_size, channels = int(extra["img_size"]), int(extra["channels"])
+    method = build_method(cfg, channels, img_size)
+    method.load_state_dict(ckpt["model"])
+    kwargs = _preset_kwargs(cfg.model.arch, img_size, channels)
+    wanted = VisionTransformer(**kwargs).state_dict().keys()
+    encoder_state = method.encoder.state_dict()
+    state = {k: encoder_state[k].detach().clone() for k in wanted}
+    run_dir = path if path.is_dir() else path.parent
+    total, step = extra.get("total_steps"), int(ckpt.get("step", 0))
+    epochs_done = cfg.train.epochs * step / total if total else None
+    pretrain = {
+        "pretrain_dataset": cfg.data.dataset,
+        "data_dir": cfg.data.data_dir,
+        "pretrain_epochs": round(epochs_done, 3) if epochs_done is not None else None,
+        "seed": cfg.train.seed,
+        "pretrain_seconds": extra.get("train_seconds"),
+        "config_hash": cfg.digest(),
+        "checkpoint": str(path),
+    }
+    if cfg.train.method == "mae":
+        pretrain |= {"mask_ratio": cfg.mae.mask_ratio, "mask_strategy": cfg.mae.mask_strategy,
+                     "norm_pix_loss": cfg.mae.norm_pix_loss}
+    return EncoderSource("run", run_dir.name, cfg.train.method, cfg.model.arch, kwargs, state,
+                         _hash_state(state), pretrain)
+
+
+def _from_official(path: Path, ckpt: dict[str, Any]) -> EncoderSource:
+    sd = ckpt["model"]
+    w = sd["patch_embed.proj.weight"]  # [D, C, p, p]
+    embed_dim, in_chans, patch = int(w.shape[0]), int(w.shape[1]), int(w.shape[2])
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    grid = math.isqrt(int(sd["pos_embed"].shape[1]) - 1)
+    mlp_ratio = sd["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim
+    # Head count is not in the weights: take a preset of the same shape, else 64-d heads (every
+    # published ViT-B/L/H uses them).
+    arch, heads = None, max(1, embed_dim // 64)
+    for name, p in PRESETS.items():
+        if (p.patch_size, p.embed_dim, p.depth) == (patch, embed_dim, depth):
+            arch, heads = name, p.num_heads
+            break
+    kwargs = {"img_size": grid * patch, "patch_size": patch, "in_chans": in_chans,
+              "embed_dim": embed_dim, "depth": depth, "num_heads": heads,
+              "mlp_ratio": mlp_ratio}
+    wanted = VisionTransformer(**kwargs).state_dict().keys()
+    missing = [k for k in wanted if k not in sd]
+    if missing:
+        raise CheckpointError(f"{path}: official checkpoint lacks encoder keys {missing[:3]}")
+    state = {k: sd[k].float() for k in wanted}
+    label = arch or f"vit(d={embed_dim}, depth={depth}, p={patch})"
+    return EncoderSource("official", path.stem, "official-mae", label, kwargs, state,
+                         _hash_state(state), {"checkpoint": str(path)})
+
+
+def _preset_kwargs(arch: str, img_size: int | None, channels: int | None) -> dict[str, Any]:
+    p = get_preset(arch)
+    return {"img_size": img_size or p.img_size, "patch_size": p.patch_size,
+            "in_chans": channels or 3, "embed_dim": p.embed_dim, "depth": p.depth,
+            "num_heads": p.num_heads, "mlp_ratio": p.mlp_ratio}
+
+
+def _hash_state(state: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().cpu().contiguous()
+        h.update(key.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _hash_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def model_for(source: EncoderSource) -> VisionTransformer | None:
+    """The frozen feature extractor (cls-pool layout, eval mode); None for pixels."""
+    if source.kind == "pixels":
+        return None
+    seed = source.pretrain.get("seed", 0) if source.kind == "random" else None
+    return source.build(init_seed=seed).eval()
+

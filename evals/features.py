@@ -1,0 +1,231 @@
+"""Frozen-encoder features: pooling, batched extraction, and an on-disk cache.
+
+Features are what k-NN and the fast linear probe consume. They come from the encoder in eval mode
+on deterministic views (resize to the model's image size, normalise with the data set's mean and
+std), pooled as ``cls`` (the normed cls token) or ``mean`` (the mean of the normed patch tokens).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from evals.encoders import EncoderSource, model_for
+from mae_bench.augment import eval_resize
+from mae_bench.data.datasets import AnyDataset, ArrayDataset
+from mae_bench.engine import autocast
+from mae_bench.errors import ConfigError
+from mae_bench.vit import VisionTransformer
+
+POOLS = ("cls", "mean")
+
+
+def pool_tokens(tokens: Tensor, pool: str) -> Tensor:
+    """[N, 1+L, D] encoder tokens (cls first) -> [N, D] features."""
+    if pool == "cls":
+        return tokens[:, 0]  # [N, D]
+    if pool == "mean":
+        return tokens[:, 1:].mean(dim=1)  # [N, D]
+    raise ValueError(f"unknown pool {pool!r}; valid: {', '.join(POOLS)}")
+
+
+def encode(encoder: VisionTransformer, images: Tensor, pool: str) -> Tensor:
+    """Normalised float images [N, C, H, W] -> pooled features [N, D] (no gradient tracking is
+    set up here; callers wrap it in ``torch.no_grad()`` when the encoder is frozen)."""
+    return pool_tokens(encoder.forward_features(images), pool)
+
+
+# --- extraction ------------------------------------------------------------------------------
+
+
+def _batches(dataset: AnyDataset, batch_size: int, img_size: int,
+             num_workers: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """uint8 batches [B, C, S, S] in dataset order (resized to ``img_size``) and their labels."""
+    if isinstance(dataset, ArrayDataset):
+        for start in range(0, len(dataset), batch_size):
+            yield (dataset.images[start:start + batch_size],
+                   dataset.labels[start:start + batch_size])
+        return
+    from torchvision.transforms import InterpolationMode, v2
+
+    dataset.set_transform(v2.Resize((img_size, img_size), InterpolationMode.BICUBIC,
+                                    antialias=True))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                         num_workers=num_workers)
+    for images, labels in loader:
+        yield images, torch.as_tensor(labels)
+    dataset.check_bad_fraction()
+
+
+@torch.no_grad()
+def extract_features(encoder: VisionTransformer | None, dataset: AnyDataset, *,
+                     pools: tuple[str, ...] = ("cls",), img_size: int | None = None,
+                     batch_size: int = 256,
+                     device: torch.device = torch.device("cpu"), precision: str = "fp32",
+                     num_workers: int = 4,
+                     progress: Callable[[int, int], None] | None = None
+                     ) -> tuple[dict[str, Tensor], Tensor]:
+    """Features of every image of ``dataset``, in order, from a frozen encoder, for each pooling
+    in ``pools`` from one forward pass.
+
+    Args:
+        encoder: the frozen encoder (set to eval mode here); None gives raw pixels: the
+            normalised image, flattened (the ``pixels`` reference row).
+        dataset: an in-memory or streamed data set.
+        pools: "cls" and / or "mean" (pixels: one entry, under the first name).
+        img_size: the encoder's input size (images are resized to it; bicubic, antialiased when
+            shrinking); default: the encoder's, or the data set's for pixels.
+        batch_size: images per forward pass.
+        device: where the encoder runs.
+        precision: "fp32", "bf16" or "fp16" autocast for the encoder; features are float32.
+        num_workers: DataLoader workers for streamed data sets.
+        progress: called with (images done, total).
+
+    Returns:
+        ({pool: float32 features [N, D] on the CPU}, int64 labels [N]).
+    """
+    for pool in pools:
+        if pool not in POOLS:
+            raise ConfigError(f"unknown pool {pool!r}; valid: {', '.join(POOLS)}")
+    info = dataset.info
+    if img_size is None:
+        img_size = encoder.grid_size * encoder.patch_size if encoder is not None else info.img_size
+    mean = torch.tensor(info.mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(info.std, device=device).view(1, -1, 1, 1)
+    if encoder is not None:
+        encoder.eval().to(device)
+    feats: dict[str, list[Tensor]] = {pool: [] for pool in pools}
+    labels, done = [], 0
+    for images, batch_labels in _batches(dataset, batch_size, img_size, num_workers):
+        x = eval_resize(images.to(device, non_blocking=True), img_size)  # [B, C, S, S] 0..255
+        x = (x / 255.0 - mean) / std
+        if encoder is None:
+            feats[pools[0]].append(x.flatten(1).float().cpu())  # [B, C*S*S]
+        else:
+            with autocast(device, precision):
+                tokens = encoder.forward_features(x)  # [B, 1+L, D]
+            for pool in pools:
+                feats[pool].append(pool_tokens(tokens, pool).float().cpu())  # [B, D]
+        labels.append(batch_labels.cpu())
+        done += images.shape[0]
+        if progress is not None:
+            progress(done, len(dataset))
+    return {p: torch.cat(f) for p, f in feats.items() if f}, torch.cat(labels).long()
+
+
+# --- cache -----------------------------------------------------------------------------------
+
+CACHE_VERSION = 1  # bump when extraction changes meaning; old entries are then never read
+
+
+def dataset_fingerprint(dataset: AnyDataset) -> str:
+    """A content hash of a data set: its pixels and labels in memory, or its member list and
+    labels when streamed."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(dataset.labels.numpy().tobytes())
+    if isinstance(dataset, ArrayDataset):
+        h.update(str(tuple(dataset.images.shape)).encode())
+        h.update(memoryview(dataset.images.contiguous().numpy()).cast("B"))
+    else:
+        h.update(str(dataset.root.resolve()).encode())
+        h.update(dataset._members.tobytes())
+    return h.hexdigest()
+
+
+def feature_cache_key(*, encoder_fingerprint: str, dataset: str, split: str,
+                      data_fingerprint: str, pool: str, transform: str) -> str:
+    """The cache entry name: everything the features depend on, hashed."""
+    blob = json.dumps([CACHE_VERSION, encoder_fingerprint, dataset, split, data_fingerprint, pool,
+                       transform])
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("MAE_BENCH_CACHE") or Path.home() / ".cache" / "mae-bench") / \
+        "features"
+
+
+def load_cached(cache_dir: Path, key: str) -> tuple[Tensor, Tensor] | None:
+    """The cached (features, labels) for ``key``, or None (a damaged entry counts as absent)."""
+    path = Path(cache_dir) / f"{key}.npz"
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as z:
+            return torch.from_numpy(z["features"]), torch.from_numpy(z["labels"])
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return None
+
+
+def save_cached(cache_dir: Path, key: str, features: Tensor, labels: Tensor) -> Path:
+    """Write atomically: a temporary file renamed into place."""
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".features-", suffix=".npz", dir=cache_dir)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, features=features.numpy(), labels=labels.numpy())
+        final = cache_dir / f"{key}.npz"
+        os.replace(tmp, final)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return final
+
+
+@dataclass
+class Features:
+    """One split's features and where they came from."""
+
+    features: Tensor  # float32 [N, D]
+    labels: Tensor  # int64 [N]
+    cached: bool  # read from the cache instead of computed
+    seconds: float  # extraction (or cache read) time
+
+
+def features_for(source: EncoderSource, dataset: AnyDataset, *, dataset_name: str, split: str,
+                 pool: str = "cls", batch_size: int = 256,
+                 device: torch.device = torch.device("cpu"), precision: str = "fp32",
+                 cache_dir: Path | None = None, use_cache: bool = True, num_workers: int = 4,
+                 progress: Callable[[int, int], None] | None = None) -> Features:
+    """Features of ``dataset`` from ``source``, read from the cache when the same encoder
+    weights, data, split, pooling and transform were extracted before."""
+    start = time.perf_counter()
+    encoder = model_for(source)
+    img_size = source.img_size or dataset.info.img_size
+    transform = (f"resize{img_size}-bicubic-aa-mean{list(dataset.info.mean)}"
+                 f"-std{list(dataset.info.std)}")
+    data_fingerprint = dataset_fingerprint(dataset)
+
+    def key(pool_name: str) -> str:
+        return feature_cache_key(encoder_fingerprint=source.fingerprint, dataset=dataset_name,
+                                 split=split, data_fingerprint=data_fingerprint,
+                                 pool=pool_name if encoder is not None else "pixels",
+                                 transform=transform)
+
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if use_cache:
+        hit = load_cached(cache_dir, key(pool))
+        if hit is not None:
+            return Features(hit[0], hit[1], True, time.perf_counter() - start)
+    # One forward pass gives every pooling; all are cached, so switching --pool is free.
+    pools = (pool,) if encoder is None else (pool, *(p for p in POOLS if p != pool))
+    feats, labels = extract_features(encoder, dataset, pools=pools, img_size=img_size,
+                                     batch_size=batch_size, device=device, precision=precision,
+                                     num_workers=num_workers, progress=progress)
+    if use_cache:
+        for name, values in feats.items():
+            save_cached(cache_dir, key(name), values, labels)
+    feats = feats[pool]
+    return Features(feats, labels, False, time.perf_counter() - start)
