@@ -1,0 +1,404 @@
+"""``mae-bench eval``: resolve the encoder and the data, run one protocol, record result rows.
+
+This is the glue between the command line and the protocol functions (``evals/knn.py``,
+``evals/linear.py``, ``evals/finetune.py``): it loads what the ``EvalSpec`` names, validates it
+once, calls the protocol, and turns the returned numbers into result rows (one per number) that
+``mae_bench.results`` appends to the store.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from evals.encoders import REFERENCES, EncoderSource, load_source
+from evals.features import POOLS, features_for
+from evals.splits import stratified_subset
+from mae_bench.data import get_dataset_info, load_dataset
+from mae_bench.data.datasets import AnyDataset, ArrayDataset
+from mae_bench.engine import resolve_device, resolve_precision
+from mae_bench.errors import ConfigError, DataError
+from mae_bench.results import append_rows, make_row
+
+PROTOCOLS = ("knn", "linear", "fewshot", "finetune", "partial-finetune")
+# Data sets whose classes change under a horizontal flip (digits, house numbers): their training
+# views are not flipped.
+NO_FLIP = frozenset(("digits", "mnist", "svhn"))
+PROBES = ("fast", "mae")
+FEATURE_FILES = ("train_features.npy", "train_labels.npy", "test_features.npy",
+                 "test_labels.npy")
+
+Progress = Callable[[str, int, int], None]  # (what, done, total)
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """One evaluation, as the user asked for it (built once at the edge, by the CLI)."""
+
+    protocol: str
+    checkpoint: str | None = None  # run folder / checkpoint file / "pixels" / "random"
+    features_dir: str | None = None  # precomputed embeddings instead of an encoder
+    arch: str | None = None
+    dataset: str | None = None  # default: the run's pretraining data set, else digits
+    data_dir: str | None = None
+    pool: str = "cls"
+    ks: tuple[int, ...] = (10, 20, 100, 200)
+    temperature: float = 0.07
+    probe: str = "fast"  # linear / fewshot: fast (cached features) | mae (augmented, LARS)
+    label_fraction: float = 1.0
+    blocks: int | None = None  # partial-finetune: trained blocks
+    init: str = "pretrained"  # finetune: pretrained | random (the from-scratch baseline)
+    epochs: int | None = None
+    batch_size: int | None = None
+    blr: float | None = None
+    lr: float | None = None
+    weight_decay: float | None = None
+    layer_decay: float = 0.75
+    drop_path: float = 0.1
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    label_smoothing: float = 0.1
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    cache_dir: str | None = None
+    use_cache: bool = True
+    trust_checkpoint: bool = False
+    results_dir: str = "results"
+    extra: dict[str, Any] = field(default_factory=dict)  # more fields for every row (sweeps)
+
+
+def validate_spec(spec: EvalSpec) -> None:
+    """Checks that need nothing loaded. Raises ConfigError naming the bad value and the fix."""
+    checks = [
+        (spec.protocol in PROTOCOLS,
+         f"unknown protocol {spec.protocol!r}; valid: {', '.join(PROTOCOLS)}"),
+        ((spec.checkpoint is None) != (spec.features_dir is None),
+         "give exactly one of --checkpoint (a run, an official MAE checkpoint, pixels or random) "
+         "and --features DIR"),
+        (spec.pool in POOLS, f"unknown pool {spec.pool!r}; valid: {', '.join(POOLS)}"),
+        (spec.probe in PROBES, f"unknown probe {spec.probe!r}; valid: {', '.join(PROBES)}"),
+        (len(spec.ks) > 0 and all(k >= 1 for k in spec.ks),
+         f"--k needs positive neighbour counts, got {','.join(map(str, spec.ks)) or 'none'}"),
+        (spec.temperature > 0, f"--temperature must be > 0, got {spec.temperature}"),
+        (0.0 < spec.label_fraction <= 1.0,
+         f"--label-fraction must be in (0, 1], got {spec.label_fraction}"),
+        (spec.init in ("pretrained", "random"),
+         f"--init must be pretrained or random, got {spec.init!r}"),
+        (spec.epochs is None or spec.epochs >= 1, f"--epochs must be >= 1, got {spec.epochs}"),
+        (spec.batch_size is None or spec.batch_size >= 2,
+         f"--batch-size must be >= 2, got {spec.batch_size}"),
+        (spec.blocks is None or spec.blocks >= 0, f"--blocks must be >= 0, got {spec.blocks}"),
+        (0.0 < spec.layer_decay <= 1.0, f"--layer-decay must be in (0, 1], got {spec.layer_decay}"),
+        (0.0 <= spec.drop_path < 1.0, f"--drop-path must be in [0, 1), got {spec.drop_path}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    if spec.features_dir is not None and spec.protocol not in ("knn", "linear", "fewshot"):
+        raise ConfigError(f"--features works with knn, linear and fewshot (features are frozen); "
+                          f"{spec.protocol} needs --checkpoint")
+    if spec.features_dir is not None and spec.probe == "mae":
+        raise ConfigError("--probe mae augments images through the encoder; with --features use "
+                          "--probe fast")
+    if spec.protocol == "partial-finetune" and spec.blocks is None:
+        raise ConfigError("partial-finetune needs --blocks N (train the last N blocks + head)")
+    if spec.protocol == "fewshot" and spec.label_fraction >= 1.0:
+        raise ConfigError("fewshot needs --label-fraction below 1, e.g. 0.01 or 0.1")
+    if spec.checkpoint == "pixels" and spec.protocol not in ("knn", "linear", "fewshot"):
+        raise ConfigError(f"the pixels reference has no encoder to {spec.protocol}; use knn, "
+                          "linear or fewshot")
+
+
+# --- inputs ----------------------------------------------------------------------------------
+
+
+def load_feature_dir(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read and check DIR/{train,test}_{features,labels}.npy (precomputed embeddings)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"--features {path}: no such folder; it must hold "
+                        f"{', '.join(FEATURE_FILES)}")
+    missing = [f for f in FEATURE_FILES if not (path / f).is_file()]
+    if missing:
+        raise DataError(f"--features {path} lacks {', '.join(missing)} (it must hold "
+                        f"{', '.join(FEATURE_FILES)})")
+    arrays = {}
+    for name in FEATURE_FILES:
+        try:
+            arrays[name] = np.load(path / name, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise DataError(f"--features: {path / name} is not a readable .npy array "
+                            f"({str(exc).splitlines()[0][:80]})") from None
+    out = {}
+    for split in ("train", "test"):
+        feats, labels = arrays[f"{split}_features.npy"], arrays[f"{split}_labels.npy"]
+        if feats.ndim != 2 or feats.shape[0] == 0 or not np.issubdtype(feats.dtype, np.number):
+            raise DataError(f"--features: {split}_features.npy must be a non-empty numeric "
+                            f"[N, D] array, got shape {feats.shape} ({feats.dtype})")
+        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+            raise DataError(f"--features: {split}_labels.npy must be a 1-D integer array, got "
+                            f"shape {labels.shape} ({labels.dtype})")
+        if labels.shape[0] != feats.shape[0]:
+            raise DataError(f"--features: {split}_features.npy has {feats.shape[0]} rows but "
+                            f"{split}_labels.npy has {labels.shape[0]} labels")
+        if labels.min() < 0:
+            raise DataError(f"--features: {split}_labels.npy has negative labels (unlabeled "
+                            "samples cannot be evaluated)")
+        if not np.isfinite(feats).all():
+            raise DataError(f"--features: {split}_features.npy holds NaN or inf values")
+        out[f"{split}_features"] = torch.from_numpy(np.ascontiguousarray(feats)).float()
+        out[f"{split}_labels"] = torch.from_numpy(labels.astype(np.int64))
+    if out["train_features"].shape[1] != out["test_features"].shape[1]:
+        raise DataError(f"--features: train features have {out['train_features'].shape[1]} "
+                        f"dimensions, test features {out['test_features'].shape[1]}")
+    return out
+
+
+def _labelled(dataset: AnyDataset, name: str, split: str) -> AnyDataset:
+    if len(dataset) == 0:
+        raise DataError(f"{name}/{split} has no images")
+    if bool((dataset.labels < 0).any()):
+        raise DataError(f"{name}/{split} has unlabeled images; evaluation needs labels (use the "
+                        "train and test splits)")
+    return dataset
+
+
+@dataclass
+class Inputs:
+    """What one evaluation reads: the encoder source and the two splits (or features)."""
+
+    source: EncoderSource | None
+    dataset: str
+    train: AnyDataset | None = None
+    test: AnyDataset | None = None
+    features: dict[str, torch.Tensor] | None = None
+    label: str = ""
+
+
+def load_inputs(spec: EvalSpec) -> Inputs:
+    """Resolve the checkpoint (or features) and the data. Everything that can fail on user
+    input fails here, before any work or any write."""
+    validate_spec(spec)
+    if spec.features_dir is not None:
+        feats = load_feature_dir(spec.features_dir)
+        label = Path(spec.features_dir).resolve().name
+        return Inputs(None, spec.dataset or label, features=feats, label=label)
+    source = _load_source(spec)
+    name = spec.dataset or source.pretrain.get("pretrain_dataset") or "digits"
+    info = get_dataset_info(name)
+    data_dir = spec.data_dir
+    if data_dir is None and name == source.pretrain.get("pretrain_dataset"):
+        data_dir = source.pretrain.get("data_dir")
+    train = _labelled(load_dataset(name, "train", data_dir), name, "train")
+    test = _labelled(load_dataset(name, "test", data_dir), name, "test")
+    if source.channels is not None and source.channels != info.channels:
+        raise ConfigError(f"{source.label} takes {source.channels}-channel images but {name} has "
+                          f"{info.channels}; evaluate on a data set with {source.channels} "
+                          "channels")
+    return Inputs(source, name, train, test, label=source.label)
+
+
+def _load_source(spec: EvalSpec) -> EncoderSource:
+    ref = spec.checkpoint in REFERENCES
+    img_size = channels = None
+    if spec.checkpoint == "random":
+        info = get_dataset_info(spec.dataset or "digits")
+        img_size, channels = info.img_size, info.channels
+        if spec.arch is not None:
+            from mae_bench.vit import get_preset
+
+            patch = get_preset(spec.arch).patch_size
+            if img_size % patch:
+                raise ConfigError(f"--arch {spec.arch} has {patch}-px patches, which do not "
+                                  f"divide {info.name}'s {img_size}-px images; pick a preset "
+                                  "whose patch size divides it")
+    return load_source(spec.checkpoint, arch=spec.arch, img_size=img_size, channels=channels,
+                       seed=spec.seed if ref else 0, trust=spec.trust_checkpoint)
+
+
+# --- running ---------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalOutcome:
+    rows: list[dict[str, Any]]
+    results_file: Path
+    seconds: float
+    notes: list[str]
+
+
+def run_eval(spec: EvalSpec, progress: Progress | None = None) -> EvalOutcome:
+    """Run one evaluation and append its rows to ``spec.results_dir``."""
+    start = time.perf_counter()
+    inputs = load_inputs(spec)
+    device = resolve_device(spec.device)
+    precision = resolve_precision(spec.precision, device)
+    notes: list[str] = []
+    protocol = spec.protocol
+    if protocol in ("knn", "linear", "fewshot") and (spec.probe == "fast" or protocol == "knn"):
+        numbers = _frozen_feature_protocol(spec, inputs, device, precision, notes, progress)
+    elif protocol in ("linear", "fewshot"):
+        numbers = _mae_linear(spec, inputs, device, precision, progress)
+    else:
+        numbers = _finetune(spec, inputs, device, precision, progress)
+    seconds = time.perf_counter() - start
+    rows = _rows(spec, inputs, numbers, seconds)
+    path = append_rows(spec.results_dir, rows)
+    return EvalOutcome(rows, path, seconds, notes)
+
+
+# A protocol's numbers: (metric, value, knobs for this number only).
+Numbers = list[tuple[str, float, dict[str, Any]]]
+
+
+def _train_subset(spec: EvalSpec, labels: torch.Tensor) -> torch.Tensor | None:
+    if spec.label_fraction >= 1.0:
+        return None
+    return stratified_subset(labels, spec.label_fraction, spec.seed)
+
+
+def _frozen_feature_protocol(spec: EvalSpec, inputs: Inputs, device: torch.device,
+                             precision: str, notes: list[str],
+                             progress: Progress | None) -> Numbers:
+    from evals.knn import knn_evaluate
+    from evals.linear import fast_linear_probe
+
+    if inputs.features is not None:
+        f = inputs.features
+        train_x, train_y, test_x, test_y = (f["train_features"], f["train_labels"],
+                                            f["test_features"], f["test_labels"])
+    else:
+        got = {}
+        for split, ds in (("train", inputs.train), ("test", inputs.test)):
+            def bar(done: int, total: int, split: str = split) -> None:
+                if progress is not None:
+                    progress(f"features {split}", done, total)
+
+            feats = features_for(inputs.source, ds, dataset_name=inputs.dataset, split=split,
+                                 pool=spec.pool, device=device, precision=precision,
+                                 cache_dir=Path(spec.cache_dir) if spec.cache_dir else None,
+                                 use_cache=spec.use_cache, progress=bar)
+            notes.append(f"{split} features [{feats.features.shape[0]} x "
+                         f"{feats.features.shape[1]}]: "
+                         f"{'cache' if feats.cached else 'extracted'} in {feats.seconds:.1f} s")
+            got[split] = feats
+        train_x, train_y = got["train"].features, got["train"].labels
+        test_x, test_y = got["test"].features, got["test"].labels
+    subset = _train_subset(spec, train_y)
+    if subset is not None:
+        train_x, train_y = train_x[subset], train_y[subset]
+        notes.append(f"label fraction {spec.label_fraction}: {len(subset)} training samples")
+    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    numbers: Numbers = []
+    if spec.protocol == "knn":
+        if max(spec.ks) > train_x.shape[0]:
+            raise ConfigError(f"--k {max(spec.ks)} is larger than the {train_x.shape[0]} training "
+                              "samples; pick k values up to that")
+        res = knn_evaluate(train_x, train_y, test_x, test_y, ks=spec.ks,
+                           temperature=spec.temperature, num_classes=num_classes)
+        for k, accs in res.accuracy.items():
+            for metric, value in accs.items():
+                numbers.append((metric, value, {"k": k, "temperature": spec.temperature}))
+        for metric, value in res.retrieval.items():
+            cap = {"map_r_cap": res.map_r_cap} if metric == "map@r" and res.map_r_cap else {}
+            numbers.append((metric, value, cap))
+        notes.append(f"k-NN search ({res.backend}) over {train_x.shape[0]} x {test_x.shape[0]}: "
+                     f"{res.search_seconds:.2f} s")
+        return numbers
+    res = fast_linear_probe(train_x, train_y, test_x, test_y, num_classes=num_classes,
+                            seed=spec.seed, device=device)
+    notes.append(f"fast probe: lr {res['lr']:g}, weight decay {res['weight_decay']:g} chosen on a "
+                 f"validation split of the training set (val top-1 {res['val_top1']:.2f})")
+    knobs = {"probe": "fast", "chosen_lr": res["lr"], "chosen_weight_decay": res["weight_decay"]}
+    return [(m, res[m], knobs) for m in ("top1", "top5")]
+
+
+def _mae_linear(spec: EvalSpec, inputs: Inputs, device: torch.device, precision: str,
+                progress: Progress | None) -> Numbers:
+    from evals.linear import linear_probe
+
+    encoder = inputs.source.build(init_seed=spec.seed).to(device)
+    kwargs = {k: v for k, v in (("epochs", spec.epochs), ("batch_size", spec.batch_size),
+                                ("blr", spec.blr)) if v is not None}
+    res = linear_probe(encoder, _in_memory(inputs.train), _in_memory(inputs.test),
+                       pool=spec.pool, seed=spec.seed, device=device, precision=precision,
+                       train_indices=_train_subset(spec, inputs.train.labels),
+                       progress=_bar(progress, "linear probe"), **kwargs)
+    knobs = {"probe": "mae", "epochs": res.get("epochs", spec.epochs)}
+    return [(m, res[m], knobs) for m in ("top1", "top5")]
+
+
+def _finetune(spec: EvalSpec, inputs: Inputs, device: torch.device, precision: str,
+              progress: Progress | None) -> Numbers:
+    from evals.finetune import finetune
+
+    num_classes = int(max(inputs.train.labels.max(), inputs.test.labels.max())) + 1
+    model = inputs.source.build(global_pool="avg", num_classes=num_classes,
+                                drop_path_rate=spec.drop_path, init_seed=spec.seed,
+                                pretrained=spec.init == "pretrained").to(device)
+    blocks = spec.blocks if spec.protocol == "partial-finetune" else None
+    if blocks is not None and blocks > len(model.blocks):
+        raise ConfigError(f"--blocks {blocks} is more than the encoder's {len(model.blocks)} "
+                          f"blocks; use 0..{len(model.blocks)}")
+    kwargs = {k: v for k, v in (("epochs", spec.epochs), ("batch_size", spec.batch_size),
+                                ("blr", spec.blr), ("lr", spec.lr),
+                                ("weight_decay", spec.weight_decay)) if v is not None}
+    res = finetune(model, _in_memory(inputs.train), _in_memory(inputs.test),
+                   layer_decay=spec.layer_decay, mixup=spec.mixup, cutmix=spec.cutmix,
+                   label_smoothing=spec.label_smoothing, partial_blocks=blocks,
+                   hflip=0.0 if inputs.dataset in NO_FLIP else 0.5,
+                   train_indices=_train_subset(spec, inputs.train.labels), seed=spec.seed,
+                   device=device, precision=precision, progress=_bar(progress, spec.protocol),
+                   **kwargs)
+    knobs = {"init": spec.init, "epochs": res.get("epochs", spec.epochs),
+             "layer_decay": spec.layer_decay, "drop_path": spec.drop_path}
+    if blocks is not None:
+        knobs["blocks"] = blocks
+    return [(m, res[m], knobs) for m in ("top1", "top5")]
+
+
+def _in_memory(dataset: AnyDataset) -> ArrayDataset:
+    if not isinstance(dataset, ArrayDataset):
+        raise DataError("training protocols (linear --probe mae, finetune) need a data set that "
+                        "fits in memory; extract features and use knn / linear --probe fast")
+    return dataset
+
+
+def _bar(progress: Progress | None, what: str) -> Callable[[int, int], None] | None:
+    if progress is None:
+        return None
+    return lambda done, total: progress(what, done, total)
+
+
+def _rows(spec: EvalSpec, inputs: Inputs, numbers: Numbers, seconds: float
+          ) -> list[dict[str, Any]]:
+    src = inputs.source
+    common: dict[str, Any] = {
+        "run_id": src.run_id if src is not None else f"features-{inputs.label}",
+        "method": src.method if src is not None else "features",
+        "arch": src.arch if src is not None else "-",
+        "dataset": inputs.dataset,
+        "protocol": spec.protocol,
+        "checkpoint": src.label if src is not None else str(spec.features_dir),
+        "eval_seconds": round(seconds, 3),
+        "eval_seed": spec.seed,
+    }
+    if spec.protocol in ("knn", "linear", "fewshot") and src is not None and src.kind != "pixels":
+        common["pool"] = spec.pool
+    if spec.label_fraction < 1.0:
+        common["label_fraction"] = spec.label_fraction
+    if src is not None:
+        common |= {k: v for k, v in src.pretrain.items() if k not in ("data_dir", "checkpoint")}
+        if src.kind in REFERENCES:
+            common["seed"] = spec.seed
+    common.setdefault("seed", spec.seed)
+    common |= spec.extra
+    return [make_row(metric=metric, value=float(value), **(common | knobs))
+            for metric, value, knobs in numbers]
