@@ -17,6 +17,8 @@ from mae_bench.engine import pretrain
 TINY = RunConfig().replace(model={"arch": "vit_micro_patch2", "img_size": 8},
                            train={"epochs": 1, "batch_size": 64})
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def run_cli(monkeypatch, capsys, *args):
     monkeypatch.setattr(sys, "argv", ["mae-bench", *args])

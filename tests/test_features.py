@@ -25,6 +25,8 @@ from mae_bench.mae import build_mae
 TINY = RunConfig().replace(model={"arch": "vit_micro_patch2", "img_size": 8},
                            train={"epochs": 1, "batch_size": 64})
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def digits():

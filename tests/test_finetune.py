@@ -18,14 +18,7 @@ from mae_bench.vit import build_vit
 DEPTH = 2  # vit_micro_patch2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # A micro ViT is all per-op overhead: one thread is fastest, and on a shared machine two
-    # threads per process were measured 5x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

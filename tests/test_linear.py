@@ -22,14 +22,7 @@ from mae_bench.vit import build_vit
 SMALL_GRID = (1e-2, 1e-3, 1e-4)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These problems are tiny: one thread beats two that synchronise on every small op, by far
-    # on a busy shared machine. Results do not depend on it.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
