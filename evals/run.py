@@ -331,7 +331,7 @@ def _mae_linear(spec: EvalSpec, inputs: Inputs, device: torch.device, precision:
                        pool=spec.pool, seed=spec.seed, device=device, precision=precision,
                        train_indices=_train_subset(spec, inputs.train.labels),
                        progress=_bar(progress, "linear probe"), **kwargs)
-    knobs = {"probe": "mae", "epochs": res.get("epochs", spec.epochs)}
+    knobs = {"probe": "mae", "epochs": int(res.get("epochs", spec.epochs))}
     return [(m, res[m], knobs) for m in ("top1", "top5")]
 
 
@@ -357,7 +357,7 @@ def _finetune(spec: EvalSpec, inputs: Inputs, device: torch.device, precision: s
                    train_indices=_train_subset(spec, inputs.train.labels), seed=spec.seed,
                    device=device, precision=precision, progress=_bar(progress, spec.protocol),
                    **kwargs)
-    knobs = {"init": spec.init, "epochs": res.get("epochs", spec.epochs),
+    knobs = {"init": spec.init, "epochs": int(res.get("epochs", spec.epochs)),
              "layer_decay": spec.layer_decay, "drop_path": spec.drop_path}
     if blocks is not None:
         knobs["blocks"] = blocks

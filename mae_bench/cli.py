@@ -468,7 +468,7 @@ def _rows_table(rows: list[dict]) -> Table:
              f"({first['checkpoint']}) on {first['dataset']}")
     table = Table(title=title)
     knobs = [k for k in ("k", "temperature", "pool", "probe", "label_fraction", "init", "blocks",
-                         "epochs") if any(k in r for r in rows)]
+                         "epochs", "map_r_cap") if any(k in r for r in rows)]
     for col in ("metric", *knobs, "value"):
         table.add_column(col, justify="right" if col == "value" else "left")
     for r in rows:
@@ -483,7 +483,7 @@ def results(
     ] = Path("results"),
     rows: Annotated[
         str, typer.Option(help="Columns that make the table's rows, comma-separated.")
-    ] = "method,arch",
+    ] = "method,arch,pool",
     columns: Annotated[
         str, typer.Option(help="Columns that make the table's columns, comma-separated.")
     ] = "protocol,metric,k",
@@ -519,18 +519,35 @@ def results(
         out.print(f"no results in {results_dir}" + (" match --where" if where else ""))
         return
     table = pivot_table(df, rows=_names(rows), columns=_names(columns), decimals=decimals)
-    shown = Table(title=f"{results_dir} ({len(df)} rows; mean ± std (n) over seeds)")
-    names = list(table.index.names)
-    for name in names:
-        shown.add_column(str(name))
-    for col in table.columns:
-        shown.add_column(str(col), justify="right", overflow="fold")
-    for index, row in table.iterrows():
-        keys = index if isinstance(index, tuple) else (index,)
-        shown.add_row(*map(str, keys), *map(str, row.tolist()))
-    out.print(shown)
+    out.print(_pivot_for_terminal(table, f"{results_dir} ({len(df)} rows; mean ± std (n) over "
+                                         "seeds)"))
     for path in export or []:
         out.print(f"wrote {export_table(table, path, decimals=decimals)}")
+
+
+def _pivot_for_terminal(table, title: str) -> Table:
+    """A rich table of a pivot table; turned on its side when its columns would not fit the
+    terminal (then each result column is a row and each table row a column)."""
+    names = [str(n) for n in table.index.names]
+    keys = [k if isinstance(k, tuple) else (k,) for k in table.index]
+    cells = [[str(v) for v in row] for row in table.to_numpy().tolist()]
+    width = sum(max(len(str(c)), *(len(r[i]) for r in cells)) + 3
+                for i, c in enumerate(table.columns)) + sum(len(n) + 8 for n in names)
+    shown = Table(title=title)
+    if width <= out.width or len(keys) > len(table.columns):
+        for name in names:
+            shown.add_column(name)
+        for col in table.columns:
+            shown.add_column(str(col), justify="right")
+        for key, row in zip(keys, cells, strict=True):
+            shown.add_row(*map(str, key), *row)
+        return shown
+    shown.add_column(" / ".join(names))
+    for key in keys:
+        shown.add_column("\n".join(map(str, key)), justify="right")
+    for i, col in enumerate(table.columns):
+        shown.add_row(str(col), *(row[i] for row in cells))
+    return shown
 
 
 def _names(text: str) -> tuple[str, ...]:
