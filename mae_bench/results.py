@@ -399,21 +399,21 @@ def pivot_table(
         if len(names) > 1
         else pd.Index([label for (label,) in unique_rows], name=names[0])
     )
-    table = pd.DataFrame(
-        np.nan if numeric else "",
-        index=index,
-        columns=list(dict.fromkeys(col_labels)),
-        dtype=float if numeric else object,
-    )
-    seen = set()
+    columns = list(dict.fromkeys(col_labels))
+    cells: dict[tuple, Any] = {}
     for row_label, col_label, (_, group) in zip(
         row_labels, col_labels, agg.iterrows(), strict=True
     ):
-        if (row_label, col_label) in seen:  # only when two key values print alike ("20", 20)
+        if (row_label, col_label) in cells:  # only when two key values print alike ("20", 20)
             raise ValueError(f"two result groups share the cell {row_label} / {col_label!r}")
-        seen.add((row_label, col_label))
-        cell = group["mean"] if numeric else _fmt_cell(group, decimals)
-        table.loc[row_label if len(names) > 1 else row_label[0], col_label] = cell
+        cells[row_label, col_label] = group["mean"] if numeric else _fmt_cell(group, decimals)
+    empty = np.nan if numeric else ""
+    table = pd.DataFrame(
+        [[cells.get((r, c), empty) for c in columns] for r in unique_rows],
+        index=index,
+        columns=columns,
+        dtype=float if numeric else object,
+    )
     return table
 
 
