@@ -150,3 +150,28 @@ def test_cache_hit_and_invalidation(tmp_path, digits, run_dir):
     victim.write_bytes(b"garbage")
     assert load_cached(tmp_path, victim.stem) is None
     assert not features_for(source, train, pool="cls", use_cache=False, **kw).cached
+
+
+def test_streamed_image_folder_features(tmp_path):
+    """Image folders too large for memory stream through DataLoader workers, in order."""
+    import numpy as np
+    from PIL import Image
+
+    from mae_bench.data import StreamingDataset
+
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        folder = tmp_path / "data" / "train" / cls
+        folder.mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(
+                folder / f"{i}.png")
+    ds = load_dataset("imagefolder", "train", tmp_path / "data", max_in_memory_bytes=0)
+    assert isinstance(ds, StreamingDataset)
+    source = load_source("random", arch="vit_micro_patch4", img_size=16, channels=3)
+    one, labels = extract_features(model_for(source), ds, pools=("mean",), batch_size=4,
+                                   num_workers=0)
+    two, labels2 = extract_features(model_for(source), ds, pools=("mean",), batch_size=3,
+                                    num_workers=2)
+    assert one["mean"].shape == (10, 32) and torch.equal(labels, ds.labels)
+    assert torch.equal(labels, labels2) and torch.allclose(one["mean"], two["mean"], atol=1e-5)
