@@ -4,19 +4,12 @@ import subprocess
 import sys
 
 import pytest
+from cli_helpers import run_cli
 from PIL import Image
-
-from mae_bench.cli import main
 
 TINY = ["--arch", "vit_micro_patch2", "--img-size", "8", "--batch-size", "64", "--no-progress"]
 
 
-def run_cli(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["mae-bench", *args])
-    with pytest.raises(SystemExit) as exc:
-        main()
-    captured = capsys.readouterr()
-    return exc.value.code, captured.out, captured.err
 
 
 @pytest.mark.parametrize("args, message", [

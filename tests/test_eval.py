@@ -4,13 +4,12 @@ precomputed features, the results store, and one-line errors for bad input."""
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
+from cli_helpers import run_cli
 
-from mae_bench.cli import main
 from mae_bench.config import RunConfig
 from mae_bench.engine import pretrain
 
@@ -20,12 +19,6 @@ TINY = RunConfig().replace(model={"arch": "vit_micro_patch2", "img_size": 8},
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def run_cli(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["mae-bench", *args])
-    with pytest.raises(SystemExit) as exc:
-        main()
-    captured = capsys.readouterr()
-    return exc.value.code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")
