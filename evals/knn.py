@@ -136,18 +136,8 @@ def knn_evaluate(
         progress: optional ``(done, total)`` callback after each chunk of queries.
     """
     start = time.perf_counter()
-    inputs = _prepare(
-        train_features,
-        train_labels,
-        test_features,
-        test_labels,
-        ks,
-        temperature,
-        num_classes,
-        chunk_size,
-        retrieval,
-        map_r_max,
-    )
+    inputs = _prepare(train_features, train_labels, test_features, test_labels, ks, temperature,
+                      num_classes, chunk_size, retrieval, map_r_max)
     gpu = _want_gpu(use_gpu, inputs.search_k)
     index = faiss.IndexFlatIP(inputs.train.shape[1])
     if gpu:
@@ -184,18 +174,8 @@ def knn_torch(
     """
     start = time.perf_counter()
     device = torch.device(device)
-    inputs = _prepare(
-        train_features,
-        train_labels,
-        test_features,
-        test_labels,
-        ks,
-        temperature,
-        num_classes,
-        chunk_size,
-        retrieval,
-        map_r_max,
-    )
+    inputs = _prepare(train_features, train_labels, test_features, test_labels, ks, temperature,
+                      num_classes, chunk_size, retrieval, map_r_max)
     if chunk_size is None:
         chunk_size = max(1, TORCH_CHUNK_BYTES // (4 * inputs.train.shape[0]))
     train = inputs.train.to(device)  # [N, D]

@@ -146,7 +146,7 @@ def test_bad_feature_folders(monkeypatch, capsys, tmp_path, override, message):
     (["--protocol", "knn", "--checkpoint", "random", "--arch", "vit_small_patch16"],
      "16-px patches, which do not divide digits's 8-px images"),
     (["--protocol", "knn", "--checkpoint", "pixels", "--k", "5000"],
-     "--k 5000 is larger than the 1437 training samples"),
+     "k=5000 is larger than the training set (N=1437 features)"),
     (["--protocol", "knn", "--checkpoint", "pixels", "--k", "a,b"], "--k takes comma-separated"),
     (["--protocol", "knn", "--checkpoint", "pixels", "--dataset", "mnist12"],
      "unknown dataset 'mnist12'"),
