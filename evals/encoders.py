@@ -21,7 +21,7 @@ import torch
 from mae_bench.checkpoint import find_checkpoint, is_official_mae, load_checkpoint
 from mae_bench.config import RunConfig
 from mae_bench.errors import CheckpointError, ConfigError
-from mae_bench.vit import PRESETS, VisionTransformer, get_preset
+from mae_bench.vit import PRESETS, VisionTransformer, vit_kwargs
 
 REFERENCES = ("pixels", "random")
 
@@ -119,8 +119,7 @@ def load_source(checkpoint: str | Path, *, arch: str | None = None, img_size: in
         if arch is None:
             raise ConfigError("--checkpoint random needs --arch (the architecture to initialise "
                               "at random, e.g. the one of the run it is compared with)")
-        preset = get_preset(arch)
-        kwargs = _preset_kwargs(arch, img_size or preset.img_size, channels or 3)
+        kwargs = vit_kwargs(arch, img_size, channels or 3)
         digest = _hash_text(f"random:{arch}:{kwargs}:{seed}")
         return EncoderSource("random", "random", "random", arch, kwargs, None, digest,
                              {"seed": seed})
@@ -138,7 +137,7 @@ def load_source(checkpoint: str | Path, *, arch: str | None = None, img_size: in
         raise CheckpointError(f"{path} is neither a mae-bench checkpoint nor an official MAE "
                               "pretrain checkpoint")
     if arch is not None:
-        expected = _preset_kwargs(arch, source.img_size, source.channels)
+        expected = vit_kwargs(arch, source.img_size, source.channels)
         shape_keys = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
         diff = [k for k in shape_keys if expected[k] != source.vit_kwargs[k]]
         if diff:
@@ -156,7 +155,7 @@ def _from_run(path: Path, ckpt: dict[str, Any]) -> EncoderSource:
     img_size, channels = int(extra["img_size"]), int(extra["channels"])
     method = build_method(cfg, channels, img_size)
     method.load_state_dict(ckpt["model"])
-    kwargs = _preset_kwargs(cfg.model.arch, img_size, channels)
+    kwargs = vit_kwargs(cfg.model.arch, img_size, channels)
     wanted = VisionTransformer(**kwargs).state_dict().keys()
     encoder_state = method.encoder.state_dict()
     state = {k: encoder_state[k].detach().clone() for k in wanted}
@@ -204,13 +203,6 @@ def _from_official(path: Path, ckpt: dict[str, Any]) -> EncoderSource:
     label = arch or f"vit(d={embed_dim}, depth={depth}, p={patch})"
     return EncoderSource("official", path.stem, "official-mae", label, kwargs, state,
                          _hash_state(state), {"checkpoint": str(path)})
-
-
-def _preset_kwargs(arch: str, img_size: int | None, channels: int | None) -> dict[str, Any]:
-    p = get_preset(arch)
-    return {"img_size": img_size or p.img_size, "patch_size": p.patch_size,
-            "in_chans": channels or 3, "embed_dim": p.embed_dim, "depth": p.depth,
-            "num_heads": p.num_heads, "mlp_ratio": p.mlp_ratio}
 
 
 def _hash_state(state: dict[str, torch.Tensor]) -> str:

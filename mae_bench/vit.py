@@ -333,6 +333,16 @@ class VisionTransformer(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+def vit_kwargs(preset_name: str, img_size: int | None = None, in_chans: int = 3
+               ) -> dict[str, Any]:
+    """The VisionTransformer arguments of a named preset's encoder (img_size None: the preset's
+    native size)."""
+    p = get_preset(preset_name)
+    return {"img_size": p.img_size if img_size is None else img_size,
+            "patch_size": p.patch_size, "in_chans": in_chans, "embed_dim": p.embed_dim,
+            "depth": p.depth, "num_heads": p.num_heads, "mlp_ratio": p.mlp_ratio}
+
+
 def build_vit(
     preset_name: str, img_size: int | None = None, in_chans: int = 3, **kwargs: Any
 ) -> VisionTransformer:
@@ -344,14 +354,4 @@ def build_vit(
         in_chans: image channels.
         **kwargs: further VisionTransformer arguments (num_classes, global_pool, ...).
     """
-    preset = get_preset(preset_name)
-    return VisionTransformer(
-        img_size=preset.img_size if img_size is None else img_size,
-        patch_size=preset.patch_size,
-        in_chans=in_chans,
-        embed_dim=preset.embed_dim,
-        depth=preset.depth,
-        num_heads=preset.num_heads,
-        mlp_ratio=preset.mlp_ratio,
-        **kwargs,
-    )
+    return VisionTransformer(**vit_kwargs(preset_name, img_size, in_chans), **kwargs)
