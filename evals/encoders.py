@@ -19,7 +19,6 @@ from typing import Any
 import torch
 
 from mae_bench.checkpoint import find_checkpoint, is_official_mae, load_checkpoint
-from mae_bench.config import RunConfig
 from mae_bench.errors import CheckpointError, ConfigError
 from mae_bench.vit import PRESETS, VisionTransformer, vit_kwargs
 
@@ -148,13 +147,11 @@ def load_source(checkpoint: str | Path, *, arch: str | None = None, img_size: in
 
 
 def _from_run(path: Path, ckpt: dict[str, Any]) -> EncoderSource:
-    from mae_bench.methods import build_method
+    from mae_bench.methods import method_from_checkpoint
 
-    cfg = RunConfig.from_dict(ckpt["config"])
+    cfg, method = method_from_checkpoint(ckpt, str(path))
     extra = ckpt.get("extra", {})
     img_size, channels = int(extra["img_size"]), int(extra["channels"])
-    method = build_method(cfg, channels, img_size)
-    method.load_state_dict(ckpt["model"])
     kwargs = vit_kwargs(cfg.model.arch, img_size, channels)
     wanted = VisionTransformer(**kwargs).state_dict().keys()
     encoder_state = method.encoder.state_dict()

@@ -14,13 +14,14 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from mae_bench.augment import ViewSpec
 from mae_bench.config import RunConfig
-from mae_bench.errors import ConfigError
+from mae_bench.errors import CheckpointError, ConfigError
 from mae_bench.mae import build_mae, masking_noise, validate_mask_ratio
 from mae_bench.vit import VisionTransformer, get_preset
 
@@ -96,6 +97,23 @@ def build_method(cfg: RunConfig, channels: int, img_size: int) -> Method:
             f"{cfg.model.arch}; pick --img-size as a multiple of {preset.patch_size}"
         )
     return METHODS[cfg.train.method](cfg, channels, img_size)
+
+
+def method_from_checkpoint(ckpt: dict[str, Any], where: str) -> tuple[RunConfig, Method]:
+    """The config and method of a loaded mae-bench run checkpoint, its weights in place.
+
+    Raises:
+        CheckpointError: the checkpoint's weights do not fit the model its config describes.
+    """
+    cfg = RunConfig.from_dict(ckpt["config"])
+    extra = ckpt.get("extra", {})
+    method = build_method(cfg, int(extra["channels"]), int(extra["img_size"]))
+    try:
+        method.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise CheckpointError(f"{where}: weights do not fit its config ({first})") from None
+    return cfg, method
 
 
 @register_method("mae")

@@ -14,7 +14,7 @@ from mae_bench.config import RunConfig
 from mae_bench.data import load_dataset
 from mae_bench.errors import CheckpointError, ConfigError
 from mae_bench.mae import MaskedAutoencoder, masking_noise, validate_mask_ratio
-from mae_bench.methods import MAE, build_method
+from mae_bench.methods import MAE, method_from_checkpoint
 
 
 def load_mae_run(checkpoint: str | Path) -> tuple[RunConfig, MAE]:
@@ -22,13 +22,10 @@ def load_mae_run(checkpoint: str | Path) -> tuple[RunConfig, MAE]:
     ckpt = load_checkpoint(checkpoint)
     if "config" not in ckpt or "format_version" not in ckpt:
         raise CheckpointError(f"{checkpoint} is not a mae-bench run checkpoint")
-    cfg = RunConfig.from_dict(ckpt["config"])
-    if cfg.train.method != "mae":
-        raise ConfigError(f"{checkpoint} holds a '{cfg.train.method}' run; reconstructions "
-                          "need an MAE run")
-    extra = ckpt.get("extra", {})
-    method = build_method(cfg, extra["channels"], extra["img_size"])
-    method.load_state_dict(ckpt["model"])
+    if ckpt["config"].get("train", {}).get("method", "mae") != "mae":
+        raise ConfigError(f"{checkpoint} holds a '{ckpt['config']['train']['method']}' run; "
+                          "reconstructions need an MAE run")
+    cfg, method = method_from_checkpoint(ckpt, str(checkpoint))
     return cfg, method.eval()
 
 
