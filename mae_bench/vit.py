@@ -167,6 +167,10 @@ PRESETS: dict[str, ArchPreset] = {
     "vit_small_patch4": _preset(4, 384, 12, 6, (256, 4, 8), 32),
     "vit_tiny_patch2": _preset(2, 192, 12, 3, (128, 4, 4), 16),
     "vit_small_patch2": _preset(2, 384, 12, 6, (256, 4, 8), 16),
+    # ViT-Mini: a quarter of ViT-Tiny's compute (half the depth, 2/3 the width), for CPU-sized
+    # comparisons (the default `mae-bench compare`, short CIFAR-10 benchmarks).
+    "vit_mini_patch4": _preset(4, 128, 6, 4, (96, 2, 3), 32),
+    "vit_mini_patch2": _preset(2, 128, 6, 4, (96, 2, 3), 16),
     "vit_micro_patch2": _preset(2, 32, 2, 2, (32, 1, 2), 16),
     "vit_micro_patch4": _preset(4, 32, 2, 2, (32, 1, 2), 32),
 }
@@ -254,7 +258,10 @@ class VisionTransformer(nn.Module):
         self.grid_size = img_size // patch_size
         self.num_patches = self.grid_size**2
 
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        # Not strict about the input size: DINO's local crops are smaller than img_size (their
+        # position embedding is interpolated, see ``pos_embed_for``).
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim,
+                                      strict_img_size=False)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         # Fixed sin-cos values, filled in _init_encoder_weights; a Parameter (not a buffer) so
         # that the state-dict keys equal the official ones.
@@ -299,6 +306,18 @@ class VisionTransformer(nn.Module):
             if isinstance(module, Attention):
                 module.fused_attn = enabled
 
+    def pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor:
+        """The patch position embedding [1, gh*gw, D] for a gh x gw patch grid: the fixed one
+        at the native size, else resized bicubically (DINO's rule for multi-crop: a smaller
+        crop spans the same positions at a coarser step)."""
+        pos = self.pos_embed[:, 1:, :]  # [1, L, D]
+        if grid == (self.grid_size, self.grid_size):
+            return pos
+        d = pos.shape[-1]
+        pos = pos.reshape(1, self.grid_size, self.grid_size, d).permute(0, 3, 1, 2)  # [1, D, G, G]
+        pos = torch.nn.functional.interpolate(pos, size=grid, mode="bicubic", align_corners=False)
+        return pos.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], d)  # [1, gh*gw, D]
+
     def forward_features(
         self, x: torch.Tensor, ids_keep: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -312,8 +331,9 @@ class VisionTransformer(nn.Module):
         Returns:
             [N, 1+K, D]: cls token then the kept patch tokens, after ``norm``.
         """
+        grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
         x = self.patch_embed(x)  # [N, L, D]
-        x = x + self.pos_embed[:, 1:, :]  # [N, L, D]
+        x = x + self.pos_embed_for(grid)  # [N, L, D]
         if ids_keep is not None:
             index = ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1])  # [N, K, D]
             x = torch.gather(x, dim=1, index=index)  # [N, K, D]

@@ -269,3 +269,16 @@ def test_build_vit_overrides_and_runs() -> None:
     vit = build_vit("vit_micro_patch2", img_size=8, in_chans=1, num_classes=3, global_pool="avg")
     assert vit.num_patches == 16 and vit.in_chans == 1
     assert vit(torch.randn(2, 1, 8, 8)).shape == (2, 3)
+
+
+def test_smaller_inputs_use_the_resized_position_embedding():
+    vit = build_vit("vit_micro_patch4", img_size=16)
+    assert torch.equal(vit.pos_embed_for((4, 4)), vit.pos_embed[:, 1:])
+    small = vit.pos_embed_for((2, 2))  # [1, 4, D]
+    assert small.shape == (1, 4, vit.embed_dim)
+    # bicubic resizing of the [D, 4, 4] grid, done by hand
+    grid = vit.pos_embed[:, 1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
+    ref = torch.nn.functional.interpolate(grid, size=(2, 2), mode="bicubic", align_corners=False)
+    assert torch.allclose(small, ref.permute(0, 2, 3, 1).reshape(1, 4, -1))
+    out = vit.forward_features(torch.randn(2, 3, 8, 8))
+    assert out.shape == (2, 1 + 4, vit.embed_dim)
