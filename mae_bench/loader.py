@@ -6,7 +6,8 @@ exactly the batches it already saw and continues with the same ones as an uninte
 - In-memory data sets (``ArrayDataset``): a batch is one index-select from the uint8 tensor; the
   crop / flip / normalisation then run batched on the training device (``mae_bench.augment``).
 - Streamed data sets (``StreamingDataset``): a DataLoader with worker processes decodes and crops
-  each image (``augment.sample_transform``); only normalisation runs on the device.
+  each image, once per view (``augment.sample_transform``); the photometric ops and normalisation
+  run on the device (``augment.BatchViews.finish``).
 """
 
 from __future__ import annotations
@@ -45,7 +46,17 @@ class _ListSampler(Sampler[int]):
 
 
 class TrainBatches:
-    """Yields (uint8 images [B, C, H, W], labels [B]) for one epoch from a micro-batch offset.
+    """Yields (images, labels [B]) for one epoch from a micro-batch offset.
+
+    What ``images`` is depends on the data set and on ``views``:
+
+    - in-memory data set: uint8 [B, C, H, W], the stored images (``views`` is not used here: the
+      crops run batched on the device, ``BatchViews(spec)(images)`` per view);
+    - streamed data set, ``views`` one ViewSpec: uint8 [B, C, s, s], cropped in the workers;
+    - streamed data set, ``views`` a list of ViewSpecs: a list with one uint8 [B, C, s_i, s_i]
+      per spec, each cropped independently to its own size (e.g. DINO's smaller local crops);
+      finish view i on the device with ``BatchViews(views[i]).finish``;
+    - streamed data set, ``views`` None: uint8 [B, C, H, W] as decoded (same-size images only).
 
     Args:
         dataset: an in-memory or streamed data set.
@@ -53,14 +64,21 @@ class TrainBatches:
         micro_per_epoch: micro-batches per epoch (the remainder of the data is dropped).
         seed: the run's seed.
         num_workers: DataLoader workers (streamed data sets only).
-        view: the crop spec, applied in the workers for streamed data sets.
+        views: the crop spec(s), applied in the workers for streamed data sets.
         pin_memory: pin host memory (when training on CUDA).
+        rank: this process's rank.
+        world_size: the number of processes.
+        view: the former name of ``views`` (one spec); give one of the two.
     """
 
     def __init__(self, dataset: ArrayDataset | StreamingDataset, batch_size: int,
                  micro_per_epoch: int, seed: int, num_workers: int = 0,
-                 view: ViewSpec | None = None, pin_memory: bool = False,
-                 rank: int = 0, world_size: int = 1):
+                 views: ViewSpec | list[ViewSpec] | None = None, pin_memory: bool = False,
+                 rank: int = 0, world_size: int = 1, *, view: ViewSpec | None = None):
+        if view is not None:
+            if views is not None:
+                raise TypeError("TrainBatches: give views or view, not both")
+            views = view
         self.dataset = dataset
         self.batch_size = batch_size
         self.micro_per_epoch = micro_per_epoch
@@ -69,11 +87,13 @@ class TrainBatches:
         self.pin_memory = pin_memory
         self.rank = rank
         self.world_size = world_size
+        self.views = views
         self.streaming = isinstance(dataset, StreamingDataset)
-        if self.streaming and view is not None:
-            dataset.set_transform(sample_transform(view))
+        if self.streaming and views is not None:
+            dataset.set_transform(sample_transform(views))
 
-    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+    def epoch(self, epoch: int,
+              start: int = 0) -> Iterator[tuple[Tensor | list[Tensor], Tensor]]:
         order = epoch_order(len(self.dataset), self.seed, epoch, self.rank, self.world_size)
         order = order[start * self.batch_size:self.micro_per_epoch * self.batch_size]
         if not self.streaming:
@@ -87,5 +107,5 @@ class TrainBatches:
             generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch),
             persistent_workers=False,
         )
-        for images, labels in loader:
+        for images, labels in loader:  # images: a tensor, or a list of them (several views)
             yield images, torch.as_tensor(labels)

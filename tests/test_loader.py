@@ -1,0 +1,115 @@
+"""Training batches: the sample order is a pure function of (seed, epoch), and streamed data sets
+give one uint8 batch per view, each cropped to its view's size."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mae_bench.augment import ViewSpec, sample_transform
+from mae_bench.data import ArrayDataset, StreamingDataset, get_dataset_info, load_dataset
+from mae_bench.loader import TrainBatches, epoch_order
+
+GLOBAL, LOCAL = ViewSpec(8), ViewSpec(4, scale=(0.05, 0.4))
+
+
+@pytest.fixture(autouse=True)
+def _no_user_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keeps every test away from the real ~/.cache and $MAE_BENCH_* folders."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MAE_BENCH_DATA", raising=False)
+    monkeypatch.setenv("MAE_BENCH_CACHE", str(tmp_path / "cache"))
+
+
+def _streamed(root: Path, n: int = 12) -> tuple[StreamingDataset, list[int]]:
+    """An image folder of ``n`` PNGs of mixed sizes, streamed. Channel 0 of image i is the
+    constant 20 i + 3, so any crop of it names its image; channels 1-2 are noise, so crops differ.
+
+    Returns:
+        The data set and, per index, its image's channel-0 value.
+    """
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        array = rng.integers(0, 256, (10 + i % 3, 12, 3), np.uint8)
+        array[..., 0] = 20 * i + 3
+        path = root / "train" / f"c{i % 2}" / f"{i:02d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(array).save(path)
+    ds = load_dataset("imagefolder", "train", root, max_in_memory_bytes=100)
+    assert isinstance(ds, StreamingDataset)
+    return ds, [int(ds[j][0][0, 0, 0]) for j in range(len(ds))]
+
+
+def _epoch(batches: TrainBatches, epoch: int, start: int = 0) -> list:
+    return list(batches.epoch(epoch, start))
+
+
+def test_streamed_views_give_one_batch_per_view_in_the_seeded_order(tmp_path: Path) -> None:
+    ds, value = _streamed(tmp_path)
+    batches = TrainBatches(ds, 4, 3, seed=5, num_workers=2, views=[GLOBAL, GLOBAL, LOCAL])
+    first = _epoch(batches, 0)
+    order = epoch_order(len(ds), 5, 0)
+    assert len(first) == 3
+    for b, (views, labels) in enumerate(first):
+        assert isinstance(views, list) and len(views) == 3
+        assert [tuple(v.shape) for v in views] == [(4, 3, 8, 8), (4, 3, 8, 8), (4, 3, 4, 4)]
+        assert all(v.dtype == torch.uint8 for v in views)
+        idx = order[4 * b:4 * b + 4]
+        assert torch.equal(labels, ds.labels[idx])
+        want = torch.tensor([value[i] for i in idx.tolist()], dtype=torch.uint8)  # [4]
+        for v in views:  # every view of a sample is a crop of that sample
+            assert torch.equal(v[:, 0], want.view(4, 1, 1).expand(4, *v.shape[2:]))
+        assert not torch.equal(views[0], views[1])  # two independent crops of each image
+    # with workers, even the crops are a function of (seed, epoch): worker seeds come from it
+    again = _epoch(batches, 0)
+    for (a, la), (b, lb) in zip(first, again, strict=True):
+        assert torch.equal(la, lb) and all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
+    other = _epoch(TrainBatches(ds, 4, 3, seed=5, views=[GLOBAL, LOCAL]), 1)  # no workers
+    assert [b[1].tolist() for b in other] != [b[1].tolist() for b in first]
+
+
+def test_resuming_mid_epoch_continues_with_the_same_samples(tmp_path: Path) -> None:
+    ds, value = _streamed(tmp_path)
+    batches = TrainBatches(ds, 4, 3, seed=1, views=[GLOBAL, LOCAL])
+
+    def names(run: list) -> list[list[int]]:
+        return [views[1][:, 0, 0, 0].tolist() for views, _ in run]
+
+    whole = _epoch(batches, 2)
+    assert names(_epoch(batches, 2, start=1)) == names(whole)[1:]
+    assert sorted(sum(names(whole), [])) == sorted(value)  # 12 images, 3 batches of 4: each once
+
+
+def test_one_spec_gives_one_tensor_and_view_still_works(tmp_path: Path) -> None:
+    ds, _ = _streamed(tmp_path, n=8)
+    # one at a time: TrainBatches sets the (shared) data set's transform
+    for spec, batches in ((GLOBAL, lambda: TrainBatches(ds, 4, 2, seed=0, views=GLOBAL)),
+                          (LOCAL, lambda: TrainBatches(ds, 4, 2, seed=0, view=LOCAL))):
+        images, labels = next(batches().epoch(0))
+        assert isinstance(images, torch.Tensor) and images.dtype == torch.uint8
+        assert images.shape == (4, 3, spec.img_size, spec.img_size)
+    with pytest.raises(TypeError, match="give views or view, not both"):
+        TrainBatches(ds, 4, 2, seed=0, views=GLOBAL, view=GLOBAL)
+
+
+def test_in_memory_batches_are_the_stored_images_whatever_the_views() -> None:
+    images = torch.randint(0, 256, (40, 1, 8, 8), dtype=torch.uint8)
+    ds = ArrayDataset(images, torch.arange(40) % 3, ["a", "b", "c"], get_dataset_info("digits"))
+    batches = TrainBatches(ds, 16, 2, seed=3, views=[GLOBAL, LOCAL])
+    order = epoch_order(len(ds), 3, 0)
+    for b, (images, labels) in enumerate(batches.epoch(0)):
+        idx = order[16 * b:16 * b + 16]
+        assert torch.equal(images, ds.images[idx]) and torch.equal(labels, ds.labels[idx])
+
+
+def test_multi_view_transform_survives_pickling() -> None:
+    """Spawn-based DataLoader workers receive the transform pickled."""
+    transform = pickle.loads(pickle.dumps(sample_transform([GLOBAL, LOCAL])))
+    crops = transform(torch.randint(0, 256, (3, 10, 12), dtype=torch.uint8))
+    assert isinstance(crops, tuple)
+    assert [tuple(c.shape) for c in crops] == [(3, 8, 8), (3, 4, 4)]
