@@ -56,13 +56,13 @@ class TrainConfig:
     """Optimisation: AdamW(0.9, 0.95), lr = blr x effective batch / 256, warmup then cosine."""
 
     method: str = "mae"
-    epochs: int = 20
+    epochs: float = 20  # may be fractional (compare's time budgets); schedules follow it
     batch_size: int = 128  # per process and per micro-batch
     accum_iter: int = 1  # micro-batches per optimizer step
-    blr: float = 1.5e-4
+    blr: float | None = None  # None: the method's (MAE 1.5e-4; see each baseline's docstring)
     lr: float | None = None  # absolute learning rate; overrides blr when set
     min_lr: float = 0.0
-    weight_decay: float = 0.05
+    weight_decay: float | None = None  # None: the method's (MAE 0.05)
     warmup_epochs: float | None = None  # None: 5 % of the epochs (MAE: 40 of 800)
     seed: int = 0
     precision: str = "auto"  # auto | bf16 | fp16 | fp32
@@ -74,6 +74,28 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class SSLConfig:
+    """Knobs of the contrastive / self-distillation baselines. None means the method's own
+    default (written into the run's config.yaml once resolved); methods ignore knobs they do
+    not have."""
+
+    temperature: float | None = None  # SimCLR / MoCo v3 softmax temperature
+    proj_hidden_dim: int | None = None  # hidden width of projector / predictor MLPs
+    proj_dim: int | None = None  # output width of the projector (DINO: bottleneck)
+    momentum: float | None = None  # EMA teacher momentum at step 0 (cosine to 1)
+    out_dim: int | None = None  # DINO: prototypes K (65,536 in the paper)
+    teacher_temp: float | None = None  # DINO: final teacher temperature
+    warmup_teacher_temp: float | None = None  # DINO: teacher temperature at step 0
+    teacher_temp_warmup_epochs: float | None = None  # DINO: linear warm-up length
+    student_temp: float | None = None  # DINO
+    center_momentum: float | None = None  # DINO
+    freeze_last_layer_epochs: float | None = None  # DINO: no update of the last layer before
+    local_crops: int | None = None  # DINO multi-crop: small crops per image (0 = off)
+    local_crop_size: int | None = None  # DINO multi-crop: their side in pixels
+    freeze_patch_embed: bool | None = None  # MoCo v3: random (frozen) patch projection
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything that defines a pretraining run."""
 
@@ -81,6 +103,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     mae: MAEConfig = field(default_factory=MAEConfig)
+    ssl: SSLConfig = field(default_factory=SSLConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -132,7 +155,8 @@ class RunConfig:
         return RunConfig(**parts)
 
 
-_SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "mae": MAEConfig}
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "mae": MAEConfig,
+             "ssl": SSLConfig}
 
 
 def _reject_unknown(raw: dict[str, Any], cls: type, where: str) -> None:
@@ -155,13 +179,14 @@ def validate(cfg: RunConfig) -> None:
     run is built, see ``mae_bench.methods.build_method``). Raises ConfigError."""
     t = cfg.train
     checks = [
-        (t.epochs >= 1, f"--epochs must be >= 1, got {t.epochs}"),
+        (t.epochs > 0, f"--epochs must be > 0, got {t.epochs}"),
         (t.batch_size >= 1, f"--batch-size must be >= 1, got {t.batch_size}"),
         (t.accum_iter >= 1, f"--accum-iter must be >= 1, got {t.accum_iter}"),
-        (t.blr > 0, f"--blr must be > 0, got {t.blr}"),
+        (t.blr is None or t.blr > 0, f"--blr must be > 0, got {t.blr}"),
         (t.lr is None or t.lr > 0, f"--lr must be > 0, got {t.lr}"),
         (t.min_lr >= 0, f"--min-lr must be >= 0, got {t.min_lr}"),
-        (t.weight_decay >= 0, f"--weight-decay must be >= 0, got {t.weight_decay}"),
+        (t.weight_decay is None or t.weight_decay >= 0,
+         f"--weight-decay must be >= 0, got {t.weight_decay}"),
         (t.warmup_epochs is None or 0 <= t.warmup_epochs < t.epochs,
          f"--warmup-epochs must be in [0, epochs={t.epochs}), got {t.warmup_epochs}"),
         (t.precision in PRECISIONS,
@@ -176,6 +201,20 @@ def validate(cfg: RunConfig) -> None:
         (cfg.model.img_size is None or cfg.model.img_size > 0,
          f"--img-size must be > 0, got {cfg.model.img_size}"),
     ]
+    s = cfg.ssl
+    positive = ("temperature", "proj_hidden_dim", "proj_dim", "out_dim", "teacher_temp",
+                "warmup_teacher_temp", "student_temp", "local_crop_size")
+    for name in positive:
+        value = getattr(s, name)
+        checks.append((value is None or value > 0,
+                       f"ssl.{name} must be > 0, got {value}"))
+    for name in ("momentum", "center_momentum"):
+        value = getattr(s, name)
+        checks.append((value is None or 0 <= value < 1,
+                       f"ssl.{name} must be in [0, 1), got {value}"))
+    for name in ("teacher_temp_warmup_epochs", "freeze_last_layer_epochs", "local_crops"):
+        value = getattr(s, name)
+        checks.append((value is None or value >= 0, f"ssl.{name} must be >= 0, got {value}"))
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)

@@ -56,7 +56,7 @@ from mae_bench.config import RunConfig, validate, warmup_epochs
 from mae_bench.data import load_dataset
 from mae_bench.errors import CheckpointError, ConfigError, TrainingError
 from mae_bench.loader import TrainBatches
-from mae_bench.methods import Batch, Method, build_method
+from mae_bench.methods import Batch, Method, build_method, resolve_config
 
 METRICS = "metrics.jsonl"
 
@@ -207,6 +207,7 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, *, resume: bool = True,
     """
     console = console or Console(stderr=True)
     validate(cfg)
+    cfg = resolve_config(cfg)  # the method's lr / weight decay / knobs, recorded in config.yaml
     run_dir = Path(run_dir)
     t_cfg = cfg.train
     device = resolve_device(t_cfg.device)
@@ -233,7 +234,7 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, *, resume: bool = True,
             f"{world_size} processes); lower --batch-size"
         )
     steps_per_epoch = micro_per_epoch // t_cfg.accum_iter
-    total_steps = steps_per_epoch * t_cfg.epochs
+    total_steps = max(1, round(steps_per_epoch * t_cfg.epochs))  # epochs may be fractional
     eff_batch = t_cfg.batch_size * t_cfg.accum_iter * world_size
     peak_lr = t_cfg.lr if t_cfg.lr is not None else t_cfg.blr * eff_batch / 256
 
@@ -262,7 +263,7 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, *, resume: bool = True,
         _truncate_metrics(run_dir / METRICS, step)
 
     batches = TrainBatches(dataset, t_cfg.batch_size, micro_per_epoch, t_cfg.seed,
-                           cfg.data.num_workers, method.view_specs()[0],
+                           cfg.data.num_workers, method.view_specs(),
                            pin_memory=device.type == "cuda", rank=rank, world_size=world_size)
     logger = _MetricLogger(run_dir, is_main, console)
     logger.last_loss = _last_logged_loss(run_dir / METRICS) if ckpt is not None else None
@@ -293,24 +294,28 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, *, resume: bool = True,
             for images, labels in batches.epoch(epoch, micro % micro_per_epoch):
                 gen.manual_seed(t_cfg.seed * 1_000_003 + micro * 7919 + rank)
                 micro += 1
-                images = images.to(device, non_blocking=True)
-                if batches.streaming:
-                    batch_views = [views[0].normalize(images.float())]
+                if batches.streaming:  # cropped in the workers: one uint8 batch per view
+                    parts = images if isinstance(images, (list, tuple)) else [images]
+                    batch_views = [v.finish(x.to(device, non_blocking=True), gen)
+                                   for v, x in zip(views, parts, strict=True)]
                 else:
+                    images = images.to(device, non_blocking=True)
                     batch_views = [v(images, gen) for v in views]
                 boundary = micro % t_cfg.accum_iter == 0
                 sync = nullcontext() if boundary or world_size == 1 else train_module.no_sync()
                 with sync, autocast(device, precision):
-                    out = train_module(Batch(batch_views, labels.to(device), gen))
+                    out = train_module(Batch(batch_views, labels.to(device), gen, step,
+                                             total_steps))
                 loss = out["loss"] / t_cfg.accum_iter
                 (scaler.scale(loss) if scaler is not None else loss).backward()
-                logger.add_micro(out, images.shape[0] * world_size)
+                logger.add_micro(out, labels.shape[0] * world_size)
                 if not boundary:
                     continue
                 lr = lr_at(step, steps_per_epoch, t_cfg.epochs, warmup_epochs(t_cfg),
                            peak_lr, t_cfg.min_lr)
                 for group in optimizer.param_groups:
                     group["lr"] = lr * group.get("lr_scale", 1.0)
+                method.before_optimizer_step(step, total_steps)
                 if scaler is not None:
                     scaler.unscale_(optimizer)
                 if t_cfg.clip_grad is not None:

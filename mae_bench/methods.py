@@ -4,7 +4,10 @@ A Method is an ``nn.Module`` that the one training loop (``mae_bench.engine``) d
 
 - ``view_specs()``: the train-time views it needs (MAE: one random resized crop + flip).
 - ``forward(batch) -> {"loss": ..., other scalars}``.
-- ``on_step_end(step, total_steps)``: momentum / EMA / temperature schedules.
+- ``on_step_end(step, total_steps)``: momentum / EMA updates after each optimizer step.
+- ``before_optimizer_step(step, total_steps)``: gradient surgery (DINO freezes its last layer).
+- ``defaults``: the method's own learning rate, weight decay and ``ssl`` knobs, filled into a
+  config wherever it leaves them None (``resolve_config``), so every run folder records them.
 - ``encoder``: the ViT that the evaluation protocols use.
 - ``no_weight_decay()``: parameter names that get no weight decay.
 """
@@ -35,17 +38,22 @@ class Batch:
         labels: [N] int64 (-1 where unknown); methods must not use them for pretraining.
         generator: the step's random generator (masking noise etc.), seeded from the global
             step so that a resumed run replays exactly.
+        step, total_steps: where the run is, for schedules applied inside ``forward`` (DINO's
+            teacher temperature).
     """
 
     views: list[Tensor]
     labels: Tensor
     generator: torch.Generator
+    step: int = 0  # optimizer steps done before this batch (schedules inside forward)
+    total_steps: int = 1
 
 
 class Method(nn.Module, abc.ABC):
     """Base class: see the module docstring for the contract."""
 
     name: str = ""
+    defaults: dict[str, dict[str, Any]] = {}
 
     @abc.abstractmethod
     def view_specs(self) -> list[ViewSpec]:
@@ -53,6 +61,10 @@ class Method(nn.Module, abc.ABC):
 
     def on_step_end(self, step: int, total_steps: int) -> None:
         """Called after every optimizer step (step counts from 1)."""
+
+    def before_optimizer_step(self, step: int, total_steps: int) -> None:
+        """Called after the gradients of optimizer step ``step`` (0-based) are complete, before
+        clipping and the update."""
 
     @property
     @abc.abstractmethod
@@ -79,6 +91,30 @@ def register_method(name: str):
     return wrap
 
 
+def method_class(name: str) -> type[Method]:
+    """The registered class of a method name.
+
+    Raises:
+        ConfigError: unknown name (the message lists the valid ones).
+    """
+    if name not in METHODS:
+        raise ConfigError(f"unknown method '{name}'; valid methods: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+def resolve_config(cfg: RunConfig) -> RunConfig:
+    """Fill the knobs a config leaves None with its method's defaults (a no-op on a resolved
+    config).
+
+    Raises:
+        ConfigError: unknown method.
+    """
+    defaults = method_class(cfg.train.method).defaults
+    fill = {section: {k: v for k, v in values.items() if getattr(getattr(cfg, section), k) is None}
+            for section, values in defaults.items()}
+    return cfg.replace(**fill)
+
+
 def build_method(cfg: RunConfig, channels: int, img_size: int) -> Method:
     """Build the configured method for images of ``channels`` x ``img_size``^2.
 
@@ -86,17 +122,15 @@ def build_method(cfg: RunConfig, channels: int, img_size: int) -> Method:
         ConfigError: unknown method, image size not divisible by the patch size, or a mask
             ratio that leaves no visible or no masked patch.
     """
-    if cfg.train.method not in METHODS:
-        raise ConfigError(
-            f"unknown method '{cfg.train.method}'; valid methods: {', '.join(sorted(METHODS))}"
-        )
+    cls = method_class(cfg.train.method)
+    cfg = resolve_config(cfg)
     preset = get_preset(cfg.model.arch)
     if img_size % preset.patch_size:
         raise ConfigError(
             f"image size {img_size} is not divisible by the patch size {preset.patch_size} of "
             f"{cfg.model.arch}; pick --img-size as a multiple of {preset.patch_size}"
         )
-    return METHODS[cfg.train.method](cfg, channels, img_size)
+    return cls(cfg, channels, img_size)
 
 
 def method_from_checkpoint(ckpt: dict[str, Any], where: str) -> tuple[RunConfig, Method]:
@@ -118,7 +152,11 @@ def method_from_checkpoint(ckpt: dict[str, Any], where: str) -> tuple[RunConfig,
 
 @register_method("mae")
 class MAE(Method):
-    """Masked Autoencoder (He et al. 2021): the encoder sees only the visible patches."""
+    """Masked Autoencoder (He et al. 2021): the encoder sees only the visible patches.
+
+    AdamW with blr 1.5e-4 and weight decay 0.05 (the paper's Table 8)."""
+
+    defaults = {"train": {"blr": 1.5e-4, "weight_decay": 0.05}}
 
     def __init__(self, cfg: RunConfig, channels: int, img_size: int):
         super().__init__()
@@ -157,3 +195,8 @@ class MAE(Method):
                               generator=batch.generator, device=imgs.device)  # [N, L]
         loss, _, _ = self.mae(imgs, mask_ratio=self.mask_ratio, noise=noise)
         return {"loss": loss}
+
+
+# The baselines register themselves on import; importing them here makes the registry complete
+# wherever methods are looked up (they import this module, which is fully defined by now).
+import baselines  # noqa: E402, F401

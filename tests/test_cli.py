@@ -15,7 +15,8 @@ TINY = ["--arch", "vit_micro_patch2", "--img-size", "8", "--batch-size", "64", "
 @pytest.mark.parametrize("args, message", [
     (["--dataset", "imagenet-1m"], "unknown dataset 'imagenet-1m'"),
     (["--arch", "vit_gigantic"], "vit_gigantic"),
-    (["--method", "supervised"], "unknown method 'supervised'; valid methods: mae"),
+    (["--method", "supervised"],
+     "unknown method 'supervised'; valid methods: byol, dino, mae, mocov3, simclr"),
     (["--mask-ratio", "0.99"], "mask_ratio=0.99"),
     (["--mask-ratio", "1.5"], "--mask-ratio must be strictly between 0 and 1, got 1.5"),
     (["--img-size", "9"], "image size 9 is not divisible by the patch size 2"),
@@ -23,7 +24,7 @@ TINY = ["--arch", "vit_micro_patch2", "--img-size", "8", "--batch-size", "64", "
     (["--mask-strategy", "grid", "--mask-ratio", "0.6"], "0.6"),
     (["--precision", "fp16", "--device", "cpu"], "fp16 needs a CUDA device"),
     (["--precision", "int4"], "unknown precision 'int4'"),
-    (["--epochs", "0"], "--epochs must be >= 1, got 0"),
+    (["--epochs", "0"], "--epochs must be > 0, got 0"),
 ])
 def test_pretrain_usage_errors(monkeypatch, capsys, tmp_path, args, message):
     out_dir = tmp_path / "run"

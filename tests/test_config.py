@@ -44,7 +44,7 @@ def test_missing_yaml(tmp_path):
 
 
 @pytest.mark.parametrize("section, values, match", [
-    ("train", {"epochs": 0}, "--epochs must be >= 1, got 0"),
+    ("train", {"epochs": 0}, "--epochs must be > 0, got 0"),
     ("train", {"batch_size": 0}, "--batch-size"),
     ("train", {"precision": "fp8"}, "unknown precision 'fp8'"),
     ("train", {"device": "tpu"}, "unknown device 'tpu'"),

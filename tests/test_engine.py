@@ -78,8 +78,9 @@ def test_run_folder_contents(tmp_path):
     res = pretrain(TINY.replace(train={"epochs": 1}), tmp_path / "r", progress=False)
     files = {p.name for p in (tmp_path / "r").iterdir()}
     assert {"config.yaml", "run.json", "metrics.jsonl", "checkpoint.pt", "summary.json"} <= files
+    # the method's defaults are resolved and recorded (MAE: blr 1.5e-4, weight decay 0.05)
     assert RunConfig.from_yaml(tmp_path / "r" / "config.yaml") == TINY.replace(
-        train={"epochs": 1})
+        train={"epochs": 1, "blr": 1.5e-4, "weight_decay": 0.05})
     run = json.loads((tmp_path / "r" / "run.json").read_text())
     assert run["effective_batch"] == 64
     assert math.isclose(run["peak_lr"], 1.5e-4 * 64 / 256)
@@ -89,7 +90,8 @@ def test_run_folder_contents(tmp_path):
     assert res.final_loss == rows[-1]["loss"]
     ckpt = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
     assert ckpt["format_version"] == 1 and ckpt["method"] == "mae"
-    assert RunConfig.from_dict(ckpt["config"]) == TINY.replace(train={"epochs": 1})
+    assert RunConfig.from_dict(ckpt["config"]) == TINY.replace(
+        train={"epochs": 1, "blr": 1.5e-4, "weight_decay": 0.05})
 
 
 def test_accumulation_counts_optimizer_steps(tmp_path):
