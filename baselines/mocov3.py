@@ -1,0 +1,75 @@
+"""MoCo v3 (Chen, Xie, He 2021, arXiv 2104.02057) on the shared ViT.
+
+A query encoder (ViT + 3-layer projector + 2-layer predictor, BatchNorm on every layer, the
+outputs too) and a momentum key encoder (an EMA of ViT + projector, no predictor). Each view's
+query is matched against the keys of the other view: ctr(q1, k2) + ctr(q2, k1), an InfoNCE over
+the keys of the batch (all processes under torchrun), scaled by 2 tau (Algorithm 1).
+
+Numbers taken from the paper's ViT recipe: temperature 0.2, momentum 0.99 rising to 1 along a
+half cosine, AdamW with blr 1.5e-4 and weight decay 0.1, BYOL's augmentations, and the random
+(frozen) patch projection of Sec. 4.1 that the paper uses to stabilise ViT training
+(``ssl.freeze_patch_embed``). The paper's heads are 4,096 wide with 256-d outputs; here the
+hidden width defaults to 2,048 (these heads run on small CPUs too; ``ssl.proj_hidden_dim``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from baselines.ema import cosine_momentum, ema_update, frozen_copy
+from baselines.heads import cls_features, mlp
+from baselines.losses import mocov3_loss
+from baselines.views import byol_views
+from mae_bench.augment import ViewSpec
+from mae_bench.config import RunConfig
+from mae_bench.methods import Batch, Method, register_method
+from mae_bench.vit import VisionTransformer, build_vit
+
+
+@register_method("mocov3")
+class MoCoV3(Method):
+    """MoCo v3: query encoder + predictor, momentum key encoder, symmetric InfoNCE."""
+
+    defaults = {"train": {"blr": 1.5e-4, "weight_decay": 0.1},
+                "ssl": {"temperature": 0.2, "proj_hidden_dim": 2048, "proj_dim": 256,
+                        "momentum": 0.99, "freeze_patch_embed": True}}
+
+    def __init__(self, cfg: RunConfig, channels: int, img_size: int):
+        super().__init__()
+        s = cfg.ssl
+        self.img_size = img_size
+        self.temperature = s.temperature
+        self.base_momentum = s.momentum
+        self.backbone = build_vit(cfg.model.arch, img_size, channels)
+        if s.freeze_patch_embed:
+            self.backbone.patch_embed.requires_grad_(False)
+        dim = self.backbone.embed_dim
+        self.projector = mlp(dim, s.proj_hidden_dim, s.proj_dim, num_layers=3, last_bn=True)
+        self.predictor = mlp(s.proj_dim, s.proj_hidden_dim, s.proj_dim, num_layers=2,
+                             last_bn=True)
+        self.momentum_backbone = frozen_copy(self.backbone)
+        self.momentum_projector = frozen_copy(self.projector)
+
+    def view_specs(self) -> list[ViewSpec]:
+        return byol_views(self.img_size)
+
+    @property
+    def encoder(self) -> VisionTransformer:
+        return self.backbone
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
+
+    def forward(self, batch: Batch) -> dict[str, Tensor]:
+        h1, h2 = cls_features(self.backbone, batch.views)  # [N, D] each
+        q1, q2 = self.predictor(self.projector(h1)), self.predictor(self.projector(h2))  # [N, P]
+        with torch.no_grad():
+            g1, g2 = cls_features(self.momentum_backbone, batch.views)  # [N, D] each
+            k1, k2 = self.momentum_projector(g1), self.momentum_projector(g2)  # [N, P] each
+        return {"loss": mocov3_loss(q1, q2, k1, k2, self.temperature)}
+
+    def on_step_end(self, step: int, total_steps: int) -> None:
+        m = cosine_momentum(step, total_steps, self.base_momentum)
+        ema_update(self.momentum_backbone, self.backbone, m)
+        ema_update(self.momentum_projector, self.projector, m)

@@ -1,0 +1,56 @@
+"""SimCLR (Chen, Kornblith, Norouzi, Hinton 2020, arXiv 2002.05709) on the shared ViT.
+
+Two strongly augmented views of each image (``views.simclr_views``) go through the encoder; the
+normed cls token goes through a 2-layer MLP projector (SimCLR v1: hidden width, ReLU, 128-d
+output); NT-Xent pulls the two views of an image together against every other sample of the
+batch (of all processes under torchrun).
+
+Numbers taken: projection to 128-d (paper Sec. 4.2), temperature 0.5 (its best on CIFAR-10,
+App. B.9). The paper optimises a ResNet with LARS; for the ViT we use the engine's AdamW with
+MoCo v3's ViT recipe (blr 1.5e-4, weight decay 0.1, Chen, Xie, He 2021), as MoCo v3 did for its
+SimCLR ViT baseline. Hidden width 2,048 (the paper's equals the ResNet width).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from baselines.heads import cls_features, mlp
+from baselines.losses import nt_xent
+from baselines.views import simclr_views
+from mae_bench.augment import ViewSpec
+from mae_bench.config import RunConfig
+from mae_bench.methods import Batch, Method, register_method
+from mae_bench.vit import VisionTransformer, build_vit
+
+
+@register_method("simclr")
+class SimCLR(Method):
+    """SimCLR: encoder + projector, NT-Xent over two views."""
+
+    defaults = {"train": {"blr": 1.5e-4, "weight_decay": 0.1},
+                "ssl": {"temperature": 0.5, "proj_hidden_dim": 2048, "proj_dim": 128}}
+
+    def __init__(self, cfg: RunConfig, channels: int, img_size: int):
+        super().__init__()
+        s = cfg.ssl
+        self.img_size = img_size
+        self.temperature = s.temperature
+        self.backbone = build_vit(cfg.model.arch, img_size, channels)
+        self.projector = mlp(self.backbone.embed_dim, s.proj_hidden_dim, s.proj_dim, num_layers=2)
+
+    def view_specs(self) -> list[ViewSpec]:
+        return simclr_views(self.img_size)
+
+    @property
+    def encoder(self) -> VisionTransformer:
+        return self.backbone
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
+
+    def forward(self, batch: Batch) -> dict[str, Tensor]:
+        h1, h2 = cls_features(self.backbone, batch.views)  # [N, D] each
+        # The projector's BatchNorm sees each view on its own, as in two forward passes.
+        z1, z2 = self.projector(h1), self.projector(h2)  # [N, P] each
+        return {"loss": nt_xent(z1, z2, self.temperature)}

@@ -1,0 +1,278 @@
+"""Baseline losses (SimCLR NT-Xent, MoCo v3 InfoNCE, BYOL regression, DINO self-distillation):
+values and gradients against per-sample loop references written from the papers, invariances,
+closed-form cases, and the DINO center update."""
+
+import math
+
+import pytest
+import torch
+
+from baselines.losses import DINOLoss, byol_loss, infonce, mocov3_loss, nt_xent
+
+TEMPERATURES = [0.05, 0.2, 0.5, 1.0]
+
+
+def _rand(seed: int, *shape: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.dot(a, b) / (torch.linalg.vector_norm(a) * torch.linalg.vector_norm(b))
+
+
+def _log_softmax(v: torch.Tensor) -> torch.Tensor:
+    shifted = v - v.max()
+    return shifted - torch.log(torch.exp(shifted).sum())
+
+
+# ---------------------------------------------------------------- loop references (float64)
+
+
+def _ref_nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SimCLR eq. 1: 2N anchors, positive = the other view, denominator over all k != i."""
+    n = z1.shape[0]
+    z = [z1[i] for i in range(n)] + [z2[i] for i in range(n)]
+    total = z1.new_zeros(())
+    for a in range(2 * n):
+        pos = (a + n) % (2 * n)
+        denom = z1.new_zeros(())
+        for j in range(2 * n):
+            if j != a:
+                denom = denom + torch.exp(_cos(z[a], z[j]) / temperature)
+        total = total - torch.log(torch.exp(_cos(z[a], z[pos]) / temperature) / denom)
+    return total / (2 * n)
+
+
+def _ref_infonce(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.Tensor:
+    """MoCo v3 Algorithm 1 ctr(q, k): keys of the other samples are the negatives, times 2*tau."""
+    n = q.shape[0]
+    total = q.new_zeros(())
+    for i in range(n):
+        logits = torch.stack([_cos(q[i], k[j]) / temperature for j in range(n)])
+        total = total - _log_softmax(logits)[i]
+    return total / n * 2 * temperature
+
+
+def _ref_byol(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    n = p.shape[0]
+    return sum(2 - 2 * _cos(p[i], z[i]) for i in range(n)) / n
+
+
+def _ref_dino(student, teacher, center, student_temp, teacher_temp):
+    """DINO eq. 2 over all (teacher global crop i, student crop j != i) pairs, averaged."""
+    pairs = []
+    for i, t in enumerate(teacher):
+        for j, s in enumerate(student):
+            if j == i:
+                continue
+            per_sample = []
+            for n in range(t.shape[0]):
+                p_t = torch.exp(_log_softmax((t[n] - center[0]) / teacher_temp))
+                per_sample.append(-(p_t * _log_softmax(s[n] / student_temp)).sum())
+            pairs.append(sum(per_sample) / len(per_sample))
+    return sum(pairs) / len(pairs), len(pairs)
+
+
+def _ref_center(teacher, center, momentum):
+    rows = [row for t in teacher for row in t]
+    batch_mean = sum(rows) / len(rows)  # [K]
+    return momentum * center + (1 - momentum) * batch_mean[None]
+
+
+def _close(actual, expected, rtol=1e-6, atol=1e-7):
+    torch.testing.assert_close(
+        torch.as_tensor(actual, dtype=torch.float64),
+        torch.as_tensor(expected, dtype=torch.float64),
+        rtol=rtol,
+        atol=atol,
+    )
+
+
+# ---------------------------------------------------------------- NT-Xent
+
+
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+@pytest.mark.parametrize("n,d", [(3, 4), (5, 8), (6, 6)])
+def test_nt_xent_matches_loop_reference(n, d, temperature):
+    z1, z2 = _rand(n * d, n, d), _rand(n * d + 1, n, d)
+    loss = nt_xent(z1, z2, temperature)
+    assert loss.shape == ()
+    _close(loss, _ref_nt_xent(z1, z2, temperature))
+
+
+def test_nt_xent_gradient_matches_reference():
+    z1, z2 = _rand(0, 4, 5).requires_grad_(), _rand(1, 4, 5).requires_grad_()
+    nt_xent(z1, z2, 0.3).backward()
+    r1, r2 = z1.detach().clone().requires_grad_(), z2.detach().clone().requires_grad_()
+    _ref_nt_xent(r1, r2, 0.3).backward()
+    _close(z1.grad, r1.grad)
+    _close(z2.grad, r2.grad)
+
+
+def test_nt_xent_view_swap_scale_and_permutation_invariant():
+    z1, z2 = _rand(2, 5, 6), _rand(3, 5, 6)
+    loss = nt_xent(z1, z2, 0.2)
+    _close(nt_xent(z2, z1, 0.2), loss)
+    # each row rescaled by its own positive factor: the loss normalises
+    scale1 = torch.tensor([0.1, 2.0, 7.5, 0.3, 1.0], dtype=torch.float64)[:, None]
+    scale2 = torch.tensor([3.0, 0.05, 1.0, 12.0, 0.7], dtype=torch.float64)[:, None]
+    _close(nt_xent(z1 * scale1, z2 * scale2, 0.2), loss)
+    # images are unordered: the same permutation of both views changes nothing
+    perm = torch.tensor([3, 0, 4, 1, 2])
+    _close(nt_xent(z1[perm], z2[perm], 0.2), loss)
+    # but pairing view 1 of image i with view 2 of another image does
+    assert abs(nt_xent(z1, z2[perm], 0.2).item() - loss.item()) > 1e-3
+
+
+@pytest.mark.parametrize("temperature", [0.1, 0.5, 1.0])
+def test_nt_xent_closed_forms(temperature):
+    n = 4
+    eye = torch.eye(n, 6, dtype=torch.float64)  # orthogonal one-hot embeddings
+    # positives identical (cos 1), all 2N-2 negatives orthogonal (cos 0)
+    expected = math.log(1 + (2 * n - 2) * math.exp(-1 / temperature))
+    _close(nt_xent(eye, 2.5 * eye, temperature), expected)
+    # positives opposite (cos -1), negatives orthogonal
+    expected = math.log(1 + (2 * n - 2) * math.exp(1 / temperature))
+    _close(nt_xent(eye, -eye, temperature), expected)
+    # every sample the same direction: all 2N-1 candidates tie
+    same = torch.ones(n, 6, dtype=torch.float64)
+    _close(nt_xent(same, 3 * same, temperature), math.log(2 * n - 1))
+
+
+# ---------------------------------------------------------------- MoCo v3 InfoNCE
+
+
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+@pytest.mark.parametrize("n,d", [(3, 4), (6, 8)])
+def test_infonce_matches_loop_reference(n, d, temperature):
+    q, k = _rand(10 + n, n, d), _rand(20 + n, n, d)
+    loss = infonce(q, k, temperature)
+    assert loss.shape == ()
+    _close(loss, _ref_infonce(q, k, temperature))
+
+
+@pytest.mark.parametrize("temperature", [0.2, 1.0])
+def test_infonce_closed_form(temperature):
+    n = 5
+    eye = torch.eye(n, 7, dtype=torch.float64)
+    # cos 1 with the own key, 0 with the N-1 others; times 2*tau (MoCo v3 Algorithm 1)
+    expected = 2 * temperature * math.log(1 + (n - 1) * math.exp(-1 / temperature))
+    _close(infonce(eye, 4 * eye, temperature), expected)
+
+
+def test_infonce_scale_invariant_and_gradient_only_to_queries():
+    q, k = _rand(30, 4, 6), _rand(31, 4, 6)
+    loss = infonce(q, k, 0.2)
+    _close(infonce(3.0 * q, 0.01 * k, 0.2), loss)
+    q_, k_ = q.clone().requires_grad_(), k.clone().requires_grad_()
+    infonce(q_, k_, 0.2).backward()
+    assert k_.grad is None  # keys come from the momentum encoder
+    r = q.clone().requires_grad_()
+    _ref_infonce(r, k, 0.2).backward()
+    _close(q_.grad, r.grad)
+
+
+def test_mocov3_loss_is_symmetric_sum():
+    q1, q2, k1, k2 = (_rand(40 + i, 5, 4) for i in range(4))
+    loss = mocov3_loss(q1, q2, k1, k2, 0.2)
+    _close(loss, _ref_infonce(q1, k2, 0.2) + _ref_infonce(q2, k1, 0.2))
+    _close(mocov3_loss(q2, q1, k2, k1, 0.2), loss)
+    # q1 is paired with k2, not k1
+    wrong = _ref_infonce(q1, k1, 0.2) + _ref_infonce(q2, k2, 0.2)
+    assert abs(loss.item() - wrong.item()) > 1e-3
+
+
+# ---------------------------------------------------------------- BYOL
+
+
+def test_byol_loss_matches_reference_and_known_values():
+    p, z = _rand(50, 6, 5), _rand(51, 6, 5)
+    _close(byol_loss(p, z), _ref_byol(p, z))
+    scale = torch.tensor([0.5, 2.0, 9.0, 0.1, 1.0, 3.0], dtype=torch.float64)[:, None]
+    _close(byol_loss(p, scale * p), 0.0)  # same directions
+    _close(byol_loss(p, -scale * p), 4.0)  # opposite directions
+    half = torch.cat([scale[:3] * p[:3], -scale[3:] * p[3:]])
+    _close(byol_loss(p, half), 2.0)  # mean over the batch, not sum
+
+
+def test_byol_loss_gradient_only_to_prediction():
+    p, z = _rand(52, 4, 6).requires_grad_(), _rand(53, 4, 6).requires_grad_()
+    byol_loss(p, z).backward()
+    assert z.grad is None  # the target projection is a constant
+    r = p.detach().clone().requires_grad_()
+    _ref_byol(r, z.detach()).backward()
+    _close(p.grad, r.grad)
+
+
+# ---------------------------------------------------------------- DINO
+
+
+def _dino_inputs(seed, n_crops, n, k, n_global=2):
+    student = [_rand(seed + c, n, k) for c in range(n_crops)]
+    teacher = [_rand(seed + 100 + c, n, k) for c in range(n_global)]
+    return student, teacher
+
+
+def test_dino_center_buffer_at_init():
+    loss_fn = DINOLoss(out_dim=7)
+    assert "center" in dict(loss_fn.named_buffers())
+    assert loss_fn.center.shape == (1, 7)
+    assert torch.count_nonzero(loss_fn.center) == 0
+
+
+@pytest.mark.parametrize("student_temp,teacher_temp,momentum", [(0.1, 0.04, 0.9), (0.3, 0.07, 0.5)])
+def test_dino_loss_with_center_and_center_update(student_temp, teacher_temp, momentum):
+    k = 6
+    loss_fn = DINOLoss(out_dim=k, student_temp=student_temp, center_momentum=momentum).double()
+    old_center = _rand(60, 1, k)
+    loss_fn.center.copy_(old_center)
+    student, teacher = _dino_inputs(61, n_crops=4, n=3, k=k)
+    expected, n_pairs = _ref_dino(student, teacher, old_center, student_temp, teacher_temp)
+    assert n_pairs == 2 * 4 - 2
+    loss = loss_fn(student, teacher, teacher_temp)
+    assert loss.shape == ()
+    _close(loss, expected)  # computed with the old center
+    new_center = _ref_center(teacher, old_center, momentum)
+    _close(loss_fn.center, new_center)
+    assert loss_fn.center.grad_fn is None
+    # the next call uses the updated center
+    student, teacher = _dino_inputs(62, n_crops=4, n=3, k=k)
+    expected, _ = _ref_dino(student, teacher, new_center, student_temp, teacher_temp)
+    _close(loss_fn(student, teacher, teacher_temp), expected)
+
+
+def test_dino_two_global_crops_only():
+    loss_fn = DINOLoss(out_dim=5, student_temp=0.1).double()
+    student, teacher = _dino_inputs(70, n_crops=2, n=4, k=5)
+    expected, n_pairs = _ref_dino(student, teacher, loss_fn.center.clone(), 0.1, 0.04)
+    assert n_pairs == 2
+    _close(loss_fn(student, teacher, 0.04), expected)
+
+
+def test_dino_multicrop_pair_count_closed_form():
+    """Uniform teacher (zero logits, zero center): a pair's loss is the mean of -log_softmax.
+    Global student crops have zero logits (loss log K); locals have one logit a (loss c)."""
+    k, n, tau_s, a = 5, 3, 0.2, 1.0
+    loss_fn = DINOLoss(out_dim=k, student_temp=tau_s).double()
+    zeros = torch.zeros(n, k, dtype=torch.float64)
+    local = zeros.clone()
+    local[:, 0] = a
+    c = math.log(math.exp(a / tau_s) + k - 1) - a / (tau_s * k)
+    # pairs (0,1), (1,0) give log K; the 4 (global, local) pairs give c; (0,0), (1,1) excluded
+    expected = (2 * math.log(k) + 4 * c) / 6
+    _close(loss_fn([zeros, zeros, local, local.clone()], [zeros, zeros], 0.04), expected)
+
+
+def test_dino_gradient_flows_to_student():
+    k = 4
+    loss_fn = DINOLoss(out_dim=k, student_temp=0.1).double()
+    loss_fn.center.copy_(_rand(80, 1, k))
+    center = loss_fn.center.clone()
+    student, teacher = _dino_inputs(81, n_crops=3, n=3, k=k)
+    student = [s.requires_grad_() for s in student]
+    loss_fn(student, teacher, 0.05).backward()
+    ref_student = [s.detach().clone().requires_grad_() for s in student]
+    _ref_dino(ref_student, teacher, center, 0.1, 0.05)[0].backward()
+    for s, r in zip(student, ref_student, strict=True):
+        _close(s.grad, r.grad)

@@ -1,0 +1,212 @@
+"""The Method contract, looped over the whole registry (MAE and every baseline), plus the
+baselines' method-level invariances: teachers get no gradient and follow their schedule exactly,
+SimCLR / MoCo v3 are symmetric in the two views, DINO's temperature warm-up and multi-crop."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+
+from baselines.dino import teacher_temperature
+from baselines.ema import cosine_momentum
+from mae_bench.augment import BatchViews
+from mae_bench.config import RunConfig
+from mae_bench.engine import pretrain
+from mae_bench.methods import METHODS, Batch, build_method, method_from_checkpoint, resolve_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+IMG = 16
+SMALL_HEADS = {"proj_hidden_dim": 32, "proj_dim": 16, "out_dim": 24}
+
+
+def _cfg(name: str, **ssl) -> RunConfig:
+    return RunConfig().replace(model={"arch": "vit_micro_patch4", "img_size": IMG},
+                               train={"method": name, "epochs": 2},
+                               ssl={**SMALL_HEADS, **ssl})
+
+
+def _batch(method, n: int = 6, seed: int = 0, step: int = 0) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 3, 20, 20), dtype=torch.uint8, generator=g)
+    views = [BatchViews(s, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))(images, g)
+             for s in method.view_specs()]
+    return Batch(views, torch.full((n,), -1), torch.Generator().manual_seed(seed + 1), step, 10)
+
+
+def test_registry_has_mae_and_every_baseline():
+    assert {"mae", "simclr", "mocov3", "byol", "dino"} <= set(METHODS)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_contract(name):
+    torch.manual_seed(0)
+    method = build_method(_cfg(name), 3, IMG)
+    method.train()
+    batch = _batch(method)
+    out = method(batch)
+    assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])
+    out["loss"].backward()
+    trainable = {n: p for n, p in method.named_parameters() if p.requires_grad}
+    missing = [n for n, p in trainable.items() if p.grad is None]
+    assert not missing, f"{name}: no gradient for {missing}"
+    assert all(torch.isfinite(p.grad).all() for p in trainable.values())
+    assert any(p.grad.abs().sum() > 0 for p in trainable.values())
+    # every frozen parameter (teachers, fixed position embeddings) got none
+    assert all(p.grad is None for p in method.parameters() if not p.requires_grad)
+    # the encoder is a parameter-sharing part of the method, not a copy
+    enc_ids = {id(p) for p in method.encoder.parameters()}
+    assert enc_ids <= {id(p) for p in method.parameters()}
+
+    # checkpoint round trip: plain tensors, weights_only load, same loss in a fresh instance
+    buf = io.BytesIO()
+    torch.save({"model": method.state_dict()}, buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)["model"]
+    torch.manual_seed(123)
+    fresh = build_method(_cfg(name), 3, IMG)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    fresh.load_state_dict(state)
+    fresh.train()
+    method.zero_grad()
+    with torch.no_grad():
+        again = _batch(method, seed=5)
+        a = method(again)["loss"]
+        b = fresh(_batch(fresh, seed=5))["loss"]
+    assert torch.equal(a, b)
+    assert any(not torch.equal(before[k], state[k]) for k in state)
+
+
+@pytest.mark.parametrize("name", ["simclr", "mocov3"])
+def test_symmetric_in_the_two_views(name):
+    torch.manual_seed(0)
+    method = build_method(_cfg(name), 3, IMG).train()
+    batch = _batch(method)
+    swapped = Batch(batch.views[::-1], batch.labels, batch.generator)
+    with torch.no_grad():
+        assert torch.allclose(method(batch)["loss"], method(swapped)["loss"], atol=1e-6)
+
+
+TEACHERS = {"mocov3": [("momentum_backbone", "backbone"), ("momentum_projector", "projector")],
+            "byol": [("target_backbone", "backbone"), ("target_projector", "projector")],
+            "dino": [("teacher_backbone", "backbone"), ("teacher_head", "head")]}
+
+
+@pytest.mark.parametrize("name", sorted(TEACHERS))
+def test_teacher_gets_no_gradient_and_follows_the_schedule_exactly(name):
+    torch.manual_seed(0)
+    method = build_method(_cfg(name), 3, IMG).train()
+    opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.5)
+    method(_batch(method))["loss"].backward()
+    for teacher, _ in TEACHERS[name]:
+        module = getattr(method, teacher)
+        assert all(not p.requires_grad and p.grad is None for p in module.parameters())
+    opt.step()
+    old = {t: [p.clone() for p in getattr(method, t).parameters()] for t, _ in TEACHERS[name]}
+    method.on_step_end(3, 10)
+    base = method.base_momentum
+    m = cosine_momentum(3, 10, base)
+    assert base < m < 1
+    for teacher, student in TEACHERS[name]:
+        t_params = list(getattr(method, teacher).parameters())
+        s_params = list(getattr(method, student).parameters())
+        changed = 0
+        for t_old, t_new, s in zip(old[teacher], t_params, s_params, strict=True):
+            if s.requires_grad:
+                assert torch.allclose(t_new, m * t_old + (1 - m) * s, atol=1e-6, rtol=0)
+                changed += not torch.equal(t_new, t_old)
+            else:  # fixed parts (position embedding, MoCo v3's frozen patch projection)
+                assert torch.equal(t_new, t_old) and torch.equal(t_new, s)
+        assert changed > 0
+
+
+def test_teacher_starts_equal_to_the_student():
+    torch.manual_seed(0)
+    method = build_method(_cfg("byol"), 3, IMG)
+    for t, s in zip(method.target_backbone.parameters(), method.backbone.parameters(),
+                    strict=True):
+        assert torch.equal(t, s)
+
+
+def test_mocov3_freezes_the_patch_projection_by_default_only():
+    frozen = build_method(_cfg("mocov3"), 3, IMG)
+    assert not any(p.requires_grad for p in frozen.backbone.patch_embed.parameters())
+    trained = build_method(_cfg("mocov3", freeze_patch_embed=False), 3, IMG)
+    assert all(p.requires_grad for p in trained.backbone.patch_embed.parameters())
+
+
+def test_dino_teacher_temperature_warmup():
+    assert teacher_temperature(0.0, 0.04, 0.07, 10) == pytest.approx(0.04)
+    assert teacher_temperature(5.0, 0.04, 0.07, 10) == pytest.approx(0.055)
+    assert teacher_temperature(10.0, 0.04, 0.07, 10) == pytest.approx(0.07)
+    assert teacher_temperature(50.0, 0.04, 0.07, 10) == pytest.approx(0.07)
+    assert teacher_temperature(0.0, 0.04, 0.07, 0) == pytest.approx(0.07)
+    method = build_method(_cfg("dino"), 3, IMG).train()
+    temps = [float(method(_batch(method, step=s))["teacher_temp"]) for s in (0, 10)]
+    # 2 epochs, warm-up 10 % of them = 0.2 epochs; step 0 -> 0.04, the end -> 0.07
+    assert temps == pytest.approx([0.04, 0.07])
+
+
+def test_dino_multicrop_runs_smaller_local_crops_through_the_student_only():
+    torch.manual_seed(0)
+    method = build_method(_cfg("dino", local_crops=2, local_crop_size=8), 3, IMG).train()
+    specs = method.view_specs()
+    assert [s.img_size for s in specs] == [IMG, IMG, 8, 8]
+    assert specs[0].scale == (0.4, 1.0) and specs[2].scale == (0.05, 0.4)
+    out = method(_batch(method))
+    assert torch.isfinite(out["loss"])
+    out["loss"].backward()
+    assert method.backbone.blocks[0].attn.qkv.weight.grad is not None
+
+
+def test_dino_center_moves_toward_the_teacher_mean():
+    torch.manual_seed(0)
+    method = build_method(_cfg("dino"), 3, IMG).train()
+    batch = _batch(method)
+    assert torch.equal(method.loss.center, torch.zeros_like(method.loss.center))
+    with torch.no_grad():
+        teacher = [method.teacher_head(method.teacher_backbone.forward_features(v)[:, 0])
+                   for v in batch.views[:2]]
+        method(batch)
+    expected = 0.1 * torch.cat(teacher).mean(0, keepdim=True)
+    assert torch.allclose(method.loss.center, expected, atol=1e-6)
+
+
+def test_dino_freezes_the_last_layer_for_the_configured_epochs():
+    method = build_method(_cfg("dino", freeze_last_layer_epochs=1.0), 3, IMG).train()
+    method(_batch(method))["loss"].backward()
+    last = method.head.last_layer.parametrizations.weight.original1
+    assert last.grad is not None
+    method.before_optimizer_step(4, 10)  # epoch 0.8 of 2: frozen
+    assert last.grad is None
+    method(_batch(method))["loss"].backward()
+    method.before_optimizer_step(5, 10)  # epoch 1.0: trained again
+    assert last.grad is not None
+
+
+def test_resolve_config_fills_only_what_is_unset():
+    cfg = resolve_config(RunConfig().replace(train={"method": "dino", "blr": 1e-3}))
+    assert cfg.train.blr == 1e-3 and cfg.train.weight_decay == 0.04
+    assert cfg.ssl.out_dim == 4096 and cfg.ssl.momentum == 0.996
+    mae = resolve_config(RunConfig())
+    assert (mae.train.blr, mae.train.weight_decay) == (1.5e-4, 0.05)
+    assert resolve_config(cfg) == cfg
+
+
+@pytest.mark.parametrize("name", ["simclr", "mocov3", "byol", "dino"])
+def test_engine_trains_each_baseline_and_its_checkpoint_loads(tmp_path, name):
+    cfg = RunConfig().replace(
+        model={"arch": "vit_micro_patch2", "img_size": 8},
+        train={"method": name, "epochs": 1, "batch_size": 32, "log_every": 1},
+        ssl=SMALL_HEADS)
+    result = pretrain(cfg, tmp_path / name, max_steps=3, progress=False)
+    assert result.step == 3 and math.isfinite(result.final_loss)
+    saved = RunConfig.from_yaml(tmp_path / name / "config.yaml")
+    assert saved.train.blr is not None and saved.ssl.proj_dim == 16  # resolved, recorded
+    from mae_bench.checkpoint import load_checkpoint
+
+    loaded_cfg, method = method_from_checkpoint(load_checkpoint(tmp_path / name), name)
+    assert loaded_cfg.train.method == name and method.encoder.embed_dim == 32
