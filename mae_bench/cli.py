@@ -26,8 +26,9 @@ except ImportError:  # pragma: no cover - depends on the installed typer
 
 app = typer.Typer(
     name="mae-bench",
-    help="Benchmark self-supervised ViT representations: pretrain MAE (and, later, contrastive "
-    "baselines) on one shared ViT, evaluate, compare. Runs on a laptop CPU or GPUs.",
+    help="Benchmark self-supervised ViT representations: pretrain MAE and contrastive / "
+    "self-distillation baselines (SimCLR, MoCo v3, BYOL, DINO) on one shared ViT, evaluate, "
+    "compare. Runs on a laptop CPU or GPUs.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -40,7 +41,8 @@ _D = RunConfig()  # defaults, shown in the help texts
 @app.command()
 def pretrain(
     method: Annotated[
-        str, typer.Option(help=f"Pretraining method (registry name; default {_D.train.method}).")
+        str,
+        typer.Option(help="mae | simclr | mocov3 | byol | dino (default mae)."),
     ] = None,
     dataset: Annotated[
         str,
@@ -67,8 +69,9 @@ def pretrain(
         ),
     ] = None,
     epochs: Annotated[
-        int,
-        typer.Option(help=f"Pretraining epochs; schedules follow it (default {_D.train.epochs})."),
+        float,
+        typer.Option(help="Pretraining epochs, may be fractional; schedules follow it "
+                     f"(default {_D.train.epochs:g})."),
     ] = None,
     batch_size: Annotated[
         int,
@@ -82,7 +85,9 @@ def pretrain(
         ),
     ] = None,
     blr: Annotated[
-        float, typer.Option(help="Base lr; lr = blr x effective batch / 256 (MAE: 1.5e-4).")
+        float,
+        typer.Option(help="Base lr; lr = blr x effective batch / 256 (default: the method's: "
+                     "MAE, SimCLR, MoCo v3, BYOL 1.5e-4; DINO 5e-4)."),
     ] = None,
     lr: Annotated[float, typer.Option(help="Absolute lr; overrides --blr.")] = None,
     min_lr: Annotated[
@@ -91,8 +96,8 @@ def pretrain(
     weight_decay: Annotated[
         float,
         typer.Option(
-            help="AdamW weight decay on weight matrices, not on "
-            f"biases, norms, tokens (default {_D.train.weight_decay})."
+            help="AdamW weight decay on weight matrices, not on biases, norms, tokens "
+            "(default: the method's: MAE 0.05, SimCLR / MoCo v3 / BYOL 0.1, DINO 0.04)."
         ),
     ] = None,
     warmup_epochs: Annotated[
@@ -117,6 +122,23 @@ def pretrain(
     decoder_depth: Annotated[int, typer.Option(help="Override the preset's decoder depth.")] = None,
     decoder_dim: Annotated[int, typer.Option(help="Override the preset's decoder width.")] = None,
     decoder_heads: Annotated[int, typer.Option(help="Override the decoder's head count.")] = None,
+    temperature: Annotated[
+        float, typer.Option(help="SimCLR / MoCo v3 softmax temperature (0.5 / 0.2).")
+    ] = None,
+    momentum: Annotated[
+        float,
+        typer.Option(help="MoCo v3 / BYOL / DINO: teacher EMA momentum at the start, rising to "
+                     "1 (0.99 / 0.996 / 0.996)."),
+    ] = None,
+    proj_dim: Annotated[
+        int, typer.Option(help="Projector output width (SimCLR 128, MoCo v3 / BYOL 256).")
+    ] = None,
+    out_dim: Annotated[
+        int, typer.Option(help="DINO prototypes K (default 4096; the paper's 65536).")
+    ] = None,
+    local_crops: Annotated[
+        int, typer.Option(help="DINO multi-crop: small crops per image (default 0: off).")
+    ] = None,
     seed: Annotated[
         int, typer.Option(help=f"Seeds data order, crops and masks (default {_D.train.seed}).")
     ] = None,
@@ -216,6 +238,8 @@ def pretrain(
             "mask_strategy": mask_strategy,
             "norm_pix_loss": norm_pix_loss,
         },
+        ssl={"temperature": temperature, "momentum": momentum, "proj_dim": proj_dim,
+             "out_dim": out_dim, "local_crops": local_crops},
     )
     run_dir = out_dir or Path("runs") / f"{cfg.train.method}-{cfg.data.dataset}-{cfg.model.arch}"
     result = run_pretrain(cfg, run_dir, max_steps=max_steps, progress=progress, console=console)
@@ -477,6 +501,122 @@ def _rows_table(rows: list[dict]) -> Table:
     for r in rows:
         table.add_row(r["metric"], *(str(r.get(k, "")) for k in knobs), f"{r['value']:.2f}")
     return table
+
+
+@app.command()
+def compare(
+    methods: Annotated[
+        str, typer.Option(help="Methods to pretrain, comma-separated (registry names).")
+    ] = "mae,simclr,mocov3,byol,dino",
+    protocols: Annotated[
+        str, typer.Option(help="Evaluations, comma-separated: knn, linear, fewshot, finetune.")
+    ] = "knn,linear",
+    dataset: Annotated[str, typer.Option(help="Data set for pretraining and evaluation.")] = (
+        "digits"),
+    data_dir: Annotated[Path, typer.Option(help="Where the data set lives.")] = None,
+    arch: Annotated[
+        str,
+        typer.Option(help="The one ViT preset every method trains (vit_mini_patch4 or "
+                     "vit_tiny_patch4 for 32-px images)."),
+    ] = "vit_mini_patch2",
+    img_size: Annotated[int, typer.Option(help="Training image size (default: the data's).")] = (
+        None),
+    epochs: Annotated[
+        float, typer.Option(help="Same number of epochs for every method (may be fractional).")
+    ] = None,
+    budget_minutes: Annotated[
+        float,
+        typer.Option(help="Same wall-clock training time for every method: each one's epochs are "
+                     "set from its throughput, measured first. Default when --epochs is not "
+                     "given: 20 s."),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Pretraining batch size (default 128).")] = None,
+    seed: Annotated[int, typer.Option(help="Seeds pretraining, probes and references.")] = 0,
+    k: Annotated[int, typer.Option("--k", help="The k of the table's k-NN column.")] = 20,
+    label_fraction: Annotated[
+        float, typer.Option(help="fewshot: fraction of the labels used.")
+    ] = 0.1,
+    pool: Annotated[str, typer.Option(help="Frozen features: cls | mean.")] = "cls",
+    references: Annotated[
+        bool,
+        typer.Option("--references/--no-references",
+                     help="Add the pixels and random-encoder rows (the floor to beat)."),
+    ] = True,
+    config: Annotated[
+        Path,
+        typer.Option(help="YAML with more pretraining settings for every method (ssl knobs, "
+                     "mae knobs, blr, ...); the options above win."),
+    ] = None,
+    runs_dir: Annotated[Path, typer.Option(help="Where the run folders go.")] = Path(
+        "runs/compare"),
+    results_dir: Annotated[
+        Path, typer.Option(help="Results store: rows are appended to DIR/results.jsonl.")
+    ] = Path("results"),
+    export: Annotated[
+        list[Path],
+        typer.Option(help="Also write the table to FILE (.md, .csv or .tex; repeatable)."),
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto | bf16 | fp16 | fp32.")] = "auto",
+    num_workers: Annotated[int, typer.Option(help="Loader workers for streamed data.")] = None,
+    cache_dir: Annotated[Path, typer.Option(help="Feature cache folder.")] = None,
+    progress: Annotated[
+        bool, typer.Option("--progress/--no-progress", help="Show progress bars.")
+    ] = True,
+) -> None:
+    """Pretrain MAE and the baselines on one ViT, evaluate each the same way, and print one
+    table: rows = methods plus the pixels / random references, columns = top-1 per protocol
+    and the cost (pretraining seconds, epochs, GFLOPs per image per step, images/s). Finished
+    runs and evaluations already in the store are reused. With no options: every method for
+    20 s on digits (a few minutes on a laptop CPU)."""
+    import yaml
+
+    from evals.compare import CompareSpec, run_compare
+    from mae_bench.results import export_table
+
+    for path in export or []:
+        if path.suffix not in (".md", ".csv", ".tex"):
+            raise MaeBenchError(f"--export {path}: unknown table format {path.suffix!r}; "
+                                "valid: .md, .csv, .tex")
+    overrides = {}
+    if config is not None:
+        RunConfig.from_yaml(config)  # unknown keys and bad YAML fail here, with one line
+        overrides = yaml.safe_load(config.read_text()) or {}
+    spec = CompareSpec(
+        methods=_names(methods), protocols=_names(protocols), dataset=dataset,
+        data_dir=str(data_dir) if data_dir is not None else None, arch=arch, img_size=img_size,
+        epochs=epochs, budget_seconds=budget_minutes * 60 if budget_minutes is not None else None,
+        batch_size=batch_size, seed=seed, references=references, k=k,
+        label_fraction=label_fraction, pool=pool, device=device, precision=precision,
+        num_workers=num_workers, runs_dir=str(runs_dir), results_dir=str(results_dir),
+        cache_dir=str(cache_dir) if cache_dir is not None else None, overrides=overrides,
+    )
+
+    def log(line: str) -> None:
+        console.print(line, highlight=False, markup=False)
+
+    with _task_progress(progress) as report:
+        outcome = run_compare(spec, log=log, progress=progress, console=console,
+                              eval_progress=report)
+    table = Table(title=f"compare on {dataset}, {arch} "
+                  f"({'same epochs' if epochs is not None else 'same training time'})")
+    table.add_column("method")
+    for col in outcome.table.columns:
+        table.add_column(str(col), justify="right")
+    for name, row in outcome.table.iterrows():
+        table.add_row(str(name), *(_cell(v) for v in row))
+    out.print(table)
+    out.print(f"trained {len(outcome.trained)} run(s), ran {len(outcome.evaluated)} "
+              f"evaluation(s), reused the rest; {outcome.seconds:.0f} s; rows in "
+              f"{results_dir / 'results.jsonl'}")
+    for path in export or []:
+        out.print(f"wrote {export_table(outcome.table, path)}")
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return "-" if value != value else f"{value:.2f}"
+    return str(value)
 
 
 @app.command()

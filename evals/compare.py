@@ -1,0 +1,282 @@
+"""``mae-bench compare``: pretrain MAE and the baselines on one ViT, evaluate each with the same
+protocols, add the ``pixels`` and ``random`` reference rows, and tabulate accuracy beside cost.
+
+Fairness: every method trains the same architecture on the same data with the same engine, for
+either the same number of epochs (``epochs``) or the same wall-clock budget (``budget_seconds``:
+each method's steps are set from its throughput, measured just before; the time actually spent
+is reported beside it).
+
+Nothing is done twice: a run folder that already holds the finished run is reused (budget runs
+keep the epoch count they were planned with), and an evaluation whose rows are already in the
+results store is not repeated. Run folders are named by method, data, architecture, the plan
+and a digest of every other setting, so that changing any setting starts fresh runs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from evals.encoders import load_source
+from evals.run import EvalSpec, run_eval, validate_spec
+from mae_bench.config import RunConfig, validate
+from mae_bench.data import load_dataset
+from mae_bench.errors import ConfigError
+from mae_bench.methods import method_class, resolve_config
+from mae_bench.results import read_results
+
+DEFAULT_METHODS = ("mae", "simclr", "mocov3", "byol", "dino")
+DEFAULT_BUDGET_SECONDS = 20.0  # per method, when neither epochs nor a budget is given
+REFERENCES = ("pixels", "random")
+# Protocols the pixels reference can take (it has no encoder to fine-tune).
+PIXEL_PROTOCOLS = ("knn", "linear", "fewshot")
+COST_FILE = "compare.json"
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class CompareSpec:
+    """One comparison, as the user asked for it (built once at the edge, by the CLI)."""
+
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    protocols: tuple[str, ...] = ("knn", "linear")
+    dataset: str = "digits"
+    data_dir: str | None = None
+    arch: str = "vit_mini_patch2"
+    img_size: int | None = None
+    epochs: float | None = None  # same epochs for every method ...
+    budget_seconds: float | None = None  # ... or the same training time (default)
+    batch_size: int | None = None
+    seed: int = 0
+    references: bool = True
+    k: int = 20  # the k-NN column of the table
+    label_fraction: float = 0.1  # fewshot only
+    pool: str = "cls"
+    device: str = "auto"
+    precision: str = "auto"
+    num_workers: int | None = None
+    runs_dir: str = "runs/compare"
+    results_dir: str = "results"
+    cache_dir: str | None = None
+    use_cache: bool = True
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # more config (YAML)
+
+
+@dataclass
+class CompareOutcome:
+    table: pd.DataFrame  # one row per method / reference
+    run_dirs: dict[str, Path]
+    trained: list[str]  # methods trained (or resumed) by this call
+    evaluated: list[str]  # "method/protocol" evaluated by this call
+    seconds: float
+
+
+def validate_compare(spec: CompareSpec) -> None:
+    """Checks that need nothing loaded. Raises ConfigError naming the bad value and the fix."""
+    if not spec.methods:
+        raise ConfigError("--methods needs at least one method")
+    for name in spec.methods:
+        method_class(name)
+    if len(set(spec.methods)) != len(spec.methods):
+        raise ConfigError(f"--methods lists a method twice: {','.join(spec.methods)}")
+    if spec.epochs is not None and spec.budget_seconds is not None:
+        raise ConfigError("give --epochs (same epochs for every method) or --budget-minutes "
+                          "(same training time), not both")
+    if spec.budget_seconds is not None and spec.budget_seconds <= 0:
+        raise ConfigError(f"--budget-minutes must be > 0, got {spec.budget_seconds / 60:g}")
+    if not spec.protocols:
+        raise ConfigError("--protocols needs at least one protocol")
+    for protocol in spec.protocols:
+        validate_spec(_eval_spec(spec, protocol, "pixels" if protocol in PIXEL_PROTOCOLS
+                                 else "random"))
+    if spec.k < 1:
+        raise ConfigError(f"--k must be >= 1, got {spec.k}")
+
+
+def run_config(spec: CompareSpec, method: str, epochs: float | None = None) -> RunConfig:
+    """The pretraining config of one method in this comparison (method defaults resolved)."""
+    base = RunConfig.from_dict(spec.overrides) if spec.overrides else RunConfig()
+    cfg = base.replace(
+        model={"arch": spec.arch, "img_size": spec.img_size},
+        data={"dataset": spec.dataset, "data_dir": spec.data_dir,
+              "num_workers": spec.num_workers},
+        train={"method": method, "epochs": epochs, "batch_size": spec.batch_size,
+               "seed": spec.seed, "device": spec.device, "precision": spec.precision},
+    )
+    validate(cfg)
+    return resolve_config(cfg)
+
+
+def run_dir_for(spec: CompareSpec, cfg: RunConfig) -> Path:
+    """runs_dir/METHOD-DATASET-ARCH-PLAN-DIGEST; the digest covers every setting but epochs."""
+    plan = (f"{spec.budget_seconds:g}s" if spec.budget_seconds is not None
+            else f"{spec.epochs:g}ep")
+    digest = cfg.replace(train={"epochs": 1}).digest()[:8]
+    t = cfg.train
+    return Path(spec.runs_dir) / f"{t.method}-{cfg.data.dataset}-{cfg.model.arch}-{plan}-{digest}"
+
+
+def run_compare(spec: CompareSpec, log: Log = print, progress: bool = True,
+                console=None, eval_progress=None) -> CompareOutcome:
+    """Pretrain (or reuse) every method, evaluate (or reuse) every protocol, build the table."""
+    from mae_bench.engine import pretrain
+    from mae_bench.speed import measure_training
+
+    start = time.perf_counter()
+    if spec.epochs is None and spec.budget_seconds is None:
+        spec = CompareSpec(**{**spec.__dict__, "budget_seconds": DEFAULT_BUDGET_SECONDS})
+    validate_compare(spec)
+    # Fail on bad data before any training.
+    n_train = len(load_dataset(spec.dataset, "train", spec.data_dir))
+    plans = {m: run_config(spec, m, spec.epochs) for m in spec.methods}
+
+    run_dirs: dict[str, Path] = {}
+    trained: list[str] = []
+    for i, (name, cfg) in enumerate(plans.items(), 1):
+        run_dir = run_dir_for(spec, cfg)
+        run_dirs[name] = run_dir
+        planned = (run_dir / "config.yaml").is_file()
+        if planned:  # trained (or started) before: keep the epochs it was planned with
+            saved = RunConfig.from_yaml(run_dir / "config.yaml")
+            cfg = cfg.replace(train={"epochs": saved.train.epochs})
+        cost = _read_cost(run_dir)
+        budgeting = spec.budget_seconds is not None and not planned
+        if "gflops_per_image" not in cost or budgeting:
+            speed = measure_training(cfg)
+            cost |= {"gflops_per_image": float(f"{speed.gflops_per_image:.4g}"),
+                     "calibrated_img_per_s": round(speed.images_per_second, 2)}
+            if budgeting:
+                epochs = spec.budget_seconds * speed.images_per_second / n_train
+                cfg = cfg.replace(train={"epochs": round(max(epochs, 1e-3), 4)})
+        done = _finished(run_dir)
+        what = "reusing the finished run" if done else (
+            f"training {cfg.train.epochs:g} epochs" + (
+                f" ({spec.budget_seconds:g} s budget)" if spec.budget_seconds else ""))
+        log(f"[{i}/{len(plans)}] {name}: {what} in {run_dir}")
+        pretrain(cfg, run_dir, progress=progress, console=console)
+        if not done:
+            trained.append(name)
+        if not done or "pretrain_seconds" not in cost:
+            summary = json.loads((run_dir / "summary.json").read_text())
+            cost |= {"pretrain_seconds": round(summary["train_seconds"], 2),
+                     "pretrain_img_per_s": round(summary["images_per_second"] or 0.0, 2),
+                     "pretrain_epochs": cfg.train.epochs}
+        _write_cost(run_dir, cost)
+
+    evaluated: list[str] = []
+    entries: list[tuple[str, str]] = [(name, str(d)) for name, d in run_dirs.items()]
+    if spec.references:
+        entries += [(ref, ref) for ref in REFERENCES]
+    store = _store(spec.results_dir)
+    run_ids: dict[str, str] = {}
+    for name, checkpoint in entries:
+        run_ids[name] = _run_id(spec, checkpoint)
+        extra = {}
+        if name in run_dirs:
+            extra = {"gflops_per_image": _read_cost(run_dirs[name])["gflops_per_image"]}
+        for protocol in spec.protocols:
+            if checkpoint == "pixels" and protocol not in PIXEL_PROTOCOLS:
+                continue
+            if _has_rows(store, run_ids[name], spec, protocol):
+                continue
+            log(f"evaluating {name}: {protocol}")
+            run_eval(_eval_spec(spec, protocol, checkpoint, extra), eval_progress)
+            evaluated.append(f"{name}/{protocol}")
+    table = compare_table(_store(spec.results_dir), spec, run_ids, run_dirs)
+    return CompareOutcome(table, run_dirs, trained, evaluated, time.perf_counter() - start)
+
+
+def compare_table(store: pd.DataFrame, spec: CompareSpec, run_ids: dict[str, str],
+                  run_dirs: dict[str, Path]) -> pd.DataFrame:
+    """One row per method / reference: top-1 of each protocol (k-NN at ``spec.k``), then the
+    cost columns (pretraining wall time, epochs, GFLOPs per image per step, images/s)."""
+    rows = []
+    for name, run_id in run_ids.items():
+        row: dict[str, Any] = {"method": name}
+        for protocol in spec.protocols:
+            sel = _select(store, run_id, spec, protocol)
+            sel = sel[sel["metric"] == "top1"]
+            if protocol == "knn":
+                sel = sel[sel["k"] == spec.k]
+            label = f"knn top-1 (k={spec.k})" if protocol == "knn" else f"{protocol} top-1"
+            row[label] = float(sel["value"].iloc[-1]) if len(sel) else float("nan")
+        cost = _read_cost(run_dirs[name]) if name in run_dirs else {}
+        row["pretrain s"] = cost.get("pretrain_seconds", float("nan"))
+        row["epochs"] = cost.get("pretrain_epochs", float("nan"))
+        row["GFLOPs/img/step"] = cost.get("gflops_per_image", float("nan"))
+        row["img/s"] = cost.get("pretrain_img_per_s", float("nan"))
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("method")
+
+
+def _eval_spec(spec: CompareSpec, protocol: str, checkpoint: str,
+               extra: dict[str, Any] | None = None) -> EvalSpec:
+    return EvalSpec(protocol=protocol, checkpoint=checkpoint,
+                    arch=spec.arch if checkpoint == "random" else None, dataset=spec.dataset,
+                    data_dir=spec.data_dir, pool=spec.pool,
+                    label_fraction=spec.label_fraction if protocol == "fewshot" else 1.0,
+                    seed=spec.seed, device=spec.device, precision=spec.precision,
+                    cache_dir=spec.cache_dir, use_cache=spec.use_cache,
+                    results_dir=spec.results_dir, extra=extra or {})
+
+
+def _run_id(spec: CompareSpec, checkpoint: str) -> str:
+    if checkpoint in REFERENCES:
+        from evals.run import _load_source
+
+        return _load_source(_eval_spec(spec, "knn", checkpoint)).run_id
+    return load_source(checkpoint).run_id
+
+
+def _select(store: pd.DataFrame, run_id: str, spec: CompareSpec, protocol: str) -> pd.DataFrame:
+    if store.empty or "run_id" not in store:
+        return store
+    sel = store[(store["run_id"] == run_id) & (store["dataset"] == spec.dataset)
+                & (store["protocol"] == protocol) & (store["status"] == "ok")]
+    if "pool" in sel and not run_id.startswith("pixels"):
+        sel = sel[sel["pool"].isna() | (sel["pool"] == spec.pool)]
+    return sel
+
+
+def _has_rows(store: pd.DataFrame, run_id: str, spec: CompareSpec, protocol: str) -> bool:
+    return len(_select(store, run_id, spec, protocol)) > 0
+
+
+def _store(results_dir: str) -> pd.DataFrame:
+    path = Path(results_dir)
+    if not (path / "results.jsonl").is_file() and not path.is_file():
+        return pd.DataFrame()
+    return read_results(path)
+
+
+def _finished(run_dir: Path) -> bool:
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        return False
+    try:
+        return bool(json.loads(path.read_text()).get("finished"))
+    except ValueError:
+        return False
+
+
+def _read_cost(run_dir: Path) -> dict[str, Any]:
+    """The costs compare recorded for a run ({} when none or unreadable: they are re-measured)."""
+    path = run_dir / COST_FILE
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:
+        return {}
+
+
+def _write_cost(run_dir: Path, cost: dict[str, Any]) -> None:
+    tmp = run_dir / f".{COST_FILE}.tmp"
+    tmp.write_text(json.dumps(cost, indent=2))
+    tmp.replace(run_dir / COST_FILE)
+

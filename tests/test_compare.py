@@ -1,0 +1,88 @@
+"""``mae-bench compare``: trains each method once, evaluates each protocol once, reuses both on a
+re-run, gives every method the same budget, and rejects bad input before any work."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from cli_helpers import run_cli
+
+from evals.compare import CompareSpec, run_compare, run_config, run_dir_for
+from mae_bench.errors import MaeBenchError
+from mae_bench.results import read_results
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _spec(tmp_path, **kw) -> CompareSpec:
+    base = {"methods": ("mae", "simclr"), "protocols": ("knn", "linear"), "arch":
+            "vit_micro_patch2", "epochs": 0.1, "batch_size": 32,
+            "runs_dir": str(tmp_path / "runs"), "results_dir": str(tmp_path / "results"),
+            "cache_dir": str(tmp_path / "cache"),
+            "overrides": {"ssl": {"proj_hidden_dim": 32, "proj_dim": 16}}}
+    return CompareSpec(**(base | kw))
+
+
+def test_compare_trains_evaluates_and_reuses(tmp_path):
+    logs: list[str] = []
+    first = run_compare(_spec(tmp_path), log=logs.append, progress=False)
+    table = first.table
+    assert list(table.index) == ["mae", "simclr", "pixels", "random"]
+    assert list(table.columns) == ["knn top-1 (k=20)", "linear top-1", "pretrain s", "epochs",
+                                   "GFLOPs/img/step", "img/s"]
+    assert table[["knn top-1 (k=20)", "linear top-1"]].notna().all().all()
+    assert (table.loc[["mae", "simclr"], "pretrain s"] > 0).all()
+    assert table.loc["pixels", "knn top-1 (k=20)"] > 90  # raw digits pixels are a strong k-NN
+    # SimCLR runs two full views through the encoder, MAE a quarter of one (plus its decoder)
+    assert table.loc["simclr", "GFLOPs/img/step"] > 2 * table.loc["mae", "GFLOPs/img/step"]
+    assert sorted(first.trained) == ["mae", "simclr"]
+    assert len(first.evaluated) == 8
+    rows = read_results(tmp_path / "results")
+    summary = json.loads((first.run_dirs["mae"] / "summary.json").read_text())
+    assert summary["finished"]
+
+    again = run_compare(_spec(tmp_path), log=logs.append, progress=False)
+    assert again.trained == [] and again.evaluated == []
+    assert len(read_results(tmp_path / "results")) == len(rows)  # nothing duplicated
+    assert again.table.equals(first.table)
+    assert any("reusing the finished run" in line for line in logs)
+
+
+def test_budget_plans_epochs_from_throughput_and_keeps_them(tmp_path):
+    spec = _spec(tmp_path, epochs=None, budget_seconds=2.0, methods=("mae", "simclr"),
+                 protocols=("knn",), references=False)
+    out = run_compare(spec, log=lambda _: None, progress=False)
+    epochs = out.table["epochs"]
+    for m in ("mae", "simclr"):  # epochs = budget x measured images/s / training images
+        cost = json.loads((out.run_dirs[m] / "compare.json").read_text())
+        assert epochs[m] == pytest.approx(2.0 * cost["calibrated_img_per_s"] / 1437, rel=1e-3)
+    planned = {m: run_config(spec, m) for m in ("mae", "simclr")}
+    assert all(run_dir_for(spec, planned[m]) == out.run_dirs[m] for m in planned)
+    again = run_compare(spec, log=lambda _: None, progress=False)
+    assert again.trained == [] and again.table["epochs"].equals(epochs)
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"methods": ("mae", "swav")}, "unknown method 'swav'"),
+    ({"methods": ("mae", "mae")}, "lists a method twice"),
+    ({"budget_seconds": 10.0}, "not both"),
+    ({"protocols": ("knn", "svm")}, "unknown protocol 'svm'"),
+    ({"epochs": 0.0}, "--epochs must be > 0"),
+    ({"dataset": "nope"}, "nope"),
+])
+def test_bad_input_fails_before_any_work(tmp_path, kw, message):
+    with pytest.raises(MaeBenchError, match=message):
+        run_compare(_spec(tmp_path, **kw), log=lambda _: None, progress=False)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()
+
+
+def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
+    code, _, err = run_cli(monkeypatch, capsys, "compare", "--methods", "mae,foo", "--runs-dir",
+                           str(tmp_path / "r"), "--results-dir", str(tmp_path / "s"))
+    assert code == 2 and err.startswith("error: unknown method 'foo'")
+    assert len(err.strip().splitlines()) == 1
+    code, _, err = run_cli(monkeypatch, capsys, "compare", "--epochs", "1", "--budget-minutes",
+                           "1", "--runs-dir", str(tmp_path / "r"))
+    assert code == 2 and "not both" in err
+    assert not (tmp_path / "r").exists()
