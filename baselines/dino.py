@@ -23,14 +23,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from baselines.ema import cosine_momentum, ema_update, frozen_copy
+from baselines.base import BackboneMethod
 from baselines.heads import DINOHead, cls_features
 from baselines.losses import DINOLoss
 from baselines.views import dino_views
 from mae_bench.augment import ViewSpec
 from mae_bench.config import RunConfig
-from mae_bench.methods import Batch, Method, register_method
-from mae_bench.vit import VisionTransformer, build_vit
+from mae_bench.methods import Batch, register_method
 
 
 def teacher_temperature(epoch: float, start: float, end: float, warmup_epochs: float) -> float:
@@ -41,7 +40,7 @@ def teacher_temperature(epoch: float, start: float, end: float, warmup_epochs: f
 
 
 @register_method("dino")
-class DINO(Method):
+class DINO(BackboneMethod):
     """DINO: student / EMA teacher, centring and sharpening, optional multi-crop."""
 
     defaults = {"train": {"blr": 5e-4, "weight_decay": 0.04},
@@ -51,34 +50,24 @@ class DINO(Method):
                         "freeze_last_layer_epochs": 0.0, "local_crops": 0}}
 
     def __init__(self, cfg: RunConfig, channels: int, img_size: int):
-        super().__init__()
+        super().__init__(cfg, channels, img_size)
         s = cfg.ssl
-        self.img_size = img_size
         self.epochs = float(cfg.train.epochs)
-        self.base_momentum = s.momentum
         self.temps = (s.warmup_teacher_temp, s.teacher_temp)
         self.temp_warmup = (s.teacher_temp_warmup_epochs
                             if s.teacher_temp_warmup_epochs is not None else 0.1 * self.epochs)
         self.freeze_last_layer = s.freeze_last_layer_epochs
         self.local_crops = s.local_crops
-        patch = build_vit(cfg.model.arch, img_size, channels).patch_size
+        patch = self.backbone.patch_size
         default_local = max(patch, round(img_size * 96 / 224 / patch) * patch)
         self.local_size = s.local_crop_size or default_local
-        self.backbone = build_vit(cfg.model.arch, img_size, channels)
         self.head = DINOHead(self.backbone.embed_dim, s.out_dim, s.proj_hidden_dim, s.proj_dim)
-        self.teacher_backbone = frozen_copy(self.backbone)
-        self.teacher_head = frozen_copy(self.head)
+        self.add_teacher("backbone", "teacher_backbone")
+        self.add_teacher("head", "teacher_head")
         self.loss = DINOLoss(s.out_dim, s.student_temp, s.center_momentum)
 
     def view_specs(self) -> list[ViewSpec]:
         return dino_views(self.img_size, self.local_crops, self.local_size)
-
-    @property
-    def encoder(self) -> VisionTransformer:
-        return self.backbone
-
-    def no_weight_decay(self) -> set[str]:
-        return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         epoch = batch.step / batch.total_steps * self.epochs
@@ -94,8 +83,3 @@ class DINO(Method):
         if step / total_steps * self.epochs < self.freeze_last_layer:
             for p in self.head.last_layer.parameters():
                 p.grad = None
-
-    def on_step_end(self, step: int, total_steps: int) -> None:
-        m = cosine_momentum(step, total_steps, self.base_momentum)
-        ema_update(self.teacher_backbone, self.backbone, m)
-        ema_update(self.teacher_head, self.head, m)

@@ -17,18 +17,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from baselines.ema import cosine_momentum, ema_update, frozen_copy
+from baselines.base import BackboneMethod
 from baselines.heads import cls_features, mlp
 from baselines.losses import mocov3_loss
 from baselines.views import byol_views
 from mae_bench.augment import ViewSpec
 from mae_bench.config import RunConfig
-from mae_bench.methods import Batch, Method, register_method
-from mae_bench.vit import VisionTransformer, build_vit
+from mae_bench.methods import Batch, register_method
 
 
 @register_method("mocov3")
-class MoCoV3(Method):
+class MoCoV3(BackboneMethod):
     """MoCo v3: query encoder + predictor, momentum key encoder, symmetric InfoNCE."""
 
     defaults = {"train": {"blr": 1.5e-4, "weight_decay": 0.1},
@@ -36,30 +35,20 @@ class MoCoV3(Method):
                         "momentum": 0.99, "freeze_patch_embed": True}}
 
     def __init__(self, cfg: RunConfig, channels: int, img_size: int):
-        super().__init__()
+        super().__init__(cfg, channels, img_size)
         s = cfg.ssl
-        self.img_size = img_size
         self.temperature = s.temperature
-        self.base_momentum = s.momentum
-        self.backbone = build_vit(cfg.model.arch, img_size, channels)
         if s.freeze_patch_embed:
             self.backbone.patch_embed.requires_grad_(False)
         dim = self.backbone.embed_dim
         self.projector = mlp(dim, s.proj_hidden_dim, s.proj_dim, num_layers=3, last_bn=True)
         self.predictor = mlp(s.proj_dim, s.proj_hidden_dim, s.proj_dim, num_layers=2,
                              last_bn=True)
-        self.momentum_backbone = frozen_copy(self.backbone)
-        self.momentum_projector = frozen_copy(self.projector)
+        self.add_teacher("backbone", "momentum_backbone")
+        self.add_teacher("projector", "momentum_projector")
 
     def view_specs(self) -> list[ViewSpec]:
         return byol_views(self.img_size)
-
-    @property
-    def encoder(self) -> VisionTransformer:
-        return self.backbone
-
-    def no_weight_decay(self) -> set[str]:
-        return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         h1, h2 = cls_features(self.backbone, batch.views)  # [N, D] each
@@ -68,8 +57,3 @@ class MoCoV3(Method):
             g1, g2 = cls_features(self.momentum_backbone, batch.views)  # [N, D] each
             k1, k2 = self.momentum_projector(g1), self.momentum_projector(g2)  # [N, P] each
         return {"loss": mocov3_loss(q1, q2, k1, k2, self.temperature)}
-
-    def on_step_end(self, step: int, total_steps: int) -> None:
-        m = cosine_momentum(step, total_steps, self.base_momentum)
-        ema_update(self.momentum_backbone, self.backbone, m)
-        ema_update(self.momentum_projector, self.projector, m)

@@ -15,39 +15,30 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from baselines.base import BackboneMethod
 from baselines.heads import cls_features, mlp
 from baselines.losses import nt_xent
 from baselines.views import simclr_views
 from mae_bench.augment import ViewSpec
 from mae_bench.config import RunConfig
-from mae_bench.methods import Batch, Method, register_method
-from mae_bench.vit import VisionTransformer, build_vit
+from mae_bench.methods import Batch, register_method
 
 
 @register_method("simclr")
-class SimCLR(Method):
+class SimCLR(BackboneMethod):
     """SimCLR: encoder + projector, NT-Xent over two views."""
 
     defaults = {"train": {"blr": 1.5e-4, "weight_decay": 0.1},
                 "ssl": {"temperature": 0.5, "proj_hidden_dim": 2048, "proj_dim": 128}}
 
     def __init__(self, cfg: RunConfig, channels: int, img_size: int):
-        super().__init__()
+        super().__init__(cfg, channels, img_size)
         s = cfg.ssl
-        self.img_size = img_size
         self.temperature = s.temperature
-        self.backbone = build_vit(cfg.model.arch, img_size, channels)
         self.projector = mlp(self.backbone.embed_dim, s.proj_hidden_dim, s.proj_dim, num_layers=2)
 
     def view_specs(self) -> list[ViewSpec]:
         return simclr_views(self.img_size)
-
-    @property
-    def encoder(self) -> VisionTransformer:
-        return self.backbone
-
-    def no_weight_decay(self) -> set[str]:
-        return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         h1, h2 = cls_features(self.backbone, batch.views)  # [N, D] each

@@ -99,6 +99,7 @@ TEACHERS = {"mocov3": [("momentum_backbone", "backbone"), ("momentum_projector",
 def test_teacher_gets_no_gradient_and_follows_the_schedule_exactly(name):
     torch.manual_seed(0)
     method = build_method(_cfg(name), 3, IMG).train()
+    assert method.teacher_pairs == TEACHERS[name]
     opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.5)
     method(_batch(method))["loss"].backward()
     for teacher, _ in TEACHERS[name]:

@@ -1,0 +1,47 @@
+"""What the baselines share: a ViT ``backbone`` that is the evaluated encoder, and (for MoCo v3,
+BYOL and DINO) EMA teachers that follow their students after every optimizer step."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from baselines.ema import cosine_momentum, ema_update, frozen_copy
+from mae_bench.config import RunConfig
+from mae_bench.methods import Method
+from mae_bench.vit import VisionTransformer, build_vit
+
+
+class BackboneMethod(Method):
+    """A method whose encoder is ``self.backbone``, one ViT of the configured preset.
+
+    Subclasses that have EMA teachers create them with ``add_teacher(student_name,
+    teacher_name)``; the teachers then follow ``cosine_momentum`` from ``ssl.momentum`` to 1
+    after every optimizer step.
+    """
+
+    def __init__(self, cfg: RunConfig, channels: int, img_size: int):
+        super().__init__()
+        self.img_size = img_size
+        self.base_momentum = cfg.ssl.momentum
+        self.backbone = build_vit(cfg.model.arch, img_size, channels)
+        self.teacher_pairs: list[tuple[str, str]] = []  # (teacher, student) attribute names
+
+    @property
+    def encoder(self) -> VisionTransformer:
+        return self.backbone
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
+
+    def add_teacher(self, student: str, teacher: str) -> nn.Module:
+        """Create ``self.<teacher>``: a frozen copy of ``self.<student>``, updated by EMA."""
+        setattr(self, teacher, frozen_copy(getattr(self, student)))
+        self.teacher_pairs.append((teacher, student))
+        return getattr(self, teacher)
+
+    def on_step_end(self, step: int, total_steps: int) -> None:
+        if not self.teacher_pairs:
+            return
+        m = cosine_momentum(step, total_steps, self.base_momentum)
+        for teacher, student in self.teacher_pairs:
+            ema_update(getattr(self, teacher), getattr(self, student), m)
