@@ -23,8 +23,7 @@ from typing import Any
 
 import pandas as pd
 
-from evals.encoders import load_source
-from evals.run import EvalSpec, run_eval, validate_spec
+from evals.run import EvalSpec, run_eval, source_of, validate_spec
 from mae_bench.config import RunConfig, validate
 from mae_bench.data import load_dataset
 from mae_bench.errors import ConfigError
@@ -228,11 +227,8 @@ def _eval_spec(spec: CompareSpec, protocol: str, checkpoint: str,
 
 
 def _run_id(spec: CompareSpec, checkpoint: str) -> str:
-    if checkpoint in REFERENCES:
-        from evals.run import _load_source
-
-        return _load_source(_eval_spec(spec, "knn", checkpoint)).run_id
-    return load_source(checkpoint).run_id
+    """The run_id the rows of this encoder carry (the reference rows' depend on the data)."""
+    return source_of(_eval_spec(spec, "knn", checkpoint)).run_id
 
 
 def _select(store: pd.DataFrame, run_id: str, spec: CompareSpec, protocol: str) -> pd.DataFrame:

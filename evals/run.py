@@ -190,7 +190,7 @@ def load_inputs(spec: EvalSpec) -> Inputs:
         feats = load_feature_dir(spec.features_dir)
         label = Path(spec.features_dir).resolve().name
         return Inputs(None, spec.dataset or label, features=feats, label=label)
-    source = _load_source(spec)
+    source = source_of(spec)
     name = spec.dataset or source.pretrain.get("pretrain_dataset") or "digits"
     info = get_dataset_info(name)
     data_dir = spec.data_dir
@@ -205,7 +205,8 @@ def load_inputs(spec: EvalSpec) -> Inputs:
     return Inputs(source, name, train, test, label=source.label)
 
 
-def _load_source(spec: EvalSpec) -> EncoderSource:
+def source_of(spec: EvalSpec) -> EncoderSource:
+    """The encoder a spec names (a run, an official checkpoint, or a reference row)."""
     ref = spec.checkpoint in REFERENCES
     img_size = channels = None
     if spec.checkpoint == "random":

@@ -128,7 +128,7 @@ def pretrain(
     momentum: Annotated[
         float,
         typer.Option(help="MoCo v3 / BYOL / DINO: teacher EMA momentum at the start, rising to "
-                     "1 (0.99 / 0.996 / 0.996)."),
+                     "1 (0.99 / 0.996 / 0.996, the papers' values)."),
     ] = None,
     proj_dim: Annotated[
         int, typer.Option(help="Projector output width (SimCLR 128, MoCo v3 / BYOL 256).")
