@@ -159,8 +159,8 @@ def run_compare(spec: CompareSpec, log: Log = print, progress: bool = True,
             f"training {cfg.train.epochs:g} epochs" + (
                 f" ({spec.budget_seconds:g} s budget)" if spec.budget_seconds else ""))
         log(f"[{i}/{len(plans)}] {name}: {what} in {run_dir}")
-        pretrain(cfg, run_dir, progress=progress, console=console)
-        if not done:
+        if not done:  # a finished run folder is left exactly as it is (its run.json included)
+            pretrain(cfg, run_dir, progress=progress, console=console)
             trained.append(name)
         if not done or "pretrain_seconds" not in cost:
             summary = json.loads((run_dir / "summary.json").read_text())

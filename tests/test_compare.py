@@ -42,8 +42,10 @@ def test_compare_trains_evaluates_and_reuses(tmp_path):
     summary = json.loads((first.run_dirs["mae"] / "summary.json").read_text())
     assert summary["finished"]
 
+    run_json = (first.run_dirs["mae"] / "run.json").read_bytes()
     again = run_compare(_spec(tmp_path), log=logs.append, progress=False)
     assert again.trained == [] and again.evaluated == []
+    assert (first.run_dirs["mae"] / "run.json").read_bytes() == run_json  # left untouched
     assert len(read_results(tmp_path / "results")) == len(rows)  # nothing duplicated
     assert again.table.equals(first.table)
     assert any("reusing the finished run" in line for line in logs)
