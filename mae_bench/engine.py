@@ -295,9 +295,8 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, *, resume: bool = True,
                 gen.manual_seed(t_cfg.seed * 1_000_003 + micro * 7919 + rank)
                 micro += 1
                 if batches.streaming:  # cropped in the workers: one uint8 batch per view
-                    parts = images if isinstance(images, (list, tuple)) else [images]
                     batch_views = [v.finish(x.to(device, non_blocking=True), gen)
-                                   for v, x in zip(views, parts, strict=True)]
+                                   for v, x in zip(views, images, strict=True)]
                 else:
                     images = images.to(device, non_blocking=True)
                     batch_views = [v(images, gen) for v in views]
