@@ -30,7 +30,8 @@ from mae_bench.methods import Batch, register_method
 class BYOL(BackboneMethod):
     """BYOL: online network with predictor, EMA target, normalised MSE, symmetric."""
 
-    defaults = {"train": {"blr": 1.5e-4, "weight_decay": 0.1},
+    defaults = {"train": {"blr": 1.5e-4, "weight_decay": 0.1, "lr_scaling": "sqrt",
+                          "lr_ref_batch": 4096},
                 "ssl": {"proj_hidden_dim": 2048, "proj_dim": 256, "momentum": 0.996}}
 
     def __init__(self, cfg: RunConfig, channels: int, img_size: int):

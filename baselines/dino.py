@@ -43,7 +43,8 @@ def teacher_temperature(epoch: float, start: float, end: float, warmup_epochs: f
 class DINO(BackboneMethod):
     """DINO: student / EMA teacher, centring and sharpening, optional multi-crop."""
 
-    defaults = {"train": {"blr": 5e-4, "weight_decay": 0.04},
+    defaults = {"train": {"blr": 5e-4, "weight_decay": 0.04, "lr_scaling": "sqrt",
+                          "lr_ref_batch": 1024},
                 "ssl": {"proj_hidden_dim": 2048, "proj_dim": 256, "out_dim": 4096,
                         "momentum": 0.996, "teacher_temp": 0.07, "warmup_teacher_temp": 0.04,
                         "student_temp": 0.1, "center_momentum": 0.9,

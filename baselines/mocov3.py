@@ -30,7 +30,8 @@ from mae_bench.methods import Batch, register_method
 class MoCoV3(BackboneMethod):
     """MoCo v3: query encoder + predictor, momentum key encoder, symmetric InfoNCE."""
 
-    defaults = {"train": {"blr": 1.5e-4, "weight_decay": 0.1},
+    defaults = {"train": {"blr": 1.5e-4, "weight_decay": 0.1, "lr_scaling": "sqrt",
+                          "lr_ref_batch": 4096},
                 "ssl": {"temperature": 0.2, "proj_hidden_dim": 2048, "proj_dim": 256,
                         "momentum": 0.99, "freeze_patch_embed": True}}
 

@@ -28,7 +28,8 @@ from mae_bench.methods import Batch, register_method
 class SimCLR(BackboneMethod):
     """SimCLR: encoder + projector, NT-Xent over two views."""
 
-    defaults = {"train": {"blr": 1.5e-4, "weight_decay": 0.1},
+    defaults = {"train": {"blr": 1.5e-4, "weight_decay": 0.1, "lr_scaling": "sqrt",
+                          "lr_ref_batch": 4096},
                 "ssl": {"temperature": 0.5, "proj_hidden_dim": 2048, "proj_dim": 128}}
 
     def __init__(self, cfg: RunConfig, channels: int, img_size: int):

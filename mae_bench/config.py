@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,10 @@ class MAEConfig:
     norm_pix_loss: bool = True  # the paper's default for its best representations
 
 
+# (section, key) of knobs that are left out of ``RunConfig.digest`` while None.
+ADDED_LATER = (("train", "lr_scaling"), ("train", "lr_ref_batch"))
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation: AdamW(0.9, 0.95), lr = blr x effective batch / 256, warmup then cosine."""
@@ -61,6 +66,10 @@ class TrainConfig:
     accum_iter: int = 1  # micro-batches per optimizer step
     blr: float | None = None  # None: the method's (MAE 1.5e-4; see each baseline's docstring)
     lr: float | None = None  # absolute learning rate; overrides blr when set
+    # How lr follows the batch (``peak_lr``): linear | sqrt; None: the method's (MAE linear,
+    # the baselines sqrt from their paper's batch, lr_ref_batch).
+    lr_scaling: str | None = None
+    lr_ref_batch: int | None = None
     min_lr: float = 0.0
     weight_decay: float | None = None  # None: the method's (MAE 0.05)
     warmup_epochs: float | None = None  # None: 5 % of the epochs (MAE: 40 of 800)
@@ -112,8 +121,15 @@ class RunConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def digest(self) -> str:
-        """A short content hash, stable across processes (for provenance and cache keys)."""
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        """A short content hash, stable across processes (for provenance and cache keys).
+
+        Knobs added after runs were published (``ADDED_LATER``) count only when set, so a config
+        written before they existed keeps its digest, and its runs are found again."""
+        raw = self.to_dict()
+        for section, key in ADDED_LATER:
+            if raw[section].get(key) is None:
+                del raw[section][key]
+        blob = json.dumps(raw, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
     @classmethod
@@ -174,6 +190,28 @@ def warmup_epochs(t: TrainConfig) -> float:
     return t.warmup_epochs if t.warmup_epochs is not None else 0.05 * t.epochs
 
 
+LR_SCALINGS = ("linear", "sqrt")
+
+
+def peak_lr(t: TrainConfig, eff_batch: int) -> float:
+    """The peak learning rate for an effective batch of ``eff_batch`` images.
+
+    ``lr`` when set. Otherwise the recipe's lr is ``blr x lr_ref_batch / 256`` at its own batch
+    ``lr_ref_batch``, carried to ``eff_batch`` linearly (Goyal et al. 2017: ``blr x eff_batch /
+    256``, whatever the reference) or by the square root (Malladi et al. 2022, the rule for
+    Adam-type optimisers: ``x sqrt(eff_batch / lr_ref_batch)``). The two agree at the reference
+    batch; far below it, the linear rule leaves a few hundred steps almost no learning rate.
+    """
+    if t.lr is not None:
+        return t.lr
+    if t.blr is None:
+        raise ValueError("peak_lr needs a resolved config (blr is None)")
+    if t.lr_scaling in (None, "linear"):
+        return t.blr * eff_batch / 256
+    ref = t.lr_ref_batch if t.lr_ref_batch is not None else 256
+    return t.blr * ref / 256 * math.sqrt(eff_batch / ref)
+
+
 def validate(cfg: RunConfig) -> None:
     """Check values that do not depend on the data set or the model (those are checked when the
     run is built, see ``mae_bench.methods.build_method``). Raises ConfigError."""
@@ -184,6 +222,10 @@ def validate(cfg: RunConfig) -> None:
         (t.accum_iter >= 1, f"--accum-iter must be >= 1, got {t.accum_iter}"),
         (t.blr is None or t.blr > 0, f"--blr must be > 0, got {t.blr}"),
         (t.lr is None or t.lr > 0, f"--lr must be > 0, got {t.lr}"),
+        (t.lr_scaling is None or t.lr_scaling in LR_SCALINGS,
+         f"unknown lr scaling '{t.lr_scaling}'; valid: {', '.join(LR_SCALINGS)}"),
+        (t.lr_ref_batch is None or t.lr_ref_batch >= 1,
+         f"--lr-ref-batch must be >= 1, got {t.lr_ref_batch}"),
         (t.min_lr >= 0, f"--min-lr must be >= 0, got {t.min_lr}"),
         (t.weight_decay is None or t.weight_decay >= 0,
          f"--weight-decay must be >= 0, got {t.weight_decay}"),

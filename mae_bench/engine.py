@@ -1,10 +1,11 @@
 """THE training loop, shared by every method.
 
 AdamW(0.9, 0.95) with weight decay except on biases / norms / tokens / position embeddings;
-lr = blr x effective batch / 256, linear warmup then cosine, set every optimizer step; gradient
-accumulation; bf16 autocast where the hardware runs it fast, fp16 + grad scaler on GPU, or fp32;
-a non-finite loss stops the run naming the step (the last good checkpoint stays); JSONL metrics
-(and TensorBoard when installed); atomic checkpoints; automatic resume.
+lr = blr x effective batch / 256 or the square-root rule (``config.peak_lr``), linear warmup
+then cosine, set every optimizer step; gradient accumulation; bf16 autocast where the hardware
+runs it fast, fp16 + grad scaler on GPU, or fp32; a non-finite loss stops the run naming the
+step (the last good checkpoint stays); JSONL metrics (and TensorBoard when installed); atomic
+checkpoints; automatic resume.
 
 Everything random in a step (crops, flips, masking) comes from a generator seeded by the global
 micro-batch index, and the data order from (seed, epoch): a resumed run replays exactly.
@@ -53,6 +54,7 @@ from mae_bench.checkpoint import (
     set_rng_state,
 )
 from mae_bench.config import RunConfig, validate, warmup_epochs
+from mae_bench.config import peak_lr as config_peak_lr
 from mae_bench.data import load_dataset
 from mae_bench.errors import CheckpointError, ConfigError, TrainingError
 from mae_bench.loader import TrainBatches
@@ -236,7 +238,7 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, *, resume: bool = True,
     steps_per_epoch = micro_per_epoch // t_cfg.accum_iter
     total_steps = max(1, round(steps_per_epoch * t_cfg.epochs))  # epochs may be fractional
     eff_batch = t_cfg.batch_size * t_cfg.accum_iter * world_size
-    peak_lr = t_cfg.lr if t_cfg.lr is not None else t_cfg.blr * eff_batch / 256
+    peak_lr = config_peak_lr(t_cfg, eff_batch)
 
     optimizer = build_optimizer(method, t_cfg.weight_decay, device)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None

@@ -60,3 +60,38 @@ def test_validate_messages(section, values, match):
 
 def test_defaults_are_valid():
     validate(RunConfig())
+
+
+def test_peak_lr_linear_and_square_root_rules():
+    from mae_bench.config import TrainConfig, peak_lr
+
+    # linear (Goyal et al.): blr x batch / 256, whatever the reference batch
+    assert peak_lr(TrainConfig(blr=1.5e-4), 128) == pytest.approx(7.5e-5)
+    assert peak_lr(TrainConfig(blr=1.5e-4, lr_scaling="linear", lr_ref_batch=4096), 128) == \
+        pytest.approx(7.5e-5)
+    # sqrt: the recipe's lr at its batch (1.5e-4 x 4096 / 256 = 2.4e-3) x sqrt(128 / 4096)
+    sqrt = TrainConfig(blr=1.5e-4, lr_scaling="sqrt", lr_ref_batch=4096)
+    assert peak_lr(sqrt, 128) == pytest.approx(2.4e-3 / 32 ** 0.5)
+    assert peak_lr(sqrt, 4096) == pytest.approx(2.4e-3)  # the rules agree at the reference
+    assert peak_lr(TrainConfig(blr=1.5e-4, lr=1e-3, lr_scaling="sqrt"), 128) == 1e-3
+
+
+def test_bad_lr_scaling_is_named():
+    with pytest.raises(ConfigError, match="unknown lr scaling 'cubic'; valid: linear, sqrt"):
+        validate(RunConfig().replace(train={"lr_scaling": "cubic"}))
+    with pytest.raises(ConfigError, match="--lr-ref-batch must be >= 1, got 0"):
+        validate(RunConfig().replace(train={"lr_ref_batch": 0}))
+
+
+def test_digest_ignores_later_knobs_until_set():
+    """Configs written before lr_scaling existed keep their digest (compare finds their runs)."""
+    cfg = RunConfig()
+    raw = cfg.to_dict()
+    for section, key in (("train", "lr_scaling"), ("train", "lr_ref_batch")):
+        del raw[section][key]
+    import hashlib
+    import json
+
+    old = hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:12]
+    assert cfg.digest() == old
+    assert cfg.replace(train={"lr_scaling": "sqrt"}).digest() != old
