@@ -697,6 +697,10 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in text.split(",") if v.strip())
 
 
+# `sweep` and `report` live in their own module; importing it registers them on `app`.
+from mae_bench import cli_sweep  # noqa: E402, F401
+
+
 def main() -> None:
     """Console-script entry point: user errors exit 2 with one line, training failures 1."""
     try:
@@ -725,5 +729,7 @@ def main() -> None:
     sys.exit(code if isinstance(code, int) else 0)
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # run the imported module's main: cli_sweep registers on that app
+    from mae_bench.cli import main as _main
+
+    _main()

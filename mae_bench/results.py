@@ -51,7 +51,7 @@ RESULT = ("value", "status", "error")
 EVAL_KNOBS = ("k", "temperature", "pool", "probe", "label_fraction", "init", "blocks", "epochs")
 PRETRAIN_KNOBS = ("mask_ratio", "pretrain_epochs", "seed")
 KNOBS = EVAL_KNOBS + PRETRAIN_KNOBS
-COST = ("pretrain_seconds", "eval_seconds", "gflops_per_image")
+COST = ("pretrain_seconds", "eval_seconds", "gflops_per_image", "pretrain_gflops")
 PROVENANCE = ("timestamp", "git_sha", "config_hash")
 COLUMNS = IDENTITY + RESULT + KNOBS + COST + PROVENANCE
 

@@ -166,6 +166,9 @@ PRESETS: dict[str, ArchPreset] = {
     "vit_tiny_patch4": _preset(4, 192, 12, 3, (128, 4, 4), 32),
     "vit_small_patch4": _preset(4, 384, 12, 6, (256, 4, 8), 32),
     "vit_tiny_patch2": _preset(2, 192, 12, 3, (128, 4, 4), 16),
+    # ViT-Tiny on 16 patches of 8 x 8 px: a quarter of ViT-Tiny/4's tokens, for CPU-sized
+    # sweeps on 32-px images (every pixel is still seen; a patch is a 192-d target).
+    "vit_tiny_patch8": _preset(8, 192, 12, 3, (128, 4, 4), 32),
     "vit_small_patch2": _preset(2, 384, 12, 6, (256, 4, 8), 16),
     # ViT-Mini: a quarter of ViT-Tiny's compute (half the depth, 2/3 the width), for CPU-sized
     # comparisons (the default `mae-bench compare`, short CIFAR-10 benchmarks).

@@ -1,0 +1,392 @@
+"""``mae-bench sweep KNOB``: pretrain and evaluate every (value, seed) point of one knob.
+
+Each point is one run folder, ``runs_dir/KNOB-DATASET-ARCH/KNOB=VALUE-seedS-DIGEST`` (the digest
+covers every setting, so a changed setting never reuses a run made with another), and its rows
+in the results store carry ``sweep`` (the knob's name), the knob's column, the seed, and the
+pretraining cost (``gflops_per_image``, ``pretrain_gflops``).
+
+Resuming: a point whose rows are all in the store (``ok`` or ``failed``) is skipped, so re-running
+a sweep never duplicates rows; a half-trained run resumes from its checkpoint and a protocol
+already evaluated is not evaluated again. ``retry_failed`` runs failed points again (their old
+``failed`` rows stay in the append-only store; the report counts a failure only when no later
+``ok`` row exists for the same run, protocol and metric).
+
+Failures: a point that raises (a non-finite loss, a damaged checkpoint, out of memory) gets one
+``failed`` row per missing protocol, with the error, and the sweep goes on. Bad input (an unknown
+knob, a value out of range, a setting the model cannot build) is found before anything runs.
+
+Every finished point attempt appends one line to ``results_dir/sweeps.jsonl`` (the manifest the
+report reads: run folder, command, versions).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from evals.run import PROTOCOLS, EvalSpec, run_eval, validate_spec
+from evals.sweep_knobs import SweepKnob, get_knob
+from mae_bench.config import RunConfig, validate
+from mae_bench.data import load_dataset
+from mae_bench.errors import ConfigError
+from mae_bench.methods import build_method, resolve_config
+from mae_bench.results import append_rows, git_sha, make_row, read_results
+
+MANIFEST = "sweeps.jsonl"
+COST_FILE = "sweep.json"
+# The paper's grids (He et al. 2021, Fig. 5 and Table 1), used when --values is not given.
+DEFAULT_VALUES = {
+    "mask-ratio": "0.1,0.25,0.5,0.75,0.9",
+    "decoder-depth": "1,2,4,8",
+    "decoder-dim": "64,128,256",
+    "mask-strategy": "random,block,grid",
+    "norm-pix-loss": "true,false",
+    "method": "mae,simclr,mocov3,byol,dino",
+}
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """One sweep, as the user asked for it (built once at the edge, by the CLI)."""
+
+    knob: str
+    values: tuple[str, ...] = ()  # as typed; empty: the knob's DEFAULT_VALUES
+    seeds: tuple[int, ...] = (0,)
+    protocols: tuple[str, ...] = ("knn", "linear")
+    method: str = "mae"
+    dataset: str = "digits"
+    data_dir: str | None = None
+    arch: str = "vit_mini_patch2"
+    img_size: int | None = None
+    epochs: float = 5.0  # every point's pretraining length (unless the knob is epochs)
+    batch_size: int | None = None
+    k: int = 20
+    label_fraction: float = 0.1  # fewshot only
+    pool: str = "cls"
+    device: str = "auto"
+    precision: str = "auto"
+    num_workers: int | None = None
+    runs_dir: str = "runs/sweeps"
+    results_dir: str = "results"
+    cache_dir: str | None = None
+    use_cache: bool = True
+    retry_failed: bool = False
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # more config (YAML)
+    command: str = ""  # the command line, for the manifest and the report
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    value: Any
+    seed: int
+    cfg: RunConfig
+    run_dir: Path
+
+
+@dataclass(frozen=True)
+class PointState:
+    point: SweepPoint
+    done: tuple[str, ...]  # protocols with rows in the store
+    failed: tuple[str, ...]  # ... of which only failed rows
+    trained: bool  # the run folder holds a finished run
+    complete: bool  # every protocol has rows
+
+    @property
+    def status(self) -> str:
+        if self.complete:
+            return "failed" if self.failed else "done"
+        return "partly evaluated" if self.done else "trained" if self.trained else "to do"
+
+
+@dataclass
+class SweepOutcome:
+    states: list[PointState]  # as found before this call ran anything
+    ran: list[str]  # "value/seed" of points this call trained or evaluated
+    failed: list[str]  # ... of which failed, with the error
+    seconds: float
+
+
+# --- planning --------------------------------------------------------------------------------
+
+
+def knob_values(spec: SweepSpec) -> tuple[SweepKnob, list[Any]]:
+    """The knob and its parsed values. Raises ConfigError on a bad name or value."""
+    knob = get_knob(spec.knob)
+    raw = spec.values or tuple(DEFAULT_VALUES.get(knob.name, "").split(","))
+    raw = tuple(v.strip() for v in raw if v.strip())
+    if not raw:
+        raise ConfigError(f"sweep {knob.name} needs --values (e.g. --values 5,10,20)")
+    values = [knob.parse(v) for v in raw]
+    if len(set(values)) != len(values):
+        raise ConfigError(f"--values lists a value twice: {','.join(raw)}")
+    return knob, values
+
+
+def validate_sweep(spec: SweepSpec) -> tuple[SweepKnob, list[Any]]:
+    """Checks that need nothing loaded. Raises ConfigError naming the bad value and the fix."""
+    knob, values = knob_values(spec)
+    if not spec.seeds:
+        raise ConfigError("--seeds needs at least one seed")
+    if len(set(spec.seeds)) != len(spec.seeds):
+        raise ConfigError(f"--seeds lists a seed twice: {','.join(map(str, spec.seeds))}")
+    if knob.mae_only and spec.method != "mae":
+        raise ConfigError(f"{knob.name} is an MAE knob; --method {spec.method} does not have it")
+    if not spec.protocols:
+        raise ConfigError("--protocols needs at least one protocol")
+    if len(set(spec.protocols)) != len(spec.protocols):
+        raise ConfigError(f"--protocols lists a protocol twice: {','.join(spec.protocols)}")
+    for protocol in spec.protocols:
+        if protocol not in PROTOCOLS:
+            raise ConfigError(f"unknown protocol '{protocol}'; valid: {', '.join(PROTOCOLS)}")
+        validate_spec(_eval_spec(spec, protocol, Path("run"), {}))
+    if spec.k < 1:
+        raise ConfigError(f"--k must be >= 1, got {spec.k}")
+    if spec.epochs <= 0:
+        raise ConfigError(f"--epochs must be > 0, got {spec.epochs:g}")
+    return knob, values
+
+
+def plan_points(spec: SweepSpec) -> list[SweepPoint]:
+    """Every (value, seed) point, its full config and run folder, values outermost.
+
+    Each point's model is built once (a few ms for small presets) so that a value the model
+    cannot take (a mask ratio that leaves no patch visible, a decoder width its heads do not
+    divide, an image size the patch does not divide) is an error before anything runs.
+
+    Raises:
+        ConfigError / DataError: bad input (nothing is written).
+    """
+    knob, values = validate_sweep(spec)
+    info = load_dataset(spec.dataset, "train", spec.data_dir).info  # fails early on bad data
+    base = RunConfig.from_dict(spec.overrides) if spec.overrides else RunConfig()
+    base = base.replace(
+        model={"arch": spec.arch, "img_size": spec.img_size},
+        data={"dataset": spec.dataset, "data_dir": spec.data_dir,
+              "num_workers": spec.num_workers},
+        train={"method": spec.method, "epochs": spec.epochs, "batch_size": spec.batch_size,
+               "device": spec.device, "precision": spec.precision},
+    )
+    group = Path(spec.runs_dir) / f"{knob.name}-{spec.dataset}-{spec.arch}"
+    points = []
+    for value in values:
+        cfg = base.replace(**{knob.section: {knob.key: value}})
+        validate(cfg)
+        cfg = resolve_config(cfg)
+        try:
+            build_method(cfg, info.channels, cfg.model.img_size or info.img_size)
+        except ConfigError as err:
+            raise ConfigError(f"{knob.name}={_fmt(value)}: {err}") from None
+        except (AssertionError, ValueError, RuntimeError) as err:  # e.g. heads not dividing dim
+            raise ConfigError(f"{knob.name}={_fmt(value)} cannot be built with --arch "
+                              f"{spec.arch}: {str(err).splitlines()[0] if str(err) else err!r}"
+                              ) from None
+        for seed in spec.seeds:
+            seeded = cfg.replace(train={"seed": seed})
+            name = f"{knob.name}={_fmt(value)}-seed{seed}-{seeded.digest()[:8]}"
+            points.append(SweepPoint(value, seed, seeded, group / name))
+    return points
+
+
+def point_states(spec: SweepSpec, points: list[SweepPoint]) -> list[PointState]:
+    """What the store and the run folders already hold for each point."""
+    store = _store(spec.results_dir)
+    states = []
+    for p in points:
+        rows = _rows_of(store, spec, p)
+        done = tuple(pr for pr in spec.protocols if pr in set(rows["protocol"]))
+        ok = set(rows.loc[rows["status"] == "ok", "protocol"]) if len(rows) else set()
+        failed = tuple(pr for pr in done if pr not in ok)
+        states.append(PointState(p, done, failed, _finished(p.run_dir),
+                                 complete=len(done) == len(spec.protocols)))
+    return states
+
+
+# --- running ---------------------------------------------------------------------------------
+
+
+def run_sweep(spec: SweepSpec, log: Log = print, progress: bool = True, console=None,
+              eval_progress=None) -> SweepOutcome:
+    """Run every point that is not already in the store; record failures and go on."""
+    start = time.perf_counter()
+    knob, _ = validate_sweep(spec)
+    points = plan_points(spec)
+    states = point_states(spec, points)
+    ran: list[str] = []
+    failed: list[str] = []
+    for i, state in enumerate(states, 1):
+        p = state.point
+        label = f"{knob.name}={_fmt(p.value)} seed {p.seed}"
+        retry = spec.retry_failed and state.failed
+        if state.complete and not retry:
+            log(f"[{i}/{len(states)}] {label}: {state.status}, skipped")
+            continue
+        todo = [pr for pr in spec.protocols
+                if pr not in state.done or (retry and pr in state.failed)]
+        log(f"[{i}/{len(states)}] {label}: {', '.join(todo)} in {p.run_dir}")
+        ran.append(f"{_fmt(p.value)}/{p.seed}")
+        try:
+            extra = _pretrain_point(spec, knob, p, progress, console)
+            for protocol in todo:
+                log(f"  evaluating {protocol}")
+                run_eval(_eval_spec(spec, protocol, p.run_dir, extra), eval_progress)
+        except Exception as err:  # noqa: BLE001 - any failure of one point is recorded
+            message = _one_line(err)
+            log(f"  failed: {message}")
+            failed.append(f"{label}: {message}")
+            remaining = [pr for pr in todo if pr not in set(
+                _rows_of(_store(spec.results_dir), spec, p, ok_only=True)["protocol"])]
+            _record_failure(spec, knob, p, remaining, message)
+            _append_manifest(spec, knob, p, "failed", message)
+            continue
+        _append_manifest(spec, knob, p, "ok", None)
+    return SweepOutcome(states, ran, failed, time.perf_counter() - start)
+
+
+def _pretrain_point(spec: SweepSpec, knob: SweepKnob, p: SweepPoint, progress: bool,
+                    console) -> dict[str, Any]:
+    """Train (or resume, or reuse) the point's run; the extra fields its rows carry."""
+    from mae_bench.engine import pretrain
+    from mae_bench.speed import measure_training
+
+    if not _finished(p.run_dir):
+        pretrain(p.cfg, p.run_dir, progress=progress, console=console)
+    cost = _read_json(p.run_dir / COST_FILE)
+    if "gflops_per_image" not in cost:
+        speed = measure_training(p.cfg, steps=1, warmup=0)
+        summary = _read_json(p.run_dir / "summary.json")
+        t = p.cfg.train
+        images = int(summary["total_steps"]) * t.batch_size * t.accum_iter
+        cost = {"gflops_per_image": float(f"{speed.gflops_per_image:.4g}"),
+                "pretrain_images": images,
+                "pretrain_gflops": float(f"{speed.gflops_per_image * images:.4g}")}
+        _write_json(p.run_dir / COST_FILE, cost)
+    extra: dict[str, Any] = {"sweep": knob.name, "gflops_per_image": cost["gflops_per_image"],
+                             "pretrain_gflops": cost["pretrain_gflops"]}
+    if knob.column not in ("mask_ratio", "mask_strategy", "norm_pix_loss", "pretrain_epochs",
+                           "method"):  # the rows carry those already
+        extra[knob.column] = p.value
+    return extra
+
+
+def _record_failure(spec: SweepSpec, knob: SweepKnob, p: SweepPoint, protocols: list[str],
+                    message: str) -> None:
+    cfg = p.cfg
+    rows = []
+    for protocol in protocols:
+        fields: dict[str, Any] = {"sweep": knob.name, "seed": p.seed,
+                                  "checkpoint": p.run_dir.name}
+        if knob.column not in ("method",):
+            fields[knob.column] = p.value
+        if cfg.train.method == "mae":
+            fields.setdefault("mask_ratio", cfg.mae.mask_ratio)
+        rows.append(make_row(run_id=p.run_dir.name, method=cfg.train.method,
+                             arch=cfg.model.arch, dataset=spec.dataset, protocol=protocol,
+                             metric="top1", value=None, status="failed", error=message,
+                             **fields))
+    if rows:
+        append_rows(spec.results_dir, rows)
+
+
+# --- the manifest ----------------------------------------------------------------------------
+
+
+def versions(device: str = "") -> dict[str, str]:
+    """Library and platform versions for the manifest (what produced the numbers)."""
+    import numpy
+    import torch
+
+    import mae_bench
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "numpy": numpy.__version__, "mae_bench": getattr(mae_bench, "__version__", "?"),
+            "platform": platform.platform(), "processor": platform.processor() or "?",
+            "device": device or ("cuda" if torch.cuda.is_available() else "cpu")}
+
+
+def _append_manifest(spec: SweepSpec, knob: SweepKnob, p: SweepPoint, status: str,
+                     error: str | None) -> None:
+    summary = _read_json(p.run_dir / "summary.json")
+    device = " ".join(str(summary[k]) for k in ("device", "precision") if k in summary)
+    line = {"sweep": knob.name, "column": knob.column, "value": p.value, "seed": p.seed,
+            "run_id": p.run_dir.name, "run_dir": str(p.run_dir.resolve()),
+            "method": p.cfg.train.method, "arch": p.cfg.model.arch, "dataset": spec.dataset,
+            "status": status, "error": error, "command": spec.command,
+            "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "git_sha": git_sha(), "versions": versions(device)}
+    path = Path(spec.results_dir) / MANIFEST
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = (json.dumps(line, sort_keys=True) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:  # one write of a whole line: concurrent sweeps never interleave within a line
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def _eval_spec(spec: SweepSpec, protocol: str, run_dir: Path, extra: dict[str, Any]
+               ) -> EvalSpec:
+    return EvalSpec(protocol=protocol, checkpoint=str(run_dir), dataset=spec.dataset,
+                    data_dir=spec.data_dir, pool=spec.pool,
+                    label_fraction=spec.label_fraction if protocol == "fewshot" else 1.0,
+                    device=spec.device, precision=spec.precision, cache_dir=spec.cache_dir,
+                    use_cache=spec.use_cache, results_dir=spec.results_dir, extra=extra)
+
+
+def _rows_of(store: pd.DataFrame, spec: SweepSpec, p: SweepPoint, ok_only: bool = False
+             ) -> pd.DataFrame:
+    """The store's rows of one point (matched by run folder name, data set and pool)."""
+    if store.empty or "checkpoint" not in store:
+        return pd.DataFrame({"protocol": [], "status": []})
+    sel = store[(store["checkpoint"] == p.run_dir.name) & (store["dataset"] == spec.dataset)]
+    if "pool" in sel:
+        sel = sel[sel["pool"].isna() | (sel["pool"] == spec.pool)]
+    if ok_only:
+        sel = sel[sel["status"] == "ok"]
+    return sel
+
+
+def _store(results_dir: str) -> pd.DataFrame:
+    path = Path(results_dir)
+    if not (path / "results.jsonl").is_file():
+        return pd.DataFrame()
+    return read_results(path)
+
+
+def _finished(run_dir: Path) -> bool:
+    return bool(_read_json(run_dir / "summary.json").get("finished"))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:
+        return {}
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value).lower() \
+        if isinstance(value, bool) else str(value)
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")

@@ -1,0 +1,122 @@
+"""The knobs ``mae-bench sweep`` can vary: how a value is parsed and checked, where it goes in
+the run config, and which results-store column carries it (the report plots against that
+column).
+
+MAE's paper ablates each of these (Table 1 and Fig. 5 of He et al. 2021): the mask ratio, the
+decoder's depth and width, the mask sampling strategy, the reconstruction target
+(``norm_pix_loss``) and the schedule length; ``method`` is what ``mae-bench compare`` varies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from mae_bench.errors import ConfigError
+from mae_bench.masking import MASK_STRATEGIES
+
+
+@dataclass(frozen=True)
+class SweepKnob:
+    """One sweepable knob.
+
+    Attributes:
+        name: the CLI name (``mask-ratio``).
+        column: the results-store column that holds the value (``mask_ratio``).
+        section / key: where the value goes in ``RunConfig`` (``mae`` / ``mask_ratio``).
+        parse: text -> value; raises ConfigError naming the bad text.
+        numeric: plotted on a numeric axis (else one bar per value).
+        mae_only: only MAE runs have it (other methods would ignore it).
+    """
+
+    name: str
+    column: str
+    section: str
+    key: str
+    parse: Callable[[str], Any]
+    numeric: bool
+    mae_only: bool
+
+
+def _float_in(low: float, high: float, what: str) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ConfigError(f"{what} must be a number, got '{text}'") from None
+        if not low < value < high:
+            raise ConfigError(f"{what} must be in ({low:g}, {high:g}), got {text}")
+        return value
+    return parse
+
+
+def _positive_int(what: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise ConfigError(f"{what} must be a whole number, got '{text}'") from None
+        if value < 1:
+            raise ConfigError(f"{what} must be >= 1, got {text}")
+        return value
+    return parse
+
+
+def _positive_float(what: str) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ConfigError(f"{what} must be a number, got '{text}'") from None
+        if not value > 0:
+            raise ConfigError(f"{what} must be > 0, got {text}")
+        return value
+    return parse
+
+
+def _choice(choices: tuple[str, ...], what: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise ConfigError(f"unknown {what} '{text}'; valid: {', '.join(choices)}")
+        return text
+    return parse
+
+
+def _bool(text: str) -> bool:
+    truth = {"true": True, "1": True, "yes": True, "on": True,
+             "false": False, "0": False, "no": False, "off": False}
+    if text.lower() not in truth:
+        raise ConfigError(f"norm-pix-loss values must be true or false, got '{text}'")
+    return truth[text.lower()]
+
+
+def _method(text: str) -> str:
+    from mae_bench.methods import method_class
+
+    method_class(text)  # raises ConfigError listing the valid names
+    return text
+
+
+SWEEP_KNOBS: dict[str, SweepKnob] = {k.name: k for k in (
+    SweepKnob("mask-ratio", "mask_ratio", "mae", "mask_ratio",
+              _float_in(0.0, 1.0, "mask-ratio values"), numeric=True, mae_only=True),
+    SweepKnob("decoder-depth", "decoder_depth", "model", "decoder_depth",
+              _positive_int("decoder-depth values"), numeric=True, mae_only=True),
+    SweepKnob("decoder-dim", "decoder_dim", "model", "decoder_embed_dim",
+              _positive_int("decoder-dim values"), numeric=True, mae_only=True),
+    SweepKnob("mask-strategy", "mask_strategy", "mae", "mask_strategy",
+              _choice(tuple(MASK_STRATEGIES), "mask strategy"), numeric=False, mae_only=True),
+    SweepKnob("norm-pix-loss", "norm_pix_loss", "mae", "norm_pix_loss", _bool,
+              numeric=False, mae_only=True),
+    SweepKnob("epochs", "pretrain_epochs", "train", "epochs",
+              _positive_float("epochs values"), numeric=True, mae_only=False),
+    SweepKnob("method", "method", "train", "method", _method, numeric=False, mae_only=False),
+)}
+
+
+def get_knob(name: str) -> SweepKnob:
+    """The knob called ``name``. Raises ConfigError listing the valid names."""
+    if name not in SWEEP_KNOBS:
+        raise ConfigError(f"unknown sweep knob '{name}'; valid: {', '.join(SWEEP_KNOBS)}")
+    return SWEEP_KNOBS[name]

@@ -1,0 +1,166 @@
+"""``mae-bench sweep`` and ``mae-bench report``: registered on ``mae_bench.cli.app`` when that
+module is imported (it imports this one last)."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from mae_bench.cli import _names, _task_progress, app, console, out
+from mae_bench.config import RunConfig
+from mae_bench.errors import ConfigError
+
+
+@app.command()
+def sweep(
+    knob: Annotated[
+        str,
+        typer.Argument(help="What to vary: mask-ratio, decoder-depth, decoder-dim, "
+                       "mask-strategy, norm-pix-loss, epochs or method.", show_default=False),
+    ],
+    values: Annotated[
+        str,
+        typer.Option(help="Values, comma-separated (default: the MAE paper's grid, e.g. "
+                     "mask-ratio 0.1,0.25,0.5,0.75,0.9; epochs needs them)."),
+    ] = None,
+    seeds: Annotated[
+        str, typer.Option(help="Pretraining seeds, comma-separated: each value runs once per "
+                          "seed, so tables give mean ± std and a 95 % interval.")
+    ] = "0",
+    protocols: Annotated[
+        str, typer.Option(help="Evaluations, comma-separated: knn, linear, fewshot, finetune, "
+                          "partial-finetune.")
+    ] = "knn,linear",
+    method: Annotated[
+        str, typer.Option(help="The method every point pretrains (MAE knobs need mae).")
+    ] = "mae",
+    dataset: Annotated[str, typer.Option(help="Data set for pretraining and evaluation.")] = (
+        "digits"),
+    data_dir: Annotated[Path, typer.Option(help="Where the data set lives.")] = None,
+    arch: Annotated[
+        str, typer.Option(help="ViT preset (vit_tiny_patch4 / vit_mini_patch4 for 32-px images).")
+    ] = "vit_mini_patch2",
+    img_size: Annotated[int, typer.Option(help="Training image size (default: the data's).")] = (
+        None),
+    epochs: Annotated[
+        float, typer.Option(help="Pretraining epochs of every point (may be fractional).")
+    ] = 5.0,
+    batch_size: Annotated[int, typer.Option(help="Pretraining batch size (default 128).")] = None,
+    k: Annotated[int, typer.Option("--k", help="The k shown in the summary (all k are kept).")
+                 ] = 20,
+    label_fraction: Annotated[
+        float, typer.Option(help="fewshot: fraction of the labels used.")
+    ] = 0.1,
+    pool: Annotated[str, typer.Option(help="Frozen features: cls | mean.")] = "cls",
+    config: Annotated[
+        Path,
+        typer.Option(help="YAML with more pretraining settings for every point; the options "
+                     "above and the swept knob win."),
+    ] = None,
+    runs_dir: Annotated[Path, typer.Option(help="Where the run folders go.")] = Path(
+        "runs/sweeps"),
+    results_dir: Annotated[
+        Path, typer.Option(help="Results store: rows are appended to DIR/results.jsonl, the "
+                           "points to DIR/sweeps.jsonl.")
+    ] = Path("results"),
+    retry_failed: Annotated[
+        bool, typer.Option("--retry-failed", help="Run points recorded as failed again.")
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="List the points and what is already done; run "
+                           "nothing, write nothing.")
+    ] = False,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto | bf16 | fp16 | fp32.")] = "auto",
+    num_workers: Annotated[int, typer.Option(help="Loader workers for streamed data.")] = None,
+    cache_dir: Annotated[Path, typer.Option(help="Feature cache folder.")] = None,
+    progress: Annotated[
+        bool, typer.Option("--progress/--no-progress", help="Show progress bars.")
+    ] = True,
+) -> None:
+    """Pretrain and evaluate every value x seed of one knob (the MAE paper's ablations).
+
+    Resumable: re-running skips points whose rows are in the store (never duplicating rows) and
+    resumes a half-trained run; a point that fails is recorded as failed and the sweep goes on.
+    Then `mae-bench report` draws the tables and figures."""
+    import yaml
+
+    from evals.sweep import SweepSpec, plan_points, point_states, run_sweep
+
+    overrides = {}
+    if config is not None:
+        RunConfig.from_yaml(config)  # unknown keys and bad YAML fail here, with one line
+        overrides = yaml.safe_load(config.read_text()) or {}
+    spec = SweepSpec(
+        knob=knob, values=_names(values) if values is not None else (),
+        seeds=_ints(seeds, "--seeds"), protocols=_names(protocols), method=method,
+        dataset=dataset, data_dir=str(data_dir) if data_dir is not None else None, arch=arch,
+        img_size=img_size, epochs=epochs, batch_size=batch_size, k=k,
+        label_fraction=label_fraction, pool=pool, device=device, precision=precision,
+        num_workers=num_workers, runs_dir=str(runs_dir), results_dir=str(results_dir),
+        cache_dir=str(cache_dir) if cache_dir is not None else None,
+        retry_failed=retry_failed, overrides=overrides,
+        command=shlex.join(["mae-bench", *sys.argv[1:]]),
+    )
+    if dry_run:
+        states = point_states(spec, plan_points(spec))
+        table = Table(title=f"sweep {knob}: {len(states)} points (dry run: nothing runs)")
+        for col in ("value", "seed", "status", "protocols with rows", "run folder"):
+            table.add_column(col)
+        for s in states:
+            table.add_row(str(s.point.value), str(s.point.seed), s.status,
+                          ", ".join(s.done) or "-", str(s.point.run_dir))
+        out.print(table)
+        todo = sum(not s.complete or (retry_failed and bool(s.failed)) for s in states)
+        out.print(f"{len(states) - todo} done, {todo} to run")
+        return
+
+    def log(line: str) -> None:
+        console.print(line, highlight=False, markup=False)
+
+    with _task_progress(progress) as report:
+        outcome = run_sweep(spec, log=log, progress=progress, console=console,
+                            eval_progress=report)
+    out.print(f"sweep {knob}: ran {len(outcome.ran)} point(s), {len(outcome.failed)} failed, "
+              f"{len(outcome.states) - len(outcome.ran)} already done; {outcome.seconds:.0f} s; "
+              f"rows in {results_dir / 'results.jsonl'}")
+    for line in outcome.failed:
+        out.print(f"  failed: {line}")
+    out.print(f"next: mae-bench report --results-dir {results_dir}")
+
+
+@app.command()
+def report(
+    results_dir: Annotated[
+        Path, typer.Option(help="The results store (DIR/results.jsonl, DIR/sweeps.jsonl).")
+    ] = Path("results"),
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Folder for report.md, report.html and the figures.")
+    ] = Path("report"),
+    grids: Annotated[
+        bool, typer.Option("--grids/--no-grids",
+                           help="Draw reconstruction grids from the sweeps' MAE checkpoints.")
+    ] = True,
+    title: Annotated[str, typer.Option(help="The report's title.")] = "mae-bench report",
+) -> None:
+    """Write a Markdown + HTML report of a results store: tables (mean ± std, n, 95 %
+    interval, best marked), accuracy vs. each swept knob, accuracy vs. cost, loss curves,
+    reconstruction grids, and the commands and versions that made them."""
+    from evals.report import build_report
+
+    outcome = build_report(results_dir, out_dir, grids=grids, title=title)
+    for note in outcome.notes:
+        console.print(f"note: {note}", highlight=False, markup=False)
+    out.print(f"wrote {outcome.markdown}, {outcome.html} and {len(outcome.figures)} figure(s)")
+
+
+def _ints(text: str, option: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in _names(text))
+    except ValueError:
+        raise ConfigError(f"{option} takes whole numbers, comma-separated; got '{text}'") from None

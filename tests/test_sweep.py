@@ -1,0 +1,265 @@
+"""``mae-bench sweep``: every (value, seed) point trained and evaluated once, resumable after a
+kill, a failing point recorded as failed while the others finish, bad input rejected first."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from cli_helpers import run_cli
+
+from evals.sweep import MANIFEST, SweepSpec, plan_points, point_states, run_sweep
+from evals.sweep_knobs import SWEEP_KNOBS, get_knob
+from mae_bench.errors import ConfigError, TrainingError
+from mae_bench.results import read_results
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# A micro ViT on digits for 2 optimizer steps: a point takes about a second.
+TINY = {"arch": "vit_micro_patch2", "epochs": 0.1, "batch_size": 64, "protocols": ("knn",)}
+
+
+def _spec(tmp_path: Path, **kw) -> SweepSpec:
+    base = {"knob": "mask-ratio", "values": ("0.5", "0.75"), "seeds": (0,),
+            "runs_dir": str(tmp_path / "runs"), "results_dir": str(tmp_path / "results"),
+            "cache_dir": str(tmp_path / "cache"), "command": "mae-bench sweep test"}
+    return SweepSpec(**(base | TINY | kw))
+
+
+def _point_counts(results_dir: Path) -> dict[tuple, int]:
+    """Rows per (run, protocol, metric, k): a sweep that duplicated a row shows a 2."""
+    df = read_results(results_dir)
+    df["k"] = df["k"].fillna(-1)  # retrieval metrics have no k (NaN keys never compare equal)
+    counts = df.groupby(["checkpoint", "protocol", "metric", "k"]).size()
+    return {key: int(n) for key, n in counts.items()}
+
+
+# --- knobs and planning ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("knob", "text", "message"), [
+    ("mask-ratio", "1.0", "mask-ratio values must be in (0, 1), got 1.0"),
+    ("mask-ratio", "x", "mask-ratio values must be a number, got 'x'"),
+    ("decoder-depth", "0", "decoder-depth values must be >= 1, got 0"),
+    ("decoder-dim", "1.5", "decoder-dim values must be a whole number, got '1.5'"),
+    ("mask-strategy", "checker", "unknown mask strategy 'checker'; valid: random, block, grid"),
+    ("norm-pix-loss", "maybe", "norm-pix-loss values must be true or false, got 'maybe'"),
+    ("epochs", "-1", "epochs values must be > 0, got -1"),
+])
+def test_bad_values_are_named(knob, text, message):
+    with pytest.raises(ConfigError) as err:
+        get_knob(knob).parse(text)
+    assert str(err.value) == message
+
+
+def test_knob_values_parse_to_config_types():
+    assert get_knob("mask-ratio").parse("0.75") == 0.75
+    assert get_knob("decoder-depth").parse("4") == 4
+    assert get_knob("norm-pix-loss").parse("False") is False
+    assert get_knob("method").parse("dino") == "dino"
+    with pytest.raises(ConfigError, match="unknown method 'dinov2'"):
+        get_knob("method").parse("dinov2")
+    with pytest.raises(ConfigError, match="unknown sweep knob 'lr'; valid: mask-ratio"):
+        get_knob("lr")
+
+
+def test_plan_puts_each_value_in_the_config_and_names_runs_apart(tmp_path):
+    spec = _spec(tmp_path, knob="decoder-depth", values=("1", "2"), seeds=(0, 3))
+    points = plan_points(spec)
+    assert [(p.value, p.seed) for p in points] == [(1, 0), (1, 3), (2, 0), (2, 3)]
+    assert [p.cfg.model.decoder_depth for p in points] == [1, 1, 2, 2]
+    assert [p.cfg.train.seed for p in points] == [0, 3, 0, 3]
+    assert len({p.run_dir for p in points}) == 4
+    assert points[0].run_dir.parent.name == "decoder-depth-digits-vit_micro_patch2"
+    assert points[1].run_dir.name.startswith("decoder-depth=1-seed3-")
+    assert points[0].cfg.train.blr == 1.5e-4  # method defaults resolved
+
+
+@pytest.mark.parametrize(("kw", "message"), [
+    ({"knob": "mask-ratio", "method": "simclr"},
+     "mask-ratio is an MAE knob; --method simclr does not have it"),
+    ({"values": ("0.5", "0.5")}, "--values lists a value twice: 0.5,0.5"),
+    ({"seeds": (1, 1)}, "--seeds lists a seed twice: 1,1"),
+    ({"protocols": ("knn", "probe")}, "unknown protocol 'probe'; valid: knn, linear"),
+    ({"knob": "epochs", "values": ()}, "sweep epochs needs --values"),
+    ({"values": ("0.97",)}, "mask-ratio=0.97: mask_ratio=0.97 leaves 0 of 16 patches visible"),
+    ({"knob": "decoder-dim", "values": ("33",)}, "decoder-dim=33: decoder_embed_dim 33 must be"),
+])
+def test_bad_sweeps_fail_before_anything_runs(tmp_path, kw, message):
+    with pytest.raises(ConfigError) as err:
+        run_sweep(_spec(tmp_path, **kw), log=lambda _: None, progress=False)
+    assert str(err.value).startswith(message)
+    assert not (tmp_path / "results").exists() and not (tmp_path / "runs").exists()
+
+
+def test_every_knob_plans_on_tiny_models(tmp_path):
+    values = {"mask-ratio": ("0.5",), "decoder-depth": ("1",), "decoder-dim": ("16",),
+              "mask-strategy": ("grid",), "norm-pix-loss": ("false",), "epochs": ("0.2",),
+              "method": ("simclr",)}
+    assert set(values) == set(SWEEP_KNOBS)
+    for knob, vals in values.items():
+        (point,) = plan_points(_spec(tmp_path, knob=knob, values=vals))
+        knob_ = get_knob(knob)
+        assert getattr(getattr(point.cfg, knob_.section), knob_.key) == point.value
+
+
+# --- running ---------------------------------------------------------------------------------
+
+
+def test_sweep_runs_every_point_once_and_reuses_on_rerun(tmp_path):
+    spec = _spec(tmp_path, seeds=(0, 1))
+    first = run_sweep(spec, log=lambda _: None, progress=False)
+    assert first.ran == ["0.5/0", "0.5/1", "0.75/0", "0.75/1"] and first.failed == []
+    df = read_results(tmp_path / "results")
+    assert set(df["sweep"]) == {"mask-ratio"}
+    assert sorted(set(df["mask_ratio"])) == [0.5, 0.75]
+    assert sorted(set(df["seed"])) == [0, 1]
+    assert (df["pretrain_gflops"] > 0).all() and (df["gflops_per_image"] > 0).all()
+    # pretrain_gflops = GFLOPs per image x images seen (2 steps of 64)
+    row = df.iloc[0]
+    assert row["pretrain_gflops"] == pytest.approx(row["gflops_per_image"] * 128, rel=0.01)
+    counts = _point_counts(tmp_path / "results")
+    assert len({key[0] for key in counts}) == 4 and set(counts.values()) == {1}
+    manifest = [json.loads(line) for line in
+                (tmp_path / "results" / MANIFEST).read_text().splitlines()]
+    assert [(m["value"], m["seed"], m["status"]) for m in manifest] == [
+        (0.5, 0, "ok"), (0.5, 1, "ok"), (0.75, 0, "ok"), (0.75, 1, "ok")]
+    assert all(Path(m["run_dir"], "metrics.jsonl").is_file() for m in manifest)
+    assert manifest[0]["command"] == "mae-bench sweep test" and manifest[0]["versions"]["torch"]
+
+    again = run_sweep(spec, log=lambda _: None, progress=False)
+    assert again.ran == [] and [s.status for s in again.states] == ["done"] * 4
+    assert _point_counts(tmp_path / "results") == counts
+    # a new protocol evaluates the finished runs without training them again
+    stamp = (plan_points(spec)[0].run_dir / "checkpoint.pt").stat().st_mtime_ns
+    more = run_sweep(_spec(tmp_path, seeds=(0, 1), protocols=("knn", "linear")),
+                     log=lambda _: None, progress=False)
+    assert len(more.ran) == 4
+    assert (plan_points(spec)[0].run_dir / "checkpoint.pt").stat().st_mtime_ns == stamp
+    assert set(_point_counts(tmp_path / "results").values()) == {1}
+
+
+def test_failing_point_is_recorded_and_the_others_finish(tmp_path, monkeypatch):
+    import mae_bench.engine as engine
+
+    real = engine.pretrain
+
+    def pretrain(cfg, run_dir, **kw):
+        if cfg.mae.mask_ratio == 0.5:
+            raise TrainingError("loss is nan at step 1 <diverged>")
+        return real(cfg, run_dir, **kw)
+
+    monkeypatch.setattr(engine, "pretrain", pretrain)
+    spec = _spec(tmp_path, values=("0.25", "0.5", "0.75"))
+    out = run_sweep(spec, log=lambda _: None, progress=False)
+    assert out.failed == ["mask-ratio=0.5 seed 0: TrainingError: loss is nan at step 1 "
+                          "<diverged>"]
+    df = read_results(tmp_path / "results")
+    bad = df[df["status"] == "failed"]
+    assert len(bad) == 1 and bad.iloc[0]["mask_ratio"] == 0.5 and bad.iloc[0]["sweep"] == \
+        "mask-ratio"
+    assert "loss is nan" in bad.iloc[0]["error"]
+    assert sorted(set(df.loc[df["status"] == "ok", "mask_ratio"])) == [0.25, 0.75]
+
+    # re-running keeps the failure (no duplicate) ...
+    assert [s.status for s in point_states(spec, plan_points(spec))] == ["done", "failed",
+                                                                         "done"]
+    run_sweep(spec, log=lambda _: None, progress=False)
+    assert len(read_results(tmp_path / "results")) == len(df)
+    # ... until asked to retry it, which (now that it trains) adds its ok rows
+    monkeypatch.setattr(engine, "pretrain", real)
+    retry = run_sweep(_spec(tmp_path, values=("0.25", "0.5", "0.75"), retry_failed=True),
+                      log=lambda _: None, progress=False)
+    assert retry.ran == ["0.5/0"] and retry.failed == []
+    df = read_results(tmp_path / "results")
+    assert 0.5 in set(df.loc[df["status"] == "ok", "mask_ratio"])
+
+
+def test_killed_sweep_resumes_without_duplicates(tmp_path):
+    """Kill a real `mae-bench sweep` process once its first point's rows are written, re-run
+    it: every point is then in the store exactly once."""
+    args = ["sweep", "mask-ratio", "--values", "0.25,0.5,0.75", "--arch", "vit_micro_patch2",
+            "--epochs", "0.1", "--batch-size", "64", "--protocols", "knn", "--no-progress",
+            "--runs-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path / "results"),
+            "--cache-dir", str(tmp_path / "cache")]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "mae_bench", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    store = tmp_path / "results" / "results.jsonl"
+    deadline = time.monotonic() + 120
+    while not store.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the sweep finished before it could be killed"
+    killed = read_results(tmp_path / "results")
+    assert set(killed["mask_ratio"]) == {0.25}  # only the first point got its rows
+
+    done = subprocess.run([sys.executable, "-m", "mae_bench", *args], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "skipped" in done.stderr  # the first point was not run again
+    counts = _point_counts(tmp_path / "results")
+    assert len({key[0] for key in counts}) == 3 and set(counts.values()) == {1}
+
+
+# --- the command line ------------------------------------------------------------------------
+
+
+def test_dry_run_lists_points_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    run_sweep(_spec(tmp_path, values=("0.5",)), log=lambda _: None, progress=False)
+    before = (tmp_path / "results" / "results.jsonl").read_bytes()
+    code, out, _ = run_cli(monkeypatch, capsys, "sweep", "mask-ratio", "--values", "0.5,0.75",
+                           "--arch", "vit_micro_patch2", "--epochs", "0.1", "--batch-size", "64",
+                           "--protocols", "knn", "--runs-dir", str(tmp_path / "runs"),
+                           "--results-dir", str(tmp_path / "results"), "--dry-run")
+    assert code == 0
+    assert "1 done, 1 to run" in out
+    assert out.count("to do") == 1 and out.count("done") >= 2
+    assert (tmp_path / "results" / "results.jsonl").read_bytes() == before
+    assert len(list((tmp_path / "runs").rglob("summary.json"))) == 1
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["sweep", "size"], "unknown sweep knob 'size'"),
+    (["sweep", "mask-ratio", "--seeds", "0,a"], "--seeds takes whole numbers"),
+    (["sweep", "mask-ratio", "--values", "0.5,2"], "mask-ratio values must be in (0, 1)"),
+    (["sweep", "mask-ratio", "--dataset", "imagenet22k"], "unknown dataset"),
+])
+def test_cli_errors_are_one_line_exit_2(tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 2
+    assert message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) <= 2  # one line (rich may wrap it)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_report_counts_a_retried_failure_once(tmp_path, monkeypatch):
+    """After --retry-failed succeeds, the store keeps the old failed row but the report's
+    table shows the point as ok, without "1 failed"."""
+    import mae_bench.engine as engine
+    from evals.report import build_report
+
+    real = engine.pretrain
+
+    def pretrain(cfg, run_dir, **kw):
+        raise TrainingError("loss is nan at step 1")
+
+    monkeypatch.setattr(engine, "pretrain", pretrain)
+    spec = _spec(tmp_path, values=("0.5",))
+    run_sweep(spec, log=lambda _: None, progress=False)
+    monkeypatch.setattr(engine, "pretrain", real)
+    run_sweep(_spec(tmp_path, values=("0.5",), retry_failed=True), log=lambda _: None,
+              progress=False)
+    df = read_results(tmp_path / "results")
+    assert set(df["status"]) == {"ok", "failed"}
+    out = build_report(tmp_path / "results", tmp_path / "report", grids=False)
+    text = out.markdown.read_text()
+    assert "(n=1)" in text and "failed)" not in text and "Failed runs" not in text
