@@ -40,8 +40,8 @@ def mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2,
 class DINOHead(nn.Module):
     """DINO's projection head (Caron et al. 2021, Sec. 3.1 and App. "Projection head"): an MLP
     (GELU, no BatchNorm) to a bottleneck, L2-normalisation, then a weight-normalised Linear to
-    K prototypes whose norm is fixed at 1 (``norm_last_layer``), which the paper finds stabilises
-    training.
+    K prototypes whose norm is fixed at 1 (``norm_last_layer``, which the paper finds stabilises
+    training) or learnt (the official recipe for ViT-S: better features, less stable).
 
     Args:
         in_dim: the encoder width.
@@ -49,10 +49,12 @@ class DINOHead(nn.Module):
         hidden_dim: hidden width of the MLP (2,048 in the paper).
         bottleneck_dim: width before the last layer (256 in the paper).
         num_layers: Linear layers of the MLP (3 in the paper).
+        norm_last_layer: keep each prototype's norm at 1; when False it starts at 1 and is
+            learnt, so the logits' scale can grow.
     """
 
     def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048,
-                 bottleneck_dim: int = 256, num_layers: int = 3):
+                 bottleneck_dim: int = 256, num_layers: int = 3, norm_last_layer: bool = True):
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"the DINO head needs at least one layer, got {num_layers}")
@@ -69,7 +71,7 @@ class DINOHead(nn.Module):
                 nn.init.zeros_(m.bias)
         self.last_layer = weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
         self.last_layer.parametrizations.weight.original0.data.fill_(1.0)
-        self.last_layer.parametrizations.weight.original0.requires_grad_(False)
+        self.last_layer.parametrizations.weight.original0.requires_grad_(not norm_last_layer)
 
     def forward(self, x: Tensor) -> Tensor:
         """[N, in_dim] -> [N, out_dim] logits."""

@@ -53,7 +53,8 @@ class MAEConfig:
 
 
 # (section, key) of knobs that are left out of ``RunConfig.digest`` while None.
-ADDED_LATER = (("train", "lr_scaling"), ("train", "lr_ref_batch"))
+ADDED_LATER = (("train", "lr_scaling"), ("train", "lr_ref_batch"),
+               ("ssl", "norm_last_layer"))
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,7 @@ class SSLConfig:
     teacher_temp_warmup_epochs: float | None = None  # DINO: linear warm-up length
     student_temp: float | None = None  # DINO
     center_momentum: float | None = None  # DINO
+    norm_last_layer: bool | None = None  # DINO: prototypes' norm fixed at 1 (None, True) or learnt
     freeze_last_layer_epochs: float | None = None  # DINO: no update of the last layer before
     local_crops: int | None = None  # DINO multi-crop: small crops per image (0 = off)
     local_crop_size: int | None = None  # DINO multi-crop: their side in pixels
