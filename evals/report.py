@@ -7,7 +7,8 @@ accuracy-vs-cost and loss-curve figures, and MAE reconstruction grids. Then "Oth
 (rows from ``compare`` / ``eval``) and "How this was made" (commands, commits, versions, time).
 
 The document is a list of small blocks (``evals/report_doc.py``) rendered twice, so report.md
-and report.html always say the same thing. Statistics come from :func:`mae_bench.results.aggregate`, never from here.
+and report.html always say the same thing. Statistics come from
+:func:`mae_bench.results.aggregate`, never from here.
 """
 
 from __future__ import annotations

@@ -218,8 +218,8 @@ def run_sweep(spec: SweepSpec, log: Log = print, progress: bool = True, console=
               eval_progress=None) -> SweepOutcome:
     """Run every point that is not already in the store; record failures and go on."""
     start = time.perf_counter()
-    knob, _ = validate_sweep(spec)
     points = plan_points(spec)
+    knob = get_knob(spec.knob)
     states = point_states(spec, points)
     ran: list[str] = []
     failed: list[str] = []
@@ -295,6 +295,34 @@ def _record_failure(spec: SweepSpec, knob: SweepKnob, p: SweepPoint, protocols: 
                              **fields))
     if rows:
         append_rows(spec.results_dir, rows)
+
+
+def sweep_summary(spec: SweepSpec, points: list[SweepPoint]) -> pd.DataFrame:
+    """Top-1 per value (rows) and protocol (columns, k-NN at ``spec.k``) over the sweep's seeds:
+    cells "mean ± std (n)", the shape a terminal shows; ``mae-bench report`` gives the rest."""
+    from mae_bench.results import aggregate
+
+    store = _store(spec.results_dir)
+    names = {p.run_dir.name: _fmt(p.value) for p in points}
+    if store.empty or "checkpoint" not in store:
+        return pd.DataFrame()
+    rows = store[store["checkpoint"].isin(list(names)) & (store["metric"] == "top1")
+                 & (store["dataset"] == spec.dataset)]
+    if "k" in rows:
+        rows = rows[(rows["protocol"] != "knn") | (rows["k"] == spec.k)]
+    if rows.empty:
+        return pd.DataFrame()
+    rows = rows.assign(value_of_knob=rows["checkpoint"].map(names))
+    stats = aggregate(rows, by=["value_of_knob", "protocol"])
+    table = {}
+    for r in stats.to_dict("records"):
+        label = f"knn top-1 (k={spec.k})" if r["protocol"] == "knn" else f"{r['protocol']} top-1"
+        std = "-" if r["n"] < 2 else f"{r['std']:.2f}"
+        cell = f"{r['mean']:.2f} ± {std} ({r['n']})" if r["n"] else "failed"
+        table.setdefault(r["value_of_knob"], {})[label] = cell
+    order = list(dict.fromkeys(names.values()))
+    return pd.DataFrame.from_dict(table, orient="index").reindex(
+        [v for v in order if v in table]).rename_axis(spec.knob)
 
 
 # --- the manifest ----------------------------------------------------------------------------

@@ -90,7 +90,7 @@ def sweep(
     Then `mae-bench report` draws the tables and figures."""
     import yaml
 
-    from evals.sweep import SweepSpec, plan_points, point_states, run_sweep
+    from evals.sweep import SweepSpec, plan_points, point_states, run_sweep, sweep_summary
 
     overrides = {}
     if config is not None:
@@ -114,8 +114,10 @@ def sweep(
             table.add_column(col)
         for s in states:
             table.add_row(str(s.point.value), str(s.point.seed), s.status,
-                          ", ".join(s.done) or "-", str(s.point.run_dir))
+                          ", ".join(s.done) or "-", s.point.run_dir.name)
         out.print(table)
+        if states:
+            out.print(f"run folders in {states[0].point.run_dir.parent}")
         todo = sum(not s.complete or (retry_failed and bool(s.failed)) for s in states)
         out.print(f"{len(states) - todo} done, {todo} to run")
         return
@@ -126,6 +128,15 @@ def sweep(
     with _task_progress(progress) as report:
         outcome = run_sweep(spec, log=log, progress=progress, console=console,
                             eval_progress=report)
+    summary = sweep_summary(spec, [s.point for s in outcome.states])
+    if not summary.empty:
+        shown = Table(title=f"sweep {knob} on {dataset}, {arch}: top-1 mean ± std (n seeds)")
+        shown.add_column(knob)
+        for col in summary.columns:
+            shown.add_column(str(col), justify="right")
+        for value, row in summary.iterrows():
+            shown.add_row(str(value), *(str(v) if isinstance(v, str) else "" for v in row))
+        out.print(shown)
     out.print(f"sweep {knob}: ran {len(outcome.ran)} point(s), {len(outcome.failed)} failed, "
               f"{len(outcome.states) - len(outcome.ran)} already done; {outcome.seconds:.0f} s; "
               f"rows in {results_dir / 'results.jsonl'}")

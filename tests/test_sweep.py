@@ -14,7 +14,14 @@ from pathlib import Path
 import pytest
 from cli_helpers import run_cli
 
-from evals.sweep import MANIFEST, SweepSpec, plan_points, point_states, run_sweep
+from evals.sweep import (
+    MANIFEST,
+    SweepSpec,
+    plan_points,
+    point_states,
+    run_sweep,
+    sweep_summary,
+)
 from evals.sweep_knobs import SWEEP_KNOBS, get_knob
 from mae_bench.errors import ConfigError, TrainingError
 from mae_bench.results import read_results
@@ -132,6 +139,13 @@ def test_sweep_runs_every_point_once_and_reuses_on_rerun(tmp_path):
         (0.5, 0, "ok"), (0.5, 1, "ok"), (0.75, 0, "ok"), (0.75, 1, "ok")]
     assert all(Path(m["run_dir"], "metrics.jsonl").is_file() for m in manifest)
     assert manifest[0]["command"] == "mae-bench sweep test" and manifest[0]["versions"]["torch"]
+
+    summary = sweep_summary(spec, plan_points(spec))
+    assert list(summary.index) == ["0.5", "0.75"] and list(summary.columns) == [
+        "knn top-1 (k=20)"]
+    top1 = df[(df["metric"] == "top1") & (df["k"] == 20) & (df["mask_ratio"] == 0.75)]["value"]
+    assert summary.loc["0.75", "knn top-1 (k=20)"] == (
+        f"{top1.mean():.2f} ± {top1.std(ddof=1):.2f} (2)")
 
     again = run_sweep(spec, log=lambda _: None, progress=False)
     assert again.ran == [] and [s.status for s in again.states] == ["done"] * 4
