@@ -154,7 +154,7 @@ def run_compare(spec: CompareSpec, log: Log = print, progress: bool = True,
             if budgeting:
                 epochs = spec.budget_seconds * speed.images_per_second / n_train
                 cfg = cfg.replace(train={"epochs": round(max(epochs, 1e-3), 4)})
-        done = _finished(run_dir)
+        done = run_finished(run_dir)
         what = "reusing the finished run" if done else (
             f"training {cfg.train.epochs:g} epochs" + (
                 f" ({spec.budget_seconds:g} s budget)" if spec.budget_seconds else ""))
@@ -173,7 +173,7 @@ def run_compare(spec: CompareSpec, log: Log = print, progress: bool = True,
     entries: list[tuple[str, str]] = [(name, str(d)) for name, d in run_dirs.items()]
     if spec.references:
         entries += [(ref, ref) for ref in REFERENCES]
-    store = _store(spec.results_dir)
+    store = read_store(spec.results_dir)
     run_ids: dict[str, str] = {}
     for name, checkpoint in entries:
         run_ids[name] = _run_id(spec, checkpoint)
@@ -188,7 +188,7 @@ def run_compare(spec: CompareSpec, log: Log = print, progress: bool = True,
             log(f"evaluating {name}: {protocol}")
             run_eval(_eval_spec(spec, protocol, checkpoint, extra), eval_progress)
             evaluated.append(f"{name}/{protocol}")
-    table = compare_table(_store(spec.results_dir), spec, run_ids, run_dirs)
+    table = compare_table(read_store(spec.results_dir), spec, run_ids, run_dirs)
     return CompareOutcome(table, run_dirs, trained, evaluated, time.perf_counter() - start)
 
 
@@ -245,14 +245,16 @@ def _has_rows(store: pd.DataFrame, run_id: str, spec: CompareSpec, protocol: str
     return len(_select(store, run_id, spec, protocol)) > 0
 
 
-def _store(results_dir: str) -> pd.DataFrame:
+def read_store(results_dir: str) -> pd.DataFrame:
+    """The results store's rows; an empty frame when there is none yet."""
     path = Path(results_dir)
     if not (path / "results.jsonl").is_file() and not path.is_file():
         return pd.DataFrame()
     return read_results(path)
 
 
-def _finished(run_dir: Path) -> bool:
+def run_finished(run_dir: Path) -> bool:
+    """Whether the run folder holds a finished run (its summary.json says so)."""
     path = run_dir / "summary.json"
     if not path.is_file():
         return False

@@ -33,13 +33,14 @@ from typing import Any
 
 import pandas as pd
 
+from evals.compare import read_store, run_finished
 from evals.run import PROTOCOLS, EvalSpec, run_eval, validate_spec
 from evals.sweep_knobs import SweepKnob, get_knob
 from mae_bench.config import RunConfig, validate
 from mae_bench.data import load_dataset
 from mae_bench.errors import ConfigError
 from mae_bench.methods import build_method, resolve_config
-from mae_bench.results import append_rows, git_sha, make_row, read_results
+from mae_bench.results import append_rows, git_sha, make_row
 
 MANIFEST = "sweeps.jsonl"
 COST_FILE = "sweep.json"
@@ -199,14 +200,14 @@ def plan_points(spec: SweepSpec) -> list[SweepPoint]:
 
 def point_states(spec: SweepSpec, points: list[SweepPoint]) -> list[PointState]:
     """What the store and the run folders already hold for each point."""
-    store = _store(spec.results_dir)
+    store = read_store(spec.results_dir)
     states = []
     for p in points:
         rows = _rows_of(store, spec, p)
         done = tuple(pr for pr in spec.protocols if pr in set(rows["protocol"]))
         ok = set(rows.loc[rows["status"] == "ok", "protocol"]) if len(rows) else set()
         failed = tuple(pr for pr in done if pr not in ok)
-        states.append(PointState(p, done, failed, _finished(p.run_dir),
+        states.append(PointState(p, done, failed, run_finished(p.run_dir),
                                  complete=len(done) == len(spec.protocols)))
     return states
 
@@ -244,7 +245,7 @@ def run_sweep(spec: SweepSpec, log: Log = print, progress: bool = True, console=
             log(f"  failed: {message}")
             failed.append(f"{label}: {message}")
             remaining = [pr for pr in todo if pr not in set(
-                _rows_of(_store(spec.results_dir), spec, p, ok_only=True)["protocol"])]
+                _rows_of(read_store(spec.results_dir), spec, p, ok_only=True)["protocol"])]
             _record_failure(spec, knob, p, remaining, message)
             _append_manifest(spec, knob, p, "failed", message)
             continue
@@ -258,7 +259,7 @@ def _pretrain_point(spec: SweepSpec, knob: SweepKnob, p: SweepPoint, progress: b
     from mae_bench.engine import pretrain
     from mae_bench.speed import measure_training
 
-    if not _finished(p.run_dir):
+    if not run_finished(p.run_dir):
         pretrain(p.cfg, p.run_dir, progress=progress, console=console)
     cost = _read_json(p.run_dir / COST_FILE)
     if "gflops_per_image" not in cost:
@@ -302,7 +303,7 @@ def sweep_summary(spec: SweepSpec, points: list[SweepPoint]) -> pd.DataFrame:
     cells "mean ± std (n)", the shape a terminal shows; ``mae-bench report`` gives the rest."""
     from mae_bench.results import aggregate
 
-    store = _store(spec.results_dir)
+    store = read_store(spec.results_dir)
     names = {p.run_dir.name: _fmt(p.value) for p in points}
     if store.empty or "checkpoint" not in store:
         return pd.DataFrame()
@@ -384,17 +385,6 @@ def _rows_of(store: pd.DataFrame, spec: SweepSpec, p: SweepPoint, ok_only: bool 
     if ok_only:
         sel = sel[sel["status"] == "ok"]
     return sel
-
-
-def _store(results_dir: str) -> pd.DataFrame:
-    path = Path(results_dir)
-    if not (path / "results.jsonl").is_file():
-        return pd.DataFrame()
-    return read_results(path)
-
-
-def _finished(run_dir: Path) -> bool:
-    return bool(_read_json(run_dir / "summary.json").get("finished"))
 
 
 def _read_json(path: Path) -> dict[str, Any]:
