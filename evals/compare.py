@@ -28,7 +28,7 @@ from mae_bench.config import RunConfig, validate
 from mae_bench.data import load_dataset
 from mae_bench.errors import ConfigError
 from mae_bench.methods import method_class, resolve_config
-from mae_bench.results import read_results
+from mae_bench.results import git_sha, read_results
 
 DEFAULT_METHODS = ("mae", "simclr", "mocov3", "byol", "dino")
 DEFAULT_BUDGET_SECONDS = 20.0  # per method, when neither epochs nor a budget is given
@@ -129,6 +129,7 @@ def run_compare(spec: CompareSpec, log: Log = print, progress: bool = True,
     from mae_bench.speed import measure_training
 
     start = time.perf_counter()
+    git_sha()  # the commit this process started from, for every row
     if spec.epochs is None and spec.budget_seconds is None:
         spec = CompareSpec(**{**spec.__dict__, "budget_seconds": DEFAULT_BUDGET_SECONDS})
     validate_compare(spec)

@@ -219,6 +219,7 @@ def run_sweep(spec: SweepSpec, log: Log = print, progress: bool = True, console=
               eval_progress=None) -> SweepOutcome:
     """Run every point that is not already in the store; record failures and go on."""
     start = time.perf_counter()
+    git_sha()  # the commit this process started from, for every row and manifest line
     points = plan_points(spec)
     knob = get_knob(spec.knob)
     states = point_states(spec, points)

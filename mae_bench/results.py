@@ -147,8 +147,12 @@ def _check_scalar(name: str, value: Any) -> str | int | float | bool | None:
 
 
 @functools.lru_cache(maxsize=1)
+@functools.lru_cache(maxsize=1)
 def git_sha() -> str | None:
-    """The commit of the git checkout holding this package; None when it is not in one."""
+    """The commit of the git checkout holding this package; None when it is not in one.
+
+    Read once per process (sweeps and compare call it when they start), so the rows of a long
+    run name the commit it started from, not one that landed while it ran."""
     package_root = Path(__file__).resolve().parent.parent
     try:
         done = subprocess.run(
