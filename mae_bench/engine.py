@@ -18,7 +18,6 @@ import math
 import os
 import platform
 import random
-import subprocess
 import sys
 import time
 from collections.abc import Iterable
@@ -59,6 +58,7 @@ from mae_bench.data import load_dataset
 from mae_bench.errors import CheckpointError, ConfigError, TrainingError
 from mae_bench.loader import TrainBatches
 from mae_bench.methods import Batch, Method, build_method, resolve_config
+from mae_bench.results import git_sha
 
 METRICS = "metrics.jsonl"
 
@@ -514,15 +514,6 @@ def _write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-def git_sha() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parent, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
 
 
 def _provenance(cfg: RunConfig, device: torch.device, precision: str, img_size: int,
