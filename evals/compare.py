@@ -168,7 +168,7 @@ def run_compare(spec: CompareSpec, log: Log = print, progress: bool = True,
             cost |= {"pretrain_seconds": round(summary["train_seconds"], 2),
                      "pretrain_img_per_s": round(summary["images_per_second"] or 0.0, 2),
                      "pretrain_epochs": cfg.train.epochs}
-        _write_cost(run_dir, cost)
+        write_json(run_dir / COST_FILE, cost)
 
     evaluated: list[str] = []
     entries: list[tuple[str, str]] = [(name, str(d)) for name, d in run_dirs.items()]
@@ -256,26 +256,24 @@ def read_store(results_dir: str) -> pd.DataFrame:
 
 def run_finished(run_dir: Path) -> bool:
     """Whether the run folder holds a finished run (its summary.json says so)."""
-    path = run_dir / "summary.json"
-    if not path.is_file():
-        return False
-    try:
-        return bool(json.loads(path.read_text()).get("finished"))
-    except ValueError:
-        return False
+    return bool(read_json(run_dir / "summary.json").get("finished"))
 
 
-def _read_cost(run_dir: Path) -> dict[str, Any]:
-    """The costs compare recorded for a run ({} when none or unreadable: they are re-measured)."""
-    path = run_dir / COST_FILE
+def read_json(path: Path) -> dict[str, Any]:
+    """A small JSON file of a run folder; {} when missing or unreadable (it is re-measured)."""
     try:
         return json.loads(path.read_text()) if path.is_file() else {}
     except ValueError:
         return {}
 
 
-def _write_cost(run_dir: Path, cost: dict[str, Any]) -> None:
-    tmp = run_dir / f".{COST_FILE}.tmp"
-    tmp.write_text(json.dumps(cost, indent=2))
-    tmp.replace(run_dir / COST_FILE)
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` to ``path`` atomically (a temporary file, then a rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
 
+
+def _read_cost(run_dir: Path) -> dict[str, Any]:
+    """The costs compare recorded for a run ({} when none or unreadable: they are re-measured)."""
+    return read_json(run_dir / COST_FILE)

@@ -33,7 +33,7 @@ from typing import Any
 
 import pandas as pd
 
-from evals.compare import read_store, run_finished
+from evals.compare import read_json, read_store, run_finished, write_json
 from evals.run import PROTOCOLS, EvalSpec, run_eval, validate_spec
 from evals.sweep_knobs import SweepKnob, get_knob
 from mae_bench.config import RunConfig, validate
@@ -262,16 +262,16 @@ def _pretrain_point(spec: SweepSpec, knob: SweepKnob, p: SweepPoint, progress: b
 
     if not run_finished(p.run_dir):
         pretrain(p.cfg, p.run_dir, progress=progress, console=console)
-    cost = _read_json(p.run_dir / COST_FILE)
+    cost = read_json(p.run_dir / COST_FILE)
     if "gflops_per_image" not in cost:
         speed = measure_training(p.cfg, steps=1, warmup=0)
-        summary = _read_json(p.run_dir / "summary.json")
+        summary = read_json(p.run_dir / "summary.json")
         t = p.cfg.train
         images = int(summary["total_steps"]) * t.batch_size * t.accum_iter
         cost = {"gflops_per_image": float(f"{speed.gflops_per_image:.4g}"),
                 "pretrain_images": images,
                 "pretrain_gflops": float(f"{speed.gflops_per_image * images:.4g}")}
-        _write_json(p.run_dir / COST_FILE, cost)
+        write_json(p.run_dir / COST_FILE, cost)
     extra: dict[str, Any] = {"sweep": knob.name, "gflops_per_image": cost["gflops_per_image"],
                              "pretrain_gflops": cost["pretrain_gflops"]}
     if knob.column not in ("mask_ratio", "mask_strategy", "norm_pix_loss", "pretrain_epochs",
@@ -345,7 +345,7 @@ def versions(device: str = "") -> dict[str, str]:
 
 def _append_manifest(spec: SweepSpec, knob: SweepKnob, p: SweepPoint, status: str,
                      error: str | None) -> None:
-    summary = _read_json(p.run_dir / "summary.json")
+    summary = read_json(p.run_dir / "summary.json")
     device = " ".join(str(summary[k]) for k in ("device", "precision") if k in summary)
     line = {"sweep": knob.name, "column": knob.column, "value": p.value, "seed": p.seed,
             "run_id": p.run_dir.name, "run_dir": str(p.run_dir.resolve()),
@@ -386,19 +386,6 @@ def _rows_of(store: pd.DataFrame, spec: SweepSpec, p: SweepPoint, ok_only: bool 
     if ok_only:
         sel = sel[sel["status"] == "ok"]
     return sel
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except ValueError:
-        return {}
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
 
 
 def _fmt(value: Any) -> str:
