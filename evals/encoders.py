@@ -171,6 +171,8 @@ def _from_run(path: Path, ckpt: dict[str, Any]) -> EncoderSource:
     if cfg.train.method == "mae":
         pretrain |= {"mask_ratio": cfg.mae.mask_ratio, "mask_strategy": cfg.mae.mask_strategy,
                      "norm_pix_loss": cfg.mae.norm_pix_loss}
+        if cfg.mae.encoder_mask_tokens:  # only when set, so MAE rows keep their columns
+            pretrain["encoder_mask_tokens"] = True
     return EncoderSource("run", run_dir.name, cfg.train.method, cfg.model.arch, kwargs, state,
                          _hash_state(state), pretrain)
 

@@ -51,6 +51,7 @@ DEFAULT_VALUES = {
     "decoder-dim": "64,128,256",
     "mask-strategy": "random,block,grid",
     "norm-pix-loss": "true,false",
+    "encoder-mask-tokens": "false,true",
     "method": "mae,simclr,mocov3,byol,dino",
 }
 Log = Callable[[str], None]

@@ -4,7 +4,8 @@ column).
 
 MAE's paper ablates each of these (Table 1 and Fig. 5 of He et al. 2021): the mask ratio, the
 decoder's depth and width, the mask sampling strategy, the reconstruction target
-(``norm_pix_loss``) and the schedule length; ``method`` is what ``mae-bench compare`` varies.
+(``norm_pix_loss``), mask tokens in the encoder (Table 1c) and the schedule length;
+``method`` is what ``mae-bench compare`` varies.
 """
 
 from __future__ import annotations
@@ -83,12 +84,15 @@ def _choice(choices: tuple[str, ...], what: str) -> Callable[[str], str]:
     return parse
 
 
-def _bool(text: str) -> bool:
+def _bool(what: str) -> Callable[[str], bool]:
     truth = {"true": True, "1": True, "yes": True, "on": True,
              "false": False, "0": False, "no": False, "off": False}
-    if text.lower() not in truth:
-        raise ConfigError(f"norm-pix-loss values must be true or false, got '{text}'")
-    return truth[text.lower()]
+
+    def parse(text: str) -> bool:
+        if text.lower() not in truth:
+            raise ConfigError(f"{what} must be true or false, got '{text}'")
+        return truth[text.lower()]
+    return parse
 
 
 def _method(text: str) -> str:
@@ -107,8 +111,11 @@ SWEEP_KNOBS: dict[str, SweepKnob] = {k.name: k for k in (
               _positive_int("decoder-dim values"), numeric=True, mae_only=True),
     SweepKnob("mask-strategy", "mask_strategy", "mae", "mask_strategy",
               _choice(tuple(MASK_STRATEGIES), "mask strategy"), numeric=False, mae_only=True),
-    SweepKnob("norm-pix-loss", "norm_pix_loss", "mae", "norm_pix_loss", _bool,
-              numeric=False, mae_only=True),
+    SweepKnob("norm-pix-loss", "norm_pix_loss", "mae", "norm_pix_loss",
+              _bool("norm-pix-loss values"), numeric=False, mae_only=True),
+    # Table 1c: mask tokens in the encoder (every token encoded) against MAE's visible-only one.
+    SweepKnob("encoder-mask-tokens", "encoder_mask_tokens", "mae", "encoder_mask_tokens",
+              _bool("encoder-mask-tokens values"), numeric=False, mae_only=True),
     SweepKnob("epochs", "pretrain_epochs", "train", "epochs",
               _positive_float("epochs values"), numeric=True, mae_only=False),
     SweepKnob("method", "method", "train", "method", _method, numeric=False, mae_only=False),

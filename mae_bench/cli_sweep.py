@@ -21,7 +21,8 @@ def sweep(
     knob: Annotated[
         str,
         typer.Argument(help="What to vary: mask-ratio, decoder-depth, decoder-dim, "
-                       "mask-strategy, norm-pix-loss, epochs or method.", show_default=False),
+                       "mask-strategy, norm-pix-loss, encoder-mask-tokens, epochs or method.",
+                       show_default=False),
     ],
     values: Annotated[
         str,

@@ -18,6 +18,7 @@ import yaml
 
 from mae_bench.errors import ConfigError
 
+ATTENTION_PATHS = ("auto", "fused", "math")  # mae_bench.attention
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -50,11 +51,19 @@ class MAEConfig:
     mask_ratio: float = 0.75
     mask_strategy: str = "random"  # random | block | grid (paper Table 1f)
     norm_pix_loss: bool = True  # the paper's default for its best representations
+    # Table 1c "encoder w/ [M]": every token through the encoder (None = False, MAE's design).
+    encoder_mask_tokens: bool | None = None
 
 
-# (section, key) of knobs that are left out of ``RunConfig.digest`` while None.
-ADDED_LATER = (("train", "lr_scaling"), ("train", "lr_ref_batch"),
-               ("ssl", "norm_last_layer"))
+# Knobs added after runs were published: (section, key) -> the values that mean "as before".
+# ``RunConfig.digest`` leaves a knob out while it holds one of them, so older runs are found.
+ADDED_LATER: dict[tuple[str, str], tuple[Any, ...]] = {
+    ("train", "lr_scaling"): (None,),
+    ("train", "lr_ref_batch"): (None,),
+    ("ssl", "norm_last_layer"): (None,),
+    ("mae", "encoder_mask_tokens"): (None, False),
+    ("train", "attention"): (None, "auto"),
+}
 
 
 @dataclass(frozen=True)
@@ -81,6 +90,9 @@ class TrainConfig:
     log_every: int = 10  # optimizer steps between metric lines
     save_every: int = 1  # epochs between checkpoints (the last epoch is always saved)
     clip_grad: float | None = None
+    # Attention kernel: fused (scaled_dot_product_attention) | math (explicit softmax) | auto
+    # (None: time both on the model's shape at start, keep the faster; mae_bench.attention).
+    attention: str | None = None
 
 
 @dataclass(frozen=True)
@@ -125,11 +137,14 @@ class RunConfig:
     def digest(self) -> str:
         """A short content hash, stable across processes (for provenance and cache keys).
 
-        Knobs added after runs were published (``ADDED_LATER``) count only when set, so a config
-        written before they existed keeps its digest, and its runs are found again."""
+        Knobs added after runs were published (``ADDED_LATER``) count only when set to
+        something new, so a config written before they existed keeps its digest, and its runs
+        are found again."""
         raw = self.to_dict()
-        for section, key in ADDED_LATER:
-            if raw[section].get(key) is None:
+        for (section, key), as_before in ADDED_LATER.items():
+            value = raw[section].get(key)
+            # identity for None / False (so 0 is not taken for False), equality for names
+            if any(value is v or (isinstance(v, str) and value == v) for v in as_before):
                 del raw[section][key]
         blob = json.dumps(raw, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
@@ -239,6 +254,8 @@ def validate(cfg: RunConfig) -> None:
         (t.log_every >= 1, f"--log-every must be >= 1, got {t.log_every}"),
         (t.save_every >= 1, f"--save-every must be >= 1, got {t.save_every}"),
         (t.clip_grad is None or t.clip_grad > 0, f"--clip-grad must be > 0, got {t.clip_grad}"),
+        (t.attention is None or t.attention in ATTENTION_PATHS,
+         f"unknown attention path '{t.attention}'; valid: {', '.join(ATTENTION_PATHS)}"),
         (0.0 < cfg.mae.mask_ratio < 1.0,
          f"--mask-ratio must be strictly between 0 and 1, got {cfg.mae.mask_ratio}"),
         (cfg.data.num_workers >= 0, f"--num-workers must be >= 0, got {cfg.data.num_workers}"),

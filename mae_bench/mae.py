@@ -1,7 +1,9 @@
 """Masked Autoencoder (He et al. 2021), a drop-in for the official
 ``models_mae.MaskedAutoencoderViT``: same constructor keywords, same state-dict keys, same
 ``forward(imgs, mask_ratio) -> (loss, pred, mask)``, plus ``noise`` to replay a masking and
-``mask_strategy`` ("random", "block", "grid"; paper Table 1f).
+``mask_strategy`` ("random", "block", "grid"; paper Table 1f) and ``encoder_mask_tokens``
+(paper Table 1c, "encoder w/ [M]": every token goes through the encoder, a learnt mask token in
+place of each masked patch; the cost MAE avoids, for ablations and ``mae-bench speed``).
 
 Masking lives in ``mae_bench.masking`` (pure functions); its names are re-exported here.
 """
@@ -49,7 +51,8 @@ __all__ = [
     "validate_mask_ratio",
 ]
 
-_DECODER_KEYS = ("mask_token", "decoder_")
+# Pretraining-only tensors: not part of the encoder a probe or fine-tuning gets.
+_DECODER_KEYS = ("mask_token", "decoder_", "encoder_mask_token")
 
 
 class MaskedAutoencoder(VisionTransformer):
@@ -74,6 +77,7 @@ class MaskedAutoencoder(VisionTransformer):
         norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
         norm_pix_loss: bool = False,
         mask_strategy: str = "random",
+        encoder_mask_tokens: bool = False,
     ) -> None:
         """Build and initialise as official MAE (defaults: its ViT-L/16 with the 512-d decoder).
 
@@ -91,6 +95,10 @@ class MaskedAutoencoder(VisionTransformer):
             norm_layer: normalisation constructor (official presets use LayerNorm eps=1e-6).
             norm_pix_loss: regress per-patch normalised pixels (the paper's default choice).
             mask_strategy: a key of MASK_STRATEGIES, used when forward gets no ``noise``.
+            encoder_mask_tokens: the paper's "encoder w/ [M]" ablation: the encoder sees all L
+                patches, each masked one replaced by a shared learnt token (``encoder_mask_token``,
+                width embed_dim, position embedding added); the decoder then gets all L encoded
+                tokens and has no mask token of its own. About 3x the encoder cost at 75 %.
         """
         get_mask_strategy(mask_strategy)
         if decoder_embed_dim % decoder_num_heads or decoder_embed_dim % 4:
@@ -111,9 +119,15 @@ class MaskedAutoencoder(VisionTransformer):
         super().__init__(**encoder_kwargs)
         self.encoder_kwargs = encoder_kwargs  # rebuilds the encoder alone (make_encoder)
         self.norm_pix_loss, self.mask_strategy = norm_pix_loss, mask_strategy
+        self.encoder_mask_tokens = encoder_mask_tokens
 
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        # The shared mask token lives where the masked positions are first filled in: in the
+        # decoder (MAE) or, for the "encoder w/ [M]" ablation, in the encoder.
+        if encoder_mask_tokens:
+            self.encoder_mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        else:
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
         self.decoder_pos_embed = nn.Parameter(
             torch.zeros(1, self.num_patches + 1, decoder_embed_dim), requires_grad=False
         )  # [1, 1+L, Dd], fixed sin-cos
@@ -132,13 +146,17 @@ class MaskedAutoencoder(VisionTransformer):
 
         pos = get_2d_sincos_pos_embed(decoder_embed_dim, self.grid_size, cls_token=True)
         self.decoder_pos_embed.data.copy_(pos.unsqueeze(0))  # [1, 1+L, Dd]
-        nn.init.normal_(self.mask_token, std=0.02)
+        nn.init.normal_(self._mask_token(), std=0.02)
         for name, module in self.named_children():
             if name.startswith("decoder_"):
                 module.apply(init_linear_and_norm)
 
+    def _mask_token(self) -> nn.Parameter:
+        return self.encoder_mask_token if self.encoder_mask_tokens else self.mask_token
+
     def no_weight_decay(self) -> set[str]:
-        return super().no_weight_decay() | {"mask_token"}
+        name = "encoder_mask_token" if self.encoder_mask_tokens else "mask_token"
+        return super().no_weight_decay() | {name}
 
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
         """[N, C, H, W] -> [N, L, p*p*C]."""
@@ -151,27 +169,52 @@ class MaskedAutoencoder(VisionTransformer):
     def forward_encoder(
         self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Mask, then encode only the visible patches.
+        """Mask, then encode only the visible patches (all L with ``encoder_mask_tokens``).
 
         Returns:
-            latent [N, 1+K, D], mask [N, L] (1 = masked), ids_restore [N, L].
+            latent [N, 1+K, D] ([N, 1+L, D] with encoder mask tokens, in image order),
+            mask [N, L] (1 = masked), ids_restore [N, L].
         """
         if noise is None:
             noise = masking_noise(
                 self.mask_strategy, imgs.shape[0], self.grid_size, mask_ratio, device=imgs.device
             )  # [N, L]
         ids_keep, mask, ids_restore = masking_indices(noise, mask_ratio)  # [N, K], [N, L], [N, L]
+        if self.encoder_mask_tokens:
+            return self._encode_with_mask_tokens(imgs, mask), mask, ids_restore  # [N, 1+L, D]
         return self.forward_features(imgs, ids_keep), mask, ids_restore  # [N, 1+K, D]
 
+    def _encode_with_mask_tokens(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Images [N, C, H, W], mask [N, L] -> [N, 1+L, D]: every position through the encoder,
+        the masked ones as the shared token plus their position embedding."""
+        x = self.patch_embed(imgs)  # [N, L, D]
+        token = self.encoder_mask_token.to(x.dtype)  # [1, 1, D]
+        x = torch.where(mask.unsqueeze(-1).bool(), token, x)  # [N, L, D]
+        x = x + self.pos_embed[:, 1:, :]  # [N, L, D]
+        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)  # [N, 1, D]
+        x = torch.cat([cls, x], dim=1)  # [N, 1+L, D]
+        for block in self.blocks:
+            x = block(x)  # [N, 1+L, D]
+        return self.norm(x)  # [N, 1+L, D]
+
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
-        """Latent [N, 1+K, D] and ids_restore [N, L] -> pixel predictions [N, L, p*p*C]."""
+        """Latent [N, 1+K, D] and ids_restore [N, L] -> pixel predictions [N, L, p*p*C].
+
+        With ``encoder_mask_tokens`` the latent is already [N, 1+L, D] in image order."""
         x = self.decoder_embed(latent)  # [N, 1+K, Dd]
+        if self.encoder_mask_tokens:
+            x = x + self.decoder_pos_embed  # [N, 1+L, Dd]
+            return self._decode(x)
         n, length = ids_restore.shape
         mask_tokens = self.mask_token.expand(n, length + 1 - x.shape[1], -1)  # [N, L-K, Dd]
         x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)  # [N, L, Dd], shuffled order
         index = ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2])  # [N, L, Dd]
         x_ = torch.gather(x_, dim=1, index=index)  # [N, L, Dd], image order
         x = torch.cat([x[:, :1, :], x_], dim=1) + self.decoder_pos_embed  # [N, 1+L, Dd]
+        return self._decode(x)
+
+    def _decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Decoder tokens [N, 1+L, Dd] (positions added) -> predictions [N, L, p*p*C]."""
         for block in self.decoder_blocks:
             x = block(x)  # [N, 1+L, Dd]
         x = self.decoder_pred(self.decoder_norm(x))  # [N, 1+L, p*p*C]

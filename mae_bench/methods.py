@@ -169,6 +169,7 @@ class MAE(Method):
         self.mae = build_mae(
             m.arch, img_size, channels, norm_pix_loss=cfg.mae.norm_pix_loss,
             mask_strategy=cfg.mae.mask_strategy,
+            encoder_mask_tokens=bool(cfg.mae.encoder_mask_tokens),
             **{k: v for k, v in decoder.items() if v is not None},
         )
         validate_mask_ratio(self.mae.num_patches, self.mask_ratio)

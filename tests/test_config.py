@@ -88,5 +88,11 @@ def test_digest_ignores_later_knobs_until_set():
     digest (compare and sweep find their runs again)."""
     assert RunConfig().digest() == "a620a7f83f88"  # measured on the code before those knobs
     for section, key, value in (("train", "lr_scaling", "sqrt"), ("train", "lr_ref_batch", 64),
-                                ("ssl", "norm_last_layer", False)):
+                                ("ssl", "norm_last_layer", False),
+                                ("mae", "encoder_mask_tokens", True),
+                                ("train", "attention", "math")):
         assert RunConfig().replace(**{section: {key: value}}).digest() != "a620a7f83f88"
+    # values that build the same run as before the knob existed keep the digest too
+    for section, key, value in (("mae", "encoder_mask_tokens", False),
+                                ("train", "attention", "auto")):
+        assert RunConfig().replace(**{section: {key: value}}).digest() == "a620a7f83f88"

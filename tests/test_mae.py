@@ -413,3 +413,150 @@ def test_micro_presets_train_a_step(name: str) -> None:
     opt.step()
     after, _, _ = model(imgs, 0.75, noise)
     assert after < before
+
+
+# --- "encoder w/ [M]" (encoder_mask_tokens, paper Table 1c) -----------------------------------
+
+
+def variant_pair(
+    norm_pix_loss: bool = False,
+) -> tuple[MaskedAutoencoder, ReferenceMAE, torch.Tensor]:
+    """The ablation loaded strictly with the reference's random weights (its decoder mask_token
+    swapped for a random encoder mask token), the reference, and that token [D]."""
+    ref = ReferenceMAE(**MICRO, norm_pix_loss=norm_pix_loss)
+    token = torch.randn(1, 1, MICRO["embed_dim"]) * 0.2
+    state = {k: v for k, v in ref.state_dict().items() if k != "mask_token"}
+    ours = MaskedAutoencoder(**MICRO, norm_layer=partial(nn.LayerNorm, eps=1e-6),
+                             norm_pix_loss=norm_pix_loss, encoder_mask_tokens=True)
+    ours.load_state_dict(state | {"encoder_mask_token": token}, strict=True)
+    return ours, ref, token[0, 0]
+
+
+def reference_with_encoder_mask_tokens(
+    ref: ReferenceMAE, token: torch.Tensor, imgs: torch.Tensor, mask_ratio: float,
+    noise: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paper's "encoder w/ [M]" written one sample at a time from the reference's modules:
+    all L positions through the encoder (a masked one as ``token`` + its position), then the
+    decoder on the L encoded tokens with no mask token. Returns (loss, pred [N, L, p*p*C])."""
+    n, num = imgs.shape[0], ref.g * ref.g
+    keep_count = int(num * (1 - mask_ratio))
+    target = patchify_loops(imgs, ref.p)
+    w = ref.patch_embed.proj.weight.reshape(ref.patch_embed.proj.weight.shape[0], -1)
+    preds, losses, masked_total = [], [], 0
+    for i in range(n):
+        removed = torch.argsort(noise[i], stable=True).tolist()[keep_count:]
+        tokens = []
+        for k in range(num):
+            r, q = divmod(k, ref.g)
+            pixels = imgs[i, :, r * ref.p:(r + 1) * ref.p, q * ref.p:(q + 1) * ref.p]
+            emb = token if k in removed else w @ pixels.reshape(-1) + ref.patch_embed.proj.bias
+            tokens.append(emb + ref.pos_embed[0, 1 + k])
+        x = torch.stack([ref.cls_token[0, 0] + ref.pos_embed[0, 0], *tokens])  # [1+L, D]
+        for blk in ref.blocks:
+            x = blk(x)
+        x = ref.decoder_embed(ref.norm(x)) + ref.decoder_pos_embed[0]  # [1+L, Dd]
+        for blk in ref.decoder_blocks:
+            x = blk(x)
+        pred = ref.decoder_pred(ref.decoder_norm(x))[1:]  # [L, p*p*C]
+        preds.append(pred)
+        losses.append(patch_loss(pred, target[i], removed, ref.norm_pix_loss) * len(removed))
+        masked_total += len(removed)
+    return torch.stack(losses).sum() / masked_total, torch.stack(preds)
+
+
+def pixel_mask(mask: torch.Tensor, patch: int) -> torch.Tensor:
+    """[N, L] patch mask (row-major grid) -> [N, 1, H, W] pixel mask."""
+    n, num = mask.shape
+    grid = int(num**0.5)
+    m = mask.reshape(n, 1, grid, grid)  # [N, 1, G, G]
+    return m.repeat_interleave(patch, 2).repeat_interleave(patch, 3)  # [N, 1, H, W]
+
+
+@pytest.mark.parametrize("norm_pix_loss", [False, True])
+def test_encoder_mask_tokens_match_the_reference(norm_pix_loss: bool) -> None:
+    torch.manual_seed(4)
+    ours, ref, token = variant_pair(norm_pix_loss)
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 64)
+    loss, pred, mask = ours(imgs, 0.75, noise)
+    with torch.no_grad():
+        ref_loss, ref_pred = reference_with_encoder_mask_tokens(ref, token, imgs, 0.75, noise)
+    assert mask.sum() == 2 * 48
+    assert torch.allclose(pred, ref_pred, atol=1e-5) and torch.allclose(loss, ref_loss, atol=1e-5)
+    assert pred.abs().mean() > 0.1  # the comparison is not between near-zero tensors
+
+
+def test_encoder_mask_tokens_state_dict_and_encoder() -> None:
+    model = build_mae("vit_micro_patch4", encoder_mask_tokens=True)
+    keys = list(model.state_dict())
+    # the official layout, with the mask token moved from decoder width to encoder width
+    expected = ["encoder_mask_token" if k == "mask_token" else k for k in official_keys(2, 1)]
+    assert keys == expected and "mask_token" not in keys
+    assert model.encoder_mask_token.shape == (1, 1, 32)
+    assert model.encoder_mask_token.std() > 0  # initialised (normal, std 0.02), not left zero
+    state = model.encoder_state_dict()
+    assert "encoder_mask_token" not in state and "mask_token" not in state
+    assert list(state) == list(build_mae("vit_micro_patch4").encoder_state_dict())
+    encoder = model.make_encoder()
+    assert list(encoder.state_dict()) == list(state)
+    assert all(torch.equal(v, state[k]) for k, v in encoder.state_dict().items())
+    imgs = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(encoder.forward_features(imgs), model.forward_features(imgs), atol=1e-6)
+
+
+def test_default_mae_state_dict_keeps_the_decoder_mask_token() -> None:
+    model = build_mae("vit_micro_patch4")
+    keys = list(model.state_dict())
+    assert "mask_token" in keys and "encoder_mask_token" not in keys
+    assert keys == official_keys(2, 1) and model.mask_token.shape == (1, 1, 32)
+
+
+def test_encoder_mask_tokens_encoder_sees_the_token_not_the_masked_pixels() -> None:
+    torch.manual_seed(5)
+    model = build_mae("vit_micro_patch4", encoder_mask_tokens=True).eval()
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 64)
+    inputs: list[torch.Tensor] = []
+    model.blocks[0].register_forward_pre_hook(lambda m, args: inputs.append(args[0]))
+    latent, mask, ids_restore = model.forward_encoder(imgs, 0.75, noise)
+    assert latent.shape == (2, 65, 32) and mask.shape == ids_restore.shape == (2, 64)
+    assert torch.equal(mask.sum(1), torch.tensor([48.0, 48.0]))
+    # the first block's input at a masked position is the shared token plus that position
+    x = inputs[0]  # [N, 1+L, D]
+    masked = mask.bool()  # [N, L]
+    want = (model.encoder_mask_token[0] + model.pos_embed[0, 1:]).expand(2, -1, -1)  # [N, L, D]
+    assert torch.equal(x[:, 1:][masked], want[masked])
+    assert not torch.allclose(x[:, 1:][~masked], want[~masked])
+    # so the masked pixels cannot reach the latent; a visible patch's pixels do
+    where = pixel_mask(mask, 4)  # [N, 1, H, W]
+    other_masked = imgs + 3.0 * torch.randn_like(imgs) * where
+    other_visible = imgs + 3.0 * torch.randn_like(imgs) * (1 - where)
+    assert torch.equal(model.forward_encoder(other_masked, 0.75, noise)[0], latent)
+    assert not torch.allclose(model.forward_encoder(other_visible, 0.75, noise)[0], latent)
+
+
+def test_encoder_mask_tokens_loss_and_gradients() -> None:
+    torch.manual_seed(6)
+    model = build_mae("vit_micro_patch4", encoder_mask_tokens=True, norm_pix_loss=True)
+    imgs = torch.randn(2, 3, 32, 32)
+    loss, pred, mask = model(imgs, 0.75, torch.rand(2, 64))
+    assert torch.isfinite(loss) and pred.shape == (2, 64, 48)
+    visible = (mask == 0).unsqueeze(-1)  # [N, L, 1]
+    assert torch.equal(model.forward_loss(imgs, pred.detach() + 5.0 * visible, mask), loss)
+    loss.backward()
+    assert not model.pos_embed.requires_grad and not model.decoder_pos_embed.requires_grad
+    assert model.pos_embed.grad is None and model.decoder_pos_embed.grad is None
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert "encoder_mask_token" in trainable and "mask_token" not in trainable
+    missing = [n for n, p in trainable.items() if p.grad is None or not p.grad.isfinite().all()]
+    assert not missing
+    assert model.encoder_mask_token.grad.abs().sum() > 0
+    assert model.no_weight_decay() == {"pos_embed", "cls_token", "encoder_mask_token"}
+
+
+def test_encoder_mask_tokens_knob_and_config_digest() -> None:
+    from mae_bench.config import RunConfig
+
+    default = RunConfig()
+    assert default.mae.encoder_mask_tokens is None
+    assert default.replace(mae={"encoder_mask_tokens": None}).digest() == default.digest()
+    assert default.replace(mae={"encoder_mask_tokens": True}).digest() != default.digest()

@@ -107,8 +107,8 @@ def test_bad_sweeps_fail_before_anything_runs(tmp_path, kw, message):
 
 def test_every_knob_plans_on_tiny_models(tmp_path):
     values = {"mask-ratio": ("0.5",), "decoder-depth": ("1",), "decoder-dim": ("16",),
-              "mask-strategy": ("grid",), "norm-pix-loss": ("false",), "epochs": ("0.2",),
-              "method": ("simclr",)}
+              "mask-strategy": ("grid",), "norm-pix-loss": ("false",),
+              "encoder-mask-tokens": ("true",), "epochs": ("0.2",), "method": ("simclr",)}
     assert set(values) == set(SWEEP_KNOBS)
     for knob, vals in values.items():
         (point,) = plan_points(_spec(tmp_path, knob=knob, values=vals))
