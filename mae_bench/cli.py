@@ -151,6 +151,10 @@ def pretrain(
         ),
     ] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = None,
+    attention: Annotated[
+        str, typer.Option(help="Attention kernel: auto (time fused and math on this device, "
+                          "dtype and shape at start; keep the faster) | fused | math.")
+    ] = None,
     deterministic: Annotated[
         bool,
         typer.Option(
@@ -229,6 +233,7 @@ def pretrain(
             "seed": seed,
             "precision": precision,
             "device": device,
+            "attention": attention,
             "deterministic": deterministic,
             "log_every": log_every,
             "save_every": save_every,
@@ -697,8 +702,8 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in text.split(",") if v.strip())
 
 
-# `sweep` and `report` live in their own module; importing it registers them on `app`.
-from mae_bench import cli_sweep  # noqa: E402, F401
+# `sweep`, `report` and `speed` live in their own modules; importing them registers them.
+from mae_bench import cli_speed, cli_sweep  # noqa: E402, F401
 
 
 def main() -> None:

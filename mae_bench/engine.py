@@ -41,6 +41,7 @@ from rich.progress import (
 from torch import nn
 
 from mae_bench import __version__
+from mae_bench.attention import choose_attention
 from mae_bench.augment import BatchViews
 from mae_bench.checkpoint import (
     FORMAT_VERSION,
@@ -59,6 +60,7 @@ from mae_bench.errors import CheckpointError, ConfigError, TrainingError
 from mae_bench.loader import TrainBatches
 from mae_bench.methods import Batch, Method, build_method, resolve_config
 from mae_bench.results import git_sha
+from mae_bench.vit import get_preset
 
 METRICS = "metrics.jsonl"
 
@@ -226,6 +228,9 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, *, resume: bool = True,
     seed_everything(t_cfg.seed + rank, t_cfg.deterministic)
     method = build_method(cfg, info.channels, img_size).to(device)
     views = [BatchViews(spec, info.mean, info.std) for spec in method.view_specs()]
+    attention = choose_attention(method, t_cfg.attention or "auto",
+                                 1 + (img_size // get_preset(cfg.model.arch).patch_size) ** 2,
+                                 t_cfg.batch_size, device, precision)
 
     micro_per_epoch = len(dataset) // world_size // t_cfg.batch_size
     micro_per_epoch -= micro_per_epoch % t_cfg.accum_iter
@@ -261,7 +266,8 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, *, resume: bool = True,
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_text_atomic(run_dir / "config.yaml", cfg.to_yaml())
         _write_text_atomic(run_dir / "run.json", json.dumps(_provenance(
-            cfg, device, precision, img_size, peak_lr, eff_batch, total_steps), indent=2))
+            cfg, device, precision, img_size, peak_lr, eff_batch, total_steps)
+            | {"attention": attention}, indent=2))
         _truncate_metrics(run_dir / METRICS, step)
 
     batches = TrainBatches(dataset, t_cfg.batch_size, micro_per_epoch, t_cfg.seed,
