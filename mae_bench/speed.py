@@ -1,21 +1,33 @@
-"""Training cost of a method: FLOPs per image per step (counted by torch.utils.flop_counter)
-and measured images per second, with the engine's own pieces (views, method, AdamW).
+"""Training cost of a method: FLOPs per image per step (counted by torch.utils.flop_counter),
+measured images per second, achieved FLOP/s against a matmul peak measured on the same
+machine, peak memory, and how fast the in-memory data path alone delivers batches.
 
-``compare`` uses these for its cost columns and to give every method the same wall-clock
-budget; ``mae-bench speed`` (issue 6) builds its tables on them.
+``compare`` and ``sweep`` use :func:`measure_training` for their cost columns and budgets;
+``mae-bench speed`` measures several configurations side by side with
+:func:`measure_side_by_side`: round-robin rounds, so that machine noise hits them alike.
+
+Every measured step is the engine's own step: batched augmentation of uint8 images already in
+memory, forward under autocast, backward, AdamW (foreach on CPU, fused on GPU), the method's
+step-end hook (EMA teachers). Only the learning-rate schedule and logging are left out.
 """
 
 from __future__ import annotations
 
+import ctypes
+import re
+import statistics
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from mae_bench.attention import attention_layers, choose_attention, set_attention
 from mae_bench.augment import BatchViews
 from mae_bench.config import RunConfig, validate
-from mae_bench.data import load_dataset
+from mae_bench.data import DatasetInfo, load_dataset
 from mae_bench.engine import (
     autocast,
     build_optimizer,
@@ -25,20 +37,28 @@ from mae_bench.engine import (
 )
 from mae_bench.methods import Batch, Method, build_method, resolve_config
 
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 @dataclass(frozen=True)
 class TrainSpeed:
-    """One method's measured training cost.
+    """One configuration's measured training cost.
 
     Attributes:
-        images_per_second: training throughput (forward, backward, AdamW step and the batched
-            augmentation; data already in memory).
-        seconds_per_step: mean wall time of one step at ``batch_size``.
+        images_per_second: training throughput (median over the timed steps).
+        seconds_per_step: median wall time of one step at ``batch_size``.
         gflops_per_image: forward + backward GFLOPs per image per step (all views, teachers
             included; the optimizer update is not counted).
         batch_size: images per measured step.
         device: where it ran.
         precision: fp32 | bf16 | fp16.
+        attention: the attention path the model ran ("fused" or "math").
+        peak_memory_mb: memory the configuration added at its peak (model, optimizer state,
+            activations): on CUDA the allocator's peak, on Linux CPUs the rise of the process's
+            peak resident set; None where neither can be read.
+        loader_images_per_second: the data path alone (index the uint8 images in memory, move
+            them to the device, build every view); None when not measured.
+        step_seconds: every timed step, for spread.
     """
 
     images_per_second: float
@@ -47,15 +67,108 @@ class TrainSpeed:
     batch_size: int
     device: str
     precision: str
+    attention: str = "fused"
+    peak_memory_mb: float | None = None
+    loader_images_per_second: float | None = None
+    step_seconds: tuple[float, ...] = field(default=(), repr=False)
+
+    @property
+    def tflops(self) -> float:
+        """Achieved TFLOP/s: counted FLOPs per image x images per second."""
+        return self.gflops_per_image * self.images_per_second / 1e3
 
 
 def train_step_flops(method: Method, batch: Batch) -> int:
-    """FLOPs of one training step's forward and backward pass on ``batch`` (no update)."""
+    """FLOPs of one training step's forward and backward pass on ``batch`` (no update).
+
+    Counted on the explicit attention path (two batched matmuls per layer), whatever path the
+    model runs: the counter does not see inside every fused kernel (the CPU flash-attention
+    backward), and a model's FLOPs must not depend on the kernel that computes them."""
+    layers = attention_layers(method)
+    fused = [layer.fused_attn for layer in layers]
+    set_attention(method, "math")
     counter = FlopCounterMode(display=False)
-    with counter:
-        method(batch)["loss"].backward()
+    try:
+        with counter:
+            method(batch)["loss"].backward()
+    finally:
+        for layer, was in zip(layers, fused, strict=True):
+            layer.fused_attn = was
     method.zero_grad(set_to_none=True)
     return int(counter.get_total_flops())
+
+
+def matmul_peak(device: torch.device, precision: str, sizes: tuple[int, ...] | None = None,
+                repeats: int = 3) -> float:
+    """The best FLOP/s of a square ``n x n`` by ``n x n`` linear layer (``F.linear``, the op
+    the model's layers run) in ``precision`` on ``device``, over ``sizes``: the peak that MFU
+    is measured against, taken with the same library on the same machine in the same run.
+
+    ``sizes`` defaults to (4096, 8192) on GPUs and (512, 1024, 2048) on CPUs. (A bare ``a @ b``
+    is no peak for bf16 on CPUs without bf16 instructions: it takes a slower emulation path
+    than ``F.linear``, measured 0.9 against 9.8 GFLOP/s at 1024.)
+    """
+    if sizes is None:
+        sizes = (4096, 8192) if device.type == "cuda" else (512, 1024, 2048)
+    dtype = _DTYPES[precision]
+    gen = torch.Generator(device=device).manual_seed(0)
+    best = 0.0
+    for n in sizes:
+        a = torch.randn(n, n, device=device, generator=gen).to(dtype)
+        w = torch.randn(n, n, device=device, generator=gen).to(dtype)
+        for i in range(repeats + 1):  # the first call warms the library up
+            _sync(device)
+            start = time.perf_counter()
+            torch.nn.functional.linear(a, w)
+            _sync(device)
+            if i:
+                best = max(best, 2 * n**3 / (time.perf_counter() - start))
+    return best
+
+
+class _Trainer:
+    """One configuration ready to step: method, views, optimizer and its own generator."""
+
+    def __init__(self, cfg: RunConfig, info: DatasetInfo, img_size: int,
+                 device: torch.device, precision: str):
+        t = cfg.train
+        seed_everything(t.seed)
+        self.method = build_method(cfg, info.channels, img_size).to(device).train()
+        self.views = [BatchViews(s, info.mean, info.std) for s in self.method.view_specs()]
+        self.optimizer = build_optimizer(self.method, t.weight_decay, device)
+        self.gen = torch.Generator(device=device).manual_seed(t.seed)
+        self.device, self.precision = device, precision
+        self.attention = choose_attention(self.method, t.attention or "auto",
+                                          1 + (img_size // _patch(cfg)) ** 2, t.batch_size,
+                                          device, precision)
+
+    def batch(self, images: torch.Tensor, labels: torch.Tensor) -> Batch:
+        images = images.to(self.device, non_blocking=True)
+        return Batch([v(images, self.gen) for v in self.views], labels.to(self.device),
+                     self.gen, 0, 100)
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+        """One timed training step (data path included); returns its seconds."""
+        _sync(self.device)
+        start = time.perf_counter()
+        b = self.batch(images, labels)
+        with autocast(self.device, self.precision):
+            loss = self.method(b)["loss"]
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.method.on_step_end(1, 100)
+        _sync(self.device)
+        return time.perf_counter() - start
+
+    def loader_seconds(self, images: torch.Tensor, labels: torch.Tensor,
+                       index: torch.Tensor) -> float:
+        """Seconds to build one batch from the in-memory set: index, move, every view."""
+        _sync(self.device)
+        start = time.perf_counter()
+        self.batch(images.index_select(0, index), labels.index_select(0, index))
+        _sync(self.device)
+        return time.perf_counter() - start
 
 
 def measure_training(cfg: RunConfig, steps: int = 3, warmup: int = 1,
@@ -67,43 +180,103 @@ def measure_training(cfg: RunConfig, steps: int = 3, warmup: int = 1,
     """
     validate(cfg)
     cfg = resolve_config(cfg)
-    t = cfg.train
-    device = resolve_device(t.device)
-    precision = resolve_precision(t.precision, device)
     dataset = load_dataset(cfg.data.dataset, cfg.data.split, cfg.data.data_dir)
-    info = dataset.info
-    img_size = cfg.model.img_size or info.img_size
+    n = min(cfg.train.batch_size, len(dataset))
+
+    def draw(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return _images(dataset, torch.randint(0, len(dataset), (size,)))
+
+    result = _measure({"run": cfg}, dataset.info, draw, n, steps, warmup, rounds=1,
+                      flops_batch=flops_batch)
+    return result["run"]
+
+
+def measure_side_by_side(cfgs: dict[str, RunConfig], images: torch.Tensor,
+                         labels: torch.Tensor, info: DatasetInfo, *, steps: int = 3,
+                         warmup: int = 1, rounds: int = 2, flops_batch: int = 2,
+                         progress: Callable[[str], None] | None = None
+                         ) -> dict[str, TrainSpeed]:
+    """Measure several configurations in one process, round-robin.
+
+    Each round gives every configuration ``warmup`` untimed then ``steps`` timed steps, so slow
+    phases of a shared machine are spread over all of them; the reported numbers are medians
+    over all timed steps. Peak memory is read during each configuration's first round (built
+    then, after the previous ones released theirs).
+
+    Args:
+        cfgs: name -> run config (same data shape; batch size, device, precision from each).
+        images: uint8 [N, C, H, W] in memory; batches are drawn at random from it.
+        labels: [N] int64.
+        info: the data set's description (channels, mean / std, image size).
+        steps, warmup, rounds: timed and untimed steps per round, and rounds.
+        flops_batch: images in the batch the FLOP counter sees.
+        progress: called with a short line before each configuration's round.
+    """
+    gen = torch.Generator().manual_seed(0)
+
+    def draw(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randint(0, len(images), (size,), generator=gen)
+        return images.index_select(0, idx), labels.index_select(0, idx)
+
+    for cfg in cfgs.values():
+        validate(cfg)
+    resolved = {name: resolve_config(cfg) for name, cfg in cfgs.items()}
+    n = min(min(c.train.batch_size for c in resolved.values()), len(images))
+    return _measure(resolved, info, draw, n, steps, warmup, rounds, flops_batch,
+                    loader_source=(images, labels), progress=progress)
+
+
+def _measure(cfgs: dict[str, RunConfig], info: DatasetInfo,
+             draw: Callable[[int], tuple[torch.Tensor, torch.Tensor]], n: int, steps: int,
+             warmup: int, rounds: int, flops_batch: int,
+             loader_source: tuple[torch.Tensor, torch.Tensor] | None = None,
+             progress: Callable[[str], None] | None = None) -> dict[str, TrainSpeed]:
+    trainers: dict[str, _Trainer] = {}
+    memory: dict[str, float | None] = {}
+    flops: dict[str, float] = {}
+    timed: dict[str, list[float]] = {name: [] for name in cfgs}
+    loader_s: dict[str, list[float]] = {name: [] for name in cfgs}
     with torch.random.fork_rng(devices=[]):
-        seed_everything(t.seed)
-        method = build_method(cfg, info.channels, img_size).to(device).train()
-        views = [BatchViews(s, info.mean, info.std) for s in method.view_specs()]
-        optimizer = build_optimizer(method, t.weight_decay, device)
-        gen = torch.Generator(device=device).manual_seed(t.seed)
-        n = min(t.batch_size, len(dataset))
+        for r in range(rounds):
+            for name, cfg in cfgs.items():
+                if progress is not None:
+                    progress(f"round {r + 1}/{rounds}: {name}")
+                device = resolve_device(cfg.train.device)
+                precision = resolve_precision(cfg.train.precision, device)
+                img_size = cfg.model.img_size or info.img_size
+                if name not in trainers:
+                    base = _memory_mark(device)
+                    trainers[name] = tr = _Trainer(cfg, info, img_size, device, precision)
+                    imgs, labs = draw(flops_batch)
+                    flops[name] = train_step_flops(tr.method, tr.batch(imgs, labs)) / flops_batch
+                tr = trainers[name]
+                for i in range(warmup + steps):
+                    seconds = tr.step(*draw(n))
+                    if i >= warmup:
+                        timed[name].append(seconds)
+                if name not in memory:
+                    memory[name] = _memory_peak(device, base)
+                if loader_source is not None:  # the data path alone, from the whole set
+                    for _ in range(steps):
+                        idx = torch.randint(0, len(loader_source[0]), (n,))
+                        loader_s[name].append(tr.loader_seconds(*loader_source, idx))
+            if rounds > 1:
+                _release_memory()
+    out = {}
+    for name in cfgs:
+        tr = trainers[name]
+        per_step = statistics.median(timed[name])
+        loader_ips = n / statistics.median(loader_s[name]) if loader_s[name] else None
+        out[name] = TrainSpeed(n / per_step, per_step, flops[name] / 1e9, n, str(tr.device),
+                               tr.precision, tr.attention, memory[name], loader_ips,
+                               tuple(timed[name]))
+    return out
 
-        def batch(size: int) -> Batch:
-            idx = torch.randint(0, len(dataset), (size,), generator=torch.Generator())
-            images, labels = _images(dataset, idx)
-            images = images.to(device)
-            return Batch([v(images, gen) for v in views], labels.to(device), gen, 0, 100)
 
-        flops = train_step_flops(method, batch(flops_batch)) / flops_batch
-        timed = 0.0
-        for i in range(warmup + steps):
-            b = batch(n)
-            _sync(device)
-            start = time.perf_counter()
-            with autocast(device, precision):
-                loss = method(b)["loss"]
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            method.on_step_end(1, 100)
-            _sync(device)
-            if i >= warmup:
-                timed += time.perf_counter() - start
-    per_step = timed / steps
-    return TrainSpeed(n / per_step, per_step, flops / 1e9, n, str(device), precision)
+def _patch(cfg: RunConfig) -> int:
+    from mae_bench.vit import get_preset
+
+    return get_preset(cfg.model.arch).patch_size
 
 
 def _images(dataset, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,6 +289,51 @@ def _images(dataset, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     images = torch.stack([eval_resize(img.unsqueeze(0), size)[0].to(torch.uint8)
                           for img, _ in pairs])
     return images, torch.tensor([label for _, label in pairs])
+
+
+# --- memory ----------------------------------------------------------------------------------
+
+_PROC_STATUS = Path("/proc/self/status")
+
+
+def _release_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc), so the next peak counts fresh pages."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _memory_mark(device: torch.device) -> float | None:
+    """Start a peak-memory window; returns the baseline in MiB (None: cannot measure here)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device) / 2**20
+    _release_memory()
+    try:  # "5" resets VmHWM, the peak resident set (Linux >= 4.0)
+        Path("/proc/self/clear_refs").write_text("5")
+        return _status_mib("VmRSS")
+    except OSError:
+        return None
+
+
+def _memory_peak(device: torch.device, base: float | None) -> float | None:
+    """MiB added at the peak since :func:`_memory_mark` returned ``base``."""
+    if base is None:
+        return None
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20 - base
+    peak = _status_mib("VmHWM")
+    return None if peak is None else peak - base
+
+
+def _status_mib(key: str) -> float | None:
+    try:
+        match = re.search(rf"{key}:\s+(\d+) kB", _PROC_STATUS.read_text())
+    except OSError:
+        return None
+    return int(match.group(1)) / 1024 if match else None
 
 
 def _sync(device: torch.device) -> None:
