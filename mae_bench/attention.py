@@ -101,11 +101,17 @@ def choose_attention(model: nn.Module, path: str, tokens: int, batch: int,
         if not layers:
             return "fused"
         first = layers[0]
-        dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[precision]
-        path = _fastest(first.qkv.in_features, first.num_heads, tokens, min(batch, 64),
-                        str(device), dtype)
+        path = auto_path(first.qkv.in_features, first.num_heads, tokens, batch, device,
+                         precision)
     set_attention(model, path)
     return path
+
+
+def auto_path(dim: int, num_heads: int, tokens: int, batch: int, device: torch.device,
+              precision: str) -> str:
+    """What ``auto`` picks for attention layers of this shape (timed once per process)."""
+    dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[precision]
+    return _fastest(dim, num_heads, tokens, min(batch, 64), str(device), dtype)
 
 
 def _sync(device: torch.device) -> None:

@@ -155,14 +155,13 @@ def run_speed(spec: SpeedSpec, log: Callable[[str], None] = lambda _: None) -> S
 
 def _with_other_attention(configs: dict[str, RunConfig], img_size: int, patch: int,
                           device: torch.device) -> dict[str, RunConfig]:
-    from mae_bench.attention import _fastest
+    from mae_bench.attention import auto_path
 
     cfg = configs["mae"]
     p = get_preset(cfg.model.arch)
-    precision = resolve_precision(cfg.train.precision, device)
-    dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[precision]
-    chosen = _fastest(p.embed_dim, p.num_heads, 1 + (img_size // patch) ** 2,
-                      min(cfg.train.batch_size, 64), str(device), dtype)
+    chosen = auto_path(p.embed_dim, p.num_heads, 1 + (img_size // patch) ** 2,
+                       cfg.train.batch_size, device, resolve_precision(cfg.train.precision,
+                                                                        device))
     other = "math" if chosen == "fused" else "fused"
     out = dict(configs)
     out[f"mae attn={other}"] = cfg.replace(train={"attention": other})
