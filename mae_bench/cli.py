@@ -17,6 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from mae_bench.config import RunConfig
+from mae_bench.distributed import leave_process_group
 from mae_bench.errors import MaeBenchError, TrainingError
 
 try:  # recent typer releases vendor click; older ones use click itself
@@ -731,6 +732,8 @@ def main() -> None:
     except (KeyboardInterrupt, typer.Abort):
         console.print("interrupted")
         sys.exit(130)
+    finally:
+        leave_process_group()  # a torchrun job's processes end their group cleanly
     sys.exit(code if isinstance(code, int) else 0)
 
 

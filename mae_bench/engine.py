@@ -56,6 +56,7 @@ from mae_bench.checkpoint import (
 from mae_bench.config import RunConfig, validate, warmup_epochs
 from mae_bench.config import peak_lr as config_peak_lr
 from mae_bench.data import load_dataset
+from mae_bench.distributed import all_reduce_mean, join_process_group, sync_batchnorm
 from mae_bench.errors import CheckpointError, ConfigError, TrainingError
 from mae_bench.loader import TrainBatches
 from mae_bench.methods import Batch, Method, build_method, resolve_config
@@ -214,7 +215,7 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, *, resume: bool = True,
     cfg = resolve_config(cfg)  # the method's lr / weight decay / knobs, recorded in config.yaml
     run_dir = Path(run_dir)
     t_cfg = cfg.train
-    device = resolve_device(t_cfg.device)
+    device = join_process_group(resolve_device(t_cfg.device))  # torchrun: gloo / NCCL
     precision = resolve_precision(t_cfg.precision, device)
     rank, world_size = world()
     is_main = rank == 0
@@ -226,7 +227,7 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, *, resume: bool = True,
     info = dataset.info
     img_size = cfg.model.img_size or info.img_size
     seed_everything(t_cfg.seed + rank, t_cfg.deterministic)
-    method = build_method(cfg, info.channels, img_size).to(device)
+    method = sync_batchnorm(build_method(cfg, info.channels, img_size).to(device), device)
     views = [BatchViews(spec, info.mean, info.std) for spec in method.view_specs()]
     attention = choose_attention(method, t_cfg.attention or "auto",
                                  1 + (img_size // get_preset(cfg.model.arch).patch_size) ** 2,
@@ -444,7 +445,9 @@ class _MetricLogger:
     def flush(self, step: int, epoch: float) -> dict[str, Any]:
         if not self.steps:
             return {"loss": self.last_loss or float("nan"), "img_per_s": 0.0}
-        values = {k: torch.stack(v).cpu() for k, v in self.steps.items()}  # syncs the device
+        # the mean over processes (identical on every rank, so all stop on a bad loss together)
+        dev = self.steps["loss"][0].device  # NCCL reduces device tensors only
+        values = {k: all_reduce_mean(torch.stack(v).to(dev)).cpu() for k, v in self.steps.items()}
         losses = values["loss"]
         bad = (~torch.isfinite(losses)).nonzero()
         if len(bad):

@@ -1,0 +1,136 @@
+"""DistributedDataParallel on 2 CPU processes (gloo): the loss and the gradients equal one
+process's on the combined batch (MAE; SimCLR with its all-gathered negatives and BatchNorm over
+the global batch), and a torchrun pretraining writes one checkpoint and resumes from it."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from mae_bench.config import RunConfig
+from mae_bench.distributed import CPUSyncBatchNorm, sync_batchnorm
+from mae_bench.methods import Batch, build_method
+
+WORLD = 2
+PER_RANK = 4
+SIZE = 16
+
+
+def _inputs(method_name: str) -> dict[str, torch.Tensor]:
+    """The combined batch (both processes' halves), fixed by a seed."""
+    g = torch.Generator().manual_seed(1)
+    views = [torch.randn(WORLD * PER_RANK, 3, SIZE, SIZE, generator=g) for _ in range(2)]
+    noise = torch.rand(WORLD * PER_RANK, (SIZE // 2) ** 2, generator=g)  # MAE masking
+    return {"v1": views[0], "v2": views[1], "noise": noise}
+
+
+def _build(method_name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = RunConfig().replace(model={"arch": "vit_micro_patch2"},
+                              train={"method": method_name})
+    return build_method(cfg, 3, SIZE)
+
+
+def _loss(method: torch.nn.Module, module: torch.nn.Module, method_name: str,
+          x: dict[str, torch.Tensor]) -> torch.Tensor:
+    if method_name == "mae":  # the model itself, so the masking noise can be given
+        return module(x["v1"], 0.75, x["noise"])[0]
+    batch = Batch([x["v1"], x["v2"]], torch.zeros(len(x["v1"]), dtype=torch.long),
+                  torch.Generator())
+    return module(batch)["loss"]
+
+
+def _grads(method: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in method.named_parameters() if p.grad is not None}
+
+
+def _worker(rank: int, method_name: str, store: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                            world_size=WORLD)
+    try:
+        method = sync_batchnorm(_build(method_name), torch.device("cpu"))
+        part = {k: v[rank * PER_RANK:(rank + 1) * PER_RANK] for k, v in
+                _inputs(method_name).items()}
+        inner = method.mae if method_name == "mae" else method
+        ddp = torch.nn.parallel.DistributedDataParallel(inner)
+        loss = _loss(method, ddp, method_name, part)
+        loss.backward()
+        torch.save({"loss": loss.detach(), "grads": _grads(method)}, Path(out) / f"{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("method_name", ["mae", "simclr"])
+def test_two_processes_match_one_on_the_combined_batch(tmp_path, method_name):
+    mp.spawn(_worker, args=(method_name, str(tmp_path / "store"), str(tmp_path)),
+             nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"{r}.pt") for r in range(WORLD)]
+
+    method = _build(method_name)
+    inner = method.mae if method_name == "mae" else method
+    loss = _loss(method, inner, method_name, _inputs(method_name))
+    loss.backward()
+    reference = _grads(method)
+
+    # the global loss is the mean of the per-process losses (equal shares of the batch)
+    mean = torch.stack([r["loss"] for r in ranks]).mean()
+    assert mean.item() == pytest.approx(loss.item(), rel=1e-5)
+    for r in ranks:
+        assert set(r["grads"]) == set(reference)
+        for name, grad in reference.items():  # DDP averages: every rank holds the same
+            torch.testing.assert_close(r["grads"][name], grad, rtol=1e-4, atol=1e-5,
+                                       msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_sync_batchnorm_keeps_parameters_and_is_plain_outside_torchrun():
+    method = _build("simclr")
+    before = dict(method.named_parameters())
+    assert sync_batchnorm(method, torch.device("cpu")) is method  # single process: unchanged
+    assert not any(isinstance(m, CPUSyncBatchNorm) for m in method.modules())
+    assert dict(method.named_parameters()).keys() == before.keys()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(*args: str) -> subprocess.CompletedProcess:
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           "-m", "mae_bench", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_torchrun_pretrain_writes_one_checkpoint_and_resumes(tmp_path):
+    run = tmp_path / "run"
+    first = _torchrun("pretrain", "--arch", "vit_micro_patch2", "--batch-size", "8",
+                      "--epochs", "1", "--max-steps", "2", "--log-every", "1", "--device",
+                      "cpu", "--no-progress", "--out", str(run))
+    assert first.returncode == 0, first.stderr[-3000:]
+    files = sorted(p.name for p in run.iterdir())
+    assert files.count("checkpoint.pt") == 1 and "checkpoint.prev.pt" not in files
+    assert not [f for f in files if f.startswith(".checkpoint-")]  # no partial save left
+    info = json.loads((run / "run.json").read_text())
+    assert info["effective_batch"] == 16  # 8 per process x 2 processes: lr follows it
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]  # rank 0 alone writes metrics
+
+    second = _torchrun("pretrain", "--resume", str(run), "--max-steps", "4", "--no-progress")
+    assert second.returncode == 0, second.stderr[-3000:]
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 4
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]  # continued from step 2, nothing logged twice
