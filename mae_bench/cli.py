@@ -18,7 +18,7 @@ from rich.text import Text
 
 from mae_bench.config import RunConfig
 from mae_bench.distributed import leave_process_group
-from mae_bench.errors import MaeBenchError, TrainingError
+from mae_bench.errors import MaeBenchError, RunInterrupted, TrainingError
 
 try:  # recent typer releases vendor click; older ones use click itself
     from typer._click.exceptions import ClickException, UsageError
@@ -729,6 +729,9 @@ def main() -> None:
     except TrainingError as exc:
         console.print(Text.assemble(("training stopped: ", "bold red"), str(exc)), soft_wrap=True)
         sys.exit(1)
+    except RunInterrupted as exc:  # SIGTERM / SIGINT: checkpoint saved at a step boundary
+        console.print(Text.assemble(("stopped: ", "bold red"), str(exc)), soft_wrap=True)
+        sys.exit(128 + exc.signum)  # 143 for SIGTERM, 130 for SIGINT, as the shell reports
     except (KeyboardInterrupt, typer.Abort):
         console.print("interrupted")
         sys.exit(130)

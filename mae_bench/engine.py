@@ -18,7 +18,9 @@ import math
 import os
 import platform
 import random
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterable
 from contextlib import nullcontext
@@ -57,7 +59,7 @@ from mae_bench.config import RunConfig, validate, warmup_epochs
 from mae_bench.config import peak_lr as config_peak_lr
 from mae_bench.data import load_dataset
 from mae_bench.distributed import all_reduce_mean, join_process_group, sync_batchnorm
-from mae_bench.errors import CheckpointError, ConfigError, TrainingError
+from mae_bench.errors import CheckpointError, ConfigError, RunInterrupted, TrainingError
 from mae_bench.loader import TrainBatches
 from mae_bench.methods import Batch, Method, build_method, resolve_config
 from mae_bench.results import git_sha
@@ -295,7 +297,8 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, *, resume: bool = True,
     t_start = time.perf_counter()
     micro = step * t_cfg.accum_iter  # global micro-batch index
     bar = _progress(console, progress and is_main)
-    with bar:
+    stop = _StopSignals()
+    with bar, stop:
         task = bar.add_task(f"{t_cfg.method} {cfg.data.dataset}", total=total_steps,
                             completed=step, loss="-", lr="-", ips="-")
         while step < stop_at:
@@ -349,6 +352,13 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, *, resume: bool = True,
                     if batches.streaming:
                         dataset.check_bad_fraction()
                 bar.update(task, completed=step)
+                if stop.requested(world_size):  # SIGTERM / SIGINT: save here, then stop
+                    logger.flush(step, step / steps_per_epoch)
+                    if is_main:
+                        seconds = elapsed_before + time.perf_counter() - t_start
+                        save_checkpoint(run_dir, state(step // steps_per_epoch, seconds))
+                    logger.close()
+                    raise RunInterrupted(stop.signum, step, str(run_dir))
                 if step >= stop_at:
                     break
             epoch_done = micro % micro_per_epoch == 0
@@ -479,6 +489,44 @@ class _MetricLogger:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+class _StopSignals:
+    """Within ``with``: SIGTERM and SIGINT set a flag instead of killing the run, so the loop
+    stops at the next optimizer-step boundary with a checkpoint (a second signal acts at once,
+    as usual). Under torchrun the flag is all-reduced each step, so every process stops at the
+    same step. Outside the main thread (no signal handlers there) it never fires."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.signum = signum
+        for sig, handler in self._previous.items():  # a second signal is not deferred
+            signal.signal(sig, handler)
+
+    def requested(self, world_size: int) -> bool:
+        if world_size == 1:
+            return self.signum != 0
+        flag = torch.tensor([float(self.signum)],
+                            device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self.signum = int(flag.item())
+        return self.signum != 0
 
 
 def _tensorboard(run_dir: Path):

@@ -21,3 +21,17 @@ class CheckpointError(MaeBenchError):
 class TrainingError(RuntimeError):
     """A run stopped for a reason found while training (e.g. a non-finite loss). The message names
     the step; the last good checkpoint is kept. The CLI shows it without a traceback (exit 1)."""
+
+
+class RunInterrupted(BaseException):
+    """SIGTERM or SIGINT reached a training run: it saved a checkpoint at the step boundary and
+    stopped. A BaseException, like KeyboardInterrupt, so that no ``except Exception`` (a sweep
+    recording a failed point) swallows it; the CLI exits with 128 + the signal number."""
+
+    def __init__(self, signum: int, step: int, run_dir: str):
+        self.signum, self.step, self.run_dir = signum, step, run_dir
+        import signal
+
+        name = signal.Signals(signum).name
+        super().__init__(f"{name} at step {step}: checkpoint saved in {run_dir}; "
+                         f"resume with: mae-bench pretrain --resume {run_dir}")

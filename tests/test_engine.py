@@ -2,8 +2,10 @@
 
 import json
 import math
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -233,3 +235,34 @@ def test_streamed_image_folder_trains_through_workers(tmp_path, monkeypatch):
     res = pretrain(cfg, tmp_path / "run", progress=False)
     assert res.finished and res.step == 6  # 24 images / 8 per step x 2 epochs
     assert all(math.isfinite(r["loss"]) for r in _metrics(tmp_path / "run"))
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_saves_at_a_step_boundary_and_resume_continues(tmp_path, sig, code):
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mae_bench", "pretrain", "--arch", "vit_micro_patch2",
+         "--img-size", "8", "--batch-size", "64", "--epochs", "50", "--log-every", "1",
+         "--no-progress", "--device", "cpu", "--out", str(run)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    ckpt = load_checkpoint(run)
+    steps = [r["step"] for r in _metrics(run)]
+    assert steps == list(range(1, ckpt["step"] + 1))  # saved at the last logged step
+    assert f"{signal.Signals(sig).name} at step {ckpt['step']}: checkpoint saved" in err
+    assert len(err.strip().splitlines()) == 1  # one line, no traceback
+
+    stopped = ckpt["step"]
+    subprocess.run([sys.executable, "-m", "mae_bench", "pretrain", "--resume", str(run),
+                    "--max-steps", str(stopped + 2), "--no-progress"], check=True,
+                   capture_output=True)
+    assert [r["step"] for r in _metrics(run)] == list(range(1, stopped + 3))
+    assert load_checkpoint(run)["step"] == stopped + 2
