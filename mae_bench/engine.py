@@ -231,9 +231,18 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, *, resume: bool = True,
     seed_everything(t_cfg.seed + rank, t_cfg.deterministic)
     method = sync_batchnorm(build_method(cfg, info.channels, img_size).to(device), device)
     views = [BatchViews(spec, info.mean, info.std) for spec in method.view_specs()]
-    attention = choose_attention(method, t_cfg.attention or "auto",
+    # A resumed run keeps the kernel it started with (the two differ in rounding, so a new
+    # timing could break exact replay); under torchrun every process takes rank 0's choice.
+    attention = t_cfg.attention or "auto"
+    if attention == "auto" and ckpt is not None:
+        attention = ckpt.get("extra", {}).get("attention", "auto")
+    attention = choose_attention(method, attention,
                                  1 + (img_size // get_preset(cfg.model.arch).patch_size) ** 2,
                                  t_cfg.batch_size, device, precision)
+    if world_size > 1:
+        shared = [attention]
+        dist.broadcast_object_list(shared, src=0)
+        attention = choose_attention(method, shared[0], 0, 0, device, precision)
 
     micro_per_epoch = len(dataset) // world_size // t_cfg.batch_size
     micro_per_epoch -= micro_per_epoch % t_cfg.accum_iter
@@ -290,7 +299,7 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, *, resume: bool = True,
             "step": step, "micro_step": step * t_cfg.accum_iter, "epoch": epoch,
             "rng": rng_state(), "extra": {"train_seconds": train_seconds,
                                           "total_steps": total_steps, "img_size": img_size,
-                                          "channels": info.channels},
+                                          "channels": info.channels, "attention": attention},
         }
 
     method.train()

@@ -163,3 +163,22 @@ def _synthetic_info():
     return DatasetInfo(name="synthetic", description="", channels=3, img_size=32,
                        num_classes=10, mean=(0.5,) * 3, std=(0.25,) * 3, splits=("train",),
                        needs_data_dir=False, formats="-", how_to_get="-")
+
+
+def test_resume_keeps_the_attention_path_the_run_started_with(tmp_path, monkeypatch):
+    """auto times the paths once per process; a resumed run must not re-time and switch (the
+    two kernels round differently, which would break exact replay)."""
+    import mae_bench.attention as attention
+    from mae_bench.engine import pretrain
+
+    cfg = RunConfig().replace(model={"arch": "vit_micro_patch2"},
+                              train={"batch_size": 8, "epochs": 1, "device": "cpu"})
+    monkeypatch.setattr(attention, "_fastest", lambda *a: "math")
+    pretrain(cfg, tmp_path / "run", max_steps=1, progress=False)
+    monkeypatch.setattr(attention, "_fastest", lambda *a: "fused")  # a new timing would switch
+    pretrain(cfg, tmp_path / "run", max_steps=2, progress=False)
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["attention"] == "math"
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 2 and ckpt["extra"]["attention"] == "math"
+    pretrain(cfg, tmp_path / "fresh", max_steps=1, progress=False)  # a new run times afresh
+    assert json.loads((tmp_path / "fresh" / "run.json").read_text())["attention"] == "fused"
