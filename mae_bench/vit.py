@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from timm.layers import Attention, PatchEmbed
+from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import nn
 
@@ -305,9 +305,9 @@ class VisionTransformer(nn.Module):
 
     def set_fused_attention(self, enabled: bool) -> None:
         """Use F.scaled_dot_product_attention (True) or the explicit softmax path (False)."""
-        for module in self.modules():
-            if isinstance(module, Attention):
-                module.fused_attn = enabled
+        from mae_bench.attention import set_attention
+
+        set_attention(self, "fused" if enabled else "math")
 
     def pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor:
         """The patch position embedding [1, gh*gw, D] for a gh x gw patch grid: the fixed one
