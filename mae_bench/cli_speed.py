@@ -88,13 +88,12 @@ def speed(
         table.add_column(col, justify="left" if col in ("configuration", "precision",
                                                          "attention") else "right")
     for name, s in outcome.train.items():
-        mfu = 100 * s.tflops * 1e12 / outcome.peaks[s.precision]
+        mfu = s.mfu(outcome.peaks[s.precision])
         table.add_row(
             name, s.precision, s.attention, f"{s.images_per_second:.1f}",
             f"{s.gflops_per_image:.3f}", f"{s.tflops:.4f}", f"{mfu:.1f}",
             f"{s.peak_memory_mb:.0f}" if s.peak_memory_mb is not None else "-",
-            f"{s.loader_images_per_second / s.images_per_second:.1f}"
-            if s.loader_images_per_second else "-")
+            f"{s.loader_ratio:.1f}" if s.loader_ratio is not None else "-")
     out.print(table)
     for line in outcome.markdown.splitlines():
         if line.startswith("- "):

@@ -77,6 +77,17 @@ class TrainSpeed:
         """Achieved TFLOP/s: counted FLOPs per image x images per second."""
         return self.gflops_per_image * self.images_per_second / 1e3
 
+    @property
+    def loader_ratio(self) -> float | None:
+        """How many times the training throughput the data path alone delivers."""
+        if not self.loader_images_per_second:
+            return None
+        return self.loader_images_per_second / self.images_per_second
+
+    def mfu(self, peak_flops: float) -> float:
+        """Model FLOP utilisation in percent of ``peak_flops`` (FLOP/s)."""
+        return 100 * self.tflops * 1e12 / peak_flops
+
 
 def train_step_flops(method: Method, batch: Batch) -> int:
     """FLOPs of one training step's forward and backward pass on ``batch`` (no update).

@@ -237,11 +237,10 @@ def _rows(spec: SpeedSpec, o: SpeedOutcome, device: torch.device) -> list[dict[s
         if name == MASK_TOKENS:
             knobs["encoder_mask_tokens"] = True
         metrics = {"train_img_per_s": s.images_per_second, "gflops_per_image": s.gflops_per_image,
-                   "tflops": s.tflops, "mfu": 100 * s.tflops * 1e12 / o.peaks[s.precision],
+                   "tflops": s.tflops, "mfu": s.mfu(o.peaks[s.precision]),
                    "peak_memory_mb": s.peak_memory_mb,
                    "loader_img_per_s": s.loader_images_per_second,
-                   "loader_ratio": (s.loader_images_per_second / s.images_per_second
-                                    if s.loader_images_per_second else None)}
+                   "loader_ratio": s.loader_ratio}
         for metric, value in metrics.items():
             if value is not None:
                 rows.append(make_row(**common, method=method, metric=metric,
@@ -270,12 +269,11 @@ def to_markdown(spec: SpeedSpec, o: SpeedOutcome) -> str:
     lines += ["| configuration | precision | attention | img/s | GFLOP/img/step | TFLOP/s | "
               "MFU % | peak MiB | loader img/s (x train) |", "|" + "---|" * 9]
     for name, s in o.train.items():
-        mfu = 100 * s.tflops * 1e12 / o.peaks[s.precision]
+        mfu = s.mfu(o.peaks[s.precision])
         mem = f"{s.peak_memory_mb:.0f}" if s.peak_memory_mb is not None else "-"
         loader = "-"
-        if s.loader_images_per_second:
-            times = s.loader_images_per_second / s.images_per_second
-            loader = f"{s.loader_images_per_second:.0f} ({times:.1f}x)"
+        if s.loader_ratio is not None:
+            loader = f"{s.loader_images_per_second:.0f} ({s.loader_ratio:.1f}x)"
         lines.append(f"| {name} | {s.precision} | {s.attention} | {s.images_per_second:.1f} | "
                      f"{s.gflops_per_image:.3f} | {s.tflops:.4f} | {mfu:.1f} | {mem} | {loader} |")
     lines.append("")
