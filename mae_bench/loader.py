@@ -16,22 +16,28 @@ from collections.abc import Iterator
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from mae_bench.augment import ViewSpec, sample_transform
 from mae_bench.data import ArrayDataset, StreamingDataset
 
 
 def epoch_order(n: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1) -> Tensor:
-    """The sample order of one epoch for one process: a seeded permutation, split by rank.
+    """The sample order of one epoch for one process, from torch's ``DistributedSampler``.
+
+    The sampler is seeded with ``seed * 100_003`` and ``set_epoch(epoch)``: every process draws
+    the same permutation of the data and takes every ``world_size``-th index from its rank on,
+    dropping the tail that does not divide evenly (``drop_last``). In one process this is the
+    plain seeded permutation. Materialising the order (rather than iterating the sampler inside
+    a DataLoader) is what lets a resumed run skip exactly the batches it already saw.
 
     Returns:
-        [n // world_size] int64 indices (the tail that does not divide evenly is dropped).
+        [n // world_size] int64 indices.
     """
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    perm = torch.randperm(n, generator=g)  # [n]
-    per_rank = n // world_size
-    return perm[rank * per_rank:(rank + 1) * per_rank]
+    sampler = DistributedSampler(range(n), num_replicas=world_size, rank=rank, shuffle=True,
+                                 seed=seed * 100_003, drop_last=True)
+    sampler.set_epoch(epoch)
+    return torch.tensor(list(sampler), dtype=torch.int64)
 
 
 class _ListSampler(Sampler[int]):

@@ -113,3 +113,18 @@ def test_multi_view_transform_survives_pickling() -> None:
     crops = transform(torch.randint(0, 256, (3, 10, 12), dtype=torch.uint8))
     assert isinstance(crops, tuple)
     assert [tuple(c.shape) for c in crops] == [(3, 8, 8), (3, 4, 4)]
+
+
+def test_epoch_order_splits_one_permutation_between_ranks_like_distributed_sampler() -> None:
+    # One process: the plain seeded permutation, so runs and checkpoints from before the
+    # DistributedSampler keep their order (exact resume across versions).
+    perm = torch.randperm(101, generator=torch.Generator().manual_seed(7 * 100_003 + 3))
+    assert torch.equal(epoch_order(101, 7, 3), perm)
+    # Three processes: rank r takes every third index of the same permutation from r on, the
+    # 2 left over are dropped; together they cover the rest exactly once.
+    parts = [epoch_order(101, 7, 3, rank, 3) for rank in range(3)]
+    for rank, part in enumerate(parts):
+        assert torch.equal(part, perm[rank:99:3])
+    assert sorted(torch.cat(parts).tolist()) == sorted(perm[:99].tolist())
+    # set_epoch: another epoch is another permutation.
+    assert not torch.equal(epoch_order(101, 7, 4), perm)
