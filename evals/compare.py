@@ -26,6 +26,14 @@ import pandas as pd
 from evals.run import EvalSpec, run_eval, source_of, validate_spec
 from mae_bench.config import RunConfig, validate
 from mae_bench.data import load_dataset
+from mae_bench.distributed import (
+    broadcast_from_main,
+    is_main_process,
+    join_process_group,
+    local_only,
+    rank_and_world,
+)
+from mae_bench.engine import resolve_device
 from mae_bench.errors import ConfigError
 from mae_bench.methods import method_class, resolve_config
 from mae_bench.results import git_sha, read_results
@@ -126,10 +134,13 @@ def run_compare(spec: CompareSpec, log: Log = print, progress: bool = True,
                 console=None, eval_progress=None) -> CompareOutcome:
     """Pretrain (or reuse) every method, evaluate (or reuse) every protocol, build the table."""
     from mae_bench.engine import pretrain
-    from mae_bench.speed import measure_training
 
     start = time.perf_counter()
     git_sha()  # the commit this process started from, for every row
+    join_process_group(resolve_device(spec.device))  # torchrun: every rank runs this function
+    world = rank_and_world()[1]
+    if not is_main_process():
+        log = _silent
     if spec.epochs is None and spec.budget_seconds is None:
         spec = CompareSpec(**{**spec.__dict__, "budget_seconds": DEFAULT_BUDGET_SECONDS})
     validate_compare(spec)
@@ -142,20 +153,9 @@ def run_compare(spec: CompareSpec, log: Log = print, progress: bool = True,
     for i, (name, cfg) in enumerate(plans.items(), 1):
         run_dir = run_dir_for(spec, cfg)
         run_dirs[name] = run_dir
-        planned = (run_dir / "config.yaml").is_file()
-        if planned:  # trained (or started) before: keep the epochs it was planned with
-            saved = RunConfig.from_yaml(run_dir / "config.yaml")
-            cfg = cfg.replace(train={"epochs": saved.train.epochs})
-        cost = _read_cost(run_dir)
-        budgeting = spec.budget_seconds is not None and not planned
-        if "gflops_per_image" not in cost or budgeting:
-            speed = measure_training(cfg)
-            cost |= {"gflops_per_image": float(f"{speed.gflops_per_image:.4g}"),
-                     "calibrated_img_per_s": round(speed.images_per_second, 2)}
-            if budgeting:
-                epochs = spec.budget_seconds * speed.images_per_second / n_train
-                cfg = cfg.replace(train={"epochs": round(max(epochs, 1e-3), 4)})
-        done = run_finished(run_dir)
+        # Under torchrun rank 0 reads the folder, sizes the run and tells the others.
+        cfg, cost, done = broadcast_from_main(
+            _plan_run(spec, cfg, run_dir, n_train, world) if is_main_process() else None)
         what = "reusing the finished run" if done else (
             f"training {cfg.train.epochs:g} epochs" + (
                 f" ({spec.budget_seconds:g} s budget)" if spec.budget_seconds else ""))
@@ -163,6 +163,8 @@ def run_compare(spec: CompareSpec, log: Log = print, progress: bool = True,
         if not done:  # a finished run folder is left exactly as it is (its run.json included)
             pretrain(cfg, run_dir, progress=progress, console=console)
             trained.append(name)
+        if not is_main_process():
+            continue
         if not done or "pretrain_seconds" not in cost:
             summary = json.loads((run_dir / "summary.json").read_text())
             cost |= {"pretrain_seconds": round(summary["train_seconds"], 2),
@@ -174,23 +176,56 @@ def run_compare(spec: CompareSpec, log: Log = print, progress: bool = True,
     entries: list[tuple[str, str]] = [(name, str(d)) for name, d in run_dirs.items()]
     if spec.references:
         entries += [(ref, ref) for ref in REFERENCES]
-    store = read_store(spec.results_dir)
-    run_ids: dict[str, str] = {}
-    for name, checkpoint in entries:
-        run_ids[name] = _run_id(spec, checkpoint)
+    run_ids = {name: _run_id(spec, checkpoint) for name, checkpoint in entries}
+    todo = broadcast_from_main(_evals_to_run(spec, entries, run_ids) if is_main_process()
+                               else None)
+    for name, checkpoint, protocol in todo:
         extra = {}
         if name in run_dirs:
-            extra = {"gflops_per_image": _read_cost(run_dirs[name])["gflops_per_image"]}
-        for protocol in spec.protocols:
-            if checkpoint == "pixels" and protocol not in PIXEL_PROTOCOLS:
-                continue
-            if _has_rows(store, run_ids[name], spec, protocol):
-                continue
-            log(f"evaluating {name}: {protocol}")
-            run_eval(_eval_spec(spec, protocol, checkpoint, extra), eval_progress)
-            evaluated.append(f"{name}/{protocol}")
+            extra = {"gflops_per_image": broadcast_from_main(
+                _read_cost(run_dirs[name]).get("gflops_per_image") if is_main_process()
+                else None)}
+        log(f"evaluating {name}: {protocol}")
+        run_eval(_eval_spec(spec, protocol, checkpoint, extra), eval_progress)
+        evaluated.append(f"{name}/{protocol}")
+    if not is_main_process():  # rank 0 builds and prints the table
+        return CompareOutcome(pd.DataFrame(), run_dirs, trained, evaluated,
+                              time.perf_counter() - start)
     table = compare_table(read_store(spec.results_dir), spec, run_ids, run_dirs)
     return CompareOutcome(table, run_dirs, trained, evaluated, time.perf_counter() - start)
+
+
+def _plan_run(spec: CompareSpec, cfg: RunConfig, run_dir: Path, n_train: int,
+              world: int) -> tuple[RunConfig, dict[str, Any], bool]:
+    """The run's config (its epochs sized to the budget from a measured throughput, or kept
+    from an earlier plan), its recorded costs, and whether it already finished."""
+    from mae_bench.speed import measure_training
+
+    planned = (run_dir / "config.yaml").is_file()
+    if planned:  # trained (or started) before: keep the epochs it was planned with
+        saved = RunConfig.from_yaml(run_dir / "config.yaml")
+        cfg = cfg.replace(train={"epochs": saved.train.epochs})
+    cost = _read_cost(run_dir)
+    budgeting = spec.budget_seconds is not None and not planned
+    if "gflops_per_image" not in cost or budgeting:
+        with local_only():  # rank 0 times one process while the others wait
+            speed = measure_training(cfg)
+        cost |= {"gflops_per_image": float(f"{speed.gflops_per_image:.4g}"),
+                 "calibrated_img_per_s": round(speed.images_per_second, 2)}
+        if budgeting:  # under torchrun each of the `world` processes trains at that speed
+            epochs = spec.budget_seconds * speed.images_per_second * world / n_train
+            cfg = cfg.replace(train={"epochs": round(max(epochs, 1e-3), 4)})
+    return cfg, cost, run_finished(run_dir)
+
+
+def _evals_to_run(spec: CompareSpec, entries: list[tuple[str, str]],
+                  run_ids: dict[str, str]) -> list[tuple[str, str, str]]:
+    """(name, checkpoint, protocol) of every evaluation the store does not hold yet."""
+    store = read_store(spec.results_dir)
+    return [(name, checkpoint, protocol) for name, checkpoint in entries
+            for protocol in spec.protocols
+            if not (checkpoint == "pixels" and protocol not in PIXEL_PROTOCOLS)
+            and not _has_rows(store, run_ids[name], spec, protocol)]
 
 
 def compare_table(store: pd.DataFrame, spec: CompareSpec, run_ids: dict[str, str],
@@ -244,6 +279,10 @@ def _select(store: pd.DataFrame, run_id: str, spec: CompareSpec, protocol: str) 
 
 def _has_rows(store: pd.DataFrame, run_id: str, spec: CompareSpec, protocol: str) -> bool:
     return len(_select(store, run_id, spec, protocol)) > 0
+
+
+def _silent(message: str) -> None:
+    """The log of torchrun ranks other than 0."""
 
 
 def read_store(results_dir: str) -> pd.DataFrame:

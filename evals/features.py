@@ -24,6 +24,7 @@ from torch import Tensor
 from evals.encoders import EncoderSource, model_for
 from mae_bench.augment import eval_resize
 from mae_bench.data.datasets import AnyDataset, ArrayDataset
+from mae_bench.distributed import broadcast_from_main, gather_to_main, rank_and_world
 from mae_bench.engine import autocast
 from mae_bench.errors import ConfigError
 from mae_bench.vit import VisionTransformer
@@ -49,19 +50,28 @@ def encode(encoder: VisionTransformer, images: Tensor, pool: str) -> Tensor:
 # --- extraction ------------------------------------------------------------------------------
 
 
-def _batches(dataset: AnyDataset, batch_size: int, img_size: int,
-             num_workers: int) -> Iterator[tuple[Tensor, Tensor]]:
-    """uint8 batches [B, C, S, S] in dataset order (resized to ``img_size``) and their labels."""
+def shard_range(n: int, rank: int, world_size: int) -> range:
+    """The contiguous part of ``range(n)`` one of ``world_size`` processes extracts: equal parts
+    (the last ones shorter), so that concatenating them in rank order gives back ``range(n)``."""
+    per = -(-n // world_size)  # ceil
+    return range(min(n, rank * per), min(n, (rank + 1) * per))
+
+
+def _batches(dataset: AnyDataset, batch_size: int, img_size: int, num_workers: int,
+             part: range) -> Iterator[tuple[Tensor, Tensor]]:
+    """uint8 batches [B, C, S, S] of the images in ``part``, in dataset order (resized to
+    ``img_size``), and their labels."""
     if isinstance(dataset, ArrayDataset):
-        for start in range(0, len(dataset), batch_size):
-            yield (dataset.images[start:start + batch_size],
-                   dataset.labels[start:start + batch_size])
+        for start in range(part.start, part.stop, batch_size):
+            stop = min(start + batch_size, part.stop)
+            yield dataset.images[start:stop], dataset.labels[start:stop]
         return
     from torchvision.transforms import InterpolationMode, v2
 
     dataset.set_transform(v2.Resize((img_size, img_size), InterpolationMode.BICUBIC,
                                     antialias=True))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
+    subset = dataset if len(part) == len(dataset) else torch.utils.data.Subset(dataset, part)
+    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False,
                                          num_workers=num_workers)
     for images, labels in loader:
         yield images, torch.as_tensor(labels)
@@ -73,7 +83,7 @@ def extract_features(encoder: VisionTransformer | None, dataset: AnyDataset, *,
                      pools: tuple[str, ...] = ("cls",), img_size: int | None = None,
                      batch_size: int = 256,
                      device: torch.device = torch.device("cpu"), precision: str = "fp32",
-                     num_workers: int = 4,
+                     num_workers: int = 4, shard: tuple[int, int] = (0, 1),
                      progress: Callable[[int, int], None] | None = None
                      ) -> tuple[dict[str, Tensor], Tensor]:
     """Features of every image of ``dataset``, in order, from a frozen encoder, for each pooling
@@ -90,10 +100,13 @@ def extract_features(encoder: VisionTransformer | None, dataset: AnyDataset, *,
         device: where the encoder runs.
         precision: "fp32", "bf16" or "fp16" autocast for the encoder; features are float32.
         num_workers: DataLoader workers for streamed data sets.
-        progress: called with (images done, total).
+        shard: (rank, world size): extract only this process's contiguous part of the data set
+            (``shard_range``); (0, 1) is all of it.
+        progress: called with (images done, total) of this process's part.
 
     Returns:
-        ({pool: float32 features [N, D] on the CPU}, int64 labels [N]).
+        ({pool: float32 features [n, D] on the CPU}, int64 labels [n]) for the n images of the
+        part, in dataset order.
     """
     for pool in pools:
         if pool not in POOLS:
@@ -107,7 +120,8 @@ def extract_features(encoder: VisionTransformer | None, dataset: AnyDataset, *,
         encoder.eval().to(device)
     feats: dict[str, list[Tensor]] = {pool: [] for pool in pools}
     labels, done = [], 0
-    for images, batch_labels in _batches(dataset, batch_size, img_size, num_workers):
+    part = shard_range(len(dataset), *shard)
+    for images, batch_labels in _batches(dataset, batch_size, img_size, num_workers, part):
         x = eval_resize(images.to(device, non_blocking=True), img_size)  # [B, C, S, S] 0..255
         x = (x / 255.0 - mean) / std
         if encoder is None:
@@ -120,7 +134,9 @@ def extract_features(encoder: VisionTransformer | None, dataset: AnyDataset, *,
         labels.append(batch_labels.cpu())
         done += images.shape[0]
         if progress is not None:
-            progress(done, len(dataset))
+            progress(done, len(part))
+    if not labels:  # an empty part (more processes than images)
+        return {}, torch.zeros(0, dtype=torch.long)
     return {p: torch.cat(f) for p, f in feats.items() if f}, torch.cat(labels).long()
 
 
@@ -200,7 +216,12 @@ def features_for(source: EncoderSource, dataset: AnyDataset, *, dataset_name: st
                  cache_dir: Path | None = None, use_cache: bool = True, num_workers: int = 4,
                  progress: Callable[[int, int], None] | None = None) -> Features:
     """Features of ``dataset`` from ``source``, read from the cache when the same encoder
-    weights, data, split, pooling and transform were extracted before."""
+    weights, data, split, pooling and transform were extracted before.
+
+    Under torchrun every rank extracts its contiguous part of the data set and rank 0 gathers
+    them, in order: rank 0 returns the features of the whole data set (the same as one process
+    would), the other ranks only their own part (empty when rank 0 read the cache).
+    """
     start = time.perf_counter()
     encoder = model_for(source)
     img_size = source.img_size or dataset.info.img_size
@@ -215,17 +236,29 @@ def features_for(source: EncoderSource, dataset: AnyDataset, *, dataset_name: st
                                  transform=transform)
 
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    if use_cache:
-        hit = load_cached(cache_dir, key(pool))
-        if hit is not None:
-            return Features(hit[0], hit[1], True, time.perf_counter() - start)
+    rank, world = rank_and_world()
+    # Under torchrun rank 0 alone reads and writes the cache and decides: the others may see
+    # another file system (multi-node) or a half-written entry.
+    hit = load_cached(cache_dir, key(pool)) if use_cache and rank == 0 else None
+    if broadcast_from_main(hit is not None):
+        if hit is None:  # not rank 0: it has the features; nothing to extract here
+            return Features(torch.zeros(0, 0), torch.zeros(0, dtype=torch.long), True, 0.0)
+        return Features(hit[0], hit[1], True, time.perf_counter() - start)
     # One forward pass gives every pooling; all are cached, so switching --pool is free.
     pools = (pool,) if encoder is None else (pool, *(p for p in POOLS if p != pool))
     feats, labels = extract_features(encoder, dataset, pools=pools, img_size=img_size,
                                      batch_size=batch_size, device=device, precision=precision,
-                                     num_workers=num_workers, progress=progress)
+                                     num_workers=num_workers, shard=(rank, world),
+                                     progress=progress)
+    if world > 1:  # each rank extracted one contiguous part: put them back in order on rank 0
+        parts = gather_to_main((feats, labels))
+        if parts is None:
+            return Features(feats.get(pool, torch.zeros(0, 0)), labels, False,
+                            time.perf_counter() - start)
+        parts = [(f, y) for f, y in parts if len(y)]
+        feats = {name: torch.cat([f[name] for f, _ in parts]) for name in parts[0][0]}
+        labels = torch.cat([y for _, y in parts])
     if use_cache:
         for name, values in feats.items():
             save_cached(cache_dir, key(name), values, labels)
-    feats = feats[pool]
-    return Features(feats, labels, False, time.perf_counter() - start)
+    return Features(feats[pool], labels, False, time.perf_counter() - start)

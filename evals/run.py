@@ -22,9 +22,10 @@ from evals.features import POOLS, features_for
 from evals.splits import stratified_subset
 from mae_bench.data import get_dataset_info, load_dataset
 from mae_bench.data.datasets import AnyDataset, ArrayDataset
+from mae_bench.distributed import is_main_process, join_process_group, wait_for_main
 from mae_bench.engine import resolve_device, resolve_precision
 from mae_bench.errors import ConfigError, DataError
-from mae_bench.results import append_rows, make_row
+from mae_bench.results import RESULTS_FILE, append_rows, make_row
 
 PROTOCOLS = ("knn", "linear", "fewshot", "finetune", "partial-finetune")
 # Data sets whose classes change under a horizontal flip (digits, house numbers): their training
@@ -236,10 +237,16 @@ class EvalOutcome:
 
 
 def run_eval(spec: EvalSpec, progress: Progress | None = None) -> EvalOutcome:
-    """Run one evaluation and append its rows to ``spec.results_dir``."""
+    """Run one evaluation and append its rows to ``spec.results_dir``.
+
+    Under torchrun (``torchrun --nproc_per_node N -m mae_bench eval ...``) every rank extracts
+    the features of its part of the data and rank 0 runs k-NN / the fast probe on all of them;
+    the training protocols (linear ``--probe mae``, fine-tuning) train with
+    DistributedDataParallel. Rank 0 writes the rows; the other ranks return none.
+    """
     start = time.perf_counter()
     inputs = load_inputs(spec)
-    device = resolve_device(spec.device)
+    device = join_process_group(resolve_device(spec.device))  # torchrun: gloo / NCCL
     precision = resolve_precision(spec.precision, device)
     notes: list[str] = []
     protocol = spec.protocol
@@ -251,7 +258,11 @@ def run_eval(spec: EvalSpec, progress: Progress | None = None) -> EvalOutcome:
         numbers = _finetune(spec, inputs, device, precision, progress)
     seconds = time.perf_counter() - start
     rows = _rows(spec, inputs, numbers, seconds)
-    path = append_rows(spec.results_dir, rows)
+    if is_main_process():  # under torchrun rank 0 alone holds the numbers and writes them
+        path = append_rows(spec.results_dir, rows)
+    else:
+        rows, path = [], Path(spec.results_dir) / RESULTS_FILE
+    wait_for_main()  # no rank starts the next job (a sweep's next point) before the rows exist
     return EvalOutcome(rows, path, seconds, notes)
 
 
@@ -272,6 +283,8 @@ def _frozen_feature_protocol(spec: EvalSpec, inputs: Inputs, device: torch.devic
     from evals.linear import fast_linear_probe
 
     if inputs.features is not None:
+        if not is_main_process():  # every rank read the files; rank 0 runs the protocol
+            return []
         f = inputs.features
         train_x, train_y, test_x, test_y = (f["train_features"], f["train_labels"],
                                             f["test_features"], f["test_labels"])
@@ -290,6 +303,8 @@ def _frozen_feature_protocol(spec: EvalSpec, inputs: Inputs, device: torch.devic
                          f"{feats.features.shape[1]}]: "
                          f"{'cache' if feats.cached else 'extracted'} in {feats.seconds:.1f} s")
             got[split] = feats
+        if not is_main_process():  # its part went to rank 0, which runs the protocol
+            return []
         train_x, train_y = got["train"].features, got["train"].labels
         test_x, test_y = got["test"].features, got["test"].labels
     subset = _train_subset(spec, train_y)

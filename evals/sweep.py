@@ -38,6 +38,13 @@ from evals.run import PROTOCOLS, EvalSpec, run_eval, validate_spec
 from evals.sweep_knobs import SweepKnob, get_knob
 from mae_bench.config import RunConfig, validate
 from mae_bench.data import load_dataset
+from mae_bench.distributed import (
+    broadcast_from_main,
+    is_main_process,
+    join_process_group,
+    local_only,
+)
+from mae_bench.engine import resolve_device
 from mae_bench.errors import ConfigError
 from mae_bench.methods import build_method, resolve_config
 from mae_bench.results import append_rows, git_sha, make_row
@@ -223,7 +230,12 @@ def run_sweep(spec: SweepSpec, log: Log = print, progress: bool = True, console=
     git_sha()  # the commit this process started from, for every row and manifest line
     points = plan_points(spec)
     knob = get_knob(spec.knob)
-    states = point_states(spec, points)
+    join_process_group(resolve_device(spec.device))  # torchrun: every rank runs this function
+    main = is_main_process()
+    if not main:  # rank 0 logs, records failures and writes the manifest
+        log = _silent
+    # Rank 0 reads the store and the run folders; every rank follows its plan.
+    states = broadcast_from_main(point_states(spec, points) if main else None)
     ran: list[str] = []
     failed: list[str] = []
     for i, state in enumerate(states, 1):
@@ -246,12 +258,14 @@ def run_sweep(spec: SweepSpec, log: Log = print, progress: bool = True, console=
             message = _one_line(err)
             log(f"  failed: {message}")
             failed.append(f"{label}: {message}")
-            remaining = [pr for pr in todo if pr not in set(
-                _rows_of(read_store(spec.results_dir), spec, p, ok_only=True)["protocol"])]
-            _record_failure(spec, knob, p, remaining, message)
-            _append_manifest(spec, knob, p, "failed", message)
+            if main:
+                remaining = [pr for pr in todo if pr not in set(
+                    _rows_of(read_store(spec.results_dir), spec, p, ok_only=True)["protocol"])]
+                _record_failure(spec, knob, p, remaining, message)
+                _append_manifest(spec, knob, p, "failed", message)
             continue
-        _append_manifest(spec, knob, p, "ok", None)
+        if main:
+            _append_manifest(spec, knob, p, "ok", None)
     return SweepOutcome(states, ran, failed, time.perf_counter() - start)
 
 
@@ -259,26 +273,42 @@ def _pretrain_point(spec: SweepSpec, knob: SweepKnob, p: SweepPoint, progress: b
                     console) -> dict[str, Any]:
     """Train (or resume, or reuse) the point's run; the extra fields its rows carry."""
     from mae_bench.engine import pretrain
-    from mae_bench.speed import measure_training
 
-    if not run_finished(p.run_dir):
+    if not broadcast_from_main(run_finished(p.run_dir) if is_main_process() else None):
         pretrain(p.cfg, p.run_dir, progress=progress, console=console)
-    cost = read_json(p.run_dir / COST_FILE)
-    if "gflops_per_image" not in cost:
-        speed = measure_training(p.cfg, steps=1, warmup=0)
-        summary = read_json(p.run_dir / "summary.json")
-        t = p.cfg.train
-        images = int(summary["total_steps"]) * t.batch_size * t.accum_iter
-        cost = {"gflops_per_image": float(f"{speed.gflops_per_image:.4g}"),
-                "pretrain_images": images,
-                "pretrain_gflops": float(f"{speed.gflops_per_image * images:.4g}")}
-        write_json(p.run_dir / COST_FILE, cost)
+    cost = broadcast_from_main(_point_cost(p) if is_main_process() else None)
     extra: dict[str, Any] = {"sweep": knob.name, "gflops_per_image": cost["gflops_per_image"],
                              "pretrain_gflops": cost["pretrain_gflops"]}
     if knob.column not in ("mask_ratio", "mask_strategy", "norm_pix_loss", "pretrain_epochs",
                            "method"):  # the rows carry those already
         extra[knob.column] = p.value
     return extra
+
+
+def _point_cost(p: SweepPoint) -> dict[str, Any]:
+    """The run's pretraining cost: recorded in its folder, or measured now (one process) and
+    recorded there."""
+    from mae_bench.speed import measure_training
+
+    cost = read_json(p.run_dir / COST_FILE)
+    if "gflops_per_image" not in cost:
+        with local_only():  # under torchrun rank 0 measures alone while the others wait
+            speed = measure_training(p.cfg, steps=1, warmup=0)
+        summary = read_json(p.run_dir / "summary.json")
+        t = p.cfg.train
+        # the global batch (all torchrun processes), as the run recorded it
+        batch = read_json(p.run_dir / "run.json").get("effective_batch",
+                                                      t.batch_size * t.accum_iter)
+        images = int(summary["total_steps"]) * int(batch)
+        cost = {"gflops_per_image": float(f"{speed.gflops_per_image:.4g}"),
+                "pretrain_images": images,
+                "pretrain_gflops": float(f"{speed.gflops_per_image * images:.4g}")}
+        write_json(p.run_dir / COST_FILE, cost)
+    return cost
+
+
+def _silent(message: str) -> None:
+    """The log of torchrun ranks other than 0."""
 
 
 def _record_failure(spec: SweepSpec, knob: SweepKnob, p: SweepPoint, protocols: list[str],

@@ -7,6 +7,7 @@ non-finite loss) prints one line and exits with code 1.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -454,8 +455,10 @@ def eval_(
         cache_dir=str(cache_dir) if cache_dir is not None else None, use_cache=cache,
         trust_checkpoint=trust_checkpoint, results_dir=str(results_dir),
     )
-    with _task_progress(progress) as report:
+    with _task_progress(progress and _main_rank()) as report:
         outcome = run_eval(spec, report)
+    if not _main_rank():  # rank 0 holds the numbers and reports them
+        return
     for note in outcome.notes:
         console.print(note, highlight=False)
     out.print(_rows_table(outcome.rows))
@@ -707,8 +710,14 @@ def _names(text: str) -> tuple[str, ...]:
 from mae_bench import cli_speed, cli_sweep  # noqa: E402, F401
 
 
+def _main_rank() -> bool:
+    """Not a torchrun worker of rank > 0 (those print errors only: rank 0 reports)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def main() -> None:
     """Console-script entry point: user errors exit 2 with one line, training failures 1."""
+    out.quiet = not _main_rank()  # results and summaries: once per torchrun job, from rank 0
     try:
         code = app(standalone_mode=False)
     except UsageError as exc:  # a mistyped option or value, found by the parser

@@ -8,6 +8,12 @@
 
 ``join_process_group`` / ``leave_process_group`` start and end a torchrun job's process group;
 ``sync_batchnorm`` makes the heads' BatchNorm layers see the global batch.
+
+Work only rank 0 does (k-NN and the fast probe on gathered features, writing results) goes
+through ``gather_to_main`` / ``broadcast_from_main`` / ``wait_for_main``. They use a separate gloo
+group with a long timeout: the other ranks may wait for rank 0 far longer than NCCL's watchdog
+allows a collective to be pending, and Python objects (CPU features, decisions) travel best over
+gloo anyway.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ import contextlib
 import os
 import warnings
 from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -32,8 +40,26 @@ def _quiet_deprecation() -> Iterator[None]:
         yield
 
 
+_LOCAL: list[bool] = []  # non-empty inside ``local_only``
+
+
 def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    """A process group of more than one process is active (and not set aside by
+    ``local_only``)."""
+    return (not _LOCAL and dist.is_available() and dist.is_initialized()
+            and dist.get_world_size() > 1)
+
+
+@contextlib.contextmanager
+def local_only() -> Iterator[None]:
+    """Inside, this process behaves as if it were alone: no collective (gathered negatives,
+    DINO's center, synchronised BatchNorm). For work one rank does by itself, such as rank 0
+    timing a few training steps to size a run, while the others wait."""
+    _LOCAL.append(True)
+    try:
+        yield
+    finally:
+        _LOCAL.pop()
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -91,13 +117,59 @@ def join_process_group(device: torch.device) -> torch.device:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    _main_group()  # created now, at the same point on every rank, as new_group requires
     return device
+
+
+# Rank 0 may spend hours on a k-NN or a probe while the others wait.
+MAIN_WAIT_TIMEOUT = timedelta(hours=12)
+_MAIN_GROUP: list[Any] = []  # the gloo group of every rank (created once, lazily)
+
+
+def _main_group() -> Any:
+    if not is_distributed():
+        return None
+    if not _MAIN_GROUP:
+        _MAIN_GROUP.append(dist.new_group(backend="gloo", timeout=MAIN_WAIT_TIMEOUT))
+    return _MAIN_GROUP[0]
+
+
+def is_main_process() -> bool:
+    """Rank 0, or no process group: the process that writes checkpoints, logs and results."""
+    return rank_and_world()[0] == 0
+
+
+def gather_to_main(obj: Any) -> list[Any] | None:
+    """Every rank's ``obj`` (picklable, CPU tensors) in rank order on rank 0; None on the
+    others. In one process: ``[obj]``."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] | None = [None] * dist.get_world_size() if is_main_process() else None
+    dist.gather_object(obj, out, dst=0, group=_main_group())
+    return out
+
+
+def broadcast_from_main(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (what the others pass is ignored), so that decisions read
+    from files only rank 0 writes are taken once, the same everywhere."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=_main_group())
+    return box[0]
+
+
+def wait_for_main() -> None:
+    """A barrier of every rank that tolerates rank 0 working alone for hours."""
+    if is_distributed():
+        dist.barrier(group=_main_group())
 
 
 def leave_process_group() -> None:
     """Tear the process group down at exit (no-op when none was joined)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _MAIN_GROUP.clear()
 
 
 class CPUSyncBatchNorm(nn.BatchNorm1d):

@@ -58,7 +58,12 @@ from mae_bench.checkpoint import (
 from mae_bench.config import RunConfig, validate, warmup_epochs
 from mae_bench.config import peak_lr as config_peak_lr
 from mae_bench.data import load_dataset
-from mae_bench.distributed import all_reduce_mean, join_process_group, sync_batchnorm
+from mae_bench.distributed import (
+    all_reduce_mean,
+    join_process_group,
+    sync_batchnorm,
+    wait_for_main,
+)
 from mae_bench.errors import CheckpointError, ConfigError, RunInterrupted, TrainingError
 from mae_bench.loader import TrainBatches
 from mae_bench.methods import Batch, Method, build_method, resolve_config
@@ -390,6 +395,7 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, *, resume: bool = True,
         summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in result.__dict__.items()}
         _write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
     logger.close()
+    wait_for_main()  # every rank returns once rank 0's checkpoint and summary are on disk
     return result
 
 

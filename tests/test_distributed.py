@@ -134,3 +134,63 @@ def test_torchrun_pretrain_writes_one_checkpoint_and_resumes(tmp_path):
     assert ckpt["step"] == 4
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]  # continued from step 2, nothing logged twice
+
+
+def _rows(results: Path) -> list[dict]:
+    return [json.loads(line) for line in (results / "results.jsonl").read_text().splitlines()]
+
+
+def test_torchrun_eval_gathers_features_to_rank_0_and_matches_one_process(tmp_path):
+    """k-NN and the fast probe under torchrun: each rank extracts its part, rank 0 gathers
+    them in order and alone writes; the numbers are one process's, the cache is written once
+    and read back by the next command."""
+    common = ["--checkpoint", "random", "--arch", "vit_micro_patch2", "--no-progress",
+              "--device", "cpu"]
+    one = subprocess.run([sys.executable, "-m", "mae_bench", "eval", "--protocol", "knn",
+                          *common, "--results-dir", str(tmp_path / "one"), "--no-cache"],
+                         capture_output=True, text=True, timeout=300,
+                         env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0, one.stderr[-3000:]
+    cache = tmp_path / "cache"
+    for protocol in ("knn", "linear"):
+        two = _torchrun("eval", "--protocol", protocol, *common, "--cache-dir", str(cache),
+                        "--results-dir", str(tmp_path / "two"))
+        assert two.returncode == 0, two.stderr[-3000:]
+        assert two.stdout.count("rows appended") == 1  # rank 0 reports, once
+    rows = _rows(tmp_path / "two")
+    knn = [r for r in rows if r["protocol"] == "knn"]
+    reference = _rows(tmp_path / "one")
+    assert len(knn) == len(reference) == 12  # 4 k x top-1/top-5, 4 retrieval metrics
+    key = ("metric", "k")
+    assert {tuple(r.get(k) for k in key): r["value"] for r in knn} == \
+        {tuple(r.get(k) for k in key): r["value"] for r in reference}
+    assert sorted(r["metric"] for r in rows if r["protocol"] == "linear") == ["top1", "top5"]
+    # 2 splits x 2 poolings, written by rank 0 during the first command only
+    assert len(list(cache.rglob("*.npz"))) == 4
+    assert "features [1437 x 32]: cache" in two.stderr  # the second command read them
+
+
+def test_torchrun_sweep_runs_each_point_once_on_every_rank(tmp_path):
+    """A sweep under torchrun: every point trains with both processes (global batch 16),
+    rank 0 writes each row and manifest line once, and a re-run skips the finished points."""
+    args = ["sweep", "mask-ratio", "--values", "0.5,0.75", "--arch", "vit_micro_patch2",
+            "--epochs", "0.1", "--batch-size", "8", "--protocols", "knn", "--no-progress",
+            "--device", "cpu", "--runs-dir", str(tmp_path / "runs"),
+            "--results-dir", str(tmp_path / "results"), "--cache-dir", str(tmp_path / "cache")]
+    first = _torchrun(*args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    rows = _rows(tmp_path / "results")
+    counts: dict[tuple, int] = {}
+    for r in rows:
+        key = (r["mask_ratio"], r["metric"], r.get("k"))
+        counts[key] = counts.get(key, 0) + 1
+    assert {k[0] for k in counts} == {0.5, 0.75} and set(counts.values()) == {1}
+    assert all(r["status"] == "ok" for r in rows)
+    manifest = (tmp_path / "results" / "sweeps.jsonl").read_text().splitlines()
+    assert len(manifest) == 2
+    for run in (tmp_path / "runs").rglob("run.json"):
+        assert json.loads(run.read_text())["effective_batch"] == 16
+    again = _torchrun(*args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count("skipped") == 2  # rank 0 logs; both points were done
+    assert len(_rows(tmp_path / "results")) == len(rows)
