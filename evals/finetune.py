@@ -7,6 +7,11 @@ drop path (set by the caller when building the model), global average pooling wi
 
 Partial fine-tuning (paper Fig. 9) trains the last ``k`` blocks plus ``fc_norm`` and the head and
 freezes everything else; k = 0 is an MLP-free probe on the pooled, re-normed features.
+
+Under torchrun (world size W > 1) the model trains with DistributedDataParallel and the result
+is one process's: ``batch_size`` stays the global batch, every process builds that same batch
+(data order, crops, Mixup / CutMix: cheap) and runs the model on its own 1/W of the rows, and
+DDP's gradient averaging of the per-process mean losses gives the gradient of the global mean.
 """
 
 from __future__ import annotations
@@ -16,12 +21,14 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from torch import Tensor, nn
 
 from mae_bench.augment import BatchViews, ViewSpec, eval_resize
 from mae_bench.data import ArrayDataset
+from mae_bench.distributed import all_reduce_mean, rank_and_world
 from mae_bench.engine import autocast, lr_at, resolve_precision, seed_everything
 from mae_bench.errors import ConfigError, DataError, TrainingError
 from mae_bench.vit import VisionTransformer
@@ -147,6 +154,14 @@ def finetune(
     (timm's Mixup draws from numpy and random, drop path from torch); crops come from a seeded
     generator on ``device`` and the data order from (seed, epoch).
 
+    Under torch.distributed (W > 1 processes; every process calls this with the same
+    arguments): each trains on rows [rank * B/W, (rank + 1) * B/W) of the global batch of B =
+    ``batch_size`` images, with DistributedDataParallel (rank 0's initial weights), and
+    evaluates a share of the test set; every process returns the same accuracies and loss,
+    equal to one process's up to float rounding. Drop path is drawn per process, so with
+    ``drop_path_rate`` > 0 the run is an equally valid but different sample. Only rank 0 calls
+    ``progress``.
+
     Args:
         model: a ``VisionTransformer`` with a head (``num_classes`` = the data set's classes),
             built with ``global_pool="avg"`` and the wanted ``drop_path_rate`` (MAE: 0.1 for
@@ -154,7 +169,7 @@ def finetune(
         train: training images and labels.
         test: evaluation images and labels.
         epochs: training epochs (MAE: 100 for ViT-B, 50 for ViT-L/H).
-        batch_size: images per optimizer step.
+        batch_size: images per optimizer step, over all processes (a multiple of their number).
         blr: base lr, scaled by batch_size / 256. 1e-3 (MAE's ViT-L/H value; ViT-B uses 5e-4
             at batch 1024): small data sets with small batches already get a small absolute
             lr from the linear scaling (batch 128 -> 5e-4), and short runs have few steps.
@@ -187,9 +202,10 @@ def finetune(
         training loss of the last epoch; "train_seconds"; "epochs".
 
     Raises:
-        ConfigError: a bad argument, or a model that does not fit the data.
+        ConfigError: a bad argument, a model that does not fit the data, or a batch_size
+            that the processes cannot share equally.
         DataError: labels missing or outside the model's classes; indices out of range.
-        TrainingError: a non-finite loss (the message names the step).
+        TrainingError: a non-finite loss (the message names the step; every process raises).
     """
     device = torch.device(device)
     if precision not in PRECISIONS:
@@ -204,6 +220,9 @@ def finetune(
               min_lr=min_lr, mixup=mixup, cutmix=cutmix, label_smoothing=label_smoothing,
               crop_scale=crop_scale, hflip=hflip,
               img_size=img_size, native=native, clip_grad=clip_grad, mixing=mixing)
+    rank, world = rank_and_world()
+    per_rank = _per_rank_batch(batch_size, world)
+    rows = slice(rank * per_rank, (rank + 1) * per_rank)  # this process's share of a batch
 
     seed_everything(seed)
     depth = len(model.blocks)
@@ -211,6 +230,13 @@ def finetune(
     frozen_blocks = [b for b in model.blocks if not any(p.requires_grad for p in b.parameters())]
     model.to(device)
     num_classes = model.head.out_features
+    train_module: nn.Module = model
+    if world > 1:
+        # Frozen parameters (requires_grad False) are left out of DDP's gradient buckets, so
+        # partial fine-tuning needs no find_unused_parameters. DDP also broadcasts rank 0's
+        # weights (frozen ones included) to every process here.
+        train_module = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
 
     steps_per_epoch = len(indices) // batch_size  # drop-last
     total_steps = steps_per_epoch * epochs
@@ -235,7 +261,7 @@ def finetune(
     step, epoch_losses = 0, torch.zeros(0)
     t_start = time.perf_counter()
     for epoch in range(epochs):
-        model.train()
+        train_module.train()
         for block in frozen_blocks:
             block.eval()
         order_gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
@@ -250,8 +276,11 @@ def finetune(
             y = train.labels[idx].to(device, non_blocking=True)  # [B]
             if mixer is not None:
                 x, y = mixer(x, y)  # y: [B, num_classes] soft targets
+            # Every process drew the same global batch (so the crop generator and Mixup's RNGs
+            # advance as in one process); each runs the model on its own rows.
+            x, y = x[rows], y[rows]  # [b, C, S, S], [b] or [b, num_classes]
             with autocast(device, precision):
-                logits = model(x)  # [B, num_classes]
+                logits = train_module(x)  # [b, num_classes]
             loss = criterion(logits.float(), y)
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
@@ -268,10 +297,11 @@ def finetune(
                 optimizer.step()
             losses.append(loss.detach())
             step += 1
-            if progress is not None:
+            if progress is not None and rank == 0:
                 progress(step, total_steps)
-        # One device sync per epoch, not per step.
-        epoch_losses = torch.stack(losses).cpu()  # [steps_per_epoch]
+        # One device sync per epoch, not per step. The mean over processes of their equal shares
+        # is the global batch's loss, the same on every process: all stop at the same step.
+        epoch_losses = all_reduce_mean(torch.stack(losses)).cpu()  # [steps_per_epoch]
         bad = (~torch.isfinite(epoch_losses)).nonzero()
         if len(bad):
             first = epoch * steps_per_epoch + int(bad[0])
@@ -291,24 +321,41 @@ def finetune(
 def evaluate(model: VisionTransformer, data: ArrayDataset, *, img_size: int, batch_size: int,
              device: torch.device, precision: str = "fp32") -> tuple[float, float]:
     """Top-1 and top-5 accuracy (percent) of ``model`` on ``data`` (top-5 is top-C with fewer
-    than 5 classes), on resized and normalised images, in eval mode."""
+    than 5 classes), on resized and normalised images, in eval mode.
+
+    Under torch.distributed every process must call it: each evaluates every W-th batch of
+    ``batch_size`` images and the hit counts are summed, so all return the same accuracies.
+    """
     model.eval()
+    rank, world = rank_and_world()
     views = BatchViews(ViewSpec(img_size), data.info.mean, data.info.std)
     k = min(5, model.head.out_features)
-    hits1 = hits5 = 0
-    for start in range(0, len(data), batch_size):
+    hits = torch.zeros(2, dtype=torch.long, device=device)  # [top-1, top-k]
+    # Whole batches, the same ones as in one process: the same logits, not just close ones.
+    for start in range(rank * batch_size, len(data), world * batch_size):
         x = eval_resize(data.images[start:start + batch_size].to(device), img_size)  # [B, C, S, S]
         y = data.labels[start:start + batch_size].to(device)  # [B]
         with autocast(device, precision):
             logits = model(views.normalize(x))  # [B, num_classes]
         topk = logits.float().topk(k, dim=1).indices  # [B, k]
         correct = topk == y[:, None]  # [B, k]
-        hits1 += int(correct[:, 0].sum())
-        hits5 += int(correct.any(dim=1).sum())
+        hits += torch.stack([correct[:, 0].sum(), correct.any(dim=1).sum()])
+    if world > 1:
+        dist.all_reduce(hits)
+    hits1, hits5 = hits.tolist()
     return 100.0 * hits1 / len(data), 100.0 * hits5 / len(data)
 
 
 # --- input checks ----------------------------------------------------------------------------
+
+
+def _per_rank_batch(batch_size: int, world: int) -> int:
+    """Images each of ``world`` processes trains on per step (``batch_size`` is global)."""
+    if batch_size % world:
+        raise ConfigError(f"batch_size {batch_size} cannot be split equally between {world} "
+                          f"processes (it is the global batch of a step); use a multiple of "
+                          f"{world}")
+    return batch_size // world
 
 
 def _training_indices(train: ArrayDataset, train_indices: Tensor | None) -> Tensor:

@@ -5,7 +5,8 @@ Two protocols:
 ``linear_probe``: MAE's (He et al. 2021, appendix A.2; ``main_linprobe.py``). A BatchNorm
     without affine parameters and a linear layer on the frozen encoder's features, trained with
     LARS, lr = blr x batch / 256, warmup then cosine, on random-resized-crop + flip views, so the
-    encoder runs on every step. The reference protocol, slow.
+    encoder runs on every step. The reference protocol, slow. Under torchrun it trains the head
+    with DistributedDataParallel, each process encoding its share of every global batch.
 
 ``fast_linear_probe``: softmax regression on cached features (no augmentation), its L2 penalty
     chosen on a validation split carved from the training set, then refitted on the whole
@@ -19,6 +20,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -27,6 +29,7 @@ from evals.lars import LARS
 from evals.splits import train_val_split
 from mae_bench.augment import BatchViews, ViewSpec, eval_resize
 from mae_bench.data import ArrayDataset
+from mae_bench.distributed import all_reduce_mean, rank_and_world, sync_batchnorm
 from mae_bench.engine import autocast, lr_at
 from mae_bench.errors import ConfigError
 from mae_bench.vit import VisionTransformer
@@ -82,6 +85,14 @@ def linear_probe(
     encoder is moved to ``device`` and its train/eval mode is restored afterwards. Everything
     random (head init, data order, crops, flips) comes from generators seeded by ``seed``.
 
+    Under torch.distributed (W > 1 processes; every process calls this with the same
+    arguments): every process draws the same global batch of B images and crops, encodes and
+    trains on rows [rank * B/W, (rank + 1) * B/W) of it; the head is wrapped in
+    DistributedDataParallel and its BatchNorm normalises over the global batch; each process
+    evaluates a share of the test set. Every process returns the same accuracies and loss,
+    equal to one process's up to float rounding. The encoder takes rank 0's weights. Only rank
+    0 calls ``progress``.
+
     Args:
         encoder: the frozen encoder.
         train: training images and labels (in memory).
@@ -89,8 +100,9 @@ def linear_probe(
         pool: "cls" (normed cls token) or "mean" (mean normed patch token).
         img_size: input side; None: the encoder's own (grid_size x patch_size).
         epochs: training epochs (MAE: 90 on ImageNet).
-        batch_size: images per step; capped at the training set size. Incomplete last batches
-            are dropped, as MAE does.
+        batch_size: images per step, over all processes; capped at the training set size (the
+            capped value must be a multiple of the number of processes). Incomplete last
+            batches are dropped, as MAE does.
         blr: base learning rate; lr = blr x batch / 256 (MAE: 0.1).
         warmup_epochs: linear warmup length; None: 10% of ``epochs`` (MAE: 10 of 90).
         seed: seeds every random choice; the same seed gives the same result on CPU.
@@ -102,7 +114,12 @@ def linear_probe(
 
     Returns:
         top1, top5 (percent on ``test``), train_loss (mean over the last epoch), lr (peak),
-        epochs, steps, batch_size, train_samples, train_seconds, eval_seconds.
+        epochs, steps, batch_size (global), train_samples, train_seconds, eval_seconds (this
+        process's).
+
+    Raises:
+        ConfigError: a bad argument, labels out of range, or a batch that the processes
+            cannot share equally.
     """
     img_size = _check_probe_args(encoder, train, test, pool, img_size, epochs, batch_size, blr,
                                  warmup_epochs, precision)
@@ -116,16 +133,31 @@ def linear_probe(
     total_steps = steps_per_epoch * epochs
     peak_lr = blr * batch / 256
     warmup = 0.1 * epochs if warmup_epochs is None else warmup_epochs
+    rank, world = rank_and_world()
+    if batch % world:
+        what = (f"batch_size {batch_size}" if batch == batch_size else
+                f"the batch of {batch} (batch_size {batch_size} capped at the training set)")
+        raise ConfigError(f"{what} cannot be split equally between {world} processes (it is "
+                          f"the global batch of a step); use a multiple of {world}")
+    per_rank = batch // world
+    rows = slice(rank * per_rank, (rank + 1) * per_rank)  # this process's share of a batch
 
     head = probe_head(encoder.embed_dim, num_classes, torch.Generator().manual_seed(seed))
-    head = head.to(device)
+    # Under torchrun: BatchNorm statistics over the global batch, as in one process.
+    head = sync_batchnorm(head.to(device), device)
     optimizer = LARS(head.parameters(), lr=0.0, weight_decay=0.0, momentum=0.9)
+    train_head: nn.Module = head
+    if world > 1:
+        train_head = nn.parallel.DistributedDataParallel(
+            head, device_ids=[device.index] if device.type == "cuda" else None)
     views = BatchViews(ViewSpec(img_size, scale=PROBE_CROP_SCALE), train.info.mean, train.info.std)
     order_gen = torch.Generator().manual_seed(seed)
     view_gen = torch.Generator(device=device).manual_seed(seed)
 
     was_training = encoder.training
     encoder.to(device).eval()
+    if world > 1:
+        _broadcast_weights(encoder)
     try:
         t0 = time.perf_counter()
         head.train()
@@ -141,23 +173,30 @@ def linear_probe(
                 idx = order[i * batch:(i + 1) * batch]  # [B]
                 images = train.images[idx].to(device, non_blocking=True)  # [B, C, H, W] uint8
                 labels = train.labels[idx].to(device, non_blocking=True)  # [B]
+                # Crops for the whole global batch, so that the generator advances as in one
+                # process; this process encodes its own rows only.
+                x = views(images, view_gen)[rows]  # [b, C, S, S]
                 with torch.no_grad(), autocast(device, precision):
-                    features = encode(encoder, views(images, view_gen), pool)  # [B, D]
-                loss = F.cross_entropy(head(features.float()), labels)
+                    features = encode(encoder, x, pool)  # [b, D]
+                loss = F.cross_entropy(train_head(features.float()), labels[rows])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 epoch_losses.append(loss.detach())
-                if progress is not None:
+                if progress is not None and rank == 0:
                     progress(step + 1, total_steps)
-        train_loss = float(torch.stack(epoch_losses).mean())  # one device sync, at the end
+        # One device sync, at the end; the mean of the processes' equal shares is the global
+        # batch's loss.
+        train_loss = float(all_reduce_mean(torch.stack(epoch_losses)).mean())
         train_seconds = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         head.eval()
         correct = [0, 0]
         with torch.no_grad():
-            for start in range(0, len(test), batch):
+            # Every W-th batch, the same batches as in one process (the same logits); the
+            # counts are summed over processes below.
+            for start in range(rank * batch, len(test), world * batch):
                 images = test.images[start:start + batch].to(device)  # [B, C, H, W] uint8
                 x = views.normalize(eval_resize(images, img_size))  # [B, C, S, S]
                 with autocast(device, precision):
@@ -166,6 +205,10 @@ def linear_probe(
                 labels = test.labels[start:start + batch].to(device)
                 hits = topk_correct(logits, labels)
                 correct = [a + b for a, b in zip(correct, hits, strict=True)]
+        if world > 1:
+            counts = torch.tensor(correct, device=device)  # [2]; NCCL reduces device tensors
+            dist.all_reduce(counts)
+            correct = counts.tolist()
         eval_seconds = time.perf_counter() - t0
     finally:
         encoder.train(was_training)
@@ -181,6 +224,15 @@ def linear_probe(
         "train_seconds": train_seconds,
         "eval_seconds": eval_seconds,
     }
+
+
+@torch.no_grad()
+def _broadcast_weights(module: nn.Module) -> None:
+    """Give every process rank 0's parameters and buffers (in place). The frozen encoder is not
+    wrapped in DDP, which would do this; processes that loaded different weights (a random
+    init seeded per rank) would otherwise probe different encoders."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        dist.broadcast(tensor.detach(), src=0)
 
 
 def _check_probe_args(encoder: VisionTransformer, train: ArrayDataset, test: ArrayDataset,
