@@ -20,7 +20,7 @@ import torch
 from evals.encoders import REFERENCES, EncoderSource, load_source
 from evals.features import POOLS, features_for
 from evals.splits import stratified_subset
-from mae_bench.data import get_dataset_info, load_dataset
+from mae_bench.data import cache_writes_held, get_dataset_info, load_dataset
 from mae_bench.data.datasets import AnyDataset, ArrayDataset
 from mae_bench.distributed import is_main_process, join_process_group, wait_for_main
 from mae_bench.engine import resolve_device, resolve_precision
@@ -197,12 +197,13 @@ def load_inputs(spec: EvalSpec) -> Inputs:
     data_dir = spec.data_dir
     if data_dir is None and name == source.pretrain.get("pretrain_dataset"):
         data_dir = source.pretrain.get("data_dir")
-    train = _labelled(load_dataset(name, "train", data_dir), name, "train")
-    test = _labelled(load_dataset(name, "test", data_dir), name, "test")
     if source.channels is not None and source.channels != info.channels:
         raise ConfigError(f"{source.label} takes {source.channels}-channel images but {name} has "
                           f"{info.channels}; evaluate on a data set with {source.channels} "
                           "channels")
+    with cache_writes_held():  # a decoded folder is cached only if both splits pass
+        train = _labelled(load_dataset(name, "train", data_dir), name, "train")
+        test = _labelled(load_dataset(name, "test", data_dir), name, "test")
     return Inputs(source, name, train, test, label=source.label)
 
 

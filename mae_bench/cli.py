@@ -309,6 +309,14 @@ def visualize(
     mask_ratio: Annotated[float, typer.Option(help="Default: the run's mask ratio.")] = None,
     seed: Annotated[int, typer.Option(help="Picks images and masks.")] = 0,
     data_dir: Annotated[Path, typer.Option(help="Override the run's data folder.")] = None,
+    trust_checkpoint: Annotated[
+        bool,
+        typer.Option(
+            "--trust-checkpoint",
+            help="Allow unpickling a checkpoint that is not plain tensors (only for files you "
+            "trust: unpickling can run code).",
+        ),
+    ] = False,
 ) -> None:
     """Write a PNG grid: original, masked input, reconstruction, and reconstruction with the
     visible patches pasted back (MAE paper, Fig. 2)."""
@@ -322,6 +330,7 @@ def visualize(
         mask_ratio=mask_ratio,
         seed=seed,
         data_dir=data_dir,
+        trust=trust_checkpoint,
     )
     out.print(f"wrote {path}")
 

@@ -57,7 +57,7 @@ from mae_bench.checkpoint import (
 )
 from mae_bench.config import RunConfig, validate, warmup_epochs
 from mae_bench.config import peak_lr as config_peak_lr
-from mae_bench.data import load_dataset
+from mae_bench.data import cache_writes_held, load_dataset
 from mae_bench.distributed import (
     all_reduce_mean,
     join_process_group,
@@ -230,33 +230,35 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, *, resume: bool = True,
     ckpt = _checkpoint_to_resume(cfg, run_dir, resume, console)
 
     # Everything that can fail on user input happens before anything is written.
-    dataset = load_dataset(cfg.data.dataset, cfg.data.split, cfg.data.data_dir)
-    info = dataset.info
-    img_size = cfg.model.img_size or info.img_size
-    seed_everything(t_cfg.seed + rank, t_cfg.deterministic)
-    method = sync_batchnorm(build_method(cfg, info.channels, img_size).to(device), device)
-    views = [BatchViews(spec, info.mean, info.std) for spec in method.view_specs()]
-    # A resumed run keeps the kernel it started with (the two differ in rounding, so a new
-    # timing could break exact replay); under torchrun every process takes rank 0's choice.
-    attention = t_cfg.attention or "auto"
-    if attention == "auto" and ckpt is not None:
-        attention = ckpt.get("extra", {}).get("attention", "auto")
-    attention = choose_attention(method, attention,
-                                 1 + (img_size // get_preset(cfg.model.arch).patch_size) ** 2,
-                                 t_cfg.batch_size, device, precision)
-    if world_size > 1:
-        shared = [attention]
-        dist.broadcast_object_list(shared, src=0)
-        attention = choose_attention(method, shared[0], 0, 0, device, precision)
+    # (A decoded image folder's cache file, too, is written only once the checks pass.)
+    with cache_writes_held():
+        dataset = load_dataset(cfg.data.dataset, cfg.data.split, cfg.data.data_dir)
+        info = dataset.info
+        img_size = cfg.model.img_size or info.img_size
+        seed_everything(t_cfg.seed + rank, t_cfg.deterministic)
+        method = sync_batchnorm(build_method(cfg, info.channels, img_size).to(device), device)
+        views = [BatchViews(spec, info.mean, info.std) for spec in method.view_specs()]
+        # A resumed run keeps the kernel it started with (the two differ in rounding, so a new
+        # timing could break exact replay); under torchrun every process takes rank 0's choice.
+        attention = t_cfg.attention or "auto"
+        if attention == "auto" and ckpt is not None:
+            attention = ckpt.get("extra", {}).get("attention", "auto")
+        attention = choose_attention(method, attention,
+                                     1 + (img_size // get_preset(cfg.model.arch).patch_size) ** 2,
+                                     t_cfg.batch_size, device, precision)
+        if world_size > 1:
+            shared = [attention]
+            dist.broadcast_object_list(shared, src=0)
+            attention = choose_attention(method, shared[0], 0, 0, device, precision)
 
-    micro_per_epoch = len(dataset) // world_size // t_cfg.batch_size
-    micro_per_epoch -= micro_per_epoch % t_cfg.accum_iter
-    if micro_per_epoch == 0:
-        raise ConfigError(
-            f"{cfg.data.dataset}/{cfg.data.split} has {len(dataset)} images, fewer than one "
-            f"optimizer step needs ({t_cfg.batch_size} x {t_cfg.accum_iter} accumulation x "
-            f"{world_size} processes); lower --batch-size"
-        )
+        micro_per_epoch = len(dataset) // world_size // t_cfg.batch_size
+        micro_per_epoch -= micro_per_epoch % t_cfg.accum_iter
+        if micro_per_epoch == 0:
+            raise ConfigError(
+                f"{cfg.data.dataset}/{cfg.data.split} has {len(dataset)} images, fewer than one "
+                f"optimizer step needs ({t_cfg.batch_size} x {t_cfg.accum_iter} accumulation x "
+                f"{world_size} processes); lower --batch-size"
+            )
     steps_per_epoch = micro_per_epoch // t_cfg.accum_iter
     total_steps = max(1, round(steps_per_epoch * t_cfg.epochs))  # epochs may be fractional
     eff_batch = t_cfg.batch_size * t_cfg.accum_iter * world_size

@@ -137,16 +137,29 @@ def method_from_checkpoint(ckpt: dict[str, Any], where: str) -> tuple[RunConfig,
     """The config and method of a loaded mae-bench run checkpoint, its weights in place.
 
     Raises:
-        CheckpointError: the checkpoint's weights do not fit the model its config describes.
+        CheckpointError: the checkpoint lacks what a run checkpoint records (config, weights,
+            image size and channels), or its weights do not fit the model its config describes.
     """
+    extra = ckpt.get("extra")
+    missing = [name for name, have in (
+        ("config", isinstance(ckpt.get("config"), dict)),
+        ("model", isinstance(ckpt.get("model"), dict)),
+        ("extra.channels", isinstance(extra, dict) and "channels" in extra),
+        ("extra.img_size", isinstance(extra, dict) and "img_size" in extra)) if not have]
+    if missing:
+        raise CheckpointError(f"{where}: not a complete mae-bench run checkpoint (no "
+                              f"{', '.join(missing)}); give the run's checkpoint.pt as written "
+                              "by mae-bench pretrain")
     cfg = RunConfig.from_dict(ckpt["config"])
-    extra = ckpt.get("extra", {})
     method = build_method(cfg, int(extra["channels"]), int(extra["img_size"]))
     try:
         method.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-        raise CheckpointError(f"{where}: weights do not fit its config ({first})") from None
+        # the first line only names the model; the next says which keys or shapes differ
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        detail = lines[1] if len(lines) > 1 else lines[0]
+        detail = detail if len(detail) <= 160 else detail[:157] + "..."
+        raise CheckpointError(f"{where}: weights do not fit its config ({detail})") from None
     return cfg, method
 
 

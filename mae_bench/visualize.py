@@ -17,9 +17,10 @@ from mae_bench.mae import MaskedAutoencoder, masking_noise, validate_mask_ratio
 from mae_bench.methods import MAE, method_from_checkpoint
 
 
-def load_mae_run(checkpoint: str | Path) -> tuple[RunConfig, MAE]:
-    """The config and MAE method of a mae-bench MAE checkpoint, weights loaded, eval mode."""
-    ckpt = load_checkpoint(checkpoint)
+def load_mae_run(checkpoint: str | Path, trust: bool = False) -> tuple[RunConfig, MAE]:
+    """The config and MAE method of a mae-bench MAE checkpoint, weights loaded, eval mode.
+    ``trust`` allows full unpickling (only for files the user trusts)."""
+    ckpt = load_checkpoint(checkpoint, trust=trust)
     if "config" not in ckpt or "format_version" not in ckpt:
         raise CheckpointError(f"{checkpoint} is not a mae-bench run checkpoint")
     if ckpt["config"].get("train", {}).get("method", "mae") != "mae":
@@ -51,14 +52,16 @@ def reconstruct(mae: MaskedAutoencoder, imgs: Tensor, mask_ratio: float, noise: 
 
 def reconstruction_grid(checkpoint: str | Path, out_path: str | Path | None = None, *,
                         num_images: int = 8, split: str = "test", mask_ratio: float | None = None,
-                        seed: int = 0, data_dir: str | Path | None = None) -> Path:
-    """Draw ``num_images`` images of ``split`` through the run's MAE and save a PNG grid."""
+                        seed: int = 0, data_dir: str | Path | None = None,
+                        trust: bool = False) -> Path:
+    """Draw ``num_images`` images of ``split`` through the run's MAE and save a PNG grid
+    (``trust``: allow full unpickling of the checkpoint)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cfg, method = load_mae_run(checkpoint)
+    cfg, method = load_mae_run(checkpoint, trust)
     mae = method.mae
     ratio = cfg.mae.mask_ratio if mask_ratio is None else mask_ratio
     validate_mask_ratio(mae.num_patches, ratio)

@@ -24,7 +24,7 @@ Modules, one concept each:
 from mae_bench.data import digits, cifar, stl10, idx, svhn, imagefolder  # noqa: F401
 # isort: on
 
-from mae_bench.data.cache import CACHE_FORMAT
+from mae_bench.data.cache import CACHE_FORMAT, cache_writes_held
 from mae_bench.data.classes import (
     CIFAR10_CLASSES,
     CIFAR100_CLASSES,
@@ -55,6 +55,7 @@ __all__ = [
     "ARCHIVE_SUFFIXES",
     "BAD_IMAGE_LIMIT",
     "CACHE_FORMAT",
+    "cache_writes_held",
     "CIFAR100_CLASSES",
     "CIFAR10_CLASSES",
     "DATASETS",

@@ -6,12 +6,14 @@ sizes and mtimes), so a changed source is decoded again.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,8 +64,30 @@ def _read_cache(path: Path, budget: int) -> _Decoded | None:
         return None
 
 
+_HELD: list[list[tuple[Path, _Decoded]]] = []  # one list per open ``cache_writes_held``
+
+
+@contextlib.contextmanager
+def cache_writes_held() -> Iterator[None]:
+    """Decode-cache files produced inside are written when the block ends without an error,
+    not before: a command that decodes a folder and is then refused for bad input (a mask
+    ratio or an image size that does not fit the decoded images) leaves nothing behind."""
+    pending: list[tuple[Path, _Decoded]] = []
+    _HELD.append(pending)
+    try:
+        yield
+    finally:
+        _HELD.remove(pending)
+    for path, decoded in pending:  # only reached without an error
+        _write_cache(path, decoded)
+
+
 def _write_cache(path: Path, decoded: _Decoded) -> None:
-    """Writes atomically (temp file + rename); a read-only cache only costs a warning."""
+    """Writes atomically (temp file + rename); a read-only cache only costs a warning. Inside
+    ``cache_writes_held`` the write waits for the block's end."""
+    if _HELD:
+        _HELD[-1].append((path, decoded))
+        return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
