@@ -33,10 +33,10 @@ from mae_bench.distributed import (
     local_only,
     rank_and_world,
 )
-from mae_bench.engine import resolve_device
-from mae_bench.errors import ConfigError
+from mae_bench.engine import failed_pretrain_row, resolve_device
+from mae_bench.errors import ConfigError, TrainingError
 from mae_bench.methods import method_class, resolve_config
-from mae_bench.results import git_sha, read_results
+from mae_bench.results import append_rows, git_sha, read_results
 
 DEFAULT_METHODS = ("mae", "simclr", "mocov3", "byol", "dino")
 DEFAULT_BUDGET_SECONDS = 20.0  # per method, when neither epochs nor a budget is given
@@ -83,6 +83,7 @@ class CompareOutcome:
     trained: list[str]  # methods trained (or resumed) by this call
     evaluated: list[str]  # "method/protocol" evaluated by this call
     seconds: float
+    failed: list[str] = field(default_factory=list)  # "method: error" of stopped trainings
 
 
 def validate_compare(spec: CompareSpec) -> None:
@@ -150,6 +151,7 @@ def run_compare(spec: CompareSpec, log: Log = print, progress: bool = True,
 
     run_dirs: dict[str, Path] = {}
     trained: list[str] = []
+    failed: list[str] = []  # "method: error" of runs that stopped while training
     for i, (name, cfg) in enumerate(plans.items(), 1):
         run_dir = run_dir_for(spec, cfg)
         run_dirs[name] = run_dir
@@ -161,7 +163,14 @@ def run_compare(spec: CompareSpec, log: Log = print, progress: bool = True,
                 f" ({spec.budget_seconds:g} s budget)" if spec.budget_seconds else ""))
         log(f"[{i}/{len(plans)}] {name}: {what} in {run_dir}")
         if not done:  # a finished run folder is left exactly as it is (its run.json included)
-            pretrain(cfg, run_dir, progress=progress, console=console)
+            try:
+                pretrain(cfg, run_dir, progress=progress, console=console)
+            except TrainingError as err:  # e.g. a non-finite loss: recorded, the others go on
+                log(f"  {name} failed: {err}")
+                failed.append(f"{name}: {err}")
+                if is_main_process():
+                    append_rows(spec.results_dir, [failed_pretrain_row(cfg, run_dir, err)])
+                continue
             trained.append(name)
         if not is_main_process():
             continue
@@ -176,7 +185,11 @@ def run_compare(spec: CompareSpec, log: Log = print, progress: bool = True,
     entries: list[tuple[str, str]] = [(name, str(d)) for name, d in run_dirs.items()]
     if spec.references:
         entries += [(ref, ref) for ref in REFERENCES]
-    run_ids = {name: _run_id(spec, checkpoint) for name, checkpoint in entries}
+    # A stopped run stays in the table, with no numbers; it may have no checkpoint to name it.
+    stopped = {f.split(":")[0] for f in failed}
+    run_ids = {name: Path(checkpoint).name if name in stopped else _run_id(spec, checkpoint)
+               for name, checkpoint in entries}
+    entries = [(name, checkpoint) for name, checkpoint in entries if name not in stopped]
     todo = broadcast_from_main(_evals_to_run(spec, entries, run_ids) if is_main_process()
                                else None)
     for name, checkpoint, protocol in todo:
@@ -190,9 +203,10 @@ def run_compare(spec: CompareSpec, log: Log = print, progress: bool = True,
         evaluated.append(f"{name}/{protocol}")
     if not is_main_process():  # rank 0 builds and prints the table
         return CompareOutcome(pd.DataFrame(), run_dirs, trained, evaluated,
-                              time.perf_counter() - start)
+                              time.perf_counter() - start, failed)
     table = compare_table(read_store(spec.results_dir), spec, run_ids, run_dirs)
-    return CompareOutcome(table, run_dirs, trained, evaluated, time.perf_counter() - start)
+    return CompareOutcome(table, run_dirs, trained, evaluated, time.perf_counter() - start,
+                          failed)
 
 
 def _plan_run(spec: CompareSpec, cfg: RunConfig, run_dir: Path, n_train: int,

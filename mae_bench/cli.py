@@ -195,6 +195,11 @@ def pretrain(
     progress: Annotated[
         bool, typer.Option("--progress/--no-progress", help="Show the progress bar.")
     ] = True,
+    results_dir: Annotated[
+        Path,
+        typer.Option(help="Results store: a run stopped by a non-finite loss is recorded in "
+                     "DIR/results.jsonl as a failed row."),
+    ] = Path("results"),
 ) -> None:
     """Pretrain a method (MAE by default) and write a run folder: config.yaml, metrics.jsonl,
     checkpoint.pt, summary.json. With no options: MAE on the embedded digits data set."""
@@ -249,7 +254,18 @@ def pretrain(
              "out_dim": out_dim, "local_crops": local_crops},
     )
     run_dir = out_dir or Path("runs") / f"{cfg.train.method}-{cfg.data.dataset}-{cfg.model.arch}"
-    result = run_pretrain(cfg, run_dir, max_steps=max_steps, progress=progress, console=console)
+    try:
+        result = run_pretrain(cfg, run_dir, max_steps=max_steps, progress=progress,
+                              console=console)
+    except TrainingError as err:
+        if not _main_rank():
+            raise
+        from mae_bench.engine import failed_pretrain_row
+        from mae_bench.methods import resolve_config
+        from mae_bench.results import append_rows
+
+        path = append_rows(results_dir, [failed_pretrain_row(resolve_config(cfg), run_dir, err)])
+        raise TrainingError(f"{err} (recorded as a failed row in {path})", err.step) from None
     state = (
         "finished"
         if result.finished
@@ -629,6 +645,9 @@ def compare(
               f"{results_dir / 'results.jsonl'}")
     for path in export or []:
         out.print(f"wrote {export_table(outcome.table, path)}")
+    if outcome.failed:  # recorded as failed rows; the other methods' numbers stand
+        raise TrainingError(f"{len(outcome.failed)} pretraining(s) stopped: "
+                            + "; ".join(outcome.failed))
 
 
 def _cell(value) -> str:

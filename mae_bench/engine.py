@@ -67,7 +67,7 @@ from mae_bench.distributed import (
 from mae_bench.errors import CheckpointError, ConfigError, RunInterrupted, TrainingError
 from mae_bench.loader import TrainBatches
 from mae_bench.methods import Batch, Method, build_method, resolve_config
-from mae_bench.results import git_sha
+from mae_bench.results import git_sha, make_row
 from mae_bench.vit import get_preset
 
 METRICS = "metrics.jsonl"
@@ -401,6 +401,22 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, *, resume: bool = True,
     return result
 
 
+def failed_pretrain_row(cfg: RunConfig, run_dir: str | Path, error: TrainingError
+                        ) -> dict[str, Any]:
+    """The results-store row that records a pretraining stopped by ``error``: protocol
+    ``pretrain``, status ``failed``, the message and the step, so that tables and reports show
+    the run as failed instead of silently missing."""
+    fields: dict[str, Any] = {"seed": cfg.train.seed, "checkpoint": Path(run_dir).name,
+                              "pretrain_epochs": cfg.train.epochs}
+    if error.step is not None:
+        fields["step"] = error.step
+    if cfg.train.method == "mae":
+        fields["mask_ratio"] = cfg.mae.mask_ratio
+    return make_row(run_id=Path(run_dir).name, method=cfg.train.method, arch=cfg.model.arch,
+                    dataset=cfg.data.dataset, protocol="pretrain", metric="loss", value=None,
+                    status="failed", error=str(error), **fields)
+
+
 def _checkpoint_to_resume(cfg: RunConfig, run_dir: Path, resume: bool,
                           console: Console) -> dict | None:
     if find_checkpoint(run_dir) is None:
@@ -481,7 +497,7 @@ class _MetricLogger:
             first = step - len(losses) + 1 + int(bad[0])
             raise TrainingError(f"non-finite loss ({float(losses[bad[0]])}) at step {first}; "
                                 "the last good checkpoint was kept: lower the learning rate or "
-                                "use --precision fp32, then resume")
+                                "use --precision fp32, then resume", step=first)
         now = time.perf_counter()
         dt = now - self.t0
         self.total_time += dt

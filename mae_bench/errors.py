@@ -20,7 +20,12 @@ class CheckpointError(MaeBenchError):
 
 class TrainingError(RuntimeError):
     """A run stopped for a reason found while training (e.g. a non-finite loss). The message names
-    the step; the last good checkpoint is kept. The CLI shows it without a traceback (exit 1)."""
+    the step (also in ``step`` when known); the last good checkpoint is kept. The CLI shows it
+    without a traceback (exit 1)."""
+
+    def __init__(self, message: str, step: int | None = None):
+        super().__init__(message)
+        self.step = step
 
 
 class RunInterrupted(BaseException):

@@ -88,3 +88,27 @@ def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
                            "1", "--runs-dir", str(tmp_path / "r"))
     assert code == 2 and "not both" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_a_method_with_a_non_finite_loss_is_recorded_and_the_others_finish(tmp_path,
+                                                                            monkeypatch):
+    from mae_bench.methods import MAE, METHODS
+
+    class NanMAE(MAE):
+        def forward(self, batch):
+            out = super().forward(batch)
+            out["loss"] = out["loss"] * float("nan")
+            return out
+
+    monkeypatch.setitem(METHODS, "nanmae", NanMAE)
+    logs: list[str] = []
+    spec = _spec(tmp_path, methods=("nanmae", "mae"), protocols=("knn",), references=False)
+    out = run_compare(spec, log=logs.append, progress=False)
+    assert len(out.failed) == 1 and out.failed[0].startswith("nanmae: non-finite loss")
+    assert out.trained == ["mae"]
+    assert out.table["knn top-1 (k=20)"].isna().tolist() == [True, False]  # nanmae, mae
+    rows = read_results(tmp_path / "results")
+    bad = rows[rows["status"] == "failed"]
+    assert len(bad) == 1 and bad.iloc[0]["method"] == "nanmae"
+    assert bad.iloc[0]["protocol"] == "pretrain"
+    assert set(rows.loc[rows["status"] == "ok", "method"]) == {"mae"}

@@ -165,6 +165,44 @@ def test_non_finite_loss_names_step_and_keeps_last_good_checkpoint(tmp_path, mon
     assert max(r["step"] for r in _metrics(tmp_path / "r")) == 30
 
 
+class _NanFrom3(MAE):
+    """MAE whose loss turns NaN from optimizer step 3 on (counted across a resume)."""
+
+    def forward(self, batch):
+        out = super().forward(batch)
+        if batch.step >= 2:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+
+def test_cli_non_finite_loss_records_a_failed_row_and_keeps_the_checkpoint(
+        tmp_path, monkeypatch, capsys):
+    from cli_helpers import run_cli
+
+    from mae_bench.results import read_results
+
+    monkeypatch.setitem(METHODS, "nan3", _NanFrom3)
+    run, results = tmp_path / "run", tmp_path / "results"
+    args = ["pretrain", "--method", "nan3", "--arch", "vit_micro_patch2", "--batch-size", "32",
+            "--epochs", "1", "--log-every", "1", "--no-progress", "--out", str(run),
+            "--results-dir", str(results)]
+    code, _, _ = run_cli(monkeypatch, capsys, *args, "--max-steps", "2")
+    assert code == 0 and load_checkpoint(run)["step"] == 2
+    good = (run / "checkpoint.pt").read_bytes()
+    code, _, err = run_cli(monkeypatch, capsys, *args)  # resumes; step 3 is NaN
+    assert code == 1
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "non-finite loss (nan) at step 3" in lines[0]
+    assert "failed row" in lines[0]
+    assert (run / "checkpoint.pt").read_bytes() == good  # the last good checkpoint, untouched
+    rows = read_results(results)
+    assert len(rows) == 1
+    row = rows.iloc[0]
+    assert (row["status"], row["protocol"], row["method"], row["step"]) == \
+        ("failed", "pretrain", "nan3", 3)
+    assert "at step 3" in row["error"] and row["run_id"] == "run"
+
+
 def test_too_few_images_for_one_step(tmp_path):
     with pytest.raises(ConfigError, match="fewer than one optimizer step needs"):
         pretrain(TINY.replace(train={"batch_size": 4096}), tmp_path / "r", progress=False)
