@@ -170,6 +170,7 @@ def test_torchrun_eval_gathers_features_to_rank_0_and_matches_one_process(tmp_pa
     assert "features [1437 x 32]: cache" in two.stderr  # the second command read them
 
 
+@pytest.mark.slow  # ~25 s: two 2-process sweeps; the pieces it joins are tested above
 def test_torchrun_sweep_runs_each_point_once_on_every_rank(tmp_path):
     """A sweep under torchrun: every point trains with both processes (global batch 16),
     rank 0 writes each row and manifest line once, and a re-run skips the finished points."""
