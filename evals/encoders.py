@@ -125,6 +125,10 @@ def load_source(checkpoint: str | Path, *, arch: str | None = None, img_size: in
     path = Path(checkpoint)
     if find_checkpoint(path) is None:
         valid = "a run folder, a checkpoint file, 'pixels' or 'random'"
+        if path.is_dir():
+            raise CheckpointError(f"--checkpoint {path}: the folder holds no checkpoint.pt (a run "
+                                  "that has not saved one yet?); give a run folder written by "
+                                  "mae-bench pretrain, or a checkpoint file")
         raise CheckpointError(f"--checkpoint {path}: no such run folder or file (expected "
                               f"{valid})")
     ckpt = load_checkpoint(path, trust=trust)
@@ -134,7 +138,8 @@ def load_source(checkpoint: str | Path, *, arch: str | None = None, img_size: in
         source = _from_official(path, ckpt)
     else:
         raise CheckpointError(f"{path} is neither a mae-bench checkpoint nor an official MAE "
-                              "pretrain checkpoint")
+                              "pretrain checkpoint; give a run folder written by mae-bench "
+                              "pretrain or the official mae_pretrain_vit_*.pth")
     if arch is not None:
         expected = vit_kwargs(arch, source.img_size, source.channels)
         shape_keys = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")

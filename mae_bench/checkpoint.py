@@ -79,6 +79,9 @@ def find_checkpoint(path: str | Path) -> Path | None:
     return path if path.is_file() else None
 
 
+_FIX = "give a run folder, the checkpoint.pt that mae-bench pretrain wrote, or an official MAE .pth"
+
+
 def load_checkpoint(path: str | Path, *, trust: bool = False,
                     map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint file (or the latest one in a run folder).
@@ -101,7 +104,8 @@ def load_checkpoint(path: str | Path, *, trust: bool = False,
         raise CheckpointError(f"checkpoint {given} {where}")
     kind = _torch_save_kind(file)
     if kind is None:
-        raise CheckpointError(f"{file} is not a checkpoint (not a file written by torch.save)")
+        raise CheckpointError(f"{file} is not a checkpoint (not a file written by torch.save); "
+                              f"{_FIX}")
     if kind == "broken-zip":
         raise CheckpointError(f"checkpoint {file} is truncated or corrupted (an incomplete "
                               "archive); resume falls back to checkpoint.prev.pt if present")
@@ -114,14 +118,16 @@ def load_checkpoint(path: str | Path, *, trust: bool = False,
                 "--trust-checkpoint only if you trust its source"
             ) from None
         raise CheckpointError(
-            f"checkpoint {file} is truncated, corrupted or not a checkpoint") from None
+            f"checkpoint {file} is truncated, corrupted or not a checkpoint; {_FIX}") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CheckpointError(
-            f"checkpoint {file} is truncated, corrupted or not a checkpoint ({reason[:120]})"
+            f"checkpoint {file} is truncated, corrupted or not a checkpoint ({reason[:120]}); "
+            f"{_FIX}"
         ) from None
     if not isinstance(obj, dict) or "model" not in obj:
-        raise CheckpointError(f"{file} is not a checkpoint: expected a dict with a 'model' entry")
+        raise CheckpointError(f"{file} is not a checkpoint: expected a dict with a 'model' entry; "
+                              f"{_FIX}")
     return obj
 
 

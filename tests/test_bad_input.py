@@ -340,19 +340,19 @@ def test_image_folder_of_odd_sizes_refuses_without_writing(monkeypatch, capsys, 
 # --------------------------------------------------------------------------------- checkpoints
 
 
-BAD_FILES = {  # file in ckpts: (eval's fix, visualize's fix); "": the message has none
+BAD_FILES = {  # file in ckpts: (eval's fix, visualize's fix)
     "does-not-exist.pt": ("expected a run folder, a checkpoint file, 'pixels' or 'random'", ""),
-    "empty-run": ("expected a run folder, a checkpoint file", "has no checkpoint.pt"),
-    "notes.txt": ("", ""),
-    "random.pt": ("", ""),
-    "pickle-garbage.pt": ("", ""),
-    "zip-garbage.pt": ("", ""),
-    "other.zip.pt": ("", ""),
-    "truncated.pt": ("", ""),
-    "tensor.pt": ("expected a dict with a 'model' entry", "expected a dict with a 'model' entry"),
+    "empty-run": ("holds no checkpoint.pt", "has no checkpoint.pt"),
+    "notes.txt": ("give a run folder", "give a run folder"),
+    "random.pt": ("give a run folder", "give a run folder"),
+    "pickle-garbage.pt": ("give a run folder", "give a run folder"),
+    "zip-garbage.pt": ("falls back to checkpoint.prev.pt", "falls back to checkpoint.prev.pt"),
+    "other.zip.pt": ("give a run folder", "give a run folder"),
+    "truncated.pt": ("falls back to checkpoint.prev.pt", "falls back to checkpoint.prev.pt"),
+    "tensor.pt": ("a 'model' entry; give a run folder", "a 'model' entry; give a run folder"),
     "foreign.pt": ("neither a mae-bench checkpoint nor an official MAE", "not a mae-bench run"),
     "missing-weights.pt": ("weights do not fit its config", "weights do not fit its config"),
-    "no-extra.pt": ("", ""),  # a mae-bench checkpoint without its 'extra' entry
+    "no-extra.pt": ("no extra.channels", "no extra.channels"),  # 'extra' entry removed
     "unsafe-run.pt": ("--trust-checkpoint", "--trust-checkpoint"),
     "unsafe-official.pth": ("--trust-checkpoint", None),  # visualize takes mae-bench runs only
 }
