@@ -74,7 +74,8 @@ class DINO(BackboneMethod):
                              norm_last_layer=s.norm_last_layer is not False)
         self.add_teacher("backbone", "teacher_backbone")
         self.add_teacher("head", "teacher_head")
-        self.loss = DINOLoss(s.out_dim, s.student_temp, s.center_momentum)
+        self.loss = DINOLoss(s.out_dim, s.student_temp, s.center_momentum,
+                             s.center_init or "zeros")
 
     def view_specs(self) -> list[ViewSpec]:
         return dino_views(self.img_size, self.local_crops, self.local_size)

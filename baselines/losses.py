@@ -84,15 +84,23 @@ class DINOLoss(nn.Module):
         out_dim: K, the width of the head's output.
         student_temp: tau_s (0.1 in the paper).
         center_momentum: m of the center's EMA (0.9 in the paper).
+        center_init: "zeros" (the paper: the first steps' teacher is not centred at all) or
+            "batch": the first batch's mean teacher output, so that the teacher is centred
+            from step 0. A center that is still all zeros is taken as not yet set, so a resumed
+            run keeps its own.
     """
 
-    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9):
+    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
+                 center_init: str = "zeros"):
         super().__init__()
-        if out_dim < 1 or student_temp <= 0 or not 0 <= center_momentum < 1:
+        if (out_dim < 1 or student_temp <= 0 or not 0 <= center_momentum < 1
+                or center_init not in ("zeros", "batch")):
             raise ValueError(f"bad DINO loss settings: out_dim={out_dim}, student_temp="
-                             f"{student_temp}, center_momentum={center_momentum}")
+                             f"{student_temp}, center_momentum={center_momentum}, "
+                             f"center_init={center_init!r}")
         self.student_temp = student_temp
         self.center_momentum = center_momentum
+        self.center_init = center_init
         self.register_buffer("center", torch.zeros(1, out_dim))  # [1, K]
 
     def forward(self, student_out: list[Tensor], teacher_out: list[Tensor],
@@ -104,6 +112,8 @@ class DINOLoss(nn.Module):
             teacher_out: one [N, K] logit tensor per global crop.
             teacher_temp: tau_t for this step (warmed up by the method).
         """
+        if self.center_init == "batch" and not bool(self.center.any()):
+            self.center.copy_(self._batch_center(teacher_out))
         teacher_probs = [F.softmax((t.float() - self.center) / teacher_temp, dim=-1).detach()
                          for t in teacher_out]  # each [N, K]
         student_logp = [F.log_softmax(s.float() / self.student_temp, dim=-1)
@@ -122,6 +132,10 @@ class DINOLoss(nn.Module):
     def update_center(self, teacher_out: list[Tensor]) -> None:
         """center = m * center + (1 - m) * the mean teacher output over every crop and sample
         (of all processes)."""
-        batch_center = torch.cat(teacher_out).float().mean(dim=0, keepdim=True)  # [1, K]
-        batch_center = all_reduce_mean(batch_center)
+        batch_center = self._batch_center(teacher_out)
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+
+    @torch.no_grad()
+    def _batch_center(self, teacher_out: list[Tensor]) -> Tensor:
+        """[1, K]: the mean teacher output over every crop and sample (of all processes)."""
+        return all_reduce_mean(torch.cat(teacher_out).float().mean(dim=0, keepdim=True))

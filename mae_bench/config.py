@@ -57,12 +57,14 @@ class MAEConfig:
 
 # Knobs added after runs were published: (section, key) -> the values that mean "as before".
 # ``RunConfig.digest`` leaves a knob out while it holds one of them, so older runs are found.
+CENTER_INITS = ("zeros", "batch")  # DINO's center at step 0
 ADDED_LATER: dict[tuple[str, str], tuple[Any, ...]] = {
     ("train", "lr_scaling"): (None,),
     ("train", "lr_ref_batch"): (None,),
     ("ssl", "norm_last_layer"): (None,),
     ("mae", "encoder_mask_tokens"): (None, False),
     ("train", "attention"): (None, "auto"),
+    ("ssl", "center_init"): (None,),
 }
 
 
@@ -111,6 +113,7 @@ class SSLConfig:
     teacher_temp_warmup_epochs: float | None = None  # DINO: linear warm-up length
     student_temp: float | None = None  # DINO
     center_momentum: float | None = None  # DINO
+    center_init: str | None = None  # DINO: center at step 0: zeros (paper) | batch (its mean)
     norm_last_layer: bool | None = None  # DINO: prototypes' norm fixed at 1 (None, True) or learnt
     freeze_last_layer_epochs: float | None = None  # DINO: no update of the last layer before
     local_crops: int | None = None  # DINO multi-crop: small crops per image (0 = off)
@@ -273,6 +276,8 @@ def validate(cfg: RunConfig) -> None:
         value = getattr(s, name)
         checks.append((value is None or 0 <= value < 1,
                        f"ssl.{name} must be in [0, 1), got {value}"))
+    checks.append((s.center_init in (None, *CENTER_INITS),
+                   f"unknown ssl.center_init '{s.center_init}'; valid: {', '.join(CENTER_INITS)}"))
     for name in ("teacher_temp_warmup_epochs", "freeze_last_layer_epochs", "local_crops"):
         value = getattr(s, name)
         checks.append((value is None or value >= 0, f"ssl.{name} must be >= 0, got {value}"))

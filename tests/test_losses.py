@@ -242,6 +242,25 @@ def test_dino_loss_with_center_and_center_update(student_temp, teacher_temp, mom
     _close(loss_fn(student, teacher, teacher_temp), expected)
 
 
+def test_dino_batch_center_init_centres_the_first_step_then_follows_the_ema():
+    k, tau_s, tau_t, m = 6, 0.1, 0.04, 0.9
+    loss_fn = DINOLoss(out_dim=k, student_temp=tau_s, center_momentum=m,
+                       center_init="batch").double()
+    student, teacher = _dino_inputs(90, n_crops=2, n=5, k=k)
+    first = torch.cat(teacher).mean(0, keepdim=True)  # [1, K] the first batch's mean output
+    expected, _ = _ref_dino(student, teacher, first, tau_s, tau_t)
+    _close(loss_fn(student, teacher, tau_t), expected)  # centred from the first step
+    _close(loss_fn.center, _ref_center(teacher, first, m))  # then the usual EMA update
+    # a center that is set (e.g. restored from a checkpoint) is never re-initialised
+    restored = _rand(91, 1, k)
+    loss_fn.center.copy_(restored)
+    student, teacher = _dino_inputs(92, n_crops=2, n=5, k=k)
+    expected, _ = _ref_dino(student, teacher, restored, tau_s, tau_t)
+    _close(loss_fn(student, teacher, tau_t), expected)
+    with pytest.raises(ValueError, match="center_init='first'"):
+        DINOLoss(out_dim=k, center_init="first")
+
+
 def test_dino_two_global_crops_only():
     loss_fn = DINOLoss(out_dim=5, student_temp=0.1).double()
     student, teacher = _dino_inputs(70, n_crops=2, n=4, k=5)
