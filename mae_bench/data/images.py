@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 from collections import Counter
 
 import numpy as np
@@ -37,7 +38,12 @@ def _open_rgb(data: bytes, where: str) -> Image.Image | None:
                 im = im.convert("RGBA")  # PIL warns when palette transparency meets RGB directly
             return im.convert("RGB")
     except Exception as e:  # PIL raises many types for broken files
-        log.warning("skipping unreadable image %s (%s: %s)", where, type(e).__name__, e)
+        # PIL names the in-memory buffer ("<_io.BytesIO object at 0x...>"), not the file
+        reason = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e)).strip()
+        if not data:
+            reason = "empty file"
+        log.warning("skipping unreadable image %s (%s: %s)", where, type(e).__name__,
+                    reason or "cannot be decoded")
         return None
 
 
