@@ -145,10 +145,14 @@ def test_dino_teacher_temperature_warmup():
     assert teacher_temperature(10.0, 0.04, 0.07, 10) == pytest.approx(0.07)
     assert teacher_temperature(50.0, 0.04, 0.07, 10) == pytest.approx(0.07)
     assert teacher_temperature(0.0, 0.04, 0.07, 0) == pytest.approx(0.07)
-    method = build_method(_cfg("dino"), 3, IMG).train()
+    method = build_method(_cfg("dino", teacher_temp=0.07), 3, IMG).train()
     temps = [float(method(_batch(method, step=s))["teacher_temp"]) for s in (0, 10)]
     # 2 epochs, warm-up 10 % of them = 0.2 epochs; step 0 -> 0.04, the end -> 0.07
     assert temps == pytest.approx([0.04, 0.07])
+    # the default (main_dino.py's): 0.04 throughout
+    method = build_method(_cfg("dino"), 3, IMG).train()
+    temps = [float(method(_batch(method, step=s))["teacher_temp"]) for s in (0, 10)]
+    assert temps == pytest.approx([0.04, 0.04])
 
 
 def test_dino_multicrop_runs_smaller_local_crops_through_the_student_only():
@@ -163,16 +167,19 @@ def test_dino_multicrop_runs_smaller_local_crops_through_the_student_only():
     assert method.backbone.blocks[0].attn.qkv.weight.grad is not None
 
 
-def test_dino_center_moves_toward_the_teacher_mean():
+@pytest.mark.parametrize("center_init", ["zeros", "batch"])
+def test_dino_center_moves_toward_the_teacher_mean(center_init):
     torch.manual_seed(0)
-    method = build_method(_cfg("dino"), 3, IMG).train()
+    method = build_method(_cfg("dino", center_init=center_init), 3, IMG).train()
     batch = _batch(method)
     assert torch.equal(method.loss.center, torch.zeros_like(method.loss.center))
     with torch.no_grad():
         teacher = [method.teacher_head(method.teacher_backbone.forward_features(v)[:, 0])
                    for v in batch.views[:2]]
         method(batch)
-    expected = 0.1 * torch.cat(teacher).mean(0, keepdim=True)
+    mean = torch.cat(teacher).mean(0, keepdim=True)  # [1, K]
+    # zeros (the paper): 0.9 x 0 + 0.1 x mean; batch: starts at the mean, the EMA keeps it
+    expected = 0.1 * mean if center_init == "zeros" else mean
     assert torch.allclose(method.loss.center, expected, atol=1e-6)
 
 
