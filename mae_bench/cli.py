@@ -38,6 +38,14 @@ app = typer.Typer(
 console = Console(stderr=True)
 out = Console()
 _D = RunConfig()  # defaults, shown in the help texts
+TrustCheckpoint = Annotated[  # one option, shared by the commands that load checkpoints
+    bool,
+    typer.Option(
+        "--trust-checkpoint",
+        help="Allow unpickling a checkpoint that is not plain tensors (only for files you trust: "
+        "unpickling can run code).",
+    ),
+]
 
 
 @app.command()
@@ -325,14 +333,7 @@ def visualize(
     mask_ratio: Annotated[float, typer.Option(help="Default: the run's mask ratio.")] = None,
     seed: Annotated[int, typer.Option(help="Picks images and masks.")] = 0,
     data_dir: Annotated[Path, typer.Option(help="Override the run's data folder.")] = None,
-    trust_checkpoint: Annotated[
-        bool,
-        typer.Option(
-            "--trust-checkpoint",
-            help="Allow unpickling a checkpoint that is not plain tensors (only for files you "
-            "trust: unpickling can run code).",
-        ),
-    ] = False,
+    trust_checkpoint: TrustCheckpoint = False,
 ) -> None:
     """Write a PNG grid: original, masked input, reconstruction, and reconstruction with the
     visible patches pasted back (MAE paper, Fig. 2)."""
@@ -452,14 +453,7 @@ def eval_(
     cache: Annotated[
         bool, typer.Option("--cache/--no-cache", help="Reuse cached features.")
     ] = True,
-    trust_checkpoint: Annotated[
-        bool,
-        typer.Option(
-            "--trust-checkpoint",
-            help="Allow unpickling a checkpoint that is not plain tensors (only for files you "
-            "trust: unpickling can run code).",
-        ),
-    ] = False,
+    trust_checkpoint: TrustCheckpoint = False,
     progress: Annotated[
         bool, typer.Option("--progress/--no-progress", help="Show progress bars.")
     ] = True,

@@ -354,7 +354,7 @@ BAD_FILES = {  # file in ckpts: (eval's fix, visualize's fix)
     "missing-weights.pt": ("weights do not fit its config", "weights do not fit its config"),
     "no-extra.pt": ("no extra.channels", "no extra.channels"),  # 'extra' entry removed
     "unsafe-run.pt": ("--trust-checkpoint", "--trust-checkpoint"),
-    "unsafe-official.pth": ("--trust-checkpoint", None),  # visualize takes mae-bench runs only
+    "unsafe-official.pth": ("--trust-checkpoint", "--trust-checkpoint"),
 }
 
 
@@ -362,8 +362,6 @@ BAD_FILES = {  # file in ckpts: (eval's fix, visualize's fix)
 @pytest.mark.parametrize("name", list(BAD_FILES))
 def test_bad_checkpoint_file(monkeypatch, capsys, tmp_path, ckpts, command, name):
     fix = BAD_FILES[name][command == "visualize"]
-    if fix is None:
-        pytest.skip("visualize takes mae-bench runs only")
     path = ckpts / name
     args = (eval_args(tmp_path, "--protocol", "knn", "--checkpoint", str(path))
             if command == "eval" else
