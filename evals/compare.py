@@ -141,7 +141,7 @@ def run_compare(spec: CompareSpec, log: Log = print, progress: bool = True,
     join_process_group(resolve_device(spec.device))  # torchrun: every rank runs this function
     world = rank_and_world()[1]
     if not is_main_process():
-        log = _silent
+        log = silent
     if spec.epochs is None and spec.budget_seconds is None:
         spec = CompareSpec(**{**spec.__dict__, "budget_seconds": DEFAULT_BUDGET_SECONDS})
     validate_compare(spec)
@@ -295,8 +295,8 @@ def _has_rows(store: pd.DataFrame, run_id: str, spec: CompareSpec, protocol: str
     return len(_select(store, run_id, spec, protocol)) > 0
 
 
-def _silent(message: str) -> None:
-    """The log of torchrun ranks other than 0."""
+def silent(message: str) -> None:
+    """The log of torchrun ranks other than 0 (compare and sweep)."""
 
 
 def read_store(results_dir: str) -> pd.DataFrame:

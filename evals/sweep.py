@@ -33,7 +33,7 @@ from typing import Any
 
 import pandas as pd
 
-from evals.compare import read_json, read_store, run_finished, write_json
+from evals.compare import read_json, read_store, run_finished, silent, write_json
 from evals.run import PROTOCOLS, EvalSpec, run_eval, validate_spec
 from evals.sweep_knobs import SweepKnob, get_knob
 from mae_bench.config import RunConfig, validate
@@ -233,7 +233,7 @@ def run_sweep(spec: SweepSpec, log: Log = print, progress: bool = True, console=
     join_process_group(resolve_device(spec.device))  # torchrun: every rank runs this function
     main = is_main_process()
     if not main:  # rank 0 logs, records failures and writes the manifest
-        log = _silent
+        log = silent
     # Rank 0 reads the store and the run folders; every rank follows its plan.
     states = broadcast_from_main(point_states(spec, points) if main else None)
     ran: list[str] = []
@@ -305,10 +305,6 @@ def _point_cost(p: SweepPoint) -> dict[str, Any]:
                 "pretrain_gflops": float(f"{speed.gflops_per_image * images:.4g}")}
         write_json(p.run_dir / COST_FILE, cost)
     return cost
-
-
-def _silent(message: str) -> None:
-    """The log of torchrun ranks other than 0."""
 
 
 def _record_failure(spec: SweepSpec, knob: SweepKnob, p: SweepPoint, protocols: list[str],
