@@ -111,7 +111,13 @@ def pretrain(
         ),
     ] = None,
     warmup_epochs: Annotated[
-        float, typer.Option(help="Linear lr warmup length in epochs (default: 5 % of --epochs).")
+        float, typer.Option(help="Linear lr warmup length in epochs (default: 5 % of --epochs, "
+                            "lengthened to --warmup-min-steps).")
+    ] = None,
+    warmup_min_steps: Annotated[
+        int, typer.Option(help="Without --warmup-epochs: warm up for at least this many "
+                          "optimizer steps, at most half the run (default: the method's: DINO "
+                          "250, its teacher's EMA horizon; the others none).")
     ] = None,
     mask_ratio: Annotated[
         float,
@@ -245,6 +251,7 @@ def pretrain(
             "min_lr": min_lr,
             "weight_decay": weight_decay,
             "warmup_epochs": warmup_epochs,
+            "warmup_min_steps": warmup_min_steps,
             "seed": seed,
             "precision": precision,
             "device": device,

@@ -65,6 +65,7 @@ ADDED_LATER: dict[tuple[str, str], tuple[Any, ...]] = {
     ("mae", "encoder_mask_tokens"): (None, False),
     ("train", "attention"): (None, "auto"),
     ("ssl", "center_init"): (None,),
+    ("train", "warmup_min_steps"): (None,),
 }
 
 
@@ -84,7 +85,10 @@ class TrainConfig:
     lr_ref_batch: int | None = None
     min_lr: float = 0.0
     weight_decay: float | None = None  # None: the method's (MAE 0.05)
-    warmup_epochs: float | None = None  # None: 5 % of the epochs (MAE: 40 of 800)
+    warmup_epochs: float | None = None  # None: 5 % of the epochs (MAE: 40 of 800), see below
+    # When warmup_epochs is None: warm up for at least this many optimizer steps, at most half
+    # the run (None: the method's; DINO waits for its EMA teacher, the others need no floor).
+    warmup_min_steps: int | None = None
     seed: int = 0
     precision: str = "auto"  # auto | bf16 | fp16 | fp32
     device: str = "auto"  # auto | cpu | cuda
@@ -205,9 +209,16 @@ def _reject_unknown(raw: dict[str, Any], cls: type, where: str) -> None:
         )
 
 
-def warmup_epochs(t: TrainConfig) -> float:
-    """The warmup length in epochs: as set, or 5 % of the run (the MAE recipe: 40 of 800)."""
-    return t.warmup_epochs if t.warmup_epochs is not None else 0.05 * t.epochs
+def warmup_epochs(t: TrainConfig, steps_per_epoch: int | None = None) -> float:
+    """The warmup length in epochs: as set; else 5 % of the run (the MAE recipe: 40 of 800),
+    lengthened to ``warmup_min_steps`` optimizer steps when the config asks for a floor (and
+    ``steps_per_epoch`` is known), but never past half the run."""
+    if t.warmup_epochs is not None:
+        return t.warmup_epochs
+    warm = 0.05 * t.epochs
+    if t.warmup_min_steps and steps_per_epoch:
+        warm = max(warm, min(t.warmup_min_steps / steps_per_epoch, 0.5 * t.epochs))
+    return warm
 
 
 LR_SCALINGS = ("linear", "sqrt")
@@ -251,6 +262,8 @@ def validate(cfg: RunConfig) -> None:
          f"--weight-decay must be >= 0, got {t.weight_decay}"),
         (t.warmup_epochs is None or 0 <= t.warmup_epochs < t.epochs,
          f"--warmup-epochs must be in [0, epochs={t.epochs}), got {t.warmup_epochs}"),
+        (t.warmup_min_steps is None or t.warmup_min_steps >= 0,
+         f"--warmup-min-steps must be >= 0, got {t.warmup_min_steps}"),
         (t.precision in PRECISIONS,
          f"unknown precision '{t.precision}'; valid: {', '.join(PRECISIONS)}"),
         (t.device in DEVICES, f"unknown device '{t.device}'; valid: {', '.join(DEVICES)}"),

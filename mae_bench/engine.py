@@ -260,6 +260,7 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, *, resume: bool = True,
                 f"{world_size} processes); lower --batch-size"
             )
     steps_per_epoch = micro_per_epoch // t_cfg.accum_iter
+    warm_epochs = warmup_epochs(t_cfg, steps_per_epoch)
     total_steps = max(1, round(steps_per_epoch * t_cfg.epochs))  # epochs may be fractional
     eff_batch = t_cfg.batch_size * t_cfg.accum_iter * world_size
     peak_lr = config_peak_lr(t_cfg, eff_batch)
@@ -286,7 +287,7 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, *, resume: bool = True,
         _write_text_atomic(run_dir / "config.yaml", cfg.to_yaml())
         _write_text_atomic(run_dir / "run.json", json.dumps(_provenance(
             cfg, device, precision, img_size, peak_lr, eff_batch, total_steps)
-            | {"attention": attention}, indent=2))
+            | {"attention": attention, "warmup_epochs": warm_epochs}, indent=2))
         _truncate_metrics(run_dir / METRICS, step)
 
     batches = TrainBatches(dataset, t_cfg.batch_size, micro_per_epoch, t_cfg.seed,
@@ -338,7 +339,7 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, *, resume: bool = True,
                 logger.add_micro(out, labels.shape[0] * world_size)
                 if not boundary:
                     continue
-                lr = lr_at(step, steps_per_epoch, t_cfg.epochs, warmup_epochs(t_cfg),
+                lr = lr_at(step, steps_per_epoch, t_cfg.epochs, warm_epochs,
                            peak_lr, t_cfg.min_lr)
                 for group in optimizer.param_groups:
                     group["lr"] = lr * group.get("lr_scale", 1.0)

@@ -90,7 +90,8 @@ def test_digest_ignores_later_knobs_until_set():
     for section, key, value in (("train", "lr_scaling", "sqrt"), ("train", "lr_ref_batch", 64),
                                 ("ssl", "norm_last_layer", False),
                                 ("mae", "encoder_mask_tokens", True),
-                                ("train", "attention", "math")):
+                                ("train", "attention", "math"),
+                                ("train", "warmup_min_steps", 250)):
         assert RunConfig().replace(**{section: {key: value}}).digest() != "a620a7f83f88"
     # values that build the same run as before the knob existed keep the digest too
     for section, key, value in (("mae", "encoder_mask_tokens", False),

@@ -12,10 +12,10 @@ import torch
 from rich.console import Console
 
 from mae_bench.checkpoint import load_checkpoint
-from mae_bench.config import RunConfig
+from mae_bench.config import RunConfig, warmup_epochs
 from mae_bench.engine import cpu_has_fast_bf16, lr_at, param_groups, pretrain, resolve_precision
 from mae_bench.errors import ConfigError, TrainingError
-from mae_bench.methods import MAE, METHODS, build_method
+from mae_bench.methods import MAE, METHODS, build_method, resolve_config
 
 # digits at its native 8 px: 1437 training images -> 22 steps of 64 per epoch
 TINY = RunConfig().replace(
@@ -218,6 +218,41 @@ def test_lr_schedule_values():
     assert math.isclose(lr_at(60, **kw), 0.1 + 0.9 * 0.5)  # cosine half way
     assert math.isclose(lr_at(100, **kw), 0.1)
     assert all(lr_at(s, **kw) >= lr_at(s + 1, **kw) for s in range(20, 100))
+
+
+def test_warmup_floor_lengthens_the_default_warmup_up_to_half_the_run():
+    t = RunConfig().replace(train={"epochs": 10}).train
+    assert warmup_epochs(t, 100) == 0.5  # 5 % of the run, no floor
+    floor = RunConfig().replace(train={"epochs": 10, "warmup_min_steps": 250}).train
+    assert warmup_epochs(floor, 100) == 2.5  # 250 steps of 100 per epoch
+    assert warmup_epochs(floor, 10) == 5.0  # 25 epochs wanted: capped at half the run
+    assert warmup_epochs(floor, 10_000) == 0.5  # long runs: 5 % is already longer
+    assert warmup_epochs(floor) == 0.5  # steps per epoch unknown: no floor
+    given = RunConfig().replace(train={"epochs": 10, "warmup_epochs": 1.0,
+                                       "warmup_min_steps": 250}).train
+    assert warmup_epochs(given, 100) == 1.0  # an explicit --warmup-epochs wins
+    # DINO asks for the floor (its EMA horizon); MAE and the other baselines do not
+    assert resolve_config(RunConfig().replace(train={"method": "dino"})).train.warmup_min_steps \
+        == 250
+    for name in ("mae", "simclr", "mocov3", "byol"):
+        assert resolve_config(RunConfig().replace(
+            train={"method": name})).train.warmup_min_steps is None
+
+
+def test_engine_follows_the_warmup_floor(tmp_path):
+    cfg = TINY.replace(train={"warmup_min_steps": 10, "blr": 1e-3, "epochs": 3})
+    result = pretrain(cfg, tmp_path / "r", progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text()
+            .splitlines()]
+    steps_per_epoch = result.total_steps // 3
+    run = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert run["warmup_epochs"] == 10 / steps_per_epoch
+    peak = run["peak_lr"]
+    # the lr logged for step s is the one its update used: s-1 of 10 warm-up steps
+    for row in rows:
+        expected = lr_at(row["step"] - 1, steps_per_epoch, 3, 10 / steps_per_epoch, peak, 0.0)
+        assert math.isclose(row["lr"], expected, rel_tol=1e-9, abs_tol=1e-12), row
+    assert math.isclose(rows[4]["lr"], peak * 4 / 10)
 
 
 def test_param_groups_skip_biases_norms_tokens():
