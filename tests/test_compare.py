@@ -6,10 +6,15 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from cli_helpers import run_cli
 
 from evals.compare import CompareSpec, run_compare, run_config, run_dir_for
+from evals.encoders import load_source
+from mae_bench.config import RunConfig
+from mae_bench.engine import seed_everything
 from mae_bench.errors import MaeBenchError
+from mae_bench.methods import METHODS, build_method
 from mae_bench.results import read_results
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -120,13 +125,6 @@ def test_the_random_row_is_every_methods_starting_encoder(seed):
     every method starts its pretraining from at the same --seed, so "above random" reads as
     "pretraining improved its own starting point" (a paired comparison; other seeds' random
     encoders differ by about a point of CIFAR-10 k-NN)."""
-    import torch
-
-    from evals.encoders import load_source
-    from mae_bench.config import RunConfig
-    from mae_bench.engine import seed_everything
-    from mae_bench.methods import METHODS, build_method
-
     random_encoder = load_source("random", arch="vit_micro_patch4", img_size=16, channels=3,
                                  seed=seed).build(init_seed=seed).state_dict()
     for name in sorted(METHODS):
