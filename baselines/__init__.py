@@ -1,8 +1,8 @@
 """Contrastive and self-distillation baselines (SimCLR, MoCo v3, BYOL, DINO): one Method per file.
 
-They plug into the same engine and Method registry as MAE (see mae_bench/methods.py); importing
-this package registers them. Shared pieces: ``heads`` (MLP / DINO heads), ``losses``, ``ema``
-(teacher momentum), ``views`` (the augmentation recipes).
+They implement the Method contract (``mae_bench.method``) and plug into the same engine as MAE;
+``mae_bench.methods.METHODS`` is the one place that registers them. Shared pieces: ``heads``
+(MLP / DINO heads), ``losses``, ``ema`` (teacher momentum), ``views`` (the augmentation recipes).
 
 Learning rate: each recipe was made at a large batch (MoCo v3's ViT recipe, used by SimCLR, MoCo
 v3 and BYOL here: blr 1.5e-4 at 4,096; DINO: blr 5e-4 at 1,024). The baselines carry that lr to
@@ -13,5 +13,3 @@ never recovers from. On CIFAR-10 (JPEG q75), ViT-Mini/4, 10 minutes: BYOL k-NN t
 the linear rule, 34.8 with the square root. ``--lr`` or ``train.lr_scaling: linear`` restores
 the papers' rule.
 """
-
-from baselines import byol, dino, mocov3, simclr  # noqa: F401  (registration)

@@ -23,12 +23,13 @@ from baselines.losses import byol_loss
 from baselines.views import byol_views
 from mae_bench.augment import ViewSpec
 from mae_bench.config import RunConfig
-from mae_bench.methods import Batch, register_method
+from mae_bench.method import Batch
 
 
-@register_method("byol")
 class BYOL(BackboneMethod):
     """BYOL: online network with predictor, EMA target, normalised MSE, symmetric."""
+
+    name = "byol"
 
     defaults = {"train": {"blr": 1.5e-4, "weight_decay": 0.1, "lr_scaling": "sqrt",
                           "lr_ref_batch": 4096},

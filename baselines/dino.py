@@ -46,7 +46,7 @@ from baselines.losses import DINOLoss
 from baselines.views import dino_views
 from mae_bench.augment import ViewSpec
 from mae_bench.config import RunConfig
-from mae_bench.methods import Batch, register_method
+from mae_bench.method import Batch
 
 
 def teacher_temperature(epoch: float, start: float, end: float, warmup_epochs: float) -> float:
@@ -56,9 +56,10 @@ def teacher_temperature(epoch: float, start: float, end: float, warmup_epochs: f
     return start + (end - start) * epoch / warmup_epochs
 
 
-@register_method("dino")
 class DINO(BackboneMethod):
     """DINO: student / EMA teacher, centring and sharpening, optional multi-crop."""
+
+    name = "dino"
 
     defaults = {"train": {"blr": 5e-4, "weight_decay": 0.04, "lr_scaling": "linear",
                           "lr_ref_batch": 256, "warmup_min_steps": 250},

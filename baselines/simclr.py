@@ -21,12 +21,13 @@ from baselines.losses import nt_xent
 from baselines.views import simclr_views
 from mae_bench.augment import ViewSpec
 from mae_bench.config import RunConfig
-from mae_bench.methods import Batch, register_method
+from mae_bench.method import Batch
 
 
-@register_method("simclr")
 class SimCLR(BackboneMethod):
     """SimCLR: encoder + projector, NT-Xent over two views."""
+
+    name = "simclr"
 
     defaults = {"train": {"blr": 1.5e-4, "weight_decay": 0.1, "lr_scaling": "sqrt",
                           "lr_ref_batch": 4096},

@@ -1,7 +1,7 @@
 """k-NN search speed: FAISS (``evals.knn.knn_evaluate``) against a plain torch brute force
 (``evals.knn.knn_torch``) on the same synthetic features, alternating the two
-(``evals.speed_eval.knn_speed``, as ``mae-bench speed`` does), and the time of the similarity
-matmul itself: the floor any exact search pays.
+(``mae_bench.app.speed_eval.knn_speed``, as ``mae-bench speed`` does), and the time of the
+similarity matmul itself: the floor any exact search pays.
 
     python benchmarks/knn_speed.py --train 50000 --test 10000 --dim 192 --repeats 2
     python benchmarks/knn_speed.py --retrieval   # also recall@K and mAP@R (search_k 1000)
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from evals.knn import DEFAULT_KS
-from evals.speed_eval import knn_speed, synthetic_features
+from mae_bench.app.speed_eval import knn_speed, synthetic_features
 
 
 def matmul_seconds(train: torch.Tensor, test: torch.Tensor, repeats: int,

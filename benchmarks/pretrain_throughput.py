@@ -21,14 +21,16 @@ from pathlib import Path
 import torch
 
 from mae_bench.config import RunConfig
-from mae_bench.engine import cpu_has_fast_bf16, device_name, pretrain, resolve_device
+from mae_bench.engine import pretrain
+from mae_bench.files import METRICS_FILE
+from mae_bench.runtime import cpu_has_fast_bf16, device_name, resolve_device
 
 
 def measure(cfg: RunConfig, steps: int, warmup: int) -> tuple[list[float], float]:
     """Per-step images/s after ``warmup`` steps, and the last step's loss."""
     with tempfile.TemporaryDirectory() as tmp:
         pretrain(cfg, tmp, max_steps=warmup + steps, progress=False)
-        rows = [json.loads(x) for x in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
+        rows = [json.loads(x) for x in (Path(tmp) / METRICS_FILE).read_text().splitlines()]
     rows = [r for r in rows if r["step"] > warmup]
     return [r["img_per_s"] for r in rows], rows[-1]["loss"]
 

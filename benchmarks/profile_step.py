@@ -18,9 +18,11 @@ from torch.profiler import ProfilerActivity, profile
 
 from mae_bench.attention import set_attention
 from mae_bench.augment import BatchViews
-from mae_bench.config import RunConfig
-from mae_bench.engine import autocast, build_optimizer, resolve_device, resolve_precision
+from mae_bench.config import RunConfig, peak_lr
+from mae_bench.engine import build_optimizer, build_train_step
 from mae_bench.methods import Batch, build_method, resolve_config
+from mae_bench.runtime import resolve_device, resolve_precision
+from mae_bench.step import grad_scaler
 from mae_bench.vit import get_preset
 
 MATRIX_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::linear",
@@ -53,19 +55,20 @@ def main() -> None:
     method = build_method(cfg, 3, img).to(device).train()
     set_attention(method, args.attention)
     views = [BatchViews(s, (0.5,) * 3, (0.25,) * 3) for s in method.view_specs()]
+    lr = peak_lr(cfg.train, args.batch_size)
+    # the engine's own step: autocast, scaler (fp16), hooks, clipping when configured, AdamW
     optimizer = build_optimizer(method, cfg.train.weight_decay, device)
+    train_step = build_train_step(cfg, method, optimizer, lambda _: lr, device=device,
+                                  precision=precision, total_steps=100,
+                                  scaler=grad_scaler(precision), accum_iter=1)
     gen = torch.Generator(device=device).manual_seed(0)
     images = torch.randint(0, 256, (args.batch_size, 3, img, img), dtype=torch.uint8,
                            device=device)
     labels = torch.zeros(args.batch_size, dtype=torch.long, device=device)
 
     def step() -> None:
-        with autocast(device, precision):
-            loss = method(Batch([v(images, gen) for v in views], labels, gen, 0, 100))["loss"]
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        method.on_step_end(1, 100)
+        batch = Batch([v(images, gen) for v in views], labels, gen, train_step.step, 100)
+        train_step.micro_batch(lambda: method(batch))
 
     step()  # warm-up
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 import zipfile
 from collections.abc import Callable, Iterator
@@ -25,20 +24,18 @@ from evals.encoders import EncoderSource, model_for
 from mae_bench.augment import eval_resize
 from mae_bench.data.datasets import AnyDataset, ArrayDataset
 from mae_bench.distributed import broadcast_from_main, gather_to_main, rank_and_world
-from mae_bench.engine import autocast
 from mae_bench.errors import ConfigError
-from mae_bench.vit import VisionTransformer
+from mae_bench.files import atomic_file
+from mae_bench.runtime import autocast
+from mae_bench.vit import POOLS as VIT_POOLS
+from mae_bench.vit import VisionTransformer, pool_name
 
-POOLS = ("cls", "mean")
+POOLS = tuple(VIT_POOLS)  # "cls", "mean": the names of mae_bench.vit, one home
 
 
 def pool_tokens(tokens: Tensor, pool: str) -> Tensor:
     """[N, 1+L, D] encoder tokens (cls first) -> [N, D] features."""
-    if pool == "cls":
-        return tokens[:, 0]  # [N, D]
-    if pool == "mean":
-        return tokens[:, 1:].mean(dim=1)  # [N, D]
-    raise ValueError(f"unknown pool {pool!r}; valid: {', '.join(POOLS)}")
+    return VIT_POOLS[pool_name(pool)](tokens)  # [N, D]
 
 
 def encode(encoder: VisionTransformer, images: Tensor, pool: str) -> Tensor:
@@ -188,15 +185,9 @@ def save_cached(cache_dir: Path, key: str, features: Tensor, labels: Tensor) -> 
     """Write atomically: a temporary file renamed into place."""
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".features-", suffix=".npz", dir=cache_dir)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, features=features.numpy(), labels=labels.numpy())
-        final = cache_dir / f"{key}.npz"
-        os.replace(tmp, final)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    final = cache_dir / f"{key}.npz"
+    with atomic_file(final, "wb") as fh:
+        np.savez(fh, features=features.numpy(), labels=labels.numpy())
     return final
 
 

@@ -28,14 +28,20 @@ from torch import Tensor, nn
 
 from mae_bench.augment import BatchViews, ViewSpec, eval_resize
 from mae_bench.data import ArrayDataset
-from mae_bench.distributed import all_reduce_mean, rank_and_world
-from mae_bench.engine import autocast, lr_at, resolve_precision, seed_everything
-from mae_bench.errors import ConfigError, DataError, TrainingError
+from mae_bench.distributed import rank_and_world
+from mae_bench.errors import ConfigError, DataError
+from mae_bench.runtime import (
+    autocast,
+    exempt_from_weight_decay,
+    lr_at,
+    resolve_precision,
+    seed_everything,
+)
+from mae_bench.step import TrainStep, grad_scaler
 from mae_bench.vit import VisionTransformer
 
 # Parameters that are never trained: the fixed 2-D sin-cos position embedding.
 FIXED_PARAMS = frozenset({"pos_embed"})
-PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 
 
 # --- layer-wise lr decay ---------------------------------------------------------------------
@@ -65,8 +71,9 @@ def param_groups_lrd(
 
     Args:
         model: the ViT to fine-tune.
-        weight_decay: decay of weight matrices; biases, norm parameters (ndim 1) and the names
-            in ``no_weight_decay`` get none.
+        weight_decay: decay of weight matrices; biases, norm parameters and the names in
+            ``no_weight_decay`` get none (``mae_bench.runtime.exempt_from_weight_decay``:
+            the rule pretraining uses too).
         layer_decay: lr ratio between a layer and the one above it (1 = no decay).
         no_weight_decay: parameter names without weight decay; None: ``model.no_weight_decay()``.
 
@@ -81,7 +88,7 @@ def param_groups_lrd(
         if not p.requires_grad:
             continue
         lid = layer_id(name, depth)
-        decay = not (p.ndim == 1 or name in skip)
+        decay = not exempt_from_weight_decay(name, p, skip)
         group = groups.setdefault((lid, decay), {
             "params": [], "param_names": [], "weight_decay": weight_decay if decay else 0.0,
             "lr_scale": layer_decay ** (depth + 1 - lid)})
@@ -193,7 +200,8 @@ def finetune(
         train_indices: [K] indices of the training images to use (few-shot subsets); None: all.
         seed: seeds everything random in the run.
         device: where to train.
-        precision: "fp32" | "bf16" | "fp16" (grad scaler; CUDA only) | "auto".
+        precision: "auto" | "bf16" | "fp16" (grad scaler; CUDA only) | "fp32"
+            (``mae_bench.config.PRECISIONS``).
         clip_grad: clip the gradient norm to this; None: no clipping (as MAE).
         progress: called with (steps done, total steps) after each optimizer step.
 
@@ -208,9 +216,7 @@ def finetune(
         TrainingError: a non-finite loss (the message names the step; every process raises).
     """
     device = torch.device(device)
-    if precision not in PRECISIONS:
-        raise ConfigError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
-    precision = resolve_precision(precision, device)
+    precision = resolve_precision(precision, device)  # validates the name
     native = model.grid_size * model.patch_size
     img_size = native if img_size is None else img_size
     indices = _training_indices(train, train_indices)
@@ -247,7 +253,11 @@ def finetune(
     groups = param_groups_lrd(model, weight_decay, layer_decay)
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
     optimizer = torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999), **fast)
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    train_step = TrainStep(
+        train_module, optimizer,
+        lambda s: lr_at(s, steps_per_epoch, epochs, warmup_epochs, peak_lr, min_lr),
+        device=device, precision=precision, scaler=grad_scaler(precision), clip_grad=clip_grad,
+        loss_name="fine-tuning loss", advice="lower the lr or use fp32")
 
     spec = ViewSpec(img_size, scale=crop_scale, hflip=hflip)
     views = BatchViews(spec, train.info.mean, train.info.std)
@@ -258,7 +268,7 @@ def finetune(
     criterion: nn.Module = (SoftTargetCrossEntropy() if mixing
                             else nn.CrossEntropyLoss(label_smoothing=label_smoothing))
 
-    step, epoch_losses = 0, torch.zeros(0)
+    epoch_losses = torch.zeros(0)
     t_start = time.perf_counter()
     for epoch in range(epochs):
         train_module.train()
@@ -266,11 +276,7 @@ def finetune(
             block.eval()
         order_gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
         order = indices[torch.randperm(len(indices), generator=order_gen)]  # [K]
-        losses = []
         for i in range(steps_per_epoch):
-            lr_now = lr_at(step, steps_per_epoch, epochs, warmup_epochs, peak_lr, min_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_now * group["lr_scale"]
             idx = order[i * batch_size:(i + 1) * batch_size]  # [B]
             x = views(train.images[idx].to(device, non_blocking=True), crop_gen)  # [B, C, S, S]
             y = train.labels[idx].to(device, non_blocking=True)  # [B]
@@ -279,34 +285,14 @@ def finetune(
             # Every process drew the same global batch (so the crop generator and Mixup's RNGs
             # advance as in one process); each runs the model on its own rows.
             x, y = x[rows], y[rows]  # [b, C, S, S], [b] or [b, num_classes]
-            with autocast(device, precision):
-                logits = train_module(x)  # [b, num_classes]
-            loss = criterion(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                if clip_grad is not None:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                if clip_grad is not None:
-                    nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-                optimizer.step()
-            losses.append(loss.detach())
-            step += 1
+            # forward under autocast -> [b, num_classes] logits; the loss in fp32 outside it
+            train_step.micro_batch(lambda x=x: train_module(x),
+                                   lambda logits, y=y: criterion(logits.float(), y))
             if progress is not None and rank == 0:
-                progress(step, total_steps)
+                progress(train_step.step, total_steps)
         # One device sync per epoch, not per step. The mean over processes of their equal shares
         # is the global batch's loss, the same on every process: all stop at the same step.
-        epoch_losses = all_reduce_mean(torch.stack(losses)).cpu()  # [steps_per_epoch]
-        bad = (~torch.isfinite(epoch_losses)).nonzero()
-        if len(bad):
-            first = epoch * steps_per_epoch + int(bad[0])
-            raise TrainingError(f"non-finite fine-tuning loss ({float(epoch_losses[bad[0]])}) at "
-                                f"step {first} (epoch {epoch}); lower the lr or use fp32")
+        epoch_losses = train_step.flush()["loss"]  # [steps_per_epoch]; non-finite: raises
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     train_seconds = time.perf_counter() - t_start

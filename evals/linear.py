@@ -29,12 +29,12 @@ from evals.lars import LARS
 from evals.splits import train_val_split
 from mae_bench.augment import BatchViews, ViewSpec, eval_resize
 from mae_bench.data import ArrayDataset
-from mae_bench.distributed import all_reduce_mean, rank_and_world, sync_batchnorm
-from mae_bench.engine import autocast, lr_at
+from mae_bench.distributed import rank_and_world, sync_batchnorm
 from mae_bench.errors import ConfigError
+from mae_bench.runtime import autocast, lr_at, resolve_precision
+from mae_bench.step import TrainStep
 from mae_bench.vit import VisionTransformer
 
-PRECISIONS = ("fp32", "bf16", "fp16")
 # MAE's linear probe crops harder than its pretraining (0.2-1): torchvision's default range.
 PROBE_CROP_SCALE = (0.08, 1.0)
 
@@ -107,8 +107,8 @@ def linear_probe(
         warmup_epochs: linear warmup length; None: 10% of ``epochs`` (MAE: 10 of 90).
         seed: seeds every random choice; the same seed gives the same result on CPU.
         device: where the encoder and head run.
-        precision: "fp32", "bf16" or "fp16": autocast for the encoder forward (the head and
-            its loss stay fp32).
+        precision: "auto", "bf16", "fp16" (CUDA only) or "fp32" (``mae_bench.config.
+            PRECISIONS``): autocast for the encoder forward (the head and its loss stay fp32).
         train_indices: [M] indices into ``train`` to train on (few-shot); None: all.
         progress: called with (steps done, total steps) after every step.
 
@@ -122,7 +122,8 @@ def linear_probe(
             cannot share equally.
     """
     img_size = _check_probe_args(encoder, train, test, pool, img_size, epochs, batch_size, blr,
-                                 warmup_epochs, precision)
+                                 warmup_epochs)
+    precision = resolve_precision(precision, device)  # validates the name
     num_classes = len(train.classes)
     indices = _check_indices(train_indices, len(train))
     _check_labels_in_range(train.labels[indices], num_classes, "training")
@@ -150,9 +151,16 @@ def linear_probe(
     if world > 1:
         train_head = nn.parallel.DistributedDataParallel(
             head, device_ids=[device.index] if device.type == "cuda" else None)
+    train_step = TrainStep(train_head, optimizer,
+                           lambda s: lr_at(s, steps_per_epoch, epochs, warmup, peak_lr, 0.0),
+                           device=device, precision=precision)
     views = BatchViews(ViewSpec(img_size, scale=PROBE_CROP_SCALE), train.info.mean, train.info.std)
     order_gen = torch.Generator().manual_seed(seed)
     view_gen = torch.Generator(device=device).manual_seed(seed)
+
+    def frozen_features(x: Tensor) -> Tensor:
+        with torch.no_grad():
+            return encode(encoder, x, pool)  # [b, D]
 
     was_training = encoder.training
     encoder.to(device).eval()
@@ -161,33 +169,25 @@ def linear_probe(
     try:
         t0 = time.perf_counter()
         head.train()
-        epoch_losses: list[Tensor] = []
-        for epoch in range(epochs):
+        for _ in range(epochs):
             order = indices[torch.randperm(n, generator=order_gen)]  # [n]
-            epoch_losses = []
             for i in range(steps_per_epoch):
-                step = epoch * steps_per_epoch + i
-                lr = lr_at(step, steps_per_epoch, epochs, warmup, peak_lr, 0.0)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
                 idx = order[i * batch:(i + 1) * batch]  # [B]
                 images = train.images[idx].to(device, non_blocking=True)  # [B, C, H, W] uint8
                 labels = train.labels[idx].to(device, non_blocking=True)  # [B]
                 # Crops for the whole global batch, so that the generator advances as in one
                 # process; this process encodes its own rows only.
                 x = views(images, view_gen)[rows]  # [b, C, S, S]
-                with torch.no_grad(), autocast(device, precision):
-                    features = encode(encoder, x, pool)  # [b, D]
-                loss = F.cross_entropy(train_head(features.float()), labels[rows])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                epoch_losses.append(loss.detach())
+                # the frozen encoder under autocast; the head and its loss in fp32 outside it
+                train_step.micro_batch(
+                    lambda x=x: frozen_features(x),
+                    lambda f, y=labels[rows]: F.cross_entropy(train_head(f.float()), y))
                 if progress is not None and rank == 0:
-                    progress(step + 1, total_steps)
-        # One device sync, at the end; the mean of the processes' equal shares is the global
-        # batch's loss.
-        train_loss = float(all_reduce_mean(torch.stack(epoch_losses)).mean())
+                    progress(train_step.step, total_steps)
+            # One device sync per epoch; the mean of the processes' equal shares is the global
+            # batch's loss. Not checked: a non-finite probe loss shows as NaN in the result.
+            epoch_losses = train_step.flush(check=False)["loss"]  # [steps_per_epoch]
+        train_loss = float(epoch_losses.mean())
         train_seconds = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -237,7 +237,7 @@ def _broadcast_weights(module: nn.Module) -> None:
 
 def _check_probe_args(encoder: VisionTransformer, train: ArrayDataset, test: ArrayDataset,
                       pool: str, img_size: int | None, epochs: int, batch_size: int, blr: float,
-                      warmup_epochs: float | None, precision: str) -> int:
+                      warmup_epochs: float | None) -> int:
     """Validates linear_probe's arguments; returns the image size to use."""
     for name, ds in (("train", train), ("test", test)):
         if not hasattr(ds, "images"):
@@ -247,8 +247,6 @@ def _check_probe_args(encoder: VisionTransformer, train: ArrayDataset, test: Arr
         raise ConfigError("the test set is empty")
     if pool not in POOLS:
         raise ConfigError(f"unknown pool {pool!r}; valid: {', '.join(POOLS)}")
-    if precision not in PRECISIONS:
-        raise ConfigError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
     if epochs < 1 or batch_size < 2 or blr <= 0:
         raise ConfigError(f"need epochs >= 1, batch_size >= 2 and blr > 0, got epochs={epochs}, "
                           f"batch_size={batch_size}, blr={blr}")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import pickle
 import random
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -27,10 +26,11 @@ import numpy as np
 import torch
 
 from mae_bench.errors import CheckpointError
+from mae_bench.files import CHECKPOINT_FILE, PREVIOUS_CHECKPOINT_FILE, atomic_file
 
 FORMAT_VERSION = 1
-LATEST = "checkpoint.pt"
-PREVIOUS = "checkpoint.prev.pt"
+LATEST = CHECKPOINT_FILE
+PREVIOUS = PREVIOUS_CHECKPOINT_FILE
 
 
 def save_checkpoint(run_dir: str | Path, state: dict[str, Any]) -> Path:
@@ -39,19 +39,11 @@ def save_checkpoint(run_dir: str | Path, state: dict[str, Any]) -> Path:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / LATEST
-    fd, tmp_name = tempfile.mkstemp(prefix=".checkpoint-", suffix=".tmp", dir=run_dir)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if final.exists():
+    with atomic_file(final, "wb", fsync=True) as fh:
+        torch.save(state, fh)
+        if final.exists():  # the new file is complete on disk when it is renamed into place
             os.replace(final, run_dir / PREVIOUS)
-        os.replace(tmp_name, final)
-        _fsync_dir(run_dir)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    _fsync_dir(run_dir)
     return final
 
 

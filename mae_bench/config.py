@@ -1,7 +1,11 @@
 """Run configuration: frozen dataclasses built once at the edge (CLI or YAML), passed as values.
 
 A run's final config is written into its run folder as ``config.yaml``; loading it back gives an
-equal object. Unknown keys are errors, so a typo never silently falls back to a default.
+equal object. Unknown keys are errors, so a typo never silently falls back to a default; values
+from YAML or ``--set`` are checked against the field types (``check_value``).
+
+Each field carries its command-line help in ``metadata`` (``_knob``): ``mae-bench pretrain``
+generates one option per field from it (``KNOBS``), so a new knob is one field here.
 """
 
 from __future__ import annotations
@@ -10,6 +14,10 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
+import types
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -23,36 +31,58 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
 
 
+def _knob(default: Any, help: str, flag: str | None = None) -> Any:
+    """A config field with its command-line help (say why, and what None means) and, where the
+    option's historical name differs from the field's, that name (``--decoder-dim``)."""
+    return field(default=default, metadata={"help": help} | ({"flag": flag} if flag else {}))
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The ViT architecture (a preset name from ``mae_bench.vit.PRESETS``) and its overrides."""
 
-    arch: str = "vit_tiny_patch2"
-    img_size: int | None = None  # None: the data set's default image size
-    decoder_embed_dim: int | None = None  # None: the preset's decoder
-    decoder_depth: int | None = None
-    decoder_num_heads: int | None = None
+    arch: str = _knob("vit_tiny_patch2", "ViT preset, the same for every method: e.g. "
+                      "vit_tiny_patch4 for 32-px images, vit_base_patch16 for 224 px.")
+    img_size: int | None = _knob(None, "Training image size (default: the data set's); must be "
+                                 "a multiple of the patch size.")
+    decoder_embed_dim: int | None = _knob(None, "MAE decoder width (default: the preset's). "
+                                          "The decoder only serves pretraining, so it can be "
+                                          "narrow (paper Table 1b).", flag="--decoder-dim")
+    decoder_depth: int | None = _knob(None, "MAE decoder blocks (default: the preset's); deeper "
+                                      "helps linear probing more than fine-tuning (Table 1a).")
+    decoder_num_heads: int | None = _knob(None, "MAE decoder attention heads (default: the "
+                                          "preset's).", flag="--decoder-heads")
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """Which data set to pretrain on, and where it lives."""
 
-    dataset: str = "digits"
-    data_dir: str | None = None  # None: the data set's default location
-    split: str = "train"
-    num_workers: int = 4  # DataLoader workers for streamed (large) data sets only
+    dataset: str = _knob("digits", "Data set name; see `mae-bench datasets` (digits is "
+                         "embedded, so it needs no download).")
+    data_dir: str | None = _knob(None, "Where the data set lives (default: the location "
+                                 "`mae-bench datasets` shows).")
+    split: str = _knob("train", "Split to pretrain on (stl10 also has unlabeled and "
+                       "train+unlabeled, its 100k unlabeled images).")
+    num_workers: int = _knob(4, "DataLoader workers for streamed (large) data sets only; "
+                             "in-memory sets are batched on the main process.")
 
 
 @dataclass(frozen=True)
 class MAEConfig:
     """Masked-autoencoder knobs (He et al. 2021)."""
 
-    mask_ratio: float = 0.75
-    mask_strategy: str = "random"  # random | block | grid (paper Table 1f)
-    norm_pix_loss: bool = True  # the paper's default for its best representations
+    mask_ratio: float = _knob(0.75, "Fraction of patches removed (the paper's 0.75 is best for "
+                              "both probing and fine-tuning); must leave a visible and a masked "
+                              "patch.")
+    mask_strategy: str = _knob("random", "random | block | grid (paper Table 1f: random is "
+                               "best and allows the highest ratio).")
+    norm_pix_loss: bool = _knob(True, "Normalise each target patch by its own mean and "
+                                "variance (the paper's default: better representations).")
     # Table 1c "encoder w/ [M]": every token through the encoder (None = False, MAE's design).
-    encoder_mask_tokens: bool | None = None
+    encoder_mask_tokens: bool | None = _knob(None, "Paper Table 1c ablation: mask tokens go "
+                                             "through the encoder too (slower and worse; off "
+                                             "by default, MAE's design).")
 
 
 # Knobs added after runs were published: (section, key) -> the values that mean "as before".
@@ -73,32 +103,54 @@ ADDED_LATER: dict[tuple[str, str], tuple[Any, ...]] = {
 class TrainConfig:
     """Optimisation: AdamW(0.9, 0.95), lr = blr x effective batch / 256, warmup then cosine."""
 
-    method: str = "mae"
-    epochs: float = 20  # may be fractional (compare's time budgets); schedules follow it
-    batch_size: int = 128  # per process and per micro-batch
-    accum_iter: int = 1  # micro-batches per optimizer step
-    blr: float | None = None  # None: the method's (MAE 1.5e-4; see each baseline's docstring)
-    lr: float | None = None  # absolute learning rate; overrides blr when set
+    method: str = _knob("mae", "mae | simclr | mocov3 | byol | dino (or a method you "
+                        "registered).")
+    # may be fractional (compare's time budgets); schedules follow it
+    epochs: float = _knob(20, "Pretraining epochs, may be fractional; the lr, momentum and "
+                          "temperature schedules follow it.")
+    batch_size: int = _knob(128, "Images per micro-batch and process.")  # per process
+    accum_iter: int = _knob(1, "Micro-batches per optimizer step; the effective batch is "
+                            "batch x accum x processes.")
+    blr: float | None = _knob(None, "Base lr; lr = blr x effective batch / 256 (default: the "
+                              "method's: MAE, SimCLR, MoCo v3, BYOL 1.5e-4; DINO 5e-4).")
+    lr: float | None = _knob(None, "Absolute peak lr; overrides --blr.")
     # How lr follows the batch (``peak_lr``): linear | sqrt; None: the method's (MAE linear,
     # the baselines sqrt from their paper's batch, lr_ref_batch).
-    lr_scaling: str | None = None
-    lr_ref_batch: int | None = None
-    min_lr: float = 0.0
-    weight_decay: float | None = None  # None: the method's (MAE 0.05)
-    warmup_epochs: float | None = None  # None: 5 % of the epochs (MAE: 40 of 800), see below
+    lr_scaling: str | None = _knob(None, "How the lr follows the effective batch: linear "
+                                   "(Goyal et al.) | sqrt (Malladi et al., for Adam-type "
+                                   "optimisers; from lr_ref_batch). Default: the method's: "
+                                   "MAE and DINO linear, SimCLR / MoCo v3 / BYOL sqrt.")
+    lr_ref_batch: int | None = _knob(None, "The batch the recipe's lr was tuned at, for sqrt "
+                                     "scaling (default: the method's; 4096 for SimCLR / MoCo "
+                                     "v3 / BYOL, else 256).")
+    min_lr: float = _knob(0.0, "Floor of the cosine schedule.")
+    weight_decay: float | None = _knob(None, "AdamW weight decay on weight matrices, not on "
+                                       "biases, norms, tokens (default: the method's: MAE "
+                                       "0.05, SimCLR / MoCo v3 / BYOL 0.1, DINO 0.04).")
+    warmup_epochs: float | None = _knob(None, "Linear lr warmup length in epochs (default: 5 % "
+                                        "of the epochs, MAE's 40 of 800, lengthened to "
+                                        "--warmup-min-steps).")
     # When warmup_epochs is None: warm up for at least this many optimizer steps, at most half
     # the run (None: the method's; DINO waits for its EMA teacher, the others need no floor).
-    warmup_min_steps: int | None = None
-    seed: int = 0
-    precision: str = "auto"  # auto | bf16 | fp16 | fp32
-    device: str = "auto"  # auto | cpu | cuda
-    deterministic: bool = False
-    log_every: int = 10  # optimizer steps between metric lines
-    save_every: int = 1  # epochs between checkpoints (the last epoch is always saved)
-    clip_grad: float | None = None
+    warmup_min_steps: int | None = _knob(None, "Without --warmup-epochs: warm up for at least "
+                                         "this many optimizer steps, at most half the run "
+                                         "(default: the method's: DINO 250, its teacher's EMA "
+                                         "horizon; the others none).")
+    seed: int = _knob(0, "Seeds data order, crops and masks.")
+    precision: str = _knob("auto", "auto | bf16 | fp16 | fp32. auto: bf16 where the hardware "
+                           "runs it fast (GPU, AMX/AVX512-BF16 CPUs), else fp32.")
+    device: str = _knob("auto", "auto | cpu | cuda (auto: cuda when there is one).")
+    deterministic: bool = _knob(False, "Deterministic kernels (bit-exact resume on CPU; "
+                                "slower).")
+    log_every: int = _knob(10, "Optimizer steps per metrics line in metrics.jsonl.")
+    save_every: int = _knob(1, "Epochs between checkpoints (the last epoch is always saved).")
+    clip_grad: float | None = _knob(None, "Clip the gradient norm at this value (default: no "
+                                    "clipping, as in MAE).")
     # Attention kernel: fused (scaled_dot_product_attention) | math (explicit softmax) | auto
     # (None: time both on the model's shape at start, keep the faster; mae_bench.attention).
-    attention: str | None = None
+    attention: str | None = _knob(None, "Attention kernel: auto (time fused and math on this "
+                                  "device, dtype and shape at start; keep the faster) | fused "
+                                  "| math.")
 
 
 @dataclass(frozen=True)
@@ -107,22 +159,36 @@ class SSLConfig:
     default (written into the run's config.yaml once resolved); methods ignore knobs they do
     not have."""
 
-    temperature: float | None = None  # SimCLR / MoCo v3 softmax temperature
-    proj_hidden_dim: int | None = None  # hidden width of projector / predictor MLPs
-    proj_dim: int | None = None  # output width of the projector (DINO: bottleneck)
-    momentum: float | None = None  # EMA teacher momentum at step 0 (cosine to 1)
-    out_dim: int | None = None  # DINO: prototypes K (65,536 in the paper)
-    teacher_temp: float | None = None  # DINO: final teacher temperature
-    warmup_teacher_temp: float | None = None  # DINO: teacher temperature at step 0
-    teacher_temp_warmup_epochs: float | None = None  # DINO: linear warm-up length
-    student_temp: float | None = None  # DINO
-    center_momentum: float | None = None  # DINO
-    center_init: str | None = None  # DINO: center at step 0: zeros (paper) | batch (its mean)
-    norm_last_layer: bool | None = None  # DINO: prototypes' norm fixed at 1 (None, True) or learnt
-    freeze_last_layer_epochs: float | None = None  # DINO: no update of the last layer before
-    local_crops: int | None = None  # DINO multi-crop: small crops per image (0 = off)
-    local_crop_size: int | None = None  # DINO multi-crop: their side in pixels
-    freeze_patch_embed: bool | None = None  # MoCo v3: random (frozen) patch projection
+    temperature: float | None = _knob(None, "SimCLR / MoCo v3 softmax temperature (default "
+                                      "0.5 / 0.2, the papers').")
+    proj_hidden_dim: int | None = _knob(None, "Hidden width of the projector and predictor "
+                                        "MLPs (default 2048).")
+    proj_dim: int | None = _knob(None, "Projector output width (SimCLR 128, MoCo v3 / BYOL "
+                                 "256; DINO: its bottleneck, 256).")
+    momentum: float | None = _knob(None, "MoCo v3 / BYOL / DINO: teacher EMA momentum at the "
+                                   "start, rising to 1 (0.99 / 0.996 / 0.996, the papers').")
+    out_dim: int | None = _knob(None, "DINO prototypes K (default 4096; the paper's 65536).")
+    teacher_temp: float | None = _knob(None, "DINO: final teacher temperature (default "
+                                       "0.04); lower sharpens the targets.")
+    warmup_teacher_temp: float | None = _knob(None, "DINO: teacher temperature at step 0 "
+                                              "(default 0.04).")
+    teacher_temp_warmup_epochs: float | None = _knob(None, "DINO: length of the linear "
+                                                     "teacher-temperature warm-up, in epochs.")
+    student_temp: float | None = _knob(None, "DINO: student temperature (default 0.1).")
+    center_momentum: float | None = _knob(None, "DINO: EMA momentum of the center that keeps "
+                                          "the teacher from collapsing (default 0.9).")
+    center_init: str | None = _knob(None, "DINO: center at step 0: zeros (the paper) | batch "
+                                    "(the first batch's mean; default).")
+    norm_last_layer: bool | None = _knob(None, "DINO: prototypes' norm fixed at 1 (default) or "
+                                         "learnt (--no-norm-last-layer; less stable).")
+    freeze_last_layer_epochs: float | None = _knob(None, "DINO: epochs before the prototypes "
+                                                   "start to learn (default 0).")
+    local_crops: int | None = _knob(None, "DINO multi-crop: small crops per image (default 0: "
+                                    "off).")
+    local_crop_size: int | None = _knob(None, "DINO multi-crop: their side in pixels.")
+    freeze_patch_embed: bool | None = _knob(None, "MoCo v3: keep the random patch projection "
+                                            "frozen, the paper's fix for its instability "
+                                            "(default on).")
 
 
 @dataclass(frozen=True)
@@ -139,7 +205,7 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        return yaml.dump(self.to_dict(), Dumper=_Dumper, sort_keys=False)
 
     def digest(self) -> str:
         """A short content hash, stable across processes (for provenance and cache keys).
@@ -157,31 +223,45 @@ class RunConfig:
         return hashlib.sha256(blob).hexdigest()[:12]
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> RunConfig:
-        if not isinstance(raw, dict):
-            raise ConfigError(f"a run config must be a mapping, got {type(raw).__name__}")
+    def from_dict(cls, raw: Mapping[str, Any]) -> RunConfig:
+        """Build a config from plain values (parsed YAML), checking every key and value type.
+
+        Raises:
+            ConfigError: not a mapping of sections, an unknown section or key, or a value of
+                the wrong type (the message names ``section.key`` and the expected type).
+        """
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"a run config must be a mapping of sections, got {_kind(raw)}")
         _reject_unknown(raw, cls, "config")
         parts = {}
         for f in fields(cls):
-            sub = raw.get(f.name, {}) or {}
-            sub_cls = _SECTIONS[f.name]
-            if not isinstance(sub, dict):
-                raise ConfigError(f"config section '{f.name}' must be a mapping")
-            _reject_unknown(sub, sub_cls, f"config section '{f.name}'")
-            parts[f.name] = sub_cls(**sub)
+            sub = raw.get(f.name)
+            if sub is None:  # a missing or empty section: all defaults
+                sub = {}
+            if not isinstance(sub, Mapping):
+                raise ConfigError(f"config section '{f.name}' must be a mapping of keys to "
+                                  f"values, got {_kind(sub)}")
+            _reject_unknown(sub, _SECTIONS[f.name], f"config section '{f.name}'")
+            parts[f.name] = _SECTIONS[f.name](
+                **{key: check_value(f"{f.name}.{key}", value) for key, value in sub.items()})
         return cls(**parts)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> RunConfig:
+        """Read a YAML config file (a run's config.yaml works). Raises ConfigError naming the
+        file and the bad key."""
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.load(path.read_text(), Loader=_Loader)
         except yaml.YAMLError as exc:
             first = str(exc).splitlines()[0]
             raise ConfigError(f"config file {path} is not valid YAML: {first}") from None
-        return cls.from_dict(raw)
+        try:
+            return cls.from_dict({} if raw is None else raw)
+        except ConfigError as exc:
+            raise ConfigError(f"config file {path}: {exc}") from None
 
     def replace(self, **sections: dict[str, Any]) -> RunConfig:
         """Return a copy with some fields of some sections replaced, e.g.
@@ -194,19 +274,181 @@ class RunConfig:
             parts[f.name] = dataclasses.replace(current, **changes)
         return RunConfig(**parts)
 
+    def override(self, values: Mapping[str, Any]) -> RunConfig:
+        """Return a copy with the fields named ``section.key`` set, e.g.
+        ``cfg.override({"ssl.teacher_temp": 0.07})``. None sets a field to None (unlike
+        ``replace``). Raises ConfigError for an unknown name or a value of the wrong type."""
+        raw = self.to_dict()
+        for name, value in values.items():
+            knob = knob_named(name)
+            raw[knob.section][knob.key] = check_value(name, value)
+        return RunConfig.from_dict(raw)
+
 
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "mae": MAEConfig,
              "ssl": SSLConfig}
 
 
-def _reject_unknown(raw: dict[str, Any], cls: type, where: str) -> None:
+def _reject_unknown(raw: Mapping[str, Any], cls: type, where: str) -> None:
     known = {f.name for f in fields(cls)}
-    unknown = sorted(set(raw) - known)
+    unknown = sorted(str(k) for k in raw if k not in known)
     if unknown:
         raise ConfigError(
             f"unknown key(s) {', '.join(unknown)} in {where}; "
             f"valid keys: {', '.join(sorted(known))}"
         )
+
+
+# ---------------------------------------------------------------------------- knobs and types
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One field of ``RunConfig`` as the command line sees it.
+
+    Attributes:
+        section / key: where it lives (``model`` / ``decoder_embed_dim``).
+        value_type: the type of a value other than None: int, float, bool or str.
+        optional: None is a valid value (it means "the method's / the data set's default").
+        default: the dataclass default.
+        help: the option's help text.
+        flags: the option names, the field's own first (``--decoder-embed-dim``), then the
+            historical one from the metadata (``--decoder-dim``) if it differs.
+    """
+
+    section: str
+    key: str
+    value_type: type
+    optional: bool
+    default: Any
+    help: str
+    flags: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.section}.{self.key}"
+
+
+def _split_optional(hint: Any) -> tuple[type, bool]:
+    """``int | None`` -> (int, True); ``float`` -> (float, False)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) != 1:
+            raise TypeError(f"config fields take one type or one type | None, not {hint}")
+        return args[0], True
+    return hint, False
+
+
+def _knobs() -> tuple[Knob, ...]:
+    knobs = []
+    for section in fields(RunConfig):
+        cls = _SECTIONS[section.name]
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            tp, optional = _split_optional(hints[f.name])
+            if tp not in _TYPE_NAMES:
+                raise TypeError(f"{section.name}.{f.name}: config fields are int, float, bool "
+                                f"or str (optionally | None), not {tp}")
+            if "help" not in f.metadata:
+                raise TypeError(f"{section.name}.{f.name} has no help; declare it with _knob")
+            own = "--" + f.name.replace("_", "-")
+            flags = (own, f.metadata["flag"]) if f.metadata.get("flag", own) != own else (own,)
+            knobs.append(Knob(section.name, f.name, tp, optional, f.default, f.metadata["help"],
+                              flags))
+    return tuple(knobs)
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+KNOBS: tuple[Knob, ...] = _knobs()  # every field of RunConfig, in order
+_BY_NAME = {k.name: k for k in KNOBS}
+
+
+def knob_named(name: str) -> Knob:
+    """The knob ``section.key``. Raises ConfigError naming the valid sections or keys."""
+    section, _, key = name.partition(".")
+    if not key:
+        raise ConfigError(f"'{name}' is not SECTION.KEY, e.g. train.epochs")
+    if section not in _SECTIONS:
+        raise ConfigError(f"unknown config section '{section}' in '{name}'; expected "
+                          f"SECTION.KEY with SECTION one of {', '.join(_SECTIONS)}")
+    _reject_unknown({key: None}, _SECTIONS[section], f"config section '{section}'")
+    return _BY_NAME[name]
+
+
+def _kind(value: Any) -> str:
+    """How a value reads to the user: 'a string', 'a list', ..."""
+    if value is None:
+        return "null"
+    kinds = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+             list: "a list", tuple: "a list", dict: "a mapping"}
+    return next((v for t, v in kinds.items() if isinstance(value, t)), type(value).__name__)
+
+
+def check_value(name: str, value: Any) -> Any:
+    """Return ``value`` if it fits the type of the field ``section.key`` (an int is fine for a
+    float, and kept as it is, so digests do not change); raise ConfigError otherwise."""
+    knob = knob_named(name)
+    if value is None and knob.optional:
+        return value
+    tp = knob.value_type
+    fits = (isinstance(value, tp) and not (tp is not bool and isinstance(value, bool))) or (
+        tp is float and isinstance(value, int) and not isinstance(value, bool))
+    if not fits:
+        expected = f"{_TYPE_NAMES[tp]} ({tp.__name__})" + (" or null" if knob.optional else "")
+        raise ConfigError(f"{name} must be {expected}, got {value!r} ({_kind(value)})")
+    return value
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """``"train.epochs=5"`` -> ``("train.epochs", 5.0)``: the value is a YAML scalar (``null``,
+    ``true``, ``1e-3``), checked against the field's type. For a text field any scalar is taken
+    as the text typed (``--set data.data_dir=2024``). A float field gets a float, as from its
+    named option (``--set train.epochs=5`` and ``--epochs 5`` give the same digest), and
+    Python's spellings ``nan`` and ``inf`` work there too.
+
+    Raises:
+        ConfigError: no ``=``, an unknown name, or a value of the wrong type.
+    """
+    name, sep, raw = text.partition("=")
+    name = name.strip()
+    if not sep or not name:
+        raise ConfigError(f"--set {text!r}: expected SECTION.KEY=VALUE, e.g. "
+                          "--set train.epochs=5")
+    try:
+        knob = knob_named(name)
+    except ConfigError as exc:
+        raise ConfigError(f"--set {text}: {exc}") from None
+    try:
+        value = yaml.load(raw, Loader=_Loader) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw.strip()
+    scalar = value is not None and not isinstance(value, str | list | dict)
+    if knob.value_type is str and scalar:  # 2024, true, 2024-01-01: the text as typed
+        value = raw.strip()
+    elif knob.value_type is float and isinstance(value, str):  # nan, inf
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    elif knob.value_type is float and type(value) is int:  # 5 -> 5.0, as --epochs 5 gives
+        value = float(value)
+    try:
+        return name, check_value(name, value)
+    except ConfigError as exc:
+        raise ConfigError(f"--set {text}: {exc}") from None
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 (PyYAML) plus 1.2's floats without a dot: ``1e-3`` is a number, not a string."""
+
+
+class _Dumper(yaml.SafeDumper):
+    """Quotes the strings that ``_Loader`` would read as numbers, so config.yaml round-trips."""
+
+
+_EXP_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+for _cls in (_Loader, _Dumper):
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _EXP_FLOAT, list("-+0123456789"))
 
 
 def warmup_epochs(t: TrainConfig, steps_per_epoch: int | None = None) -> float:

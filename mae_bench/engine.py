@@ -7,6 +7,10 @@ runs it fast, fp16 + grad scaler on GPU, or fp32; a non-finite loss stops the ru
 step (the last good checkpoint stays); JSONL metrics (and TensorBoard when installed); atomic
 checkpoints; automatic resume.
 
+The step itself (autocast, accumulation, scaler, clipping, hooks, update) is
+``mae_bench.step.TrainStep``; this module builds a run around it (``_Pretraining``: build,
+restore, step, log, save, stop, finish).
+
 Everything random in a step (crops, flips, masking) comes from a generator seeded by the global
 micro-batch index, and the data order from (seed, epoch): a resumed run replays exactly.
 """
@@ -14,21 +18,17 @@ micro-batch index, and the data order from (seed, epoch): a resumed run replays 
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
-import random
 import signal
 import sys
 import threading
 import time
-from collections.abc import Iterable
-from contextlib import nullcontext
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from rich.console import Console
@@ -36,11 +36,12 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from torch import nn
+from torch import Tensor, nn
 
 from mae_bench import __version__
 from mae_bench.attention import choose_attention
@@ -59,100 +60,40 @@ from mae_bench.config import RunConfig, validate, warmup_epochs
 from mae_bench.config import peak_lr as config_peak_lr
 from mae_bench.data import cache_writes_held, load_dataset
 from mae_bench.distributed import (
-    all_reduce_mean,
     join_process_group,
+    rank_and_world,
     sync_batchnorm,
     wait_for_main,
 )
 from mae_bench.errors import CheckpointError, ConfigError, RunInterrupted, TrainingError
+from mae_bench.files import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    RUN_FILE,
+    SUMMARY_FILE,
+    write_text_atomic,
+)
 from mae_bench.loader import TrainBatches
 from mae_bench.methods import Batch, Method, build_method, resolve_config
 from mae_bench.results import git_sha, make_row
+from mae_bench.runtime import (
+    device_name,
+    lr_at,
+    param_groups,
+    resolve_device,
+    resolve_precision,
+    seed_everything,
+)
+from mae_bench.step import TrainStep, grad_scaler
 from mae_bench.vit import get_preset
 
-METRICS = "metrics.jsonl"
+METRICS = METRICS_FILE  # the old name, still importable
+# What a non-finite loss tells the user (the run stops; its last checkpoint is kept).
+NON_FINITE_ADVICE = ("the last good checkpoint was kept: lower the learning rate or use "
+                     "--precision fp32, then resume")
 
 
-# --- device, precision, seeds ----------------------------------------------------------------
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but no CUDA device is available; "
-                          "use --device cpu or auto")
-    return torch.device(name)
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True when this CPU has bf16 matrix instructions (AVX512-BF16 or AMX). Without them torch
-    emulates bf16 matmuls, which is far slower than fp32 (measured: ~360x on an AVX2 EPYC)."""
-    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(getattr(torch.cpu, c, lambda: False)() for c in checks)
-
-
-def device_name(device: torch.device) -> str:
-    """A readable name: the GPU's, or the CPU model with the thread count torch uses."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            model = next(line.split(":", 1)[1].strip() for line in fh
-                         if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{model}, {torch.get_num_threads()} threads"
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    """auto -> bf16 where the hardware runs it fast, else fp32. fp16 needs a GPU."""
-    if name == "auto":
-        if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "bf16" if cpu_has_fast_bf16() else "fp32"
-    if name == "fp16" and device.type != "cuda":
-        raise ConfigError("--precision fp16 needs a CUDA device (it uses a grad scaler); "
-                          "use bf16 or fp32 on CPU")
-    return name
-
-
-def autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def seed_everything(seed: int, deterministic: bool = False) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-
-
-# --- optimizer and schedule ------------------------------------------------------------------
-
-
-def param_groups(model: nn.Module, weight_decay: float,
-                 no_decay_names: Iterable[str] = ()) -> list[dict[str, Any]]:
-    """Two AdamW groups: weight decay on weight matrices, none on biases, norm parameters,
-    tokens and position embeddings (``no_decay_names``, plus anything with ndim <= 1)."""
-    skip = set(no_decay_names)
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim <= 1 or name.endswith(".bias") or name in skip:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+# --- optimizer and step ----------------------------------------------------------------------
 
 
 def build_optimizer(method: Method, weight_decay: float, device: torch.device
@@ -163,22 +104,33 @@ def build_optimizer(method: Method, weight_decay: float, device: torch.device
     return torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.95), **fast)
 
 
-def lr_at(step: int, steps_per_epoch: int, epochs: int, warmup_epochs: float, peak_lr: float,
-          min_lr: float) -> float:
-    """Learning rate for optimizer step ``step`` (0-based): linear warmup over
-    ``warmup_epochs`` then half-cycle cosine to ``min_lr`` at the end of ``epochs``."""
-    t = step / steps_per_epoch  # position in epochs
-    if t < warmup_epochs:
-        return peak_lr * t / warmup_epochs
-    progress = (t - warmup_epochs) / max(epochs - warmup_epochs, 1e-12)
-    return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+def build_train_step(cfg: RunConfig, method: Method, optimizer: torch.optim.Optimizer,
+                     lr_schedule: Callable[[int], float], *, device: torch.device,
+                     precision: str, total_steps: int, module: nn.Module | None = None,
+                     scaler: torch.amp.GradScaler | None = None, step: int = 0,
+                     accum_iter: int | None = None) -> TrainStep:
+    """The engine's training step for ``method``: ``cfg.train``'s accumulation and gradient
+    clipping, the method's ``before_optimizer_step`` / ``on_step_end`` hooks, the grad scaler.
+    ``mae-bench speed`` times this same step.
 
-
-def world() -> tuple[int, int]:
-    """(rank, world size): (0, 1) unless torch.distributed is initialised."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    Args:
+        cfg: the resolved run config.
+        method: the method (its hooks; its parameters are clipped).
+        optimizer: from ``build_optimizer``.
+        lr_schedule: optimizer step (0-based) -> learning rate.
+        device, precision: where and how the forward runs (precision resolved).
+        total_steps: the run's optimizer steps (passed to the hooks).
+        module: what the forward runs: the method or its DDP wrapper (default: the method).
+        scaler: the fp16 grad scaler (``mae_bench.step.grad_scaler``), or None.
+        step: optimizer steps already done (a resumed run).
+        accum_iter: micro-batches per step; None: ``cfg.train.accum_iter``.
+    """
+    t = cfg.train
+    return TrainStep(module if module is not None else method, optimizer, lr_schedule,
+                     device=device, precision=precision,
+                     accum_iter=t.accum_iter if accum_iter is None else accum_iter,
+                     scaler=scaler, clip_grad=t.clip_grad, hooks=method,
+                     total_steps=total_steps, step=step, advice=NON_FINITE_ADVICE)
 
 
 # --- the run ---------------------------------------------------------------------------------
@@ -220,186 +172,243 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, *, resume: bool = True,
     console = console or Console(stderr=True)
     validate(cfg)
     cfg = resolve_config(cfg)  # the method's lr / weight decay / knobs, recorded in config.yaml
-    run_dir = Path(run_dir)
-    t_cfg = cfg.train
-    device = join_process_group(resolve_device(t_cfg.device))  # torchrun: gloo / NCCL
-    precision = resolve_precision(t_cfg.precision, device)
-    rank, world_size = world()
-    is_main = rank == 0
+    run = _Pretraining(cfg, Path(run_dir), resume, console)  # nothing written yet
+    return run.run(max_steps, progress)
 
-    ckpt = _checkpoint_to_resume(cfg, run_dir, resume, console)
 
-    # Everything that can fail on user input happens before anything is written.
-    # (A decoded image folder's cache file, too, is written only once the checks pass.)
-    with cache_writes_held():
-        dataset = load_dataset(cfg.data.dataset, cfg.data.split, cfg.data.data_dir)
-        info = dataset.info
-        img_size = cfg.model.img_size or info.img_size
-        seed_everything(t_cfg.seed + rank, t_cfg.deterministic)
-        method = sync_batchnorm(build_method(cfg, info.channels, img_size).to(device), device)
-        views = [BatchViews(spec, info.mean, info.std) for spec in method.view_specs()]
-        # A resumed run keeps the kernel it started with (the two differ in rounding, so a new
-        # timing could break exact replay); under torchrun every process takes rank 0's choice.
-        attention = t_cfg.attention or "auto"
-        if attention == "auto" and ckpt is not None:
-            attention = ckpt.get("extra", {}).get("attention", "auto")
-        attention = choose_attention(method, attention,
-                                     1 + (img_size // get_preset(cfg.model.arch).patch_size) ** 2,
-                                     t_cfg.batch_size, device, precision)
-        if world_size > 1:
+class _Pretraining:
+    """One call of ``pretrain``. Building it checks everything that can fail on user input and
+    writes nothing; ``run`` restores, trains step by step, logs, saves and stops."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, resume: bool, console: Console) -> None:
+        t = cfg.train
+        self.cfg, self.run_dir, self.console = cfg, run_dir, console
+        self.device = join_process_group(resolve_device(t.device))  # torchrun: gloo / NCCL
+        self.precision = resolve_precision(t.precision, self.device)
+        self.rank, self.world_size = rank_and_world()
+        self.is_main = self.rank == 0
+        self.ckpt = _checkpoint_to_resume(cfg, run_dir, resume, console)
+        # Everything that can fail on user input happens before anything is written.
+        # (A decoded image folder's cache file, too, is written only once the checks pass.)
+        with cache_writes_held():
+            self._build_data_and_method()
+        self.steps_per_epoch = self.micro_per_epoch // t.accum_iter
+        self.warm_epochs = warmup_epochs(t, self.steps_per_epoch)
+        self.total_steps = max(1, round(self.steps_per_epoch * t.epochs))  # fractional epochs
+        self.eff_batch = t.batch_size * t.accum_iter * self.world_size
+        self.peak_lr = config_peak_lr(t, self.eff_batch)
+        self.optimizer = build_optimizer(self.method, t.weight_decay, self.device)
+        self.scaler = grad_scaler(self.precision)
+
+    # --- build -----------------------------------------------------------------------------
+
+    def _build_data_and_method(self) -> None:
+        cfg, t = self.cfg, self.cfg.train
+        self.dataset = load_dataset(cfg.data.dataset, cfg.data.split, cfg.data.data_dir)
+        info = self.dataset.info
+        self.channels = info.channels
+        self.img_size = cfg.model.img_size or info.img_size
+        seed_everything(t.seed + self.rank, t.deterministic)
+        self.method = sync_batchnorm(
+            build_method(cfg, info.channels, self.img_size).to(self.device), self.device)
+        self.views = [BatchViews(spec, info.mean, info.std) for spec in self.method.view_specs()]
+        self.attention = self._choose_attention()
+        micro = len(self.dataset) // self.world_size // t.batch_size
+        self.micro_per_epoch = micro - micro % t.accum_iter
+        if self.micro_per_epoch == 0:
+            raise ConfigError(
+                f"{cfg.data.dataset}/{cfg.data.split} has {len(self.dataset)} images, fewer "
+                f"than one optimizer step needs ({t.batch_size} x {t.accum_iter} accumulation x "
+                f"{self.world_size} processes); lower --batch-size"
+            )
+
+    def _choose_attention(self) -> str:
+        """A resumed run keeps the kernel it started with (the two differ in rounding, so a new
+        timing could break exact replay); under torchrun every process takes rank 0's choice."""
+        t = self.cfg.train
+        attention = t.attention or "auto"
+        if attention == "auto" and self.ckpt is not None:
+            attention = self.ckpt.get("extra", {}).get("attention", "auto")
+        tokens = 1 + (self.img_size // get_preset(self.cfg.model.arch).patch_size) ** 2
+        attention = choose_attention(self.method, attention, tokens, t.batch_size, self.device,
+                                     self.precision)
+        if self.world_size > 1:
             shared = [attention]
             dist.broadcast_object_list(shared, src=0)
-            attention = choose_attention(method, shared[0], 0, 0, device, precision)
+            attention = choose_attention(self.method, shared[0], 0, 0, self.device,
+                                         self.precision)
+        return attention
 
-        micro_per_epoch = len(dataset) // world_size // t_cfg.batch_size
-        micro_per_epoch -= micro_per_epoch % t_cfg.accum_iter
-        if micro_per_epoch == 0:
-            raise ConfigError(
-                f"{cfg.data.dataset}/{cfg.data.split} has {len(dataset)} images, fewer than one "
-                f"optimizer step needs ({t_cfg.batch_size} x {t_cfg.accum_iter} accumulation x "
-                f"{world_size} processes); lower --batch-size"
-            )
-    steps_per_epoch = micro_per_epoch // t_cfg.accum_iter
-    warm_epochs = warmup_epochs(t_cfg, steps_per_epoch)
-    total_steps = max(1, round(steps_per_epoch * t_cfg.epochs))  # epochs may be fractional
-    eff_batch = t_cfg.batch_size * t_cfg.accum_iter * world_size
-    peak_lr = config_peak_lr(t_cfg, eff_batch)
+    # --- restore ---------------------------------------------------------------------------
 
-    optimizer = build_optimizer(method, t_cfg.weight_decay, device)
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-    step, elapsed_before = 0, 0.0
-    if ckpt is not None:
-        method.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
+    def _restore(self) -> int:
+        """Load the checkpoint being resumed (if any); returns the optimizer steps it did."""
+        self.elapsed_before = 0.0
+        ckpt = self.ckpt
+        if ckpt is None:
+            return 0
+        self.method.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
-        step = int(ckpt["step"])
-        elapsed_before = float(ckpt.get("extra", {}).get("train_seconds", 0.0))
+        self.elapsed_before = float(ckpt.get("extra", {}).get("train_seconds", 0.0))
+        return int(ckpt["step"])
 
-    train_module: nn.Module = method
-    if world_size > 1:
-        train_module = nn.parallel.DistributedDataParallel(
-            method, device_ids=[device.index] if device.type == "cuda" else None)
+    def _prepare(self, step: int) -> None:
+        """DDP wrapper, the train step, the run folder's files, the batches, the logger."""
+        cfg, t, device = self.cfg, self.cfg.train, self.device
+        self.train_module: nn.Module = self.method
+        if self.world_size > 1:
+            self.train_module = nn.parallel.DistributedDataParallel(
+                self.method, device_ids=[device.index] if device.type == "cuda" else None)
+        self.train_step = build_train_step(
+            cfg, self.method, self.optimizer, self._lr, device=device, precision=self.precision,
+            total_steps=self.total_steps, module=self.train_module, scaler=self.scaler,
+            step=step)
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.run_dir / CONFIG_FILE, cfg.to_yaml())
+            write_text_atomic(self.run_dir / RUN_FILE, json.dumps(_provenance(
+                cfg, device, self.precision, self.img_size, self.peak_lr, self.eff_batch,
+                self.total_steps) | {"attention": self.attention,
+                                     "warmup_epochs": self.warm_epochs}, indent=2))
+            _truncate_metrics(self.run_dir / METRICS_FILE, step)
+        self.batches = TrainBatches(
+            self.dataset, t.batch_size, self.micro_per_epoch, t.seed, cfg.data.num_workers,
+            self.method.view_specs(), pin_memory=device.type == "cuda", rank=self.rank,
+            world_size=self.world_size)
+        self.logger = _MetricLogger(self.run_dir, self.is_main, self.console)
+        if self.ckpt is not None:
+            self.logger.last_loss = _last_logged_loss(self.run_dir / METRICS_FILE)
+        self.gen = torch.Generator(device=device)
 
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _write_text_atomic(run_dir / "config.yaml", cfg.to_yaml())
-        _write_text_atomic(run_dir / "run.json", json.dumps(_provenance(
-            cfg, device, precision, img_size, peak_lr, eff_batch, total_steps)
-            | {"attention": attention, "warmup_epochs": warm_epochs}, indent=2))
-        _truncate_metrics(run_dir / METRICS, step)
+    def _lr(self, step: int) -> float:
+        t = self.cfg.train
+        return lr_at(step, self.steps_per_epoch, t.epochs, self.warm_epochs, self.peak_lr,
+                     t.min_lr)
 
-    batches = TrainBatches(dataset, t_cfg.batch_size, micro_per_epoch, t_cfg.seed,
-                           cfg.data.num_workers, method.view_specs(),
-                           pin_memory=device.type == "cuda", rank=rank, world_size=world_size)
-    logger = _MetricLogger(run_dir, is_main, console)
-    logger.last_loss = _last_logged_loss(run_dir / METRICS) if ckpt is not None else None
-    start_step = step
-    stop_at = min(total_steps, max_steps) if max_steps is not None else total_steps
-    gen = torch.Generator(device=device)
+    # --- run -------------------------------------------------------------------------------
 
-    def state(epoch: int, train_seconds: float) -> dict[str, Any]:
+    def run(self, max_steps: int | None, progress: bool) -> PretrainResult:
+        start_step = self._restore()
+        self._prepare(start_step)
+        self.resumed, self.ckpt = self.ckpt is not None, None  # the weights are loaded: drop
+        stop_at = min(self.total_steps, max_steps) if max_steps is not None else self.total_steps
+        self.method.train()
+        self.t_start = time.perf_counter()
+        bar = _progress(self.console, progress and self.is_main)
+        stop = _StopSignals()
+        with bar, stop:
+            task = bar.add_task(f"{self.cfg.train.method} {self.cfg.data.dataset}",
+                                total=self.total_steps, completed=start_step, loss="-", lr="-",
+                                ips="-")
+            self._train(stop_at, lambda: self._after_step(stop_at, bar, task, stop, progress))
+        return self._finish(start_step)
+
+    def _train(self, stop_at: int, after_step: Callable[[], bool]) -> None:
+        """Epoch by epoch until ``stop_at`` steps; ``after_step`` returns True to stop."""
+        t, step = self.cfg.train, self.train_step
+        micro = step.step * t.accum_iter  # global micro-batch index
+        while step.step < stop_at:
+            epoch = micro // self.micro_per_epoch
+            for images, labels in self.batches.epoch(epoch, micro % self.micro_per_epoch):
+                forward = self._forward(images, labels, micro)
+                micro += 1
+                stepped = step.micro_batch(forward)
+                self.logger.images += labels.shape[0] * self.world_size
+                if stepped and after_step():
+                    break
+            epoch_done = micro % self.micro_per_epoch == 0
+            if step.step >= stop_at or (epoch_done and (epoch + 1) % t.save_every == 0):
+                self._save()
+
+    def _forward(self, images: Tensor | list[Tensor], labels: Tensor,
+                 micro: int) -> Callable[[], dict[str, Tensor]]:
+        """Micro-batch ``micro``'s views (its generator seeded by the index) and forward."""
+        device, gen = self.device, self.gen
+        gen.manual_seed(self.cfg.train.seed * 1_000_003 + micro * 7919 + self.rank)
+        if self.batches.streaming:  # cropped in the workers: one uint8 batch per view
+            views = [v.finish(x.to(device, non_blocking=True), gen)
+                     for v, x in zip(self.views, images, strict=True)]
+        else:
+            images = images.to(device, non_blocking=True)  # [N, C, H, W] uint8
+            views = [v(images, gen) for v in self.views]  # each [N, C, S, S]
+        batch = Batch(views, labels.to(device), gen, self.train_step.step, self.total_steps)
+        return lambda: self.train_module(batch)
+
+    def _after_step(self, stop_at: int, bar: Progress, task: TaskID, stop: _StopSignals,
+                    progress: bool) -> bool:
+        """Log, show progress, honour a signal; True when the run has reached ``stop_at``."""
+        step = self.train_step.step
+        if step % self.cfg.train.log_every == 0 or step == stop_at:
+            self._log(bar, task, progress)
+        bar.update(task, completed=step)
+        if stop.requested(self.world_size):  # SIGTERM / SIGINT: save here, then stop
+            self._stop(stop.signum)
+        return step >= stop_at
+
+    # --- log, save, stop, finish -----------------------------------------------------------
+
+    def _log(self, bar: Progress, task: TaskID, progress: bool) -> None:
+        step, lr = self.train_step.step, self.train_step.lr
+        row = self.logger.flush(self.train_step, step / self.steps_per_epoch)  # non-finite: raises
+        bar.update(task, loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}",
+                   ips=f"{row['img_per_s']:.0f}")
+        if progress and self.is_main and not self.console.is_terminal:
+            # no live bar in a log file (nohup, a cluster job): plain lines instead
+            self.console.print(f"step {step}/{self.total_steps} epoch {row['epoch']:.2f} "
+                               f"loss {row['loss']:.4f} lr {lr:.2e} "
+                               f"{row['img_per_s']:.0f} img/s", highlight=False)
+        if self.batches.streaming:
+            self.dataset.check_bad_fraction()
+
+    def _save(self) -> None:
+        """Log what is pending, then (rank 0) write a checkpoint at this step."""
+        step = self.train_step.step
+        self.logger.flush(self.train_step, step / self.steps_per_epoch)
+        if self.is_main:
+            seconds = self.elapsed_before + time.perf_counter() - self.t_start
+            save_checkpoint(self.run_dir, self._state(step // self.steps_per_epoch, seconds))
+
+    def _stop(self, signum: int) -> None:
+        """A signal arrived: save at this step boundary and stop the run."""
+        self._save()
+        self.logger.close()
+        raise RunInterrupted(signum, self.train_step.step, str(self.run_dir))
+
+    def _state(self, epoch: int, train_seconds: float) -> dict[str, Any]:
+        t, step = self.cfg.train, self.train_step.step
         return {
-            "format_version": FORMAT_VERSION, "method": t_cfg.method, "config": cfg.to_dict(),
-            "model": method.state_dict(), "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "step": step, "micro_step": step * t_cfg.accum_iter, "epoch": epoch,
+            "format_version": FORMAT_VERSION, "method": t.method, "config": self.cfg.to_dict(),
+            "model": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "step": step, "micro_step": step * t.accum_iter, "epoch": epoch,
             "rng": rng_state(), "extra": {"train_seconds": train_seconds,
-                                          "total_steps": total_steps, "img_size": img_size,
-                                          "channels": info.channels, "attention": attention},
+                                          "total_steps": self.total_steps,
+                                          "img_size": self.img_size, "channels": self.channels,
+                                          "attention": self.attention},
         }
 
-    method.train()
-    t_start = time.perf_counter()
-    micro = step * t_cfg.accum_iter  # global micro-batch index
-    bar = _progress(console, progress and is_main)
-    stop = _StopSignals()
-    with bar, stop:
-        task = bar.add_task(f"{t_cfg.method} {cfg.data.dataset}", total=total_steps,
-                            completed=step, loss="-", lr="-", ips="-")
-        while step < stop_at:
-            epoch = micro // micro_per_epoch
-            for images, labels in batches.epoch(epoch, micro % micro_per_epoch):
-                gen.manual_seed(t_cfg.seed * 1_000_003 + micro * 7919 + rank)
-                micro += 1
-                if batches.streaming:  # cropped in the workers: one uint8 batch per view
-                    batch_views = [v.finish(x.to(device, non_blocking=True), gen)
-                                   for v, x in zip(views, images, strict=True)]
-                else:
-                    images = images.to(device, non_blocking=True)
-                    batch_views = [v(images, gen) for v in views]
-                boundary = micro % t_cfg.accum_iter == 0
-                sync = nullcontext() if boundary or world_size == 1 else train_module.no_sync()
-                with sync, autocast(device, precision):
-                    out = train_module(Batch(batch_views, labels.to(device), gen, step,
-                                             total_steps))
-                loss = out["loss"] / t_cfg.accum_iter
-                (scaler.scale(loss) if scaler is not None else loss).backward()
-                logger.add_micro(out, labels.shape[0] * world_size)
-                if not boundary:
-                    continue
-                lr = lr_at(step, steps_per_epoch, t_cfg.epochs, warm_epochs,
-                           peak_lr, t_cfg.min_lr)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr * group.get("lr_scale", 1.0)
-                method.before_optimizer_step(step, total_steps)
-                if scaler is not None:
-                    scaler.unscale_(optimizer)
-                if t_cfg.clip_grad is not None:
-                    nn.utils.clip_grad_norm_(method.parameters(), t_cfg.clip_grad)
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                method.on_step_end(step, total_steps)
-                logger.end_step(lr)
-                if step % t_cfg.log_every == 0 or step == stop_at:
-                    row = logger.flush(step, step / steps_per_epoch)  # raises if non-finite
-                    bar.update(task, loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}",
-                               ips=f"{row['img_per_s']:.0f}")
-                    if progress and is_main and not console.is_terminal:
-                        # no live bar in a log file (nohup, a cluster job): plain lines instead
-                        console.print(f"step {step}/{total_steps} epoch {row['epoch']:.2f} "
-                                      f"loss {row['loss']:.4f} lr {lr:.2e} "
-                                      f"{row['img_per_s']:.0f} img/s", highlight=False)
-                    if batches.streaming:
-                        dataset.check_bad_fraction()
-                bar.update(task, completed=step)
-                if stop.requested(world_size):  # SIGTERM / SIGINT: save here, then stop
-                    logger.flush(step, step / steps_per_epoch)
-                    if is_main:
-                        seconds = elapsed_before + time.perf_counter() - t_start
-                        save_checkpoint(run_dir, state(step // steps_per_epoch, seconds))
-                    logger.close()
-                    raise RunInterrupted(stop.signum, step, str(run_dir))
-                if step >= stop_at:
-                    break
-            epoch_done = micro % micro_per_epoch == 0
-            if step >= stop_at or (epoch_done and (epoch + 1) % t_cfg.save_every == 0):
-                logger.flush(step, step / steps_per_epoch)
-                if is_main:
-                    seconds = elapsed_before + time.perf_counter() - t_start
-                    save_checkpoint(run_dir, state(step // steps_per_epoch, seconds))
-
-    if step == start_step and ckpt is not None:  # nothing left to do: keep the run's record
-        train_seconds = elapsed_before
-    else:
-        train_seconds = elapsed_before + time.perf_counter() - t_start
-    result = PretrainResult(
-        run_dir=run_dir, step=step, total_steps=total_steps, epoch=step // steps_per_epoch,
-        final_loss=logger.last_loss, train_seconds=train_seconds,
-        images_per_second=logger.overall_ips(), device=str(device), precision=precision,
-        finished=step >= total_steps)
-    if is_main and step > start_step:
-        summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in result.__dict__.items()}
-        _write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
-    logger.close()
-    wait_for_main()  # every rank returns once rank 0's checkpoint and summary are on disk
-    return result
+    def _finish(self, start_step: int) -> PretrainResult:
+        step = self.train_step.step
+        if step == start_step and self.resumed:  # nothing left to do: keep the run's record
+            train_seconds = self.elapsed_before
+        else:
+            train_seconds = self.elapsed_before + time.perf_counter() - self.t_start
+        result = PretrainResult(
+            run_dir=self.run_dir, step=step, total_steps=self.total_steps,
+            epoch=step // self.steps_per_epoch, final_loss=self.logger.last_loss,
+            train_seconds=train_seconds, images_per_second=self.logger.overall_ips(),
+            device=str(self.device), precision=self.precision,
+            finished=step >= self.total_steps)
+        if self.is_main and step > start_step:
+            summary = {k: (str(v) if isinstance(v, Path) else v)
+                       for k, v in result.__dict__.items()}
+            write_text_atomic(self.run_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
+        self.logger.close()
+        wait_for_main()  # every rank returns once rank 0's checkpoint and summary are on disk
+        return result
 
 
 def failed_pretrain_row(cfg: RunConfig, run_dir: str | Path, error: TrainingError
@@ -456,54 +465,32 @@ def _config_diff(a: RunConfig, b: RunConfig) -> str:
 
 
 class _MetricLogger:
-    """Collects per-step losses as device tensors (no sync per step) and writes one JSONL line
-    per flush; a non-finite loss raises TrainingError naming the exact step."""
+    """Writes one JSONL line (and TensorBoard scalars) per flush of the train step's buffered
+    per-step scalars, which are read from the device only then; a non-finite loss raises
+    TrainingError naming the exact step (``TrainStep.flush``)."""
 
     def __init__(self, run_dir: Path, is_main: bool, console: Console):
-        self.path = run_dir / METRICS
+        self.path = run_dir / METRICS_FILE
         self.is_main = is_main
         self.console = console
-        self.micro: dict[str, list[torch.Tensor]] = {}
-        self.steps: dict[str, list[torch.Tensor]] = {}
-        self.images = 0
+        self.images = 0  # since the last flush, over all processes
         self.total_images = 0
         self.total_time = 0.0
         self.t0 = time.perf_counter()
-        self.last_step = 0
         self.last_loss: float | None = None
-        self.lr = 0.0
         self.tb = _tensorboard(run_dir) if is_main else None
 
-    def add_micro(self, out: dict[str, torch.Tensor], n_images: int) -> None:
-        for k, v in out.items():
-            if v.ndim == 0:
-                self.micro.setdefault(k, []).append(v.detach())
-        self.images += n_images
-
-    def end_step(self, lr: float) -> None:
-        for k, vs in self.micro.items():
-            self.steps.setdefault(k, []).append(torch.stack(vs).float().mean())
-        self.micro = {}
-        self.lr = lr
-
-    def flush(self, step: int, epoch: float) -> dict[str, Any]:
-        if not self.steps:
-            return {"loss": self.last_loss or float("nan"), "img_per_s": 0.0}
+    def flush(self, train_step: TrainStep, epoch: float) -> dict[str, Any]:
         # the mean over processes (identical on every rank, so all stop on a bad loss together)
-        dev = self.steps["loss"][0].device  # NCCL reduces device tensors only
-        values = {k: all_reduce_mean(torch.stack(v).to(dev)).cpu() for k, v in self.steps.items()}
-        losses = values["loss"]
-        bad = (~torch.isfinite(losses)).nonzero()
-        if len(bad):
-            first = step - len(losses) + 1 + int(bad[0])
-            raise TrainingError(f"non-finite loss ({float(losses[bad[0]])}) at step {first}; "
-                                "the last good checkpoint was kept: lower the learning rate or "
-                                "use --precision fp32, then resume", step=first)
+        values = train_step.flush()  # key -> [steps since the last flush]
+        if not values:
+            return {"loss": self.last_loss or float("nan"), "img_per_s": 0.0}
+        step = train_step.step
         now = time.perf_counter()
         dt = now - self.t0
         self.total_time += dt
         self.total_images += self.images
-        row = {"step": step, "epoch": round(epoch, 4), "lr": self.lr,
+        row = {"step": step, "epoch": round(epoch, 4), "lr": train_step.lr,
                **{k: float(v.mean()) for k, v in values.items()},
                "img_per_s": self.images / dt if dt > 0 else 0.0, "time": time.time()}
         self.last_loss = row["loss"]
@@ -514,7 +501,7 @@ class _MetricLogger:
                 for k, v in row.items():
                     if k not in ("step", "time"):
                         self.tb.add_scalar(f"train/{k}", v, step)
-        self.steps, self.images, self.t0, self.last_step = {}, 0, now, step
+        self.images, self.t0 = 0, now
         return row
 
     def overall_ips(self) -> float | None:
@@ -589,7 +576,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
                 kept.append(line)
         except (ValueError, KeyError, TypeError):
             continue  # a torn last line from a killed run
-    _write_text_atomic(path, "".join(f"{k}\n" for k in kept))
+    write_text_atomic(path, "".join(f"{k}\n" for k in kept))
 
 
 def _progress(console: Console, enabled: bool) -> Progress:
@@ -599,12 +586,6 @@ def _progress(console: Console, enabled: bool) -> Progress:
         TextColumn("{task.fields[ips]} img/s"), TimeElapsedColumn(), TextColumn("ETA"),
         TimeRemainingColumn(), console=console, disable=not enabled, transient=False,
     )
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _provenance(cfg: RunConfig, device: torch.device, precision: str, img_size: int,

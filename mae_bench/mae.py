@@ -259,8 +259,8 @@ class MaskedAutoencoder(VisionTransformer):
     ) -> VisionTransformer:
         """A standalone VisionTransformer holding a copy of this encoder's weights.
 
-        With global_pool "avg" the pretrained ``norm`` is dropped and ``fc_norm`` starts fresh,
-        as official fine-tuning does; a head (num_classes > 0) also starts fresh.
+        With global_pool "mean" (or "avg") the pretrained ``norm`` is dropped and ``fc_norm``
+        starts fresh, as official fine-tuning does; a head (num_classes > 0) also starts fresh.
         """
         encoder = VisionTransformer(
             **self.encoder_kwargs,

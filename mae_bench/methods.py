@@ -1,85 +1,35 @@
-"""The Method contract and its registry. MAE registers here; every baseline registers the same way.
+"""The methods layer: MAE's Method and the registry of every method (MAE and the baselines).
 
-A Method is an ``nn.Module`` that the one training loop (``mae_bench.engine``) drives:
-
-- ``view_specs()``: the train-time views it needs (MAE: one random resized crop + flip).
-- ``forward(batch) -> {"loss": ..., other scalars}``.
-- ``on_step_end(step, total_steps)``: momentum / EMA updates after each optimizer step.
-- ``before_optimizer_step(step, total_steps)``: gradient surgery (DINO freezes its last layer).
-- ``defaults``: the method's own learning rate, weight decay and ``ssl`` knobs, filled into a
-  config wherever it leaves them None (``resolve_config``), so every run folder records them.
-- ``encoder``: the ViT that the evaluation protocols use.
-- ``no_weight_decay()``: parameter names that get no weight decay.
+The contract a method fulfils (``Method``, ``Batch``) is in ``mae_bench.method`` (core); the
+baselines live in ``baselines/``, one file each. ``METHODS`` at the bottom of this file is the one
+place they are registered; ``build_method`` / ``resolve_config`` look names up there.
 """
 
 from __future__ import annotations
 
-import abc
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from baselines.byol import BYOL
+from baselines.dino import DINO
+from baselines.mocov3 import MoCoV3
+from baselines.simclr import SimCLR
 from mae_bench.augment import ViewSpec
 from mae_bench.config import RunConfig
 from mae_bench.errors import CheckpointError, ConfigError
 from mae_bench.mae import build_mae, masking_noise, validate_mask_ratio
+from mae_bench.method import Batch, Method
 from mae_bench.vit import VisionTransformer, get_preset
 
-
-@dataclass
-class Batch:
-    """One training batch after augmentation.
-
-    Attributes:
-        views: one [N, C, H, W] normalised float tensor per view spec.
-        labels: [N] int64 (-1 where unknown); methods must not use them for pretraining.
-        generator: the step's random generator (masking noise etc.), seeded from the global
-            step so that a resumed run replays exactly.
-        step, total_steps: where the run is, for schedules applied inside ``forward`` (DINO's
-            teacher temperature).
-    """
-
-    views: list[Tensor]
-    labels: Tensor
-    generator: torch.Generator
-    step: int = 0  # optimizer steps done before this batch (schedules inside forward)
-    total_steps: int = 1
-
-
-class Method(nn.Module, abc.ABC):
-    """Base class: see the module docstring for the contract."""
-
-    name: str = ""
-    defaults: dict[str, dict[str, Any]] = {}
-
-    @abc.abstractmethod
-    def view_specs(self) -> list[ViewSpec]:
-        """The train-time views, one spec per view the forward pass expects."""
-
-    def on_step_end(self, step: int, total_steps: int) -> None:
-        """Called after every optimizer step (step counts from 1)."""
-
-    def before_optimizer_step(self, step: int, total_steps: int) -> None:
-        """Called after the gradients of optimizer step ``step`` (0-based) are complete, before
-        clipping and the update."""
-
-    @property
-    @abc.abstractmethod
-    def encoder(self) -> VisionTransformer:
-        """The ViT that the evaluation protocols use."""
-
-    def no_weight_decay(self) -> set[str]:
-        return set()
-
-
-METHODS: dict[str, Callable[..., Method]] = {}
+__all__ = ["METHODS", "Batch", "Method", "build_method", "method_class", "method_from_checkpoint",
+           "register_method", "resolve_config"]
 
 
 def register_method(name: str):
-    """Class decorator: ``@register_method("mae")``."""
+    """Class decorator that adds a Method subclass under ``name``: ``@register_method("mine")``
+    on a class in your own code makes ``--method mine`` (or ``train.method: mine``) train it."""
 
     def wrap(cls):
         if name in METHODS:
@@ -163,12 +113,12 @@ def method_from_checkpoint(ckpt: dict[str, Any], where: str) -> tuple[RunConfig,
     return cfg, method
 
 
-@register_method("mae")
 class MAE(Method):
     """Masked Autoencoder (He et al. 2021): the encoder sees only the visible patches.
 
     AdamW with blr 1.5e-4 and weight decay 0.05 (the paper's Table 8)."""
 
+    name = "mae"
     defaults = {"train": {"blr": 1.5e-4, "weight_decay": 0.05}}
 
     def __init__(self, cfg: RunConfig, channels: int, img_size: int):
@@ -211,6 +161,8 @@ class MAE(Method):
         return {"loss": loss}
 
 
-# The baselines register themselves on import; importing them here makes the registry complete
-# wherever methods are looked up (they import this module, which is fully defined by now).
-import baselines  # noqa: E402, F401
+# The one place where methods are registered: MAE, then the baselines. ``register_method`` adds
+# more at run time (a user's own Method subclass) without editing this file.
+METHODS: dict[str, Callable[..., Method]] = {
+    cls.name: cls for cls in (MAE, BYOL, DINO, MoCoV3, SimCLR)
+}

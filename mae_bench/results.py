@@ -37,13 +37,13 @@ import numpy as np
 import pandas as pd
 
 from mae_bench.errors import ConfigError
+from mae_bench.files import RESULTS_FILE
 
 try:  # POSIX only; elsewhere a single O_APPEND write is the only guard against interleaving
     import fcntl
 except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
-RESULTS_FILE = "results.jsonl"
 
 IDENTITY = ("run_id", "method", "arch", "dataset", "protocol", "metric", "checkpoint")
 RESULT = ("value", "status", "error")
@@ -410,7 +410,7 @@ def pivot_table(
     ):
         if (row_label, col_label) in cells:  # only when two key values print alike ("20", 20)
             raise ValueError(f"two result groups share the cell {row_label} / {col_label!r}")
-        cells[row_label, col_label] = group["mean"] if numeric else _fmt_cell(group, decimals)
+        cells[row_label, col_label] = group["mean"] if numeric else format_cell(group, decimals)
     empty = np.nan if numeric else ""
     table = pd.DataFrame(
         [[cells.get((r, c), empty) for c in columns] for r in unique_rows],
@@ -437,14 +437,24 @@ def _fmt_key(value: Any) -> str:
     return str(value)
 
 
-def _fmt_cell(row: pd.Series, decimals: int) -> str:
-    n, failed = int(row["n"]), int(row["failed"])
+def format_cell(stats: Any, decimals: int = 2) -> str:
+    """One aggregated cell as text, the one format of every table and report:
+    ``"72.00 ± 2.00 (n=3)"``, ``"71.23 (n=1)"`` for one seed, ``", 1 failed"`` added when runs
+    failed, ``"all 2 failed"`` when none succeeded, ``""`` for None (nothing measured).
+
+    Args:
+        stats: a mapping (or pandas row) with "mean", "std", "n" and "failed".
+        decimals: digits after the point.
+    """
+    if stats is None:
+        return ""
+    n, failed = int(stats["n"]), int(stats["failed"])
     if n == 0:
         return f"all {failed} failed"
     note = f"n={n}" + (f", {failed} failed" if failed else "")
     if n == 1:
-        return f"{row['mean']:.{decimals}f} ({note})"
-    return f"{row['mean']:.{decimals}f} ± {row['std']:.{decimals}f} ({note})"
+        return f"{stats['mean']:.{decimals}f} ({note})"
+    return f"{stats['mean']:.{decimals}f} ± {stats['std']:.{decimals}f} ({note})"
 
 
 # ---------------------------------------------------------------------------------- export

@@ -202,19 +202,35 @@ def init_linear_and_norm(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-# "cls": the cls token of the normed output. "avg": the mean of the patch tokens (cls excluded)
-# of the un-normed block output, then fc_norm -- the official models_vit.py global_pool=True path.
+# The pooling names of every layer (the classifier's global_pool here, frozen features in
+# evals.features, result rows): "cls", the cls token; "mean", the mean of the patch tokens (cls
+# excluded). The classifier applies "cls" to the normed output and "mean" to the un-normed block
+# output, then fc_norm -- the official models_vit.py global_pool=True path.
 POOLS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "cls": lambda x: x[:, 0],  # [N, 1+K, D] -> [N, D]
-    "avg": lambda x: x[:, 1:].mean(dim=1),  # [N, 1+K, D] -> [N, D]
+    "mean": lambda x: x[:, 1:].mean(dim=1),  # [N, 1+K, D] -> [N, D]
 }
+POOL_ALIASES = {"avg": "mean"}  # timm's and official MAE's name for the mean pool
+
+
+def pool_name(name: str) -> str:
+    """The canonical pooling name ("avg" is accepted for "mean").
+
+    Raises:
+        ConfigError: an unknown name (the message lists the valid ones).
+    """
+    name = POOL_ALIASES.get(name, name)
+    if name not in POOLS:
+        raise ConfigError(f"unknown pool {name!r}; valid: {', '.join(POOLS)} "
+                          f"({', '.join(f'{a} = {b}' for a, b in POOL_ALIASES.items())})")
+    return name
 
 
 class VisionTransformer(nn.Module):
     """ViT encoder with the official MAE parameter names and timm's model hooks.
 
     Keys: patch_embed.proj.*, cls_token, pos_embed (fixed, not trained), blocks.{i}.*, and
-    norm.* (global_pool "cls") or fc_norm.* (global_pool "avg"), plus head.* when num_classes > 0.
+    norm.* (global_pool "cls") or fc_norm.* (global_pool "mean"), plus head.* when num_classes > 0.
     """
 
     def __init__(
@@ -243,13 +259,12 @@ class VisionTransformer(nn.Module):
             mlp_ratio: MLP hidden width / embed_dim.
             norm_layer: normalisation constructor, called with the width.
             num_classes: width of the linear head; 0 means no head (nn.Identity).
-            global_pool: "cls" (normed cls token) or "avg" (fc_norm of the mean patch token,
-                the official fine-tuning choice; no final ``norm`` then).
+            global_pool: "cls" (normed cls token) or "mean" (fc_norm of the mean patch token,
+                the official fine-tuning choice; no final ``norm`` then; "avg" is accepted).
             drop_path_rate: stochastic depth, rising linearly from 0 to this over the blocks.
         """
         super().__init__()
-        if global_pool not in POOLS:
-            raise ConfigError(f"unknown global_pool {global_pool!r}; valid: {', '.join(POOLS)}")
+        global_pool = pool_name(global_pool)
         if img_size % patch_size:
             raise ConfigError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
         if embed_dim % num_heads or embed_dim % 4:
@@ -283,7 +298,7 @@ class VisionTransformer(nn.Module):
             )
             for rate in rates
         )
-        use_fc_norm = global_pool == "avg"
+        use_fc_norm = global_pool == "mean"
         self.norm = nn.Identity() if use_fc_norm else norm_layer(embed_dim)
         self.fc_norm = norm_layer(embed_dim) if use_fc_norm else nn.Identity()
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()

@@ -592,3 +592,64 @@ def test_too_many_bad_images_is_one_line_and_writes_nothing(monkeypatch, capsys,
           "fix or remove the files")
     warned = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
     assert "empty.jpg" in warned and "text.jpg" in warned
+
+
+# --------------------------------------------------------------------------------- config values
+
+
+@pytest.mark.parametrize("args, fix", [
+    (["--set", "train.epochs=five"], "train.epochs must be a number (float), got 'five'"),
+    (["--set", "train.epochs=[1, 2]"], "train.epochs must be a number (float), got [1, 2] "
+                                       "(a list)"),
+    (["--set", "train.batch_size=2.5"], "train.batch_size must be an integer (int)"),
+    (["--set", "mae.norm_pix_loss=maybe"], "mae.norm_pix_loss must be true or false (bool)"),
+    (["--set", "model.img_size=8.5"], "model.img_size must be an integer (int) or null"),
+    (["--set", "train.epoch=3"], "unknown key(s) epoch in config section 'train'"),
+    (["--set", "trian.epochs=3"], "unknown config section 'trian'"),
+    (["--set", "train.epochs"], "expected SECTION.KEY=VALUE"),
+    (["--epochs", "3", "--set", "train.epochs=4"], "train.epochs is given twice"),
+], ids=["word-for-float", "list-for-float", "float-for-int", "word-for-bool",
+        "float-for-optional-int", "unknown-key", "unknown-section", "no-value", "twice"])
+def test_bad_set_values(monkeypatch, capsys, tmp_path, args, fix):
+    line = refused(monkeypatch, capsys, [tmp_path], *pretrain_args(tmp_path, *args))
+    names(line, fix)
+
+
+YAML_TYPES = {  # YAML text: the fix in the message
+    "train: {epochs: five}\n": "train.epochs must be a number (float), got 'five' (a string)",
+    "train: {epochs: [1, 2]}\n": "train.epochs must be a number (float), got [1, 2] (a list)",
+    "ssl: {teacher_temp: yes}\n": "ssl.teacher_temp must be a number (float) or null, got True",
+    "data: {num_workers: 1.5}\n": "data.num_workers must be an integer (int), got 1.5",
+    "train: 5\n": "config section 'train' must be a mapping of keys to values, got an integer",
+    "- train\n- mae\n": "a run config must be a mapping of sections, got a list",
+}
+
+
+@pytest.mark.parametrize("command", ["pretrain", "compare", "sweep"])
+@pytest.mark.parametrize("text", list(YAML_TYPES), ids=["word", "list", "bool-for-float",
+                                                          "float-for-int", "section", "top"])
+def test_config_file_of_wrong_types(monkeypatch, capsys, tmp_path, command, text):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    args = {"pretrain": pretrain_args(tmp_path, "--config", str(cfg)),
+            "compare": ["compare", "--config", str(cfg), "--runs-dir", str(tmp_path / "runs"),
+                        "--results-dir", str(tmp_path / "res"), "--no-progress"],
+            "sweep": ["sweep", "mask-ratio", "--config", str(cfg), "--runs-dir",
+                      str(tmp_path / "runs"), "--results-dir", str(tmp_path / "res"),
+                      "--no-progress"]}[command]
+    line = refused(monkeypatch, capsys, [tmp_path], *args)
+    names(line, f"config file {cfg}: ", YAML_TYPES[text])
+
+
+@pytest.mark.parametrize("args, fix", [
+    (["compare", "--set", "train.device=cpu"], "train.device is set by --device here"),
+    (["compare", "--set", "train.epochs=2"], "set by --epochs / --budget-minutes here"),
+    (["compare", "--set", "ssl.momentum=high"], "ssl.momentum must be a number (float) or null"),
+    (["sweep", "mask-ratio", "--set", "mae.mask_ratio=0.5"],
+     "mae.mask_ratio is set by the swept knob mask-ratio (--values) here"),
+    (["sweep", "epochs", "--values", "1", "--set", "train.seed=3"], "set by --seeds here"),
+], ids=["compare-own-option", "compare-epochs", "compare-type", "sweep-knob", "sweep-seed"])
+def test_set_on_compare_and_sweep(monkeypatch, capsys, tmp_path, args, fix):
+    line = refused(monkeypatch, capsys, [tmp_path], *args, "--runs-dir", str(tmp_path / "runs"),
+                   "--results-dir", str(tmp_path / "res"), "--no-progress")
+    names(line, fix)

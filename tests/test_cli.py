@@ -1,15 +1,17 @@
 """The command line: one-line errors with exit code 2 and nothing written; the happy paths."""
 
+import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 from cli_helpers import run_cli
 from PIL import Image
 
+from mae_bench.config import RunConfig
+
 TINY = ["--arch", "vit_micro_patch2", "--img-size", "8", "--batch-size", "64", "--no-progress"]
-
-
 
 
 @pytest.mark.parametrize("args, message", [
@@ -93,7 +95,152 @@ def test_datasets_lists_every_dataset(monkeypatch, capsys):
     assert "yes" in digits_row
 
 
+@pytest.mark.multiprocess
 def test_python_dash_m_is_the_same_cli():
     res = subprocess.run([sys.executable, "-m", "mae_bench", "pretrain", "--help"],
                          capture_output=True, text=True, check=True)
     assert "--mask-ratio" in res.stdout and "--resume" in res.stdout
+
+
+# ------------------------------------------------------ options generated from the run config
+
+
+def pretrain_config(monkeypatch, capsys, *args):
+    """The RunConfig ``mae-bench pretrain ARGS`` would train (the engine is replaced)."""
+    import mae_bench.engine
+
+    seen = []
+
+    def fake_pretrain(cfg, run_dir, **_):
+        seen.append(cfg)
+        return SimpleNamespace(finished=True, step=0, total_steps=0, final_loss=None,
+                               images_per_second=None, train_seconds=0.0, device="cpu",
+                               precision="fp32")
+
+    monkeypatch.setattr(mae_bench.engine, "pretrain", fake_pretrain)
+    code, _, err = run_cli(monkeypatch, capsys, "pretrain", *args)
+    assert code in (0, None), err
+    return seen[0]
+
+
+def pretrain_command():
+    import typer
+
+    from mae_bench.cli import app
+
+    return typer.main.get_command(app).commands["pretrain"]
+
+
+def test_every_config_field_has_a_generated_option_with_its_help():
+    from mae_bench.config import KNOBS
+
+    params = {p.name: p for p in pretrain_command().params}
+    for knob in KNOBS:
+        param = params[f"{knob.section}__{knob.key}"]
+        assert param.help == knob.help
+        names = [*param.opts, *param.secondary_opts]
+        assert all(flag in names for flag in knob.flags), (knob.name, names)
+        if knob.value_type is bool:
+            assert f"--no-{knob.key.replace('_', '-')}" in names
+    old = ["--method", "--dataset", "--data-dir", "--arch", "--img-size", "--epochs",
+           "--batch-size", "--accum-iter", "--blr", "--lr", "--min-lr", "--weight-decay",
+           "--warmup-epochs", "--warmup-min-steps", "--mask-ratio", "--mask-strategy",
+           "--norm-pix-loss", "--no-norm-pix-loss", "--decoder-depth", "--decoder-dim",
+           "--decoder-heads", "--temperature", "--momentum", "--proj-dim", "--out-dim",
+           "--local-crops", "--seed", "--precision", "--device", "--attention",
+           "--deterministic", "--no-deterministic", "--num-workers", "--log-every",
+           "--save-every", "--config", "--out", "--resume", "--max-steps", "--progress",
+           "--no-progress", "--results-dir"]  # every option pretrain had before
+    accepted = {o for p in params.values() for o in (*p.opts, *p.secondary_opts)}
+    assert set(old) <= accepted and "--set" in accepted
+
+
+@pytest.mark.multiprocess
+def test_pretrain_help_lists_every_field():
+    from mae_bench.config import KNOBS
+
+    res = subprocess.run([sys.executable, "-m", "mae_bench", "pretrain", "--help"],
+                         capture_output=True, text=True, check=True,
+                         env={**os.environ, "COLUMNS": "250"})
+    for knob in KNOBS:
+        for flag in knob.flags:
+            assert flag in res.stdout, flag
+    for section in ("model", "data", "train", "mae", "ssl"):
+        assert f"Config: {section} (YAML section '{section}:'" in res.stdout
+    assert "--set" in res.stdout and "[default: 0.75]" in res.stdout
+
+
+def test_no_options_give_the_default_config(monkeypatch, capsys):
+    cfg = pretrain_config(monkeypatch, capsys)
+    assert cfg == RunConfig() and cfg.digest() == "a620a7f83f88"
+
+
+@pytest.mark.parametrize("forms", [
+    (["--decoder-dim", "64"], ["--decoder-embed-dim", "64"],
+     ["--set", "model.decoder_embed_dim=64"]),
+    (["--decoder-heads", "4"], ["--decoder-num-heads", "4"],
+     ["--set", "model.decoder_num_heads=4"]),
+    (["--epochs", "5"], ["--set", "train.epochs=5"], ["--set", "train.epochs=5.0"]),
+    (["--blr", "1e-3"], ["--set", "train.blr=1e-3"], ["--set", "train.blr=0.001"]),
+    (["--no-norm-pix-loss"], ["--set", "mae.norm_pix_loss=false"]),
+    (["--data-dir", "/x/y"], ["--set", "data.data_dir=/x/y"]),
+    (["--temperature", "0.1"], ["--set", "ssl.temperature=0.1"]),
+    (["--teacher-temp", "0.07"], ["--set", "ssl.teacher_temp=0.07"]),
+    (["--no-norm-last-layer"], ["--set", "ssl.norm_last_layer=false"]),
+])
+def test_old_flag_generated_option_and_set_agree(monkeypatch, capsys, forms):
+    cfgs = [pretrain_config(monkeypatch, capsys, *args) for args in forms]
+    assert cfgs[0] != RunConfig()
+    assert all(c == cfgs[0] and c.digest() == cfgs[0].digest() for c in cfgs)
+
+
+def test_config_file_values_survive_options_not_given(monkeypatch, capsys, tmp_path):
+    """The generated options have the fields' defaults (for the help), but only values typed
+    on the command line override --config; --set and options override it."""
+    path = tmp_path / "c.yaml"
+    path.write_text("train: {batch_size: 32, epochs: 3}\nmae: {norm_pix_loss: false}\n"
+                    "model: {decoder_embed_dim: 48}\n")
+    cfg = pretrain_config(monkeypatch, capsys, "--config", str(path))
+    assert cfg == RunConfig.from_yaml(path)
+    assert cfg.train.batch_size == 32 and cfg.mae.norm_pix_loss is False
+    cfg = pretrain_config(monkeypatch, capsys, "--config", str(path), "--batch-size", "16",
+                          "--set", "model.decoder_embed_dim=null", "--norm-pix-loss")
+    assert cfg == RunConfig.from_yaml(path).replace(train={"batch_size": 16}).override(
+        {"model.decoder_embed_dim": None, "mae.norm_pix_loss": True})
+
+
+def test_a_field_given_twice_is_an_error(monkeypatch, capsys, tmp_path):
+    code, _, err = run_cli(monkeypatch, capsys, "pretrain", "--epochs", "3", "--set",
+                           "train.epochs=4", "--out", str(tmp_path / "run"))
+    assert code == 2 and err.startswith("error: train.epochs is given twice (--epochs 3.0 and "
+                                        "--set train.epochs=4)")
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_option_that_shadows_a_field_is_refused_at_import():
+    from typing import Annotated, Any
+
+    import typer
+
+    from mae_bench.cli.config_options import with_config_options
+
+    def command(epochs: Annotated[int, typer.Option()] = 1, **knobs: Any) -> None: ...
+
+    with pytest.raises(TypeError, match=r"\['--epochs'\] are also config fields"):
+        with_config_options(command)
+
+
+def test_sweep_set_reaches_every_point(monkeypatch, capsys, tmp_path):
+    """--set and the same value in --config give the same points (run folders carry the
+    config digest); without it the points differ."""
+    path = tmp_path / "c.yaml"
+    path.write_text("ssl: {teacher_temp: 0.07}\n")
+    common = ["sweep", "mask-ratio", "--values", "0.5", "--dry-run", "--runs-dir",
+              str(tmp_path / "runs"), "--results-dir", str(tmp_path / "res")]
+    folders = []
+    for extra in (["--set", "ssl.teacher_temp=0.07"], ["--config", str(path)], []):
+        code, out, err = run_cli(monkeypatch, capsys, *common, *extra)
+        assert code in (0, None), err
+        folders.append(next(w for w in out.split() if w.startswith("mask-ratio=0.5-seed0-")))
+    assert folders[0] == folders[1] != folders[2]
+    assert not (tmp_path / "runs").exists()

@@ -9,13 +9,13 @@ import pytest
 import torch
 from cli_helpers import run_cli
 
-from evals.compare import CompareSpec, run_compare, run_config, run_dir_for
 from evals.encoders import load_source
+from mae_bench.app.compare import CompareSpec, run_compare, run_config, run_dir_for
 from mae_bench.config import RunConfig
-from mae_bench.engine import seed_everything
 from mae_bench.errors import MaeBenchError
 from mae_bench.methods import METHODS, build_method
 from mae_bench.results import read_results
+from mae_bench.runtime import seed_everything
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

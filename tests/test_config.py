@@ -97,3 +97,134 @@ def test_digest_ignores_later_knobs_until_set():
     for section, key, value in (("mae", "encoder_mask_tokens", False),
                                 ("train", "attention", "auto")):
         assert RunConfig().replace(**{section: {key: value}}).digest() == "a620a7f83f88"
+
+
+# ------------------------------------------------------------------ field metadata and types
+
+
+def test_every_field_is_a_knob_with_help():
+    """The command line is generated from these: each field has help and option names."""
+    from dataclasses import fields
+
+    from mae_bench.config import _SECTIONS, KNOBS
+
+    declared = [f"{s}.{f.name}" for s, cls in _SECTIONS.items() for f in fields(cls)]
+    assert [k.name for k in KNOBS] == declared and len(declared) == 49
+    for knob in KNOBS:
+        assert len(knob.help) > 20 and knob.help.endswith("."), knob.name
+        assert knob.flags[0] == "--" + knob.key.replace("_", "-")
+    renamed = {k.name: k.flags[1:] for k in KNOBS if len(k.flags) > 1}
+    assert renamed == {"model.decoder_embed_dim": ("--decoder-dim",),
+                       "model.decoder_num_heads": ("--decoder-heads",)}
+
+
+def test_metadata_leaves_digests_unchanged():
+    """Measured before the fields got their metadata: the default config and one with knobs
+    of every section set."""
+    cfg = RunConfig().replace(model={"decoder_embed_dim": 64, "decoder_num_heads": 4},
+                              train={"epochs": 3, "blr": 1e-3, "lr_scaling": "sqrt"},
+                              ssl={"teacher_temp": 0.07, "norm_last_layer": False},
+                              mae={"norm_pix_loss": False})
+    assert RunConfig().digest() == "a620a7f83f88"
+    assert cfg.digest() == "f3b4f30031af"
+    assert RunConfig.from_dict(cfg.to_dict()).digest() == "f3b4f30031af"
+
+
+def test_every_field_round_trips_through_yaml(tmp_path):
+    """A config.yaml with every field set to a non-default value reads back equal (types
+    included), with the same digest; a text that looks like a number stays text."""
+    from mae_bench.config import KNOBS
+
+    samples = {int: 3, float: 0.125, bool: True, str: "1e3"}
+    changes: dict = {}
+    for k in KNOBS:
+        value = samples[k.value_type]
+        if value == k.default:
+            value = not value if k.value_type is bool else value * 2
+        changes.setdefault(k.section, {})[k.key] = value
+    cfg = RunConfig.from_dict(changes)
+    assert all(getattr(getattr(cfg, k.section), k.key) != k.default for k in KNOBS)
+    path = tmp_path / "c.yaml"
+    path.write_text(cfg.to_yaml())
+    back = RunConfig.from_yaml(path)
+    assert back == cfg and back.digest() == cfg.digest()
+    assert back.data.dataset == "1e3" and back.train.blr == 0.125
+
+
+@pytest.mark.parametrize("text, match", [
+    ("train: {epochs: five}\n", r"train\.epochs must be a number \(float\), got 'five'"),
+    ("train: {epochs: [1, 2]}\n", r"train\.epochs must be a number \(float\), got \[1, 2\] "
+                                  r"\(a list\)"),
+    ("train: {batch_size: 64.0}\n", r"train\.batch_size must be an integer \(int\), got 64\.0"),
+    ("train: {batch_size: null}\n", r"train\.batch_size must be an integer \(int\), got None"),
+    ("model: {img_size: 8.5}\n", r"model\.img_size must be an integer \(int\) or null"),
+    ("mae: {norm_pix_loss: 1}\n", r"mae\.norm_pix_loss must be true or false \(bool\), got 1"),
+    ("data: {dataset: 7}\n", r"data\.dataset must be a string \(str\), got 7 \(an integer\)"),
+    ("ssl: {temperature: {a: 1}}\n", r"ssl\.temperature must be a number \(float\) or null"),
+    ("train: [1, 2]\n", r"config section 'train' must be a mapping of keys to values, got a list"),
+    ("- train\n", r"a run config must be a mapping of sections, got a list"),
+    ("just text\n", r"a run config must be a mapping of sections, got a string"),
+])
+def test_yaml_values_are_type_checked(tmp_path, text, match):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=match) as err:
+        RunConfig.from_yaml(path)
+    assert str(err.value).startswith(f"config file {path}: ")
+
+
+def test_numbers_fit_float_fields_unchanged_and_null_fits_optional_ones(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train: {epochs: 20, blr: 1e-3, lr: null, min_lr: 0}\nmae: {}\nssl:\n")
+    cfg = RunConfig.from_yaml(path)
+    assert cfg.train.epochs == 20 and type(cfg.train.epochs) is int  # kept: same digest
+    assert cfg.train.blr == 1e-3 and type(cfg.train.blr) is float  # YAML 1.2 style exponent
+    assert cfg.override({"train.blr": None}) == RunConfig()  # 0 == 0.0 for min_lr
+
+
+@pytest.mark.parametrize("text, name, value", [
+    ("train.epochs=5", "train.epochs", 5.0),  # a float field gets a float, as --epochs 5 does
+    ("train.blr=1e-3", "train.blr", 1e-3),
+    ("train.lr=null", "train.lr", None),
+    ("train.lr=", "train.lr", None),
+    ("mae.norm_pix_loss=false", "mae.norm_pix_loss", False),
+    ("mae.mask_ratio=nan", "mae.mask_ratio", "nan"),
+    ("ssl.teacher_temp=0.07", "ssl.teacher_temp", 0.07),
+    ("data.data_dir=2024", "data.data_dir", "2024"),  # a text field takes the text
+    ("data.data_dir=/data/a=b", "data.data_dir", "/data/a=b"),
+    ("model.decoder_embed_dim=64", "model.decoder_embed_dim", 64),
+])
+def test_parse_assignment(text, name, value):
+    from mae_bench.config import parse_assignment
+
+    got_name, got = parse_assignment(text)
+    assert got_name == name
+    if value == "nan":
+        assert got != got
+    else:
+        assert got == value and type(got) is type(value)
+
+
+@pytest.mark.parametrize("text, match", [
+    ("train.epochs=five", r"^--set train\.epochs=five: train\.epochs must be a number \(float\)"),
+    ("train.epochs=[1, 2]", r"train\.epochs must be a number \(float\), got \[1, 2\] \(a list\)"),
+    ("train.batch_size=2.5", r"train\.batch_size must be an integer \(int\), got 2\.5"),
+    ("mae.norm_pix_loss=0", r"mae\.norm_pix_loss must be true or false \(bool\), got 0"),
+    ("train.epoch=3", r"^--set train\.epoch=3: unknown key\(s\) epoch in config section 'train'"),
+    ("trian.epochs=3", r"unknown config section 'trian'.*model, data, train, mae, ssl"),
+    ("epochs", r"expected SECTION\.KEY=VALUE"),
+    ("train=3", r"'train' is not SECTION\.KEY"),
+])
+def test_parse_assignment_errors(text, match):
+    from mae_bench.config import parse_assignment
+
+    with pytest.raises(ConfigError, match=match):
+        parse_assignment(text)
+
+
+def test_override_sets_none_and_checks_types():
+    cfg = RunConfig().replace(train={"blr": 1e-3})
+    assert cfg.override({"train.blr": None, "ssl.momentum": 0.9}) == RunConfig().replace(
+        ssl={"momentum": 0.9})
+    with pytest.raises(ConfigError, match=r"train\.seed must be an integer \(int\), got '1'"):
+        cfg.override({"train.seed": "1"})

@@ -717,6 +717,7 @@ def crop4(x: torch.Tensor) -> torch.Tensor:
     return x[:, :4, :4]
 
 
+@pytest.mark.multiprocess
 def test_streaming_folder_counts_bad_images_across_workers(tmp_path: Path) -> None:
     for i in range(7):
         save_png(tmp_path / "train" / f"c{i % 2}" / f"{i}.png", np.full((6 + i, 5, 3), i, np.uint8))

@@ -71,6 +71,7 @@ def _worker(rank: int, method_name: str, store: str, out: str) -> None:
 
 
 @pytest.mark.parametrize("method_name", ["mae", "simclr"])
+@pytest.mark.multiprocess
 def test_two_processes_match_one_on_the_combined_batch(tmp_path, method_name):
     mp.spawn(_worker, args=(method_name, str(tmp_path / "store"), str(tmp_path)),
              nprocs=WORLD, join=True)
@@ -114,6 +115,7 @@ def _torchrun(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
 
 
+@pytest.mark.multiprocess
 def test_torchrun_pretrain_writes_one_checkpoint_and_resumes(tmp_path):
     run = tmp_path / "run"
     first = _torchrun("pretrain", "--arch", "vit_micro_patch2", "--batch-size", "8",
@@ -122,7 +124,7 @@ def test_torchrun_pretrain_writes_one_checkpoint_and_resumes(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     files = sorted(p.name for p in run.iterdir())
     assert files.count("checkpoint.pt") == 1 and "checkpoint.prev.pt" not in files
-    assert not [f for f in files if f.startswith(".checkpoint-")]  # no partial save left
+    assert not [f for f in files if f.endswith(".tmp")]  # no partial save left
     info = json.loads((run / "run.json").read_text())
     assert info["effective_batch"] == 16  # 8 per process x 2 processes: lr follows it
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -140,6 +142,7 @@ def _rows(results: Path) -> list[dict]:
     return [json.loads(line) for line in (results / "results.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.multiprocess
 def test_torchrun_eval_gathers_features_to_rank_0_and_matches_one_process(tmp_path):
     """k-NN and the fast probe under torchrun: each rank extracts its part, rank 0 gathers
     them in order and alone writes; the numbers are one process's, the cache is written once
@@ -171,6 +174,7 @@ def test_torchrun_eval_gathers_features_to_rank_0_and_matches_one_process(tmp_pa
 
 
 @pytest.mark.slow  # ~25 s: two 2-process sweeps; the pieces it joins are tested above
+@pytest.mark.multiprocess
 def test_torchrun_sweep_runs_each_point_once_on_every_rank(tmp_path):
     """A sweep under torchrun: every point trains with both processes (global batch 16),
     rank 0 writes each row and manifest line once, and a re-run skips the finished points."""

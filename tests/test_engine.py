@@ -13,9 +13,10 @@ from rich.console import Console
 
 from mae_bench.checkpoint import load_checkpoint
 from mae_bench.config import RunConfig, warmup_epochs
-from mae_bench.engine import cpu_has_fast_bf16, lr_at, param_groups, pretrain, resolve_precision
+from mae_bench.engine import pretrain
 from mae_bench.errors import ConfigError, TrainingError
 from mae_bench.methods import MAE, METHODS, build_method, resolve_config
+from mae_bench.runtime import cpu_has_fast_bf16, lr_at, param_groups, resolve_precision
 
 # digits at its native 8 px: 1437 training images -> 22 steps of 64 per epoch
 TINY = RunConfig().replace(
@@ -34,6 +35,7 @@ def _metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.multiprocess
 def test_resumed_run_equals_uninterrupted_run(tmp_path):
     full = pretrain(TINY, tmp_path / "full", progress=False)
     assert full.finished and full.step == 44
@@ -58,6 +60,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     assert [(r["step"], r["loss"]) for r in ma] == [(r["step"], r["loss"]) for r in mb]
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("method", sorted(set(METHODS) - {"mae"}))
 def test_every_baseline_resumes_exactly_in_a_new_process(tmp_path, method):
     """Stopped mid-epoch and resumed by a new process: parameters, optimizer state, EMA teachers,
@@ -310,6 +313,7 @@ def test_streamed_image_folder_trains_through_workers(tmp_path, monkeypatch):
     assert all(math.isfinite(r["loss"]) for r in _metrics(tmp_path / "run"))
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_saves_at_a_step_boundary_and_resume_continues(tmp_path, sig, code):
     run = tmp_path / "run"

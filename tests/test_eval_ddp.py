@@ -50,7 +50,7 @@ BAD_BATCHES: dict[str, tuple[str, dict[str, Any]]] = {
 # its scale and the running statistics by 1e-2 (measured).
 RTOL_SCALE = 1e-5
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.multiprocess]
 
 
 @functools.cache

@@ -152,6 +152,7 @@ def test_cache_hit_and_invalidation(tmp_path, digits, run_dir):
     assert not features_for(source, train, pool="cls", use_cache=False, **kw).cached
 
 
+@pytest.mark.multiprocess
 def test_streamed_image_folder_features(tmp_path):
     """Image folders too large for memory stream through DataLoader workers, in order."""
     import numpy as np

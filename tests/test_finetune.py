@@ -11,8 +11,8 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from evals.finetune import finetune, freeze_for_partial, layer_id, param_groups_lrd
 from mae_bench.data import load_dataset
-from mae_bench.engine import lr_at
 from mae_bench.errors import ConfigError, DataError, TrainingError
+from mae_bench.runtime import exempt_from_weight_decay, lr_at, param_groups
 from mae_bench.vit import build_vit
 
 DEPTH = 2  # vit_micro_patch2
@@ -79,6 +79,21 @@ def test_param_groups_lrd_scales_and_decay():
     assert where["blocks.1.attn.qkv.weight"]["weight_decay"] == 0.05
     assert where["patch_embed.proj.weight"]["weight_decay"] == 0.05
     assert len(groups) == 2 * (DEPTH + 2)  # every layer has weights and biases
+
+
+def test_fine_tuning_and_pretraining_share_one_no_weight_decay_rule():
+    model = micro()
+    decay, no_decay = param_groups(model, 0.05, model.no_weight_decay())
+    pretrain_exempt = {id(p) for p in no_decay["params"]}
+    finetune_exempt = {id(p) for g in param_groups_lrd(model, 0.05) if g["weight_decay"] == 0.0
+                       for p in g["params"]}
+    assert finetune_exempt == pretrain_exempt
+    assert len(decay["params"]) > 0 and len(no_decay["params"]) > 0
+    # a 2-D ".bias" and a 0-d parameter are exempt too; a plain matrix is not
+    rule = exempt_from_weight_decay
+    assert rule("x.bias", torch.zeros(2, 2)) and rule("scale", torch.zeros(()))
+    assert rule("cls_token", torch.zeros(1, 1, 4), {"cls_token"})
+    assert not rule("blocks.0.attn.qkv.weight", torch.zeros(4, 4))
 
 
 def test_freeze_for_partial():
@@ -165,8 +180,10 @@ def test_nonfinite_loss_names_the_step(digits):
     model = micro()
     with torch.no_grad():
         model.head.bias[0] = float("nan")
-    with pytest.raises(TrainingError, match=r"non-finite fine-tuning loss \(nan\) at step 0 "):
+    with pytest.raises(TrainingError, match=r"non-finite fine-tuning loss \(nan\) at step 1; ") \
+            as err:
         finetune(model, *digits, **QUICK)
+    assert err.value.step == 1  # counted from 1, as pretraining counts
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -177,7 +194,8 @@ def test_nonfinite_loss_names_the_step(digits):
     ({"layer_decay": 0.0}, r"layer_decay must be in \(0, 1\], got 0.0"),
     ({"img_size": 16}, "img_size 16 differs from the model's 8"),
     ({"partial_blocks": 3}, r"must be in 0\.\.2 .* got 3"),
-    ({"precision": "fp8"}, "unknown precision 'fp8'; valid: fp32, bf16, fp16, auto"),
+    ({"precision": "fp8"}, "unknown precision 'fp8'; valid: auto, bf16, fp16, fp32"),
+    ({"precision": "fp16", "device": "cpu"}, "fp16 needs a CUDA device"),
 ])
 def test_bad_arguments(digits, kwargs, message):
     with pytest.raises(ConfigError, match=message):

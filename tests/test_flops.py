@@ -1,4 +1,4 @@
-"""FLOPs counted by torch.utils.flop_counter (what ``mae_bench.speed`` reports) against a hand
+"""FLOPs counted by torch.utils.flop_counter (what ``mae_bench.app.speed`` reports) against a hand
 count written from the architecture alone: a ViT, MAE, and MAE's "encoder w/ [M]" ablation
 (``encoder_mask_tokens``), forward and forward + backward.
 
@@ -19,10 +19,10 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from mae_bench.app.speed import train_step_flops
 from mae_bench.config import RunConfig
 from mae_bench.mae import build_mae
 from mae_bench.methods import Batch, Method, build_method
-from mae_bench.speed import train_step_flops
 from mae_bench.vit import build_vit
 
 pytestmark = pytest.mark.usefixtures("one_thread")

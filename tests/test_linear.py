@@ -242,7 +242,7 @@ def test_linear_probe_train_indices_equal_a_subset_data_set(digits):
     ({"img_size": 16}, "img_size 16 differs from the encoder's 8"),
     ({"pool": "max"}, "unknown pool 'max'"),
     ({"train_indices": torch.tensor([0, 5000])}, r"train_indices must lie in \[0, 1437\)"),
-    ({"precision": "fp8"}, "unknown precision 'fp8'"),
+    ({"precision": "fp8"}, "unknown precision 'fp8'; valid: auto, bf16, fp16, fp32"),
 ])
 def test_linear_probe_rejects_bad_arguments(digits, kw, message):
     train, test = digits

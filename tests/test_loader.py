@@ -49,6 +49,7 @@ def _epoch(batches: TrainBatches, epoch: int, start: int = 0) -> list:
     return list(batches.epoch(epoch, start))
 
 
+@pytest.mark.multiprocess
 def test_streamed_views_give_one_batch_per_view_in_the_seeded_order(tmp_path: Path) -> None:
     ds, value = _streamed(tmp_path)
     batches = TrainBatches(ds, 4, 3, seed=5, num_workers=2, views=[GLOBAL, GLOBAL, LOCAL])

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from evals.report import build_report, compare_intervals
+from mae_bench.app.report import build_report, compare_intervals
 from mae_bench.errors import ConfigError
 from mae_bench.results import append_rows, make_row
 
@@ -162,7 +162,7 @@ def test_notes_other_results_and_provenance(report):
     assert "mask_ratio=0.75 seed 2: no loss curve" in notes and "mr0.75-s2" in notes
     assert "reconstruction grids skipped" in notes
     assert "sweep warmup: the store has no column 'warmup'" in notes
-    assert _line(md, "| wu-s0 |").startswith("| wu-s0 | **30.00 ± – (n=1)** |")
+    assert _line(md, "| wu-s0 |").startswith("| wu-s0 | **30.00 (n=1)** |")
     other = md[md.index("## Other results"):]
     assert "| simclr | vit_micro_patch2 | digits | linear | 41.00 ± 1.41 (n=2) |" in other
     assert f"```\n{COMMAND}\n```" in md and f"<pre><code>{COMMAND}</code></pre>" in page

@@ -145,6 +145,7 @@ def _writer(args: tuple[str, int]) -> None:
         append_rows(folder, [row(float(i), run_id=f"w{writer}", seed=i, pad=pad)])
 
 
+@pytest.mark.multiprocess
 def test_concurrent_writers_never_interleave(tmp_path):
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     with multiprocessing.get_context(method).Pool(4) as pool:

@@ -10,14 +10,14 @@ import pytest
 import torch
 from cli_helpers import run_cli
 
-from evals.speed_eval import knn_speed, synthetic_features
+from mae_bench.app.speed import matmul_peak, measure_side_by_side
+from mae_bench.app.speed_eval import knn_speed, synthetic_features
+from mae_bench.app.speed_run import MASK_TOKENS, SpeedSpec, cases, run_speed
 from mae_bench.attention import attention_layers, choose_attention, set_attention
 from mae_bench.config import RunConfig
 from mae_bench.errors import ConfigError
 from mae_bench.methods import build_method
 from mae_bench.results import read_results
-from mae_bench.speed import matmul_peak, measure_side_by_side
-from mae_bench.speed_run import MASK_TOKENS, SpeedSpec, cases, run_speed
 
 TINY = dict(arch="vit_micro_patch4", batch_size=4, steps=1, warmup=0, rounds=1,
             train_images=16, eval_images=8, knn_train=200, knn_test=40, probe=False)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from cli_helpers import run_cli
 
-from evals.sweep import (
+from mae_bench.app.sweep import (
     MANIFEST,
     SweepSpec,
     plan_points,
@@ -22,7 +22,7 @@ from evals.sweep import (
     run_sweep,
     sweep_summary,
 )
-from evals.sweep_knobs import SWEEP_KNOBS, get_knob
+from mae_bench.app.sweep_knobs import SWEEP_KNOBS, get_knob
 from mae_bench.errors import ConfigError, TrainingError
 from mae_bench.results import read_results
 
@@ -195,6 +195,7 @@ def test_failing_point_is_recorded_and_the_others_finish(tmp_path, monkeypatch):
     assert 0.5 in set(df.loc[df["status"] == "ok", "mask_ratio"])
 
 
+@pytest.mark.multiprocess
 def test_killed_sweep_resumes_without_duplicates(tmp_path):
     """Kill a real `mae-bench sweep` process once its first point's rows are written, re-run
     it: every point is then in the store exactly once."""
@@ -259,7 +260,7 @@ def test_report_counts_a_retried_failure_once(tmp_path, monkeypatch):
     """After --retry-failed succeeds, the store keeps the old failed row but the report's
     table shows the point as ok, without "1 failed"."""
     import mae_bench.engine as engine
-    from evals.report import build_report
+    from mae_bench.app.report import build_report
 
     real = engine.pretrain
 

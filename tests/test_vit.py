@@ -193,7 +193,7 @@ def test_no_weight_decay_and_drop_path() -> None:
 
 
 def test_vit_rejects_bad_config() -> None:
-    with pytest.raises(ConfigError, match="unknown global_pool 'max'; valid: cls, avg"):
+    with pytest.raises(ConfigError, match="unknown pool 'max'; valid: cls, mean"):
         tiny_vit(global_pool="max")
     with pytest.raises(ConfigError, match="img_size 18 is not divisible by patch_size 4"):
         tiny_vit(img_size=18)

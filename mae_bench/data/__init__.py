@@ -13,18 +13,13 @@ Modules, one concept each:
     index, images       where a split's images are (folders, tars); decoding them (bad images).
     cache               decoded image splits stored as .npz.
     image_splits        splits stored as class folders of images, shared by cifar and imagefolder.
-    digits, cifar, stl10, idx (mnist, fashion-mnist), svhn, imagefolder: one format family each;
-                        importing one registers its data sets.
+    digits, cifar, stl10, idx (mnist, fashion-mnist), svhn, imagefolder: one format family each,
+                        with a ``register()`` that adds its data sets.
+    catalog             the one place that registers the built-in formats, in listing order.
 """
 
-# Each format module registers its data sets when imported, and DATASETS keeps that order: it is
-# the order of ``mae-bench datasets`` and of the valid names quoted in errors. So the format
-# modules are imported here first, in this order, before anything below can import one of them.
-# isort: off
-from mae_bench.data import digits, cifar, stl10, idx, svhn, imagefolder  # noqa: F401
-# isort: on
-
 from mae_bench.data.cache import CACHE_FORMAT, cache_writes_held
+from mae_bench.data.catalog import register_builtin
 from mae_bench.data.classes import (
     CIFAR10_CLASSES,
     CIFAR100_CLASSES,
@@ -77,3 +72,6 @@ __all__ = [
     "load_dataset",
     "register_dataset",
 ]
+
+# The built-in data sets, in the order ``mae-bench datasets`` lists them (data/catalog.py).
+register_builtin()

@@ -10,8 +10,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,6 +20,7 @@ import torch
 
 from mae_bench.data.info import DatasetInfo
 from mae_bench.data.registry import _Options
+from mae_bench.files import atomic_file
 
 log = logging.getLogger("mae_bench.data")  # one logger name for the whole package
 
@@ -90,7 +89,7 @@ def _write_cache(path: Path, decoded: _Decoded) -> None:
         return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
+        with atomic_file(path, "wb") as f:
             np.savez(
                 f,
                 images=decoded.images.numpy(),
@@ -101,6 +100,5 @@ def _write_cache(path: Path, decoded: _Decoded) -> None:
                 mean=decoded.mean,
                 std=decoded.std,
             )
-        os.replace(f.name, path)
     except OSError as e:
         log.warning("could not write cache file %s (%s); decoding again next time", path, e)

@@ -204,30 +204,31 @@ def _cifar_how_to_get(v: _Cifar, cls: str) -> str:
     )
 
 
-for _v, _cls, _mean, _std in (
-    (_CIFAR10, "CIFAR10", (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    (_CIFAR100, "CIFAR100", (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-):
-    _batch_files = ", ".join(f for files in _v.files.values() for f, _ in files)
-    register_dataset(
-        DatasetInfo(
-            name=_cls.lower(),
-            description=f"{_cls[:5]}-{_cls[5:]}: 60,000 32x32 colour images, {len(_v.classes)} "
-            "classes",
-            channels=3,
-            img_size=32,
-            num_classes=len(_v.classes),
-            mean=_mean,
-            std=_std,
-            splits=("train", "test"),
-            needs_data_dir=True,
-            formats=f"python batches ({_v.folder}/ or {_v.archive}), or train/ and test/ class "
-            "folders (or .tar/.tar.gz of them)",
-            how_to_get=_cifar_how_to_get(_v, _cls),
-        ),
-        find=lambda root, v=_v: _find_cifar(v, root),
-        load=lambda info, split, found, opts, v=_v: _load_cifar(v, info, split, found, opts),
-        expected=f"{_v.folder}/ ({_batch_files}), {_v.archive}, or train/ and test/ class "
-        "folders (or train.tar.gz, test.tar.gz)",
-    )
-del _v, _cls, _mean, _std, _batch_files
+def register() -> None:
+    """Add this module's data sets to the registry (called once, by ``mae_bench.data.catalog``)."""
+    for _v, _cls, _mean, _std in (
+        (_CIFAR10, "CIFAR10", (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+        (_CIFAR100, "CIFAR100", (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    ):
+        _batch_files = ", ".join(f for files in _v.files.values() for f, _ in files)
+        register_dataset(
+            DatasetInfo(
+                name=_cls.lower(),
+                description=f"{_cls[:5]}-{_cls[5:]}: 60,000 32x32 colour images, {len(_v.classes)} "
+                "classes",
+                channels=3,
+                img_size=32,
+                num_classes=len(_v.classes),
+                mean=_mean,
+                std=_std,
+                splits=("train", "test"),
+                needs_data_dir=True,
+                formats=f"python batches ({_v.folder}/ or {_v.archive}), or train/ and test/ class "
+                "folders (or .tar/.tar.gz of them)",
+                how_to_get=_cifar_how_to_get(_v, _cls),
+            ),
+            find=lambda root, v=_v: _find_cifar(v, root),
+            load=lambda info, split, found, opts, v=_v: _load_cifar(v, info, split, found, opts),
+            expected=f"{_v.folder}/ ({_batch_files}), {_v.archive}, or train/ and test/ class "
+            "folders (or train.tar.gz, test.tar.gz)",
+        )

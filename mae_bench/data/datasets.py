@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mae_bench.data import images  # the module, so a patched images._open_rgb reaches workers
+import mae_bench.data.images as images  # the module, so a patched _open_rgb reaches workers
 from mae_bench.data.images import BAD_IMAGE_LIMIT
 from mae_bench.data.info import DatasetInfo
 from mae_bench.errors import DataError

@@ -27,21 +27,25 @@ def _load_digits(
     return _array_dataset(info, images[keep], digits.target[keep], DIGIT_CLASSES)
 
 
-register_dataset(
-    DatasetInfo(
-        name="digits",
-        description="scikit-learn's 1,797 handwritten digits, 8x8 grayscale: the embedded default",
-        channels=1,
-        img_size=8,  # native: patch-2 presets see 16 patches
-        num_classes=10,
-        mean=(0.3054,),  # train split, recomputed in tests/test_data.py
-        std=(0.3760,),
-        splits=("train", "test"),
-        needs_data_dir=False,
-        formats="embedded in scikit-learn (load_digits); stratified 80/20 split, random_state=0",
-        how_to_get="nothing to get: it ships with scikit-learn",
-    ),
-    find=lambda root: {},
-    load=_load_digits,
-    expected="nothing (embedded)",
-)
+def register() -> None:
+    """Add this module's data sets to the registry (called once, by ``mae_bench.data.catalog``)."""
+    register_dataset(
+        DatasetInfo(
+            name="digits",
+            description="scikit-learn's 1,797 handwritten digits, 8x8 grayscale: "
+            "the embedded default",
+            channels=1,
+            img_size=8,  # native: patch-2 presets see 16 patches
+            num_classes=10,
+            mean=(0.3054,),  # train split, recomputed in tests/test_data.py
+            std=(0.3760,),
+            splits=("train", "test"),
+            needs_data_dir=False,
+            formats="embedded in scikit-learn (load_digits); stratified 80/20 split, "
+            "random_state=0",
+            how_to_get="nothing to get: it ships with scikit-learn",
+        ),
+        find=lambda root: {},
+        load=_load_digits,
+        expected="nothing (embedded)",
+    )

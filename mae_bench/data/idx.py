@@ -66,45 +66,49 @@ def _load_idx(
     return _array_dataset(info, images[:, None], labels, classes)
 
 
-for _name, _folder, _classes, _mean, _std, _desc, _get in (
-    (
-        "mnist",
-        "MNIST",
-        DIGIT_CLASSES,
-        (0.1307,),
-        (0.3081,),
-        "MNIST: 70,000 handwritten digits",
-        "python -c 'import torchvision; torchvision.datasets.MNIST(DIR, download=True)'",
-    ),
-    (
-        "fashion-mnist",
-        "FashionMNIST",
-        FASHION_CLASSES,
-        (0.2860,),
-        (0.3530,),
-        "Fashion-MNIST: 70,000 Zalando product images",
-        "apt-get install dataset-fashion-mnist (lands in /usr/share/datasets/fashion-mnist), or "
-        "python -c 'import torchvision; torchvision.datasets.FashionMNIST(DIR, download=True)'",
-    ),
-):
-    register_dataset(
-        DatasetInfo(
-            name=_name,
-            description=f"{_desc}, 28x28 grayscale, 10 classes",
-            channels=1,
-            img_size=28,
-            num_classes=10,
-            mean=_mean,
-            std=_std,
-            splits=("train", "test"),
-            needs_data_dir=True,
-            formats=f"IDX files (train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-...; "
-            f"optionally .gz) in DIR, DIR/raw or DIR/{_folder}/raw",
-            how_to_get=_get,
+def register() -> None:
+    """Add this module's data sets to the registry (called once, by ``mae_bench.data.catalog``)."""
+    for _name, _folder, _classes, _mean, _std, _desc, _get in (
+        (
+            "mnist",
+            "MNIST",
+            DIGIT_CLASSES,
+            (0.1307,),
+            (0.3081,),
+            "MNIST: 70,000 handwritten digits",
+            "python -c 'import torchvision; torchvision.datasets.MNIST(DIR, download=True)'",
         ),
-        find=lambda root, folder=_folder: _find_idx(folder, root),
-        load=lambda info, split, found, opts, c=_classes: _load_idx(c, info, split, found, opts),
-        expected=f"train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], "
-        f"t10k-images-idx3-ubyte[.gz], t10k-labels-idx1-ubyte[.gz] in it, raw/ or {_folder}/raw/",
-    )
-del _name, _folder, _classes, _mean, _std, _desc, _get
+        (
+            "fashion-mnist",
+            "FashionMNIST",
+            FASHION_CLASSES,
+            (0.2860,),
+            (0.3530,),
+            "Fashion-MNIST: 70,000 Zalando product images",
+            "apt-get install dataset-fashion-mnist (lands in "
+            "/usr/share/datasets/fashion-mnist), or "
+            "python -c 'import torchvision; torchvision.datasets.FashionMNIST(DIR, download=True)'",
+        ),
+    ):
+        register_dataset(
+            DatasetInfo(
+                name=_name,
+                description=f"{_desc}, 28x28 grayscale, 10 classes",
+                channels=1,
+                img_size=28,
+                num_classes=10,
+                mean=_mean,
+                std=_std,
+                splits=("train", "test"),
+                needs_data_dir=True,
+                formats=f"IDX files (train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-...; "
+                f"optionally .gz) in DIR, DIR/raw or DIR/{_folder}/raw",
+                how_to_get=_get,
+            ),
+            find=lambda root, folder=_folder: _find_idx(folder, root),
+            load=lambda info, split, found, opts, c=_classes: _load_idx(
+                c, info, split, found, opts),
+            expected=f"train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], "
+            f"t10k-images-idx3-ubyte[.gz], t10k-labels-idx1-ubyte[.gz] in it, raw/ or "
+            f"{_folder}/raw/",
+        )

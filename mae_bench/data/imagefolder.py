@@ -55,23 +55,25 @@ def _load_imagefolder(
     return test
 
 
-register_dataset(
-    DatasetInfo(
-        name="imagefolder",
-        description="your own images, one folder per class (ImageNet-style)",
-        channels=3,
-        img_size=224,
-        num_classes=None,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        splits=("train", "test"),
-        needs_data_dir=True,
-        formats="train/ and test/ (or val/): class folders of jpg/png/bmp/webp/gif/tif images, "
-        "or .tar/.tar.gz/.tgz archives of them",
-        how_to_get="your own images: DIR/train/<class>/*.jpg and DIR/test/<class>/*.jpg "
-        "(or DIR/train.tar, DIR/test.tar)",
-    ),
-    find=_find_image_splits,
-    load=_load_imagefolder,
-    expected="train/ and test/ (or val/) class folders, or train.tar[.gz] and test.tar[.gz]",
-)
+def register() -> None:
+    """Add this module's data sets to the registry (called once, by ``mae_bench.data.catalog``)."""
+    register_dataset(
+        DatasetInfo(
+            name="imagefolder",
+            description="your own images, one folder per class (ImageNet-style)",
+            channels=3,
+            img_size=224,
+            num_classes=None,
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            splits=("train", "test"),
+            needs_data_dir=True,
+            formats="train/ and test/ (or val/): class folders of jpg/png/bmp/webp/gif/tif images, "
+            "or .tar/.tar.gz/.tgz archives of them",
+            how_to_get="your own images: DIR/train/<class>/*.jpg and DIR/test/<class>/*.jpg "
+            "(or DIR/train.tar, DIR/test.tar)",
+        ),
+        find=_find_image_splits,
+        load=_load_imagefolder,
+        expected="train/ and test/ (or val/) class folders, or train.tar[.gz] and test.tar[.gz]",
+    )

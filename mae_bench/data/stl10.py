@@ -63,24 +63,28 @@ def _load_stl10(info: DatasetInfo, split: str, found: dict[str, Any], opts: _Opt
     return _array_dataset(info, images, labels, classes)
 
 
-register_dataset(
-    DatasetInfo(
-        name="stl10",
-        description="STL-10: 96x96 colour, 5k labeled train, 8k test, 100k unlabeled, 10 classes",
-        channels=3,
-        img_size=96,
-        num_classes=10,
-        mean=(0.4467, 0.4398, 0.4066),
-        std=(0.2603, 0.2566, 0.2713),
-        splits=("train", "test", "unlabeled", "train+unlabeled"),
-        needs_data_dir=True,
-        formats="binary version: stl10_binary/ with train_X.bin, train_y.bin, test_X.bin, "
-        "test_y.bin, unlabeled_X.bin",
-        how_to_get="https://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz (extract it), or "
-        "python -c 'import torchvision; torchvision.datasets.STL10(DIR, download=True)'",
-    ),
-    find=_find_stl10,
-    load=_load_stl10,
-    expected="stl10_binary/ with train_X.bin, train_y.bin, test_X.bin, test_y.bin "
-    "(and unlabeled_X.bin)",
-)
+def register() -> None:
+    """Add this module's data sets to the registry (called once, by ``mae_bench.data.catalog``)."""
+    register_dataset(
+        DatasetInfo(
+            name="stl10",
+            description="STL-10: 96x96 colour, 5k labeled train, 8k test, 100k unlabeled, "
+            "10 classes",
+            channels=3,
+            img_size=96,
+            num_classes=10,
+            mean=(0.4467, 0.4398, 0.4066),
+            std=(0.2603, 0.2566, 0.2713),
+            splits=("train", "test", "unlabeled", "train+unlabeled"),
+            needs_data_dir=True,
+            formats="binary version: stl10_binary/ with train_X.bin, train_y.bin, test_X.bin, "
+            "test_y.bin, unlabeled_X.bin",
+            how_to_get="https://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz "
+            "(extract it), or "
+            "python -c 'import torchvision; torchvision.datasets.STL10(DIR, download=True)'",
+        ),
+        find=_find_stl10,
+        load=_load_stl10,
+        expected="stl10_binary/ with train_X.bin, train_y.bin, test_X.bin, test_y.bin "
+        "(and unlabeled_X.bin)",
+    )

@@ -37,22 +37,25 @@ def _load_svhn(info: DatasetInfo, split: str, found: dict[str, Any], opts: _Opti
     return _array_dataset(info, x.transpose(3, 2, 0, 1), y, DIGIT_CLASSES)
 
 
-register_dataset(
-    DatasetInfo(
-        name="svhn",
-        description="SVHN: street-view house-number digits, 32x32 colour, 10 classes",
-        channels=3,
-        img_size=32,
-        num_classes=10,
-        mean=(0.4377, 0.4438, 0.4728),
-        std=(0.1980, 0.2010, 0.1970),
-        splits=("train", "test", "extra"),
-        needs_data_dir=True,
-        formats="cropped-digit .mat files: train_32x32.mat, test_32x32.mat (extra_32x32.mat)",
-        how_to_get="http://ufldl.stanford.edu/housenumbers/ (the 32x32 .mat files), or python -c "
-        "'import torchvision; torchvision.datasets.SVHN(DIR, split=\"train\", download=True)'",
-    ),
-    find=_find_svhn,
-    load=_load_svhn,
-    expected="train_32x32.mat and test_32x32.mat",
-)
+def register() -> None:
+    """Add this module's data sets to the registry (called once, by ``mae_bench.data.catalog``)."""
+    register_dataset(
+        DatasetInfo(
+            name="svhn",
+            description="SVHN: street-view house-number digits, 32x32 colour, 10 classes",
+            channels=3,
+            img_size=32,
+            num_classes=10,
+            mean=(0.4377, 0.4438, 0.4728),
+            std=(0.1980, 0.2010, 0.1970),
+            splits=("train", "test", "extra"),
+            needs_data_dir=True,
+            formats="cropped-digit .mat files: train_32x32.mat, test_32x32.mat (extra_32x32.mat)",
+            how_to_get="http://ufldl.stanford.edu/housenumbers/ (the 32x32 .mat files), or "
+            "python -c "
+            "'import torchvision; torchvision.datasets.SVHN(DIR, split=\"train\", download=True)'",
+        ),
+        find=_find_svhn,
+        load=_load_svhn,
+        expected="train_32x32.mat and test_32x32.mat",
+    )

@@ -1,5 +1,5 @@
-"""``mae-bench sweep`` and ``mae-bench report``: registered on ``mae_bench.cli.app`` when that
-module is imported (it imports this one last)."""
+"""``mae-bench sweep``: pretrain and evaluate every value x seed of one knob (the MAE paper's
+ablations), resumably."""
 
 from __future__ import annotations
 
@@ -11,12 +11,19 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from mae_bench.cli import _names, _task_progress, app, console, out
-from mae_bench.config import RunConfig
+from mae_bench.cli.common import Progress, console, log_line, names, out, task_progress
+from mae_bench.cli.config_options import SetOption, field_option, overrides
 from mae_bench.errors import ConfigError
 
+# The config fields sweep sets from its own options: a --set of one of them is refused.
+OWN_OPTIONS = {
+    "train.method": "--method", "data.dataset": "--dataset", "data.data_dir": "--data-dir",
+    "model.arch": "--arch", "model.img_size": "--img-size", "train.epochs": "--epochs",
+    "train.batch_size": "--batch-size", "train.seed": "--seeds", "train.device": "--device",
+    "train.precision": "--precision", "data.num_workers": "--num-workers",
+}
 
-@app.command()
+
 def sweep(
     knob: Annotated[
         str,
@@ -42,16 +49,15 @@ def sweep(
     ] = "mae",
     dataset: Annotated[str, typer.Option(help="Data set for pretraining and evaluation.")] = (
         "digits"),
-    data_dir: Annotated[Path, typer.Option(help="Where the data set lives.")] = None,
+    data_dir: Annotated[Path, field_option("data.data_dir")] = None,
     arch: Annotated[
         str, typer.Option(help="ViT preset (vit_tiny_patch4 / vit_mini_patch4 for 32-px images).")
     ] = "vit_mini_patch2",
-    img_size: Annotated[int, typer.Option(help="Training image size (default: the data's).")] = (
-        None),
+    img_size: Annotated[int, field_option("model.img_size")] = None,
     epochs: Annotated[
         float, typer.Option(help="Pretraining epochs of every point (may be fractional).")
     ] = 5.0,
-    batch_size: Annotated[int, typer.Option(help="Pretraining batch size (default 128).")] = None,
+    batch_size: Annotated[int, field_option("train.batch_size", default_in_help=True)] = None,
     k: Annotated[int, typer.Option("--k", help="The k shown in the summary (all k are kept).")
                  ] = 20,
     label_fraction: Annotated[
@@ -60,9 +66,10 @@ def sweep(
     pool: Annotated[str, typer.Option(help="Frozen features: cls | mean.")] = "cls",
     config: Annotated[
         Path,
-        typer.Option(help="YAML with more pretraining settings for every point; the options "
-                     "above and the swept knob win."),
+        typer.Option(help="YAML with more pretraining settings for every point; --set, the "
+                     "options above and the swept knob win."),
     ] = None,
+    sets: SetOption = None,
     runs_dir: Annotated[Path, typer.Option(help="Where the run folders go.")] = Path(
         "runs/sweeps"),
     results_dir: Annotated[
@@ -76,36 +83,33 @@ def sweep(
         bool, typer.Option("--dry-run", help="List the points and what is already done; run "
                            "nothing, write nothing.")
     ] = False,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
-    precision: Annotated[str, typer.Option(help="auto | bf16 | fp16 | fp32.")] = "auto",
-    num_workers: Annotated[int, typer.Option(help="Loader workers for streamed data.")] = None,
+    device: Annotated[str, field_option("train.device")] = "auto",
+    precision: Annotated[str, field_option("train.precision")] = "auto",
+    num_workers: Annotated[int, field_option("data.num_workers", default_in_help=True)] = None,
     cache_dir: Annotated[Path, typer.Option(help="Feature cache folder.")] = None,
-    progress: Annotated[
-        bool, typer.Option("--progress/--no-progress", help="Show progress bars.")
-    ] = True,
+    progress: Progress = True,
 ) -> None:
     """Pretrain and evaluate every value x seed of one knob (the MAE paper's ablations).
 
     Resumable: re-running skips points whose rows are in the store (never duplicating rows) and
     resumes a half-trained run; a point that fails is recorded as failed and the sweep goes on.
     Then `mae-bench report` draws the tables and figures."""
-    import yaml
+    from mae_bench.app.sweep import SweepSpec, plan_points, point_states, run_sweep, sweep_summary
+    from mae_bench.app.sweep_knobs import SWEEP_KNOBS
 
-    from evals.sweep import SweepSpec, plan_points, point_states, run_sweep, sweep_summary
-
-    overrides = {}
-    if config is not None:
-        RunConfig.from_yaml(config)  # unknown keys and bad YAML fail here, with one line
-        overrides = yaml.safe_load(config.read_text()) or {}
+    own = dict(OWN_OPTIONS)
+    if knob in SWEEP_KNOBS:  # an unknown knob is refused, with the valid ones, by the spec
+        swept = SWEEP_KNOBS[knob]
+        own[f"{swept.section}.{swept.key}"] = f"the swept knob {knob} (--values)"
     spec = SweepSpec(
-        knob=knob, values=_names(values) if values is not None else (),
-        seeds=_ints(seeds, "--seeds"), protocols=_names(protocols), method=method,
+        knob=knob, values=names(values) if values is not None else (),
+        seeds=_ints(seeds, "--seeds"), protocols=names(protocols), method=method,
         dataset=dataset, data_dir=str(data_dir) if data_dir is not None else None, arch=arch,
         img_size=img_size, epochs=epochs, batch_size=batch_size, k=k,
         label_fraction=label_fraction, pool=pool, device=device, precision=precision,
         num_workers=num_workers, runs_dir=str(runs_dir), results_dir=str(results_dir),
         cache_dir=str(cache_dir) if cache_dir is not None else None,
-        retry_failed=retry_failed, overrides=overrides,
+        retry_failed=retry_failed, overrides=overrides(config, sets, own),
         command=shlex.join(["mae-bench", *sys.argv[1:]]),
     )
     if dry_run:
@@ -123,11 +127,8 @@ def sweep(
         out.print(f"{len(states) - todo} done, {todo} to run")
         return
 
-    def log(line: str) -> None:
-        console.print(line, highlight=False, markup=False)
-
-    with _task_progress(progress) as report:
-        outcome = run_sweep(spec, log=log, progress=progress, console=console,
+    with task_progress(progress) as report:
+        outcome = run_sweep(spec, log=log_line, progress=progress, console=console,
                             eval_progress=report)
     summary = sweep_summary(spec, [s.point for s in outcome.states])
     if not summary.empty:
@@ -146,33 +147,8 @@ def sweep(
     out.print(f"next: mae-bench report --results-dir {results_dir}")
 
 
-@app.command()
-def report(
-    results_dir: Annotated[
-        Path, typer.Option(help="The results store (DIR/results.jsonl, DIR/sweeps.jsonl).")
-    ] = Path("results"),
-    out_dir: Annotated[
-        Path, typer.Option("--out", help="Folder for report.md, report.html and the figures.")
-    ] = Path("report"),
-    grids: Annotated[
-        bool, typer.Option("--grids/--no-grids",
-                           help="Draw reconstruction grids from the sweeps' MAE checkpoints.")
-    ] = True,
-    title: Annotated[str, typer.Option(help="The report's title.")] = "mae-bench report",
-) -> None:
-    """Write a Markdown + HTML report of a results store: tables (mean ± std, n, 95 %
-    interval, best marked), accuracy vs. each swept knob, accuracy vs. cost, loss curves,
-    reconstruction grids, and the commands and versions that made them."""
-    from evals.report import build_report
-
-    outcome = build_report(results_dir, out_dir, grids=grids, title=title)
-    for note in outcome.notes:
-        console.print(f"note: {note}", highlight=False, markup=False)
-    out.print(f"wrote {outcome.markdown}, {outcome.html} and {len(outcome.figures)} figure(s)")
-
-
 def _ints(text: str, option: str) -> tuple[int, ...]:
     try:
-        return tuple(int(v) for v in _names(text))
+        return tuple(int(v) for v in names(text))
     except ValueError:
         raise ConfigError(f"{option} takes whole numbers, comma-separated; got '{text}'") from None

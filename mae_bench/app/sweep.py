@@ -33,9 +33,9 @@ from typing import Any
 
 import pandas as pd
 
-from evals.compare import read_json, read_store, run_finished, silent, write_json
-from evals.run import PROTOCOLS, EvalSpec, run_eval, validate_spec
-from evals.sweep_knobs import SweepKnob, get_knob
+from mae_bench.app.compare import read_json, read_store, run_finished, silent
+from mae_bench.app.evaluation import PROTOCOLS, EvalSpec, run_eval, validate_spec
+from mae_bench.app.sweep_knobs import SweepKnob, get_knob
 from mae_bench.config import RunConfig, validate
 from mae_bench.data import load_dataset
 from mae_bench.distributed import (
@@ -44,12 +44,13 @@ from mae_bench.distributed import (
     join_process_group,
     local_only,
 )
-from mae_bench.engine import resolve_device
 from mae_bench.errors import ConfigError
+from mae_bench.files import MANIFEST_FILE, RUN_FILE, SUMMARY_FILE, write_json_atomic
 from mae_bench.methods import build_method, resolve_config
 from mae_bench.results import append_rows, git_sha, make_row
+from mae_bench.runtime import resolve_device
 
-MANIFEST = "sweeps.jsonl"
+MANIFEST = MANIFEST_FILE  # kept: tests and callers import it by this name
 COST_FILE = "sweep.json"
 # The paper's grids (He et al. 2021, Fig. 5 and Table 1), used when --values is not given.
 DEFAULT_VALUES = {
@@ -288,22 +289,22 @@ def _pretrain_point(spec: SweepSpec, knob: SweepKnob, p: SweepPoint, progress: b
 def _point_cost(p: SweepPoint) -> dict[str, Any]:
     """The run's pretraining cost: recorded in its folder, or measured now (one process) and
     recorded there."""
-    from mae_bench.speed import measure_training
+    from mae_bench.app.speed import measure_training
 
     cost = read_json(p.run_dir / COST_FILE)
     if "gflops_per_image" not in cost:
         with local_only():  # under torchrun rank 0 measures alone while the others wait
             speed = measure_training(p.cfg, steps=1, warmup=0)
-        summary = read_json(p.run_dir / "summary.json")
+        summary = read_json(p.run_dir / SUMMARY_FILE)
         t = p.cfg.train
         # the global batch (all torchrun processes), as the run recorded it
-        batch = read_json(p.run_dir / "run.json").get("effective_batch",
+        batch = read_json(p.run_dir / RUN_FILE).get("effective_batch",
                                                       t.batch_size * t.accum_iter)
         images = int(summary["total_steps"]) * int(batch)
         cost = {"gflops_per_image": float(f"{speed.gflops_per_image:.4g}"),
                 "pretrain_images": images,
                 "pretrain_gflops": float(f"{speed.gflops_per_image * images:.4g}")}
-        write_json(p.run_dir / COST_FILE, cost)
+        write_json_atomic(p.run_dir / COST_FILE, cost)
     return cost
 
 
@@ -372,7 +373,7 @@ def versions(device: str = "") -> dict[str, str]:
 
 def _append_manifest(spec: SweepSpec, knob: SweepKnob, p: SweepPoint, status: str,
                      error: str | None) -> None:
-    summary = read_json(p.run_dir / "summary.json")
+    summary = read_json(p.run_dir / SUMMARY_FILE)
     device = " ".join(str(summary[k]) for k in ("device", "precision") if k in summary)
     line = {"sweep": knob.name, "column": knob.column, "value": p.value, "seed": p.seed,
             "run_id": p.run_dir.name, "run_dir": str(p.run_dir.resolve()),

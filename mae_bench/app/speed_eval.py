@@ -1,6 +1,6 @@
 """How fast the evaluation protocols run: feature extraction, k-NN search (FAISS against a plain
 torch brute force on the same features) and the fast linear probe. ``mae-bench speed`` reports
-these beside the training numbers (``mae_bench.speed``).
+these beside the training numbers (``mae_bench.app.speed``).
 
 The k-NN and probe timings use synthetic class-structured features of a chosen size (CIFAR-10's
 50,000 x 10,000 by default): their cost depends only on the shapes, and a fixed seed makes the
@@ -18,7 +18,7 @@ from evals.features import pool_tokens
 from evals.knn import DEFAULT_KS, knn_evaluate, knn_torch
 from evals.linear import fast_linear_probe
 from mae_bench.augment import BatchViews, ViewSpec
-from mae_bench.engine import autocast
+from mae_bench.runtime import autocast
 from mae_bench.vit import VisionTransformer
 
 

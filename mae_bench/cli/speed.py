@@ -1,5 +1,5 @@
-"""``mae-bench speed``: registered on ``mae_bench.cli.app`` when that module is imported (it
-imports this one last)."""
+"""``mae-bench speed``: every method's training and the evaluation protocols, timed side by side
+in one run."""
 
 from __future__ import annotations
 
@@ -11,10 +11,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from mae_bench.cli import _names, app, console, out
+from mae_bench.cli.common import log_line, names, out
 
 
-@app.command()
 def speed(
     methods: Annotated[
         str, typer.Option(help="Methods to time, comma-separated. With mae, also MAE with mask "
@@ -66,22 +65,19 @@ def speed(
     encoder (beside their FLOP ratio), each extra precision against the first, the two attention
     paths. Evaluation: feature-extraction images/s, FAISS k-NN against a torch brute force on
     the same features (time and agreement), the fast probe's time."""
+    from mae_bench.app.speed_run import SpeedSpec, run_speed, validate_spec
     from mae_bench.results import append_rows
-    from mae_bench.speed_run import SpeedSpec, run_speed, validate_spec
 
     spec = SpeedSpec(
-        methods=_names(methods), arch=arch, img_size=img_size, batch_size=batch_size,
-        precisions=_names(precisions) or ("auto",), device=device, mask_ratio=mask_ratio,
+        methods=names(methods), arch=arch, img_size=img_size, batch_size=batch_size,
+        precisions=names(precisions) or ("auto",), device=device, mask_ratio=mask_ratio,
         steps=steps, warmup=warmup, rounds=rounds, train_images=train_images,
         eval_images=eval_images, knn_train=knn_train, knn_test=knn_test, probe=probe,
         command=shlex.join(["mae-bench", *sys.argv[1:]]),
     )
     validate_spec(spec)
 
-    def log(line: str) -> None:
-        console.print(line, highlight=False, markup=False)
-
-    outcome = run_speed(spec, log=log)
+    outcome = run_speed(spec, log=log_line)
     table = Table(title=f"training speed: {arch}, batch {batch_size} ({outcome.machine})")
     for col in ("configuration", "precision", "attention", "img/s", "GFLOP/img", "TFLOP/s",
                 "MFU %", "peak MiB", "loader x train"):

@@ -23,9 +23,9 @@ from evals.splits import stratified_subset
 from mae_bench.data import cache_writes_held, get_dataset_info, load_dataset
 from mae_bench.data.datasets import AnyDataset, ArrayDataset
 from mae_bench.distributed import is_main_process, join_process_group, wait_for_main
-from mae_bench.engine import resolve_device, resolve_precision
 from mae_bench.errors import ConfigError, DataError
 from mae_bench.results import RESULTS_FILE, append_rows, make_row
+from mae_bench.runtime import resolve_device, resolve_precision
 
 PROTOCOLS = ("knn", "linear", "fewshot", "finetune", "partial-finetune")
 # Data sets whose classes change under a horizontal flip (digits, house numbers): their training

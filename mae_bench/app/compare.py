@@ -23,7 +23,7 @@ from typing import Any
 
 import pandas as pd
 
-from evals.run import EvalSpec, run_eval, source_of, validate_spec
+from mae_bench.app.evaluation import EvalSpec, run_eval, source_of, validate_spec
 from mae_bench.config import RunConfig, validate
 from mae_bench.data import load_dataset
 from mae_bench.distributed import (
@@ -33,10 +33,17 @@ from mae_bench.distributed import (
     local_only,
     rank_and_world,
 )
-from mae_bench.engine import failed_pretrain_row, resolve_device
+from mae_bench.engine import failed_pretrain_row
 from mae_bench.errors import ConfigError, TrainingError
+from mae_bench.files import (
+    CONFIG_FILE,
+    RESULTS_FILE,
+    SUMMARY_FILE,
+    write_json_atomic,
+)
 from mae_bench.methods import method_class, resolve_config
 from mae_bench.results import append_rows, git_sha, read_results
+from mae_bench.runtime import resolve_device
 
 DEFAULT_METHODS = ("mae", "simclr", "mocov3", "byol", "dino")
 DEFAULT_BUDGET_SECONDS = 20.0  # per method, when neither epochs nor a budget is given
@@ -175,11 +182,11 @@ def run_compare(spec: CompareSpec, log: Log = print, progress: bool = True,
         if not is_main_process():
             continue
         if not done or "pretrain_seconds" not in cost:
-            summary = json.loads((run_dir / "summary.json").read_text())
+            summary = json.loads((run_dir / SUMMARY_FILE).read_text())
             cost |= {"pretrain_seconds": round(summary["train_seconds"], 2),
                      "pretrain_img_per_s": round(summary["images_per_second"] or 0.0, 2),
                      "pretrain_epochs": cfg.train.epochs}
-        write_json(run_dir / COST_FILE, cost)
+        write_json_atomic(run_dir / COST_FILE, cost)
 
     evaluated: list[str] = []
     entries: list[tuple[str, str]] = [(name, str(d)) for name, d in run_dirs.items()]
@@ -213,11 +220,11 @@ def _plan_run(spec: CompareSpec, cfg: RunConfig, run_dir: Path, n_train: int,
               world: int) -> tuple[RunConfig, dict[str, Any], bool]:
     """The run's config (its epochs sized to the budget from a measured throughput, or kept
     from an earlier plan), its recorded costs, and whether it already finished."""
-    from mae_bench.speed import measure_training
+    from mae_bench.app.speed import measure_training
 
-    planned = (run_dir / "config.yaml").is_file()
+    planned = (run_dir / CONFIG_FILE).is_file()
     if planned:  # trained (or started) before: keep the epochs it was planned with
-        saved = RunConfig.from_yaml(run_dir / "config.yaml")
+        saved = RunConfig.from_yaml(run_dir / CONFIG_FILE)
         cfg = cfg.replace(train={"epochs": saved.train.epochs})
     cost = _read_cost(run_dir)
     budgeting = spec.budget_seconds is not None and not planned
@@ -302,14 +309,14 @@ def silent(message: str) -> None:
 def read_store(results_dir: str) -> pd.DataFrame:
     """The results store's rows; an empty frame when there is none yet."""
     path = Path(results_dir)
-    if not (path / "results.jsonl").is_file() and not path.is_file():
+    if not (path / RESULTS_FILE).is_file() and not path.is_file():
         return pd.DataFrame()
     return read_results(path)
 
 
 def run_finished(run_dir: Path) -> bool:
     """Whether the run folder holds a finished run (its summary.json says so)."""
-    return bool(read_json(run_dir / "summary.json").get("finished"))
+    return bool(read_json(run_dir / SUMMARY_FILE).get("finished"))
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -318,13 +325,6 @@ def read_json(path: Path) -> dict[str, Any]:
         return json.loads(path.read_text()) if path.is_file() else {}
     except ValueError:
         return {}
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write ``data`` to ``path`` atomically (a temporary file, then a rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
 
 
 def _read_cost(run_dir: Path) -> dict[str, Any]:

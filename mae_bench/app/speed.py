@@ -6,9 +6,13 @@ machine, peak memory, and how fast the in-memory data path alone delivers batche
 ``mae-bench speed`` measures several configurations side by side with
 :func:`measure_side_by_side`: round-robin rounds, so that machine noise hits them alike.
 
-Every measured step is the engine's own step: batched augmentation of uint8 images already in
-memory, forward under autocast, backward, AdamW (foreach on CPU, fused on GPU), the method's
-step-end hook (EMA teachers). Only the learning-rate schedule and logging are left out.
+Every measured step is the engine's own step (``mae_bench.engine.build_train_step``, the one
+``mae_bench.step.TrainStep``) after batched augmentation of uint8 images already in memory:
+forward under autocast, backward (through the grad scaler in fp16), the method's
+``before_optimizer_step`` hook, gradient clipping when the config asks for it, AdamW (foreach on
+CPU, fused on GPU), the method's step-end hook (EMA teachers). One measured step is one
+micro-batch and its update (accumulation changes only how often the update runs); the learning
+rate is held at the run's peak, and logging is left out.
 """
 
 from __future__ import annotations
@@ -26,16 +30,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mae_bench.attention import attention_layers, choose_attention, set_attention
 from mae_bench.augment import BatchViews
-from mae_bench.config import RunConfig, validate
+from mae_bench.config import RunConfig, peak_lr, validate
 from mae_bench.data import DatasetInfo, load_dataset
-from mae_bench.engine import (
-    autocast,
-    build_optimizer,
-    resolve_device,
-    resolve_precision,
-    seed_everything,
-)
+from mae_bench.engine import build_optimizer, build_train_step
 from mae_bench.methods import Batch, Method, build_method, resolve_config
+from mae_bench.runtime import resolve_device, resolve_precision, seed_everything
+from mae_bench.step import grad_scaler
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -137,8 +137,13 @@ def matmul_peak(device: torch.device, precision: str, sizes: tuple[int, ...] | N
     return best
 
 
+# The run length the hooks are told (schedules inside a method, e.g. DINO's teacher momentum).
+_TOTAL_STEPS = 100
+
+
 class _Trainer:
-    """One configuration ready to step: method, views, optimizer and its own generator."""
+    """One configuration ready to step: method, views, the engine's train step (optimizer,
+    scaler, clipping, hooks) and its own generator."""
 
     def __init__(self, cfg: RunConfig, info: DatasetInfo, img_size: int,
                  device: torch.device, precision: str):
@@ -146,7 +151,11 @@ class _Trainer:
         seed_everything(t.seed)
         self.method = build_method(cfg, info.channels, img_size).to(device).train()
         self.views = [BatchViews(s, info.mean, info.std) for s in self.method.view_specs()]
-        self.optimizer = build_optimizer(self.method, t.weight_decay, device)
+        lr = peak_lr(t, t.batch_size * t.accum_iter)
+        optimizer = build_optimizer(self.method, t.weight_decay, device)
+        self.train_step = build_train_step(
+            cfg, self.method, optimizer, lambda _: lr, device=device, precision=precision,
+            total_steps=_TOTAL_STEPS, scaler=grad_scaler(precision), accum_iter=1)
         self.gen = torch.Generator(device=device).manual_seed(t.seed)
         self.device, self.precision = device, precision
         self.attention = choose_attention(self.method, t.attention or "auto",
@@ -156,19 +165,14 @@ class _Trainer:
     def batch(self, images: torch.Tensor, labels: torch.Tensor) -> Batch:
         images = images.to(self.device, non_blocking=True)
         return Batch([v(images, self.gen) for v in self.views], labels.to(self.device),
-                     self.gen, 0, 100)
+                     self.gen, self.train_step.step, _TOTAL_STEPS)
 
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
         """One timed training step (data path included); returns its seconds."""
         _sync(self.device)
         start = time.perf_counter()
         b = self.batch(images, labels)
-        with autocast(self.device, self.precision):
-            loss = self.method(b)["loss"]
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.method.on_step_end(1, 100)
+        self.train_step.micro_batch(lambda: self.method(b))
         _sync(self.device)
         return time.perf_counter() - start
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import pandas as pd
 
-from evals.report_doc import (
+from mae_bench.app.report_doc import (
     Block,
     Code,
     Figure,
@@ -33,12 +33,18 @@ from evals.report_doc import (
     to_html,
     to_markdown,
 )
-from evals.sweep_knobs import SWEEP_KNOBS
+from mae_bench.app.sweep_knobs import SWEEP_KNOBS
 from mae_bench.errors import ConfigError, MaeBenchError
-from mae_bench.results import EVAL_KNOBS, RESULTS_FILE, aggregate, group_columns, read_results
+from mae_bench.files import MANIFEST_FILE, METRICS_FILE
+from mae_bench.results import (
+    EVAL_KNOBS,
+    RESULTS_FILE,
+    aggregate,
+    format_cell,
+    group_columns,
+    read_results,
+)
 
-MANIFEST_FILE = "sweeps.jsonl"
-METRICS_FILE = "metrics.jsonl"
 PROTOCOL_ORDER = ("knn", "linear", "fewshot", "finetune", "partial-finetune")
 # ---------------------------------------------------------------------------------- public API
 
@@ -220,7 +226,7 @@ def _tables(values: list[str], g: _Group, stats: dict[str, dict[str, dict]],
         means = [stats[name][v]["mean"] if v in stats[name] else math.nan for v in values]
         best = max((m for m in means if not math.isnan(m)), default=math.nan)
         bold |= {(i, j) for i, m in enumerate(means) if m == best}
-    body = [[v, *(_cell(stats[n].get(v)) for n in names),
+    body = [[v, *(format_cell(stats[n].get(v)) for n in names),
              *(_fmt_number(costs[c][v]) for c in costs)] for v in values]
     ci = [[v, *(_interval(stats[n].get(v)) for n in names)] for v in values]
     return [
@@ -378,7 +384,7 @@ def _grids(values: list[str], g: _Group, entries: list[dict], w: _Writer) -> lis
             continue
         path = w.out_dir / f"{g.slug}-recon-{_slug(label)}.png"
         try:
-            from mae_bench.visualize import reconstruction_grid
+            from mae_bench.app.visualize import reconstruction_grid
 
             reconstruction_grid(ready[0]["run_dir"], path, num_images=6)
         except (MaeBenchError, OSError) as exc:
@@ -422,7 +428,7 @@ def _other_section(rows: pd.DataFrame) -> list[Block]:
     ident = ["method", "arch", "dataset", "protocol"]
     shown = ident + [c for c in key if c not in ident + ["metric"]
                      and agg[c].nunique(dropna=False) > 1]
-    body = [[_fmt_value(r[c]) for c in shown] + [_cell(r), _interval(r)]
+    body = [[_fmt_value(r[c]) for c in shown] + [format_cell(r), _interval(r)]
             for r in agg.to_dict("records")]
     return [Heading("Other results"),
             Paragraph("Rows without a sweep (mae-bench compare / eval): top-1 accuracy (%), "
@@ -523,17 +529,6 @@ def _read_curve(path: Path) -> tuple[list[float], list[float]]:
             steps.append(step)
             losses.append(loss)
     return steps, losses
-
-
-def _cell(s: dict | None) -> str:
-    """``72.00 ± 2.00 (n=3, 1 failed)``; std "–" for n=1; "" when nothing was measured."""
-    if s is None:
-        return ""
-    n, failed = int(s["n"]), int(s["failed"])
-    if n == 0:
-        return f"all {failed} failed"
-    std = "–" if n == 1 else f"{s['std']:.2f}"
-    return f"{s['mean']:.2f} ± {std} (n={n}" + (f", {failed} failed)" if failed else ")")
 
 
 def _interval(s: dict | None) -> str:

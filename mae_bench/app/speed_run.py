@@ -25,13 +25,13 @@ from typing import Any
 
 import torch
 
+from mae_bench.app.speed import TrainSpeed, matmul_peak, measure_side_by_side
 from mae_bench.config import RunConfig
 from mae_bench.data import DatasetInfo
-from mae_bench.engine import cpu_has_fast_bf16, device_name, resolve_device, resolve_precision
 from mae_bench.errors import ConfigError
 from mae_bench.methods import METHODS
 from mae_bench.results import make_row
-from mae_bench.speed import TrainSpeed, matmul_peak, measure_side_by_side
+from mae_bench.runtime import cpu_has_fast_bf16, device_name, resolve_device, resolve_precision
 from mae_bench.vit import get_preset
 
 MASK_TOKENS = "mae [M]"  # the case name of MAE with mask tokens in the encoder
@@ -189,7 +189,12 @@ def _ratios(train: dict[str, TrainSpeed]) -> dict[str, float]:
 def _measure_evals(spec: SpeedSpec, configs: dict[str, RunConfig], info: DatasetInfo,
                    images: torch.Tensor, device: torch.device,
                    log: Callable[[str], None]) -> dict[str, float]:
-    from evals.speed_eval import extraction_speed, knn_speed, probe_seconds, synthetic_features
+    from mae_bench.app.speed_eval import (
+        extraction_speed,
+        knn_speed,
+        probe_seconds,
+        synthetic_features,
+    )
     from mae_bench.vit import build_vit
 
     out: dict[str, float] = {}

@@ -1,0 +1,146 @@
+"""Command-line options generated from the run config: one per ``RunConfig`` field, plus
+``--set SECTION.KEY=VALUE`` for any field.
+
+Each option's name, type, default and help come from the field (``mae_bench.config.KNOBS``, built
+from the dataclasses and their ``metadata``), so a new knob is one field in ``config.py``. An
+option is named after its field (``--decoder-embed-dim``); a field whose option had another name
+before keeps it as a second name (``--decoder-dim``, from ``metadata["flag"]``).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from mae_bench.config import KNOBS, Knob, RunConfig, knob_named, parse_assignment
+from mae_bench.errors import ConfigError
+
+SetOption = Annotated[
+    list[str],
+    typer.Option(
+        "--set",
+        metavar="SECTION.KEY=VALUE",
+        help="Set any config field, e.g. --set ssl.teacher_temp=0.07 --set "
+        "mae.norm_pix_loss=false (repeatable). VALUE is a YAML scalar (5, 1e-3, true, null); "
+        "the keys are the fields of a run's config.yaml.",
+    ),
+]
+_PARAM_SEP = "__"  # the Python name of a generated parameter: model__decoder_embed_dim
+
+
+def param_name(knob: Knob) -> str:
+    return f"{knob.section}{_PARAM_SEP}{knob.key}"
+
+
+def _panel(section: str) -> str:
+    return f"Config: {section} (YAML section '{section}:', or --set {section}.KEY=VALUE)"
+
+
+def _shown(knob: Knob) -> str:
+    if knob.value_type is bool:
+        return knob.flags[0] if knob.default else "--no-" + knob.flags[0][2:]
+    return f"{knob.default:g}" if isinstance(knob.default, float) else str(knob.default)
+
+
+def field_option(name: str, panel: str | None = None, default_in_help: bool = False) -> Any:
+    """The typer option of the field ``section.key``: its names and help. Compare and sweep use
+    it for their options that mean the same as a field; where such an option's own default is
+    None (the field's default applies), ``default_in_help`` shows the field's default."""
+    knob = knob_named(name)
+    decls = ([f"{f}/--no-{f[2:]}" for f in knob.flags] if knob.value_type is bool
+             else list(knob.flags))
+    text = knob.help
+    if default_in_help and knob.default is not None:
+        text += f" Default: {_shown(knob)}."
+    return typer.Option(*decls, help=text, rich_help_panel=panel)
+
+
+def _parameter(knob: Knob) -> inspect.Parameter:
+    """A generated parameter, with the field's default (shown in the help). Only a value given
+    on the command line counts: the wrapper of ``with_config_options`` turns the others into
+    None, so the config (defaults, or --config) keeps its value."""
+    return inspect.Parameter(param_name(knob), inspect.Parameter.KEYWORD_ONLY,
+                             default=knob.default,
+                             annotation=Annotated[knob.value_type,
+                                                  field_option(knob.name, _panel(knob.section))])
+
+
+_CONTEXT = "cli_context"  # the typer.Context parameter the wrapper adds
+
+
+def with_config_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Give ``command`` one option per ``RunConfig`` field; it receives them in its
+    ``**knobs`` (``{"train__epochs": 5.0, ...}``), None where not given on the command line."""
+    sig = inspect.signature(command, eval_str=True)
+    own = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    generated = [_parameter(k) for k in KNOBS]
+    clash = {p.name for p in own} & {p.name for p in generated} or (
+        {f for p in own for f in _flags(p)} & {f for k in KNOBS for f in k.flags})
+    if clash:
+        raise TypeError(f"{command.__name__}: options {sorted(clash)} are also config fields")
+    names = [p.name for p in generated]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs: Any) -> None:
+        ctx = kwargs.pop(_CONTEXT)
+        for name in names:  # a default (not typed by the user) must not override --config
+            source = ctx.get_parameter_source(name)
+            if getattr(source, "name", "DEFAULT") not in ("COMMANDLINE", "ENVIRONMENT"):
+                kwargs[name] = None
+        return command(**kwargs)
+
+    context = inspect.Parameter(_CONTEXT, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                annotation=typer.Context)
+    wrapper.__signature__ = sig.replace(parameters=[context, *own, *generated])  # for typer
+    return wrapper
+
+
+def _flags(param: inspect.Parameter) -> list[str]:
+    infos = getattr(param.annotation, "__metadata__", ())
+    decls = [d for info in infos for d in (getattr(info, "param_decls", None) or ())]
+    return [f for d in decls for f in d.split("/")] or ["--" + param.name.replace("_", "-")]
+
+
+def config_from_options(base: RunConfig, knobs: Mapping[str, Any],
+                        sets: Sequence[str] | None) -> RunConfig:
+    """``base`` with the generated options that were given (not None) and every ``--set``.
+
+    Raises:
+        ConfigError: a --set that does not parse or fit its field, or one field given twice
+            with different values (``--epochs 5 --set train.epochs=6``).
+    """
+    values: dict[str, Any] = {}
+    given: dict[str, str] = {}  # field -> how it was given, for the error message
+    for param, value in knobs.items():
+        if value is not None:
+            knob = knob_named(param.replace(_PARAM_SEP, ".", 1))
+            values[knob.name], given[knob.name] = value, f"{knob.flags[0]} {value}"
+    for text in sets or []:
+        name, value = parse_assignment(text)
+        if name in values and values[name] != value:
+            raise ConfigError(f"{name} is given twice ({given[name]} and --set {text}); "
+                              "give it once")
+        values[name], given[name] = value, f"--set {text}"
+    return base.override(values)
+
+
+def overrides(config: Path | None, sets: Sequence[str] | None,
+              own_options: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """The extra pretraining settings of compare and sweep: --config, then --set, as the plain
+    dict their specs take ({} when neither is given). A --set of a field the command sets
+    with an option of its own (``own_options``: field -> option) is refused, naming the
+    option, since the command's option would win."""
+    for text in sets or []:
+        name = parse_assignment(text)[0]
+        if name in own_options:
+            raise ConfigError(f"--set {text}: {name} is set by {own_options[name]} here "
+                              "(it would win over --set); use that")
+    if config is None and not sets:
+        return {}
+    base = RunConfig.from_yaml(config) if config is not None else RunConfig()
+    return config_from_options(base, {}, sets).to_dict()

@@ -1,0 +1,157 @@
+"""``mae-bench eval``: one protocol on an encoder (or precomputed features); a table, and one
+result row per number."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from mae_bench.cli.common import Progress, TrustCheckpoint, console, main_rank, out, task_progress
+from mae_bench.errors import MaeBenchError
+
+
+def eval_(
+    protocol: Annotated[
+        str,
+        typer.Option(help="knn | linear | fewshot | finetune | partial-finetune."),
+    ],
+    checkpoint: Annotated[
+        str,
+        typer.Option(
+            help="What to evaluate: a run folder or checkpoint file (mae-bench or an official "
+            "MAE pretrain checkpoint), or a reference: 'pixels' (raw pixels as features) or "
+            "'random' (a random encoder of --arch)."
+        ),
+    ] = None,
+    features: Annotated[
+        Path,
+        typer.Option(
+            help="Instead of --checkpoint: a folder of precomputed embeddings "
+            "(train_features.npy, train_labels.npy, test_features.npy, test_labels.npy)."
+        ),
+    ] = None,
+    arch: Annotated[
+        str,
+        typer.Option(help="Preset of the 'random' encoder; for a checkpoint, the expected one."),
+    ] = None,
+    dataset: Annotated[
+        str, typer.Option(help="Evaluation data set (default: the run's, else digits).")
+    ] = None,
+    data_dir: Annotated[Path, typer.Option(help="Where the data set lives.")] = None,
+    pool: Annotated[
+        str, typer.Option(help="Frozen features: cls (normed cls token) | mean (patch tokens).")
+    ] = "cls",
+    k: Annotated[
+        str, typer.Option("--k", help="k-NN: neighbour counts, one search for all.")
+    ] = "10,20,100,200",
+    temperature: Annotated[
+        float, typer.Option(help="k-NN: vote weight exp(sim / T) (DINO: 0.07).")
+    ] = 0.07,
+    probe: Annotated[
+        str,
+        typer.Option(
+            help="linear / fewshot: fast (softmax regression on cached features, its weight "
+            "decay chosen on a validation split of the training set) | mae (the MAE paper's "
+            "protocol: BatchNorm + linear head, LARS, crops and flips through the frozen "
+            "encoder; made for large batches: at small ones raise --blr)."
+        ),
+    ] = "fast",
+    label_fraction: Annotated[
+        float,
+        typer.Option(help="Train on a stratified, seeded fraction of the labels (few-shot)."),
+    ] = 1.0,
+    blocks: Annotated[
+        int, typer.Option(help="partial-finetune: train the last N blocks and the head.")
+    ] = None,
+    init: Annotated[
+        str,
+        typer.Option(help="finetune: pretrained | random (the same recipe from scratch)."),
+    ] = "pretrained",
+    epochs: Annotated[
+        int,
+        typer.Option(help="Training epochs: linear --probe mae 90, finetune 100 (the paper's)."),
+    ] = None,
+    batch_size: Annotated[
+        int, typer.Option(help="Training batch size: linear --probe mae 256, finetune 128.")
+    ] = None,
+    blr: Annotated[
+        float, typer.Option(help="Base lr (x batch / 256): probe mae 0.1, finetune 1e-3.")
+    ] = None,
+    lr: Annotated[float, typer.Option(help="finetune: absolute lr, overrides --blr.")] = None,
+    weight_decay: Annotated[float, typer.Option(help="finetune: AdamW weight decay.")] = None,
+    layer_decay: Annotated[
+        float, typer.Option(help="finetune: layer-wise lr decay (MAE: 0.75).")
+    ] = 0.75,
+    drop_path: Annotated[float, typer.Option(help="finetune: stochastic depth.")] = 0.1,
+    mixup: Annotated[float, typer.Option(help="finetune: mixup alpha (0 = off).")] = 0.8,
+    cutmix: Annotated[float, typer.Option(help="finetune: cutmix alpha (0 = off).")] = 1.0,
+    smoothing: Annotated[float, typer.Option(help="finetune: label smoothing.")] = 0.1,
+    seed: Annotated[
+        int, typer.Option(help="Seeds probes, subsets, and the 'random' encoder.")
+    ] = 0,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
+    precision: Annotated[
+        str, typer.Option(help="auto | bf16 | fp16 | fp32 (auto: bf16 where it is fast).")
+    ] = "auto",
+    results_dir: Annotated[
+        Path, typer.Option(help="Results store: rows are appended to DIR/results.jsonl.")
+    ] = Path("results"),
+    cache_dir: Annotated[
+        Path,
+        typer.Option(help="Feature cache (default $MAE_BENCH_CACHE or ~/.cache/mae-bench)."),
+    ] = None,
+    cache: Annotated[
+        bool, typer.Option("--cache/--no-cache", help="Reuse cached features.")
+    ] = True,
+    trust_checkpoint: TrustCheckpoint = False,
+    progress: Progress = True,
+) -> None:
+    """Evaluate an encoder (or precomputed features) with one protocol; print a table and append
+    one row per number to the results store."""
+    from mae_bench.app.evaluation import EvalSpec, run_eval
+
+    spec = EvalSpec(
+        protocol=protocol, checkpoint=checkpoint,
+        features_dir=str(features) if features is not None else None, arch=arch,
+        dataset=dataset, data_dir=str(data_dir) if data_dir is not None else None, pool=pool,
+        ks=_int_list(k, "--k"), temperature=temperature, probe=probe,
+        label_fraction=label_fraction, blocks=blocks, init=init, epochs=epochs,
+        batch_size=batch_size, blr=blr, lr=lr, weight_decay=weight_decay,
+        layer_decay=layer_decay, drop_path=drop_path, mixup=mixup, cutmix=cutmix,
+        label_smoothing=smoothing, seed=seed, device=device, precision=precision,
+        cache_dir=str(cache_dir) if cache_dir is not None else None, use_cache=cache,
+        trust_checkpoint=trust_checkpoint, results_dir=str(results_dir),
+    )
+    with task_progress(progress and main_rank()) as report:
+        outcome = run_eval(spec, report)
+    if not main_rank():  # rank 0 holds the numbers and reports them
+        return
+    for note in outcome.notes:
+        console.print(note, highlight=False)
+    out.print(_rows_table(outcome.rows))
+    out.print(f"{len(outcome.rows)} rows appended to {outcome.results_file} "
+              f"({outcome.seconds:.1f} s)")
+
+
+def _int_list(text: str, option: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise MaeBenchError(f"{option} takes comma-separated integers, got {text!r}") from None
+
+
+def _rows_table(rows: list[dict]) -> Table:
+    first = rows[0]
+    title = (f"{first['protocol']}: {first['method']} {first['arch']} "
+             f"({first['checkpoint']}) on {first['dataset']}")
+    table = Table(title=title)
+    knobs = [k for k in ("k", "temperature", "pool", "probe", "label_fraction", "init", "blocks",
+                         "epochs", "map_r_cap") if any(k in r for r in rows)]
+    for col in ("metric", *knobs, "value"):
+        table.add_column(col, justify="right" if col == "value" else "left")
+    for r in rows:
+        table.add_row(r["metric"], *(str(r.get(k, "")) for k in knobs), f"{r['value']:.2f}")
+    return table

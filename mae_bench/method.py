@@ -1,0 +1,74 @@
+"""The Method contract (core): what the one training loop drives and the protocols evaluate.
+
+Methods themselves (MAE and the baselines) and their registry live one layer up, in
+``mae_bench.methods``.
+
+A Method is an ``nn.Module`` that the one training loop (``mae_bench.engine``) drives:
+
+- ``view_specs()``: the train-time views it needs (MAE: one random resized crop + flip).
+- ``forward(batch) -> {"loss": ..., other scalars}``.
+- ``on_step_end(step, total_steps)``: momentum / EMA updates after each optimizer step.
+- ``before_optimizer_step(step, total_steps)``: gradient surgery (DINO freezes its last layer).
+- ``defaults``: the method's own learning rate, weight decay and ``ssl`` knobs, filled into a
+  config wherever it leaves them None (``resolve_config``), so every run folder records them.
+- ``encoder``: the ViT that the evaluation protocols use.
+- ``no_weight_decay()``: parameter names that get no weight decay.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mae_bench.augment import ViewSpec
+from mae_bench.vit import VisionTransformer
+
+
+@dataclass
+class Batch:
+    """One training batch after augmentation.
+
+    Attributes:
+        views: one [N, C, H, W] normalised float tensor per view spec.
+        labels: [N] int64 (-1 where unknown); methods must not use them for pretraining.
+        generator: the step's random generator (masking noise etc.), seeded from the global
+            step so that a resumed run replays exactly.
+        step, total_steps: where the run is, for schedules applied inside ``forward`` (DINO's
+            teacher temperature).
+    """
+
+    views: list[Tensor]
+    labels: Tensor
+    generator: torch.Generator
+    step: int = 0  # optimizer steps done before this batch (schedules inside forward)
+    total_steps: int = 1
+
+
+class Method(nn.Module, abc.ABC):
+    """Base class: see the module docstring for the contract."""
+
+    name: str = ""
+    defaults: dict[str, dict[str, Any]] = {}
+
+    @abc.abstractmethod
+    def view_specs(self) -> list[ViewSpec]:
+        """The train-time views, one spec per view the forward pass expects."""
+
+    def on_step_end(self, step: int, total_steps: int) -> None:
+        """Called after every optimizer step (step counts from 1)."""
+
+    def before_optimizer_step(self, step: int, total_steps: int) -> None:
+        """Called after the gradients of optimizer step ``step`` (0-based) are complete, before
+        clipping and the update."""
+
+    @property
+    @abc.abstractmethod
+    def encoder(self) -> VisionTransformer:
+        """The ViT that the evaluation protocols use."""
+
+    def no_weight_decay(self) -> set[str]:
+        return set()
