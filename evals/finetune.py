@@ -145,6 +145,7 @@ def finetune(
     device: torch.device | str = "cpu",
     precision: str = "fp32",
     clip_grad: float | None = None,
+    head_init_std: float | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, float]:
     """Fine-tune ``model`` (in place, moved to ``device``) on ``train``; evaluate on ``test``.
@@ -203,6 +204,8 @@ def finetune(
         precision: "auto" | "bf16" | "fp16" (grad scaler; CUDA only) | "fp32"
             (``mae_bench.config.PRECISIONS``).
         clip_grad: clip the gradient norm to this; None: no clipping (as MAE).
+        head_init_std: re-initialise the head's weight from a truncated normal of this std and
+            its bias at zero (official fine-tuning: 2e-5); None: keep the model's head.
         progress: called with (steps done, total steps) after each optimizer step.
 
     Returns:
@@ -231,6 +234,9 @@ def finetune(
     rows = slice(rank * per_rank, (rank + 1) * per_rank)  # this process's share of a batch
 
     seed_everything(seed)
+    if head_init_std is not None:
+        nn.init.trunc_normal_(model.head.weight, std=head_init_std)
+        nn.init.zeros_(model.head.bias)
     depth = len(model.blocks)
     freeze_for_partial(model, depth if partial_blocks is None else partial_blocks)
     frozen_blocks = [b for b in model.blocks if not any(p.requires_grad for p in b.parameters())]

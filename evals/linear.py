@@ -37,6 +37,7 @@ from mae_bench.vit import VisionTransformer
 
 # MAE's linear probe crops harder than its pretraining (0.2-1): torchvision's default range.
 PROBE_CROP_SCALE = (0.08, 1.0)
+PROBE_OPTIMIZERS = ("lars", "sgd")
 
 
 def topk_correct(logits: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) -> list[int]:
@@ -72,6 +73,9 @@ def linear_probe(
     batch_size: int = 256,
     blr: float = 0.1,
     warmup_epochs: float | None = None,
+    optimizer: str = "lars",
+    weight_decay: float = 0.0,
+    crop_scale: tuple[float, float] = PROBE_CROP_SCALE,
     seed: int = 0,
     device: torch.device = torch.device("cpu"),
     precision: str = "fp32",
@@ -105,6 +109,11 @@ def linear_probe(
             batches are dropped, as MAE does.
         blr: base learning rate; lr = blr x batch / 256 (MAE: 0.1).
         warmup_epochs: linear warmup length; None: 10% of ``epochs`` (MAE: 10 of 90).
+        optimizer: "lars" (MAE's: SGD with momentum 0.9 and LARS's per-layer trust ratio) or
+            "sgd" (momentum 0.9, no trust ratio: converges at the small batches of one machine,
+            see ``evals.recipes.auto_probe``).
+        weight_decay: on the linear layer's weight (MAE: 0).
+        crop_scale: area range of the training crops (MAE: 0.08-1).
         seed: seeds every random choice; the same seed gives the same result on CPU.
         device: where the encoder and head run.
         precision: "auto", "bf16", "fp16" (CUDA only) or "fp32" (``mae_bench.config.
@@ -122,7 +131,7 @@ def linear_probe(
             cannot share equally.
     """
     img_size = _check_probe_args(encoder, train, test, pool, img_size, epochs, batch_size, blr,
-                                 warmup_epochs)
+                                 warmup_epochs, optimizer, weight_decay, crop_scale)
     precision = resolve_precision(precision, device)  # validates the name
     num_classes = len(train.classes)
     indices = _check_indices(train_indices, len(train))
@@ -146,15 +155,15 @@ def linear_probe(
     head = probe_head(encoder.embed_dim, num_classes, torch.Generator().manual_seed(seed))
     # Under torchrun: BatchNorm statistics over the global batch, as in one process.
     head = sync_batchnorm(head.to(device), device)
-    optimizer = LARS(head.parameters(), lr=0.0, weight_decay=0.0, momentum=0.9)
+    opt = _probe_optimizer(optimizer, head, weight_decay)
     train_head: nn.Module = head
     if world > 1:
         train_head = nn.parallel.DistributedDataParallel(
             head, device_ids=[device.index] if device.type == "cuda" else None)
-    train_step = TrainStep(train_head, optimizer,
+    train_step = TrainStep(train_head, opt,
                            lambda s: lr_at(s, steps_per_epoch, epochs, warmup, peak_lr, 0.0),
                            device=device, precision=precision)
-    views = BatchViews(ViewSpec(img_size, scale=PROBE_CROP_SCALE), train.info.mean, train.info.std)
+    views = BatchViews(ViewSpec(img_size, scale=crop_scale), train.info.mean, train.info.std)
     order_gen = torch.Generator().manual_seed(seed)
     view_gen = torch.Generator(device=device).manual_seed(seed)
 
@@ -235,9 +244,22 @@ def _broadcast_weights(module: nn.Module) -> None:
         dist.broadcast(tensor.detach(), src=0)
 
 
+def _probe_optimizer(name: str, head: nn.Module, weight_decay: float) -> torch.optim.Optimizer:
+    """The probe head's optimizer: LARS (MAE) or plain SGD, both with momentum 0.9; weight
+    decay on the linear weight only."""
+    decay = [p for n, p in head.named_parameters() if p.ndim > 1]
+    rest = [p for n, p in head.named_parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": rest, "weight_decay": 0.0}]
+    if name == "lars":
+        return LARS(groups, lr=0.0, weight_decay=0.0, momentum=0.9)
+    return torch.optim.SGD(groups, lr=0.0, momentum=0.9)
+
+
 def _check_probe_args(encoder: VisionTransformer, train: ArrayDataset, test: ArrayDataset,
                       pool: str, img_size: int | None, epochs: int, batch_size: int, blr: float,
-                      warmup_epochs: float | None) -> int:
+                      warmup_epochs: float | None, optimizer: str, weight_decay: float,
+                      crop_scale: tuple[float, float]) -> int:
     """Validates linear_probe's arguments; returns the image size to use."""
     for name, ds in (("train", train), ("test", test)):
         if not hasattr(ds, "images"):
@@ -252,6 +274,12 @@ def _check_probe_args(encoder: VisionTransformer, train: ArrayDataset, test: Arr
                           f"batch_size={batch_size}, blr={blr}")
     if warmup_epochs is not None and not 0 <= warmup_epochs <= epochs:
         raise ConfigError(f"warmup_epochs must be in [0, epochs={epochs}], got {warmup_epochs}")
+    if optimizer not in PROBE_OPTIMIZERS:
+        raise ConfigError(f"unknown probe optimizer {optimizer!r}; valid: "
+                          f"{', '.join(PROBE_OPTIMIZERS)}")
+    if weight_decay < 0 or not 0 < crop_scale[0] <= crop_scale[1] <= 1:
+        raise ConfigError(f"need weight_decay >= 0 and 0 < crop_scale[0] <= crop_scale[1] <= 1, "
+                          f"got {weight_decay} and {crop_scale}")
     native = encoder.grid_size * encoder.patch_size
     if img_size is not None and img_size != native:
         raise ConfigError(f"img_size {img_size} differs from the encoder's {native} (its "

@@ -147,7 +147,6 @@ def _check_scalar(name: str, value: Any) -> str | int | float | bool | None:
 
 
 @functools.lru_cache(maxsize=1)
-@functools.lru_cache(maxsize=1)
 def git_sha() -> str | None:
     """The commit of the git checkout holding this package; None when it is not in one.
 

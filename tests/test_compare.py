@@ -134,3 +134,23 @@ def test_the_random_row_is_every_methods_starting_encoder(seed):
         start = build_method(cfg, 3, 16).encoder.state_dict()
         assert start.keys() >= random_encoder.keys(), name
         assert all(torch.equal(start[k], v) for k, v in random_encoder.items()), name
+
+
+def test_compare_adds_a_finetune_column_with_the_scratch_baseline(tmp_path):
+    spec = _spec(tmp_path, methods=("mae",), protocols=("knn", "finetune"), finetune_epochs=1)
+    table = run_compare(spec, log=lambda _: None, progress=False).table
+    assert list(table.index) == ["mae", "pixels", "random"]
+    assert "finetune top-1" in table.columns
+    assert table.loc[["mae", "random"], "finetune top-1"].notna().all()
+    assert table.loc["pixels", "finetune top-1"] != table.loc["pixels", "finetune top-1"]  # NaN
+    rows = read_results(tmp_path / "results")
+    ft = rows[rows["protocol"] == "finetune"].set_index("run_id")
+    # every row names its recipe and schedule; the random row is the from-scratch baseline
+    assert set(ft["recipe"]) == {"auto"} and set(ft["epochs"]) == {1}
+    assert set(ft["init"]) == {"pretrained", "random"}
+    assert (ft.loc[ft["init"] == "random", "layer_decay"] == 1.0).all()
+    assert (ft.loc[ft["init"] == "pretrained", "layer_decay"] < 1.0).all()
+    # a second compare with another schedule fine-tunes again instead of reusing these rows
+    again = run_compare(_spec(tmp_path, methods=("mae",), protocols=("finetune",),
+                              finetune_epochs=2), log=lambda _: None, progress=False)
+    assert len(again.evaluated) == 2

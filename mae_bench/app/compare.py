@@ -72,6 +72,8 @@ class CompareSpec:
     references: bool = True
     k: int = 20  # the k-NN column of the table
     label_fraction: float = 0.1  # fewshot only
+    finetune_epochs: int = 20  # finetune only: a first look, not the paper's 100
+    recipe: str = "auto"  # finetune: evals/recipes.py (the random row gets the scratch baseline)
     pool: str = "cls"
     device: str = "auto"
     precision: str = "auto"
@@ -278,8 +280,9 @@ def _eval_spec(spec: CompareSpec, protocol: str, checkpoint: str,
                     arch=spec.arch if checkpoint == "random" else None, dataset=spec.dataset,
                     data_dir=spec.data_dir, pool=spec.pool,
                     label_fraction=spec.label_fraction if protocol == "fewshot" else 1.0,
-                    seed=spec.seed, device=spec.device, precision=spec.precision,
-                    cache_dir=spec.cache_dir, use_cache=spec.use_cache,
+                    epochs=spec.finetune_epochs if protocol == "finetune" else None,
+                    recipe=spec.recipe, seed=spec.seed, device=spec.device,
+                    precision=spec.precision, cache_dir=spec.cache_dir, use_cache=spec.use_cache,
                     results_dir=spec.results_dir, extra=extra or {})
 
 
@@ -295,6 +298,9 @@ def _select(store: pd.DataFrame, run_id: str, spec: CompareSpec, protocol: str) 
                 & (store["protocol"] == protocol) & (store["status"] == "ok")]
     if "pool" in sel and not run_id.startswith("pixels"):
         sel = sel[sel["pool"].isna() | (sel["pool"] == spec.pool)]
+    if protocol == "finetune":  # rows of this schedule and recipe only
+        for column, wanted in (("epochs", spec.finetune_epochs), ("recipe", spec.recipe)):
+            sel = sel[sel[column] == wanted] if column in sel else sel.iloc[:0]
     return sel
 
 

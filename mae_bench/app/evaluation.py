@@ -8,6 +8,7 @@ once, calls the protocol, and turns the returned numbers into result rows (one p
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ import torch
 
 from evals.encoders import REFERENCES, EncoderSource, load_source
 from evals.features import POOLS, features_for
+from evals.recipes import RECIPES, FinetuneRecipe, finetune_recipe, probe_recipe
 from evals.splits import stratified_subset
 from mae_bench.data import cache_writes_held, get_dataset_info, load_dataset
 from mae_bench.data.datasets import AnyDataset, ArrayDataset
@@ -55,16 +57,19 @@ class EvalSpec:
     label_fraction: float = 1.0
     blocks: int | None = None  # partial-finetune: trained blocks
     init: str = "pretrained"  # finetune: pretrained | random (the from-scratch baseline)
+    # Trained protocols: a recipe (evals/recipes.py: auto | paper) and overrides of its knobs
+    # (None: the recipe's value).
+    recipe: str = "auto"
     epochs: int | None = None
     batch_size: int | None = None
     blr: float | None = None
     lr: float | None = None
     weight_decay: float | None = None
-    layer_decay: float = 0.75
-    drop_path: float = 0.1
-    mixup: float = 0.8
-    cutmix: float = 1.0
-    label_smoothing: float = 0.1
+    layer_decay: float | None = None
+    drop_path: float | None = None
+    mixup: float | None = None
+    cutmix: float | None = None
+    label_smoothing: float | None = None
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
@@ -96,8 +101,11 @@ def validate_spec(spec: EvalSpec) -> None:
         (spec.batch_size is None or spec.batch_size >= 2,
          f"--batch-size must be >= 2, got {spec.batch_size}"),
         (spec.blocks is None or spec.blocks >= 0, f"--blocks must be >= 0, got {spec.blocks}"),
-        (0.0 < spec.layer_decay <= 1.0, f"--layer-decay must be in (0, 1], got {spec.layer_decay}"),
-        (0.0 <= spec.drop_path < 1.0, f"--drop-path must be in [0, 1), got {spec.drop_path}"),
+        (spec.layer_decay is None or 0.0 < spec.layer_decay <= 1.0,
+         f"--layer-decay must be in (0, 1], got {spec.layer_decay}"),
+        (spec.drop_path is None or 0.0 <= spec.drop_path < 1.0,
+         f"--drop-path must be in [0, 1), got {spec.drop_path}"),
+        (spec.recipe in RECIPES, f"unknown recipe {spec.recipe!r}; valid: {', '.join(RECIPES)}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -254,9 +262,9 @@ def run_eval(spec: EvalSpec, progress: Progress | None = None) -> EvalOutcome:
     if protocol in ("knn", "linear", "fewshot") and (spec.probe == "fast" or protocol == "knn"):
         numbers = _frozen_feature_protocol(spec, inputs, device, precision, notes, progress)
     elif protocol in ("linear", "fewshot"):
-        numbers = _mae_linear(spec, inputs, device, precision, progress)
+        numbers = _mae_linear(spec, inputs, device, precision, notes, progress)
     else:
-        numbers = _finetune(spec, inputs, device, precision, progress)
+        numbers = _finetune(spec, inputs, device, precision, notes, progress)
     seconds = time.perf_counter() - start
     rows = _rows(spec, inputs, numbers, seconds)
     if is_main_process():  # under torchrun rank 0 alone holds the numbers and writes them
@@ -335,44 +343,80 @@ def _frozen_feature_protocol(spec: EvalSpec, inputs: Inputs, device: torch.devic
 
 
 def _mae_linear(spec: EvalSpec, inputs: Inputs, device: torch.device, precision: str,
-                progress: Progress | None) -> Numbers:
+                notes: list[str], progress: Progress | None) -> Numbers:
     from evals.linear import linear_probe
 
     encoder = inputs.source.build(init_seed=spec.seed).to(device)
-    kwargs = {k: v for k, v in (("epochs", spec.epochs), ("batch_size", spec.batch_size),
-                                ("blr", spec.blr)) if v is not None}
+    subset = _train_subset(spec, inputs.train.labels)
+    train_size = len(inputs.train) if subset is None else len(subset)
+    recipe = probe_recipe(spec.recipe, train_size=train_size,
+                          img_size=encoder.grid_size * encoder.patch_size, epochs=spec.epochs)
+    recipe = dataclasses.replace(recipe, **{k: v for k, v in (
+        ("batch_size", spec.batch_size), ("blr", spec.blr)) if v is not None})
+    notes.append(f"linear probe recipe {recipe.name}: {recipe.optimizer}, {recipe.epochs} epochs "
+                 f"at batch {recipe.batch_size}, blr {recipe.blr:g}"
+                 + "".join(f"; {w}" for w in recipe.why))
     res = linear_probe(encoder, _in_memory(inputs.train), _in_memory(inputs.test),
                        pool=spec.pool, seed=spec.seed, device=device, precision=precision,
-                       train_indices=_train_subset(spec, inputs.train.labels),
-                       progress=_bar(progress, "linear probe"), **kwargs)
-    knobs = {"probe": "mae", "epochs": int(res.get("epochs", spec.epochs))}
+                       train_indices=subset, progress=_bar(progress, "linear probe"),
+                       epochs=recipe.epochs, batch_size=recipe.batch_size, blr=recipe.blr,
+                       warmup_epochs=recipe.warmup_epochs, optimizer=recipe.optimizer,
+                       weight_decay=recipe.weight_decay, crop_scale=recipe.crop_scale)
+    knobs = {"probe": "mae", "recipe": recipe.name, "epochs": int(res["epochs"]),
+             "probe_optimizer": recipe.optimizer, "batch_size": int(res["batch_size"]),
+             "blr": recipe.blr, "probe_crop_min": recipe.crop_scale[0]}
     return [(m, res[m], knobs) for m in ("top1", "top5")]
 
 
+def finetune_spec_recipe(spec: EvalSpec, arch: str, img_size: int, train_size: int,
+                         pretrained: bool) -> FinetuneRecipe:
+    """The recipe an evaluation fine-tunes with: ``spec.recipe`` for this data and model, then
+    every knob the spec sets explicitly."""
+    recipe = finetune_recipe(spec.recipe, arch, img_size=img_size, train_size=train_size,
+                             pretrained=pretrained, epochs=spec.epochs)
+    overrides = {k: getattr(spec, k) for k in ("batch_size", "blr", "weight_decay",
+                                               "layer_decay", "drop_path", "mixup", "cutmix",
+                                               "label_smoothing") if getattr(spec, k) is not None}
+    return dataclasses.replace(recipe, **overrides)
+
+
 def _finetune(spec: EvalSpec, inputs: Inputs, device: torch.device, precision: str,
-              progress: Progress | None) -> Numbers:
+              notes: list[str], progress: Progress | None) -> Numbers:
     from evals.finetune import finetune
 
     num_classes = int(max(inputs.train.labels.max(), inputs.test.labels.max())) + 1
+    subset = _train_subset(spec, inputs.train.labels)
+    train_size = len(inputs.train) if subset is None else len(subset)
+    probe_model = inputs.source.build(init_seed=spec.seed)
+    img_size = probe_model.grid_size * probe_model.patch_size
+    # The random reference is a random model whatever --init says: its baseline recipe.
+    pretrained = spec.init == "pretrained" and inputs.source.kind != "random"
+    recipe = finetune_spec_recipe(spec, inputs.source.arch, img_size, train_size, pretrained)
+    notes.append(f"fine-tuning recipe {recipe.name}: {recipe.epochs} epochs at batch "
+                 f"{recipe.batch_size}, blr {recipe.blr:.3g}, layer decay {recipe.layer_decay:g}, "
+                 f"Mixup {recipe.mixup:g} / CutMix {recipe.cutmix:g}, crops from "
+                 f"{recipe.crop_scale[0]:g}" + "".join(f"; {w}" for w in recipe.why))
     model = inputs.source.build(global_pool="avg", num_classes=num_classes,
-                                drop_path_rate=spec.drop_path, init_seed=spec.seed,
+                                drop_path_rate=recipe.drop_path, init_seed=spec.seed,
                                 pretrained=spec.init == "pretrained").to(device)
     blocks = spec.blocks if spec.protocol == "partial-finetune" else None
     if blocks is not None and blocks > len(model.blocks):
         raise ConfigError(f"--blocks {blocks} is more than the encoder's {len(model.blocks)} "
                           f"blocks; use 0..{len(model.blocks)}")
-    kwargs = {k: v for k, v in (("epochs", spec.epochs), ("batch_size", spec.batch_size),
-                                ("blr", spec.blr), ("lr", spec.lr),
-                                ("weight_decay", spec.weight_decay)) if v is not None}
+    hflip = 0.0 if inputs.dataset in NO_FLIP else 0.5
     res = finetune(model, _in_memory(inputs.train), _in_memory(inputs.test),
-                   layer_decay=spec.layer_decay, mixup=spec.mixup, cutmix=spec.cutmix,
-                   label_smoothing=spec.label_smoothing, partial_blocks=blocks,
-                   hflip=0.0 if inputs.dataset in NO_FLIP else 0.5,
-                   train_indices=_train_subset(spec, inputs.train.labels), seed=spec.seed,
-                   device=device, precision=precision, progress=_bar(progress, spec.protocol),
-                   **kwargs)
-    knobs = {"init": spec.init, "epochs": int(res.get("epochs", spec.epochs)),
-             "layer_decay": spec.layer_decay, "drop_path": spec.drop_path}
+                   epochs=recipe.epochs, batch_size=recipe.batch_size, blr=recipe.blr,
+                   lr=spec.lr, layer_decay=recipe.layer_decay, weight_decay=recipe.weight_decay,
+                   warmup_epochs=recipe.warmup_epochs, min_lr=recipe.min_lr,
+                   mixup=recipe.mixup, cutmix=recipe.cutmix,
+                   label_smoothing=recipe.label_smoothing, crop_scale=recipe.crop_scale,
+                   hflip=hflip, head_init_std=recipe.head_init_std, clip_grad=recipe.clip_grad,
+                   partial_blocks=blocks, train_indices=subset, seed=spec.seed, device=device,
+                   precision=precision, progress=_bar(progress, spec.protocol))
+    knobs = {"init": "pretrained" if pretrained else "random", **recipe.knobs(),
+             "epochs": int(res["epochs"]), "ft_hflip": hflip}
+    if spec.lr is not None:
+        knobs["ft_lr"] = spec.lr
     if blocks is not None:
         knobs["blocks"] = blocks
     return [(m, res[m], knobs) for m in ("top1", "top5")]

@@ -63,6 +63,15 @@ def compare(
     label_fraction: Annotated[
         float, typer.Option(help="fewshot: fraction of the labels used.")
     ] = 0.1,
+    finetune_epochs: Annotated[
+        int, typer.Option(help="finetune: epochs of every fine-tune (a first look; the paper "
+                          "fine-tunes ViT-B for 100). The random row is the same recipe from "
+                          "scratch: the baseline pretraining must beat.")
+    ] = 20,
+    recipe: Annotated[
+        str, typer.Option(help="finetune: auto (default: the paper's recipe adapted to small "
+                          "images and data, see `mae-bench eval --help`) | paper.")
+    ] = "auto",
     pool: Annotated[str, typer.Option(help="Frozen features: cls | mean.")] = "cls",
     references: Annotated[
         bool,
@@ -101,7 +110,8 @@ def compare(
         data_dir=str(data_dir) if data_dir is not None else None, arch=arch, img_size=img_size,
         epochs=epochs, budget_seconds=budget_minutes * 60 if budget_minutes is not None else None,
         batch_size=batch_size, seed=seed, references=references, k=k,
-        label_fraction=label_fraction, pool=pool, device=device, precision=precision,
+        label_fraction=label_fraction, finetune_epochs=finetune_epochs, recipe=recipe,
+        pool=pool, device=device, precision=precision,
         num_workers=num_workers, runs_dir=str(runs_dir), results_dir=str(results_dir),
         cache_dir=str(cache_dir) if cache_dir is not None else None,
         overrides=overrides(config, sets, OWN_OPTIONS),

@@ -1,0 +1,218 @@
+"""Training recipes of the protocols that learn: fine-tuning and MAE's linear probe.
+
+Two names, for both protocols:
+
+``paper``: the official recipe (facebookresearch/mae ``main_finetune.py`` with the hyper-parameters
+    of FINETUNE.md, ``main_linprobe.py`` with those of LINPROBE.md), exactly, as far as this code
+    implements its pieces: made for ImageNet (1.28M images at 224 px, batches of 1,024 / 16,384,
+    50-100 / 90 epochs).
+
+``auto`` (the default): the paper's recipe where the data and schedule are ImageNet-like, and
+    otherwise the changes that small images, small training sets and short schedules need, each
+    with the measurement behind it (``results/finetune-recipes.md``). The chosen recipe is printed
+    and every knob of it is recorded in each result row.
+
+A recipe is a plain frozen value; the caller may override any field (``dataclasses.replace``),
+and the row records the final values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from mae_bench.errors import ConfigError
+
+RECIPES = ("auto", "paper")
+
+# What the auto rules look at. Below these, Mixup / CutMix and the 8 %-area crops of ImageNet
+# training cost more accuracy than they give (results/finetune-recipes.md).
+IMAGENET_LIKE_PX = 64  # images smaller than this are "small images" (CIFAR 32, digits 8, MNIST 28)
+IMAGENET_LIKE_TRAIN = 100_000  # fewer training images than this: a "small data set"
+TINY_PX = 16  # images this small are not cropped at all (digits: 8 px)
+MIN_STEPS_PER_EPOCH = 40  # auto batch: at least this many optimizer steps per epoch
+
+
+@dataclass(frozen=True)
+class FinetuneRecipe:
+    """Every knob of a fine-tuning run (see ``evals.finetune.finetune`` for each one's meaning).
+
+    ``why`` holds one sentence per choice that differs from the paper's recipe."""
+
+    name: str
+    epochs: int
+    batch_size: int
+    blr: float  # lr = blr x batch / 256
+    layer_decay: float
+    weight_decay: float
+    warmup_epochs: float
+    min_lr: float
+    mixup: float
+    cutmix: float
+    label_smoothing: float
+    crop_scale: tuple[float, float]
+    drop_path: float
+    head_init_std: float | None  # None: the model's own init (xavier), else trunc-normal std
+    clip_grad: float | None = None
+    why: tuple[str, ...] = ()
+
+    def knobs(self) -> dict[str, object]:
+        """The recipe as flat result-row fields: ``recipe`` (the name), ``epochs``,
+        ``layer_decay`` and ``drop_path`` (the names rows have always had), and ``ft_*`` for
+        the rest; ``why`` is left out."""
+        plain = ("epochs", "layer_decay", "drop_path")
+        out: dict[str, object] = {"recipe": self.name}
+        for k, v in dataclasses.asdict(self).items():
+            if k in ("name", "why", "crop_scale"):
+                continue
+            out[k if k in plain else f"ft_{k}"] = v
+        out["ft_crop_min"], out["ft_crop_max"] = self.crop_scale
+        return out
+
+
+@dataclass(frozen=True)
+class ProbeRecipe:
+    """Every knob of MAE's linear probe (``evals.linear.linear_probe``)."""
+
+    name: str
+    optimizer: str  # "lars" (the paper) | "sgd" (momentum 0.9, no trust ratio)
+    epochs: int
+    batch_size: int
+    blr: float  # lr = blr x batch / 256
+    weight_decay: float
+    warmup_epochs: float
+    crop_scale: tuple[float, float]
+    why: tuple[str, ...] = ()
+
+
+def paper_finetune(arch: str, epochs: int | None = None) -> FinetuneRecipe:
+    """The official fine-tuning recipe for an architecture (FINETUNE.md): ViT-B blr 5e-4, layer
+    decay 0.65, drop path 0.1, 100 epochs; ViT-L / H blr 1e-3, layer decay 0.75, drop path 0.2 /
+    0.3, 50 epochs; all at batch 1,024, weight decay 0.05, 5 warm-up epochs, min lr 1e-6, Mixup
+    0.8, CutMix 1.0, label smoothing 0.1, RandomResizedCrop from 8 %, head at std 2e-5.
+    Smaller ViTs take ViT-B's values. RandAugment (9, 0.5) and random erasing (0.25) are not
+    implemented here (per-image PIL ops); every other knob is the paper's."""
+    large = "large" in arch or "huge" in arch
+    default_epochs = 50 if large else 100
+    drop_path = 0.3 if "huge" in arch else 0.2 if large else 0.1
+    return FinetuneRecipe(
+        name="paper", epochs=epochs or default_epochs, batch_size=1024,
+        blr=1e-3 if large else 5e-4, layer_decay=0.75 if large else 0.65, weight_decay=0.05,
+        warmup_epochs=5.0 if (epochs or default_epochs) > 5 else 0.0, min_lr=1e-6, mixup=0.8,
+        cutmix=1.0, label_smoothing=0.1, crop_scale=(0.08, 1.0), drop_path=drop_path,
+        head_init_std=2e-5)
+
+
+def auto_finetune(arch: str, *, img_size: int, train_size: int, pretrained: bool,
+                  epochs: int | None = None) -> FinetuneRecipe:
+    """The default recipe: the paper's, changed where the data or the schedule are far from
+    ImageNet's. Each change and its reason is in ``why``.
+
+    Args:
+        arch: the ViT preset (the paper's values depend on the model size).
+        img_size: the training resolution in pixels.
+        train_size: training images (after any label fraction).
+        pretrained: False for the from-scratch baseline.
+        epochs: the run's epochs (None: the paper's).
+    """
+    r = paper_finetune(arch, epochs)
+    why = []
+    small_images = img_size < IMAGENET_LIKE_PX
+    small_data = train_size < IMAGENET_LIKE_TRAIN
+    changes: dict[str, object] = {}
+    # Small data or images: at most 128 per step, so that a short run still takes thousands of
+    # steps (digits, 20 epochs: 76.9 % at batch 128 = 220 steps, 93.6 % at 32 = 880 steps).
+    batch = _auto_batch(train_size, 128 if small_images or small_data else r.batch_size)
+    if batch != r.batch_size:
+        changes["batch_size"] = batch
+        # Adam's lr follows the square root of the batch (Malladi et al. 2022); the linear
+        # rule leaves a batch of 32 an 8th of the paper's lr and a few hundred steps.
+        changes["blr"] = r.blr * math.sqrt(r.batch_size / batch)
+        why.append(f"batch {batch} (>= {MIN_STEPS_PER_EPOCH} steps per epoch on {train_size} "
+                   f"images), blr {changes['blr']:.2g} (square-root rule from the paper's "
+                   f"{r.blr:g} at {r.batch_size})")
+    if small_images or small_data:
+        changes.update(mixup=0.0, cutmix=0.0)
+        why.append("no Mixup / CutMix: on small images or data they hide too much of each "
+                   "image for the few steps there are")
+    if img_size <= TINY_PX:
+        changes["crop_scale"] = (1.0, 1.0)
+        why.append(f"no crops: on {img_size}-px images every crop removes strokes that decide "
+                   "the class (digits from scratch: 93.6 % uncropped, 87.2 % from 35 %, 84.4 % "
+                   "from 8 %)")
+    elif small_images or small_data:
+        changes["crop_scale"] = (0.35, 1.0)
+        why.append("crops from 35 % of the image, not 8 %: an 8 %-area crop of a 32-px image "
+                   "is 9 px wide")
+    if not pretrained:
+        changes.update(layer_decay=1.0, head_init_std=None)
+        why.append("no layer decay and the model's own head init from random weights: layer "
+                   "decay keeps pretrained lower layers, which a random model does not have")
+    warm = r.warmup_epochs if epochs is None else min(r.warmup_epochs, 0.1 * r.epochs)
+    if warm != r.warmup_epochs:
+        changes["warmup_epochs"] = warm
+        why.append(f"warm-up {warm:g} epochs (10 % of a short run, not 5 of 100)")
+    return dataclasses.replace(r, name="auto", why=tuple(why), **changes)
+
+
+def finetune_recipe(name: str, arch: str, *, img_size: int, train_size: int, pretrained: bool,
+                    epochs: int | None = None) -> FinetuneRecipe:
+    """The named recipe ("auto" or "paper") for this run.
+
+    Raises:
+        ConfigError: an unknown name.
+    """
+    if name == "paper":
+        return paper_finetune(arch, epochs)
+    if name == "auto":
+        return auto_finetune(arch, img_size=img_size, train_size=train_size,
+                             pretrained=pretrained, epochs=epochs)
+    raise ConfigError(f"unknown recipe {name!r}; valid: {', '.join(RECIPES)}")
+
+
+def paper_probe(epochs: int | None = None) -> ProbeRecipe:
+    """The official linear probe (LINPROBE.md): LARS, blr 0.1 at batch 16,384, no weight decay,
+    90 epochs with 10 of warm-up, RandomResizedCrop from 8 % and flips."""
+    epochs = epochs or 90
+    return ProbeRecipe(name="paper", optimizer="lars", epochs=epochs, batch_size=16384, blr=0.1,
+                       weight_decay=0.0, warmup_epochs=10.0 if epochs > 10 else 0.0,
+                       crop_scale=(0.08, 1.0))
+
+
+def auto_probe(*, train_size: int, img_size: int, epochs: int | None = None) -> ProbeRecipe:
+    """The default probe: SGD with momentum and no trust ratio at the batch one machine holds.
+
+    LARS scales each layer's step by ||w|| / ||g||: at batch 256 that moves the head by about a
+    thousandth of its norm per step, so the probe does not converge in a few thousand steps.
+    """
+    r = paper_probe(epochs)
+    batch = _auto_batch(train_size, largest=256)
+    return dataclasses.replace(
+        r, name="auto", optimizer="sgd", batch_size=batch, blr=0.1,
+        warmup_epochs=min(r.warmup_epochs, 0.1 * r.epochs),
+        crop_scale=(0.35, 1.0) if img_size < IMAGENET_LIKE_PX else r.crop_scale,
+        why=(f"SGD (momentum 0.9) without LARS's trust ratio at batch {batch}",))
+
+
+def probe_recipe(name: str, *, train_size: int, img_size: int,
+                 epochs: int | None = None) -> ProbeRecipe:
+    """The named probe recipe ("auto" or "paper").
+
+    Raises:
+        ConfigError: an unknown name.
+    """
+    if name == "paper":
+        return paper_probe(epochs)
+    if name == "auto":
+        return auto_probe(train_size=train_size, img_size=img_size, epochs=epochs)
+    raise ConfigError(f"unknown recipe {name!r}; valid: {', '.join(RECIPES)}")
+
+
+def _auto_batch(train_size: int, largest: int = 128, smallest: int = 16) -> int:
+    """The largest power of two <= ``largest`` that leaves MIN_STEPS_PER_EPOCH steps per epoch
+    (``smallest`` at least)."""
+    batch = largest
+    while batch > smallest and train_size // batch < MIN_STEPS_PER_EPOCH:
+        batch //= 2
+    return batch
