@@ -76,6 +76,7 @@ def linear_probe(
     optimizer: str = "lars",
     weight_decay: float = 0.0,
     crop_scale: tuple[float, float] = PROBE_CROP_SCALE,
+    hflip: float = 0.5,
     seed: int = 0,
     device: torch.device = torch.device("cpu"),
     precision: str = "fp32",
@@ -114,6 +115,7 @@ def linear_probe(
             see ``evals.recipes.auto_probe``).
         weight_decay: on the linear layer's weight (MAE: 0).
         crop_scale: area range of the training crops (MAE: 0.08-1).
+        hflip: probability of a horizontal flip of a training crop (0 for digits and text).
         seed: seeds every random choice; the same seed gives the same result on CPU.
         device: where the encoder and head run.
         precision: "auto", "bf16", "fp16" (CUDA only) or "fp32" (``mae_bench.config.
@@ -163,7 +165,8 @@ def linear_probe(
     train_step = TrainStep(train_head, opt,
                            lambda s: lr_at(s, steps_per_epoch, epochs, warmup, peak_lr, 0.0),
                            device=device, precision=precision)
-    views = BatchViews(ViewSpec(img_size, scale=crop_scale), train.info.mean, train.info.std)
+    views = BatchViews(ViewSpec(img_size, scale=crop_scale, hflip=hflip), train.info.mean,
+                       train.info.std)
     order_gen = torch.Generator().manual_seed(seed)
     view_gen = torch.Generator(device=device).manual_seed(seed)
 

@@ -361,7 +361,8 @@ def _mae_linear(spec: EvalSpec, inputs: Inputs, device: torch.device, precision:
                        train_indices=subset, progress=_bar(progress, "linear probe"),
                        epochs=recipe.epochs, batch_size=recipe.batch_size, blr=recipe.blr,
                        warmup_epochs=recipe.warmup_epochs, optimizer=recipe.optimizer,
-                       weight_decay=recipe.weight_decay, crop_scale=recipe.crop_scale)
+                       weight_decay=recipe.weight_decay, crop_scale=recipe.crop_scale,
+                       hflip=0.0 if inputs.dataset in NO_FLIP else 0.5)
     knobs = {"probe": "mae", "recipe": recipe.name, "epochs": int(res["epochs"]),
              "probe_optimizer": recipe.optimizer, "batch_size": int(res["batch_size"]),
              "blr": recipe.blr, "probe_crop_min": recipe.crop_scale[0]}
