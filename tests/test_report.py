@@ -220,3 +220,15 @@ def test_report_cli_without_store_is_one_line_exit_2(tmp_path, monkeypatch, caps
     assert code == 2
     assert f"no results store in {tmp_path / 'nothing'}" in err and "Traceback" not in err
     assert not (tmp_path / "report").exists()
+
+
+def test_a_store_of_eval_rows_alone_gets_a_report(tmp_path):
+    """No row has a "sweep" field at all (mae-bench eval / compare only): the report lists
+    them as its results, never a KeyError."""
+    store = tmp_path / "store"
+    append_rows(store, [_row(v, protocol="knn", k=20, run_id="r", seed=s)
+                        for s, v in enumerate([50.0, 54.0])])
+    out = build_report(store, tmp_path / "report")
+    md = out.markdown.read_text()
+    assert "## Results" in md and "Other results" not in md
+    assert "52.00 ± 2.83 (n=2)" in md

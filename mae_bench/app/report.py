@@ -118,11 +118,12 @@ def build_report(results_dir: str | Path, out_dir: str | Path, *, grids: bool = 
     blocks: list[Block] = [Heading(title, 1), Paragraph(
         f"Built from {results_dir / RESULTS_FILE}: {len(df)} rows, {ok} ok, "
         f"{len(df) - ok} failed. Accuracies are top-1 in percent.")]
+    # A store of eval / compare rows alone has no "sweep" column at all.
     swept = df["sweep"].notna() if "sweep" in df.columns else pd.Series(False, index=df.index)
-    for sweep in dict.fromkeys(df.loc[swept, "sweep"].astype(str)):
+    for sweep in dict.fromkeys(df.loc[swept, "sweep"].astype(str)) if swept.any() else ():
         entries = [m for m in manifest if m.get("sweep") == sweep]
         blocks += _sweep_section(df[swept & (df["sweep"] == sweep)], sweep, entries, w)
-    blocks += _other_section(df[~swept])
+    blocks += _other_section(df[~swept], only=not swept.any())
     blocks += _provenance_section(df, manifest)
     if w.notes:
         blocks += [Heading("Notes"), Items(w.notes)]
@@ -418,8 +419,9 @@ def _pyplot() -> Any:
 # ------------------------------------------------------------------------ other / provenance
 
 
-def _other_section(rows: pd.DataFrame) -> list[Block]:
-    """Rows without a sweep: top-1 mean ± std per group (every setting that varies shown)."""
+def _other_section(rows: pd.DataFrame, only: bool = False) -> list[Block]:
+    """Rows without a sweep: top-1 mean ± std per group (every setting that varies shown);
+    ``only``: the store holds nothing else (the section is then just "Results")."""
     top1 = rows[rows["metric"] == "top1"]
     if top1.empty:
         return []
@@ -430,7 +432,7 @@ def _other_section(rows: pd.DataFrame) -> list[Block]:
                      and agg[c].nunique(dropna=False) > 1]
     body = [[_fmt_value(r[c]) for c in shown] + [format_cell(r), _interval(r)]
             for r in agg.to_dict("records")]
-    return [Heading("Other results"),
+    return [Heading("Results" if only else "Other results"),
             Paragraph("Rows without a sweep (mae-bench compare / eval): top-1 accuracy (%), "
                       "mean ± std over seeds, 95 % Student-t interval."),
             Table(shown + ["top-1", "95% CI"], body)]
