@@ -2,7 +2,7 @@
 grouped into matrix work (matmuls, attention kernels, convolutions) and the rest.
 
     python benchmarks/profile_step.py --method mae --arch vit_tiny_patch4 --batch-size 128
-    python benchmarks/profile_step.py --precision bf16 --attention fused   # the bf16 lead
+    python benchmarks/profile_step.py --precision bf16 --attention fused   # the old bf16 lead
 
 Prints the share of matrix work and the top ops by self time; ``--trace FILE`` also writes a
 Chrome trace (open in chrome://tracing or Perfetto).
@@ -38,7 +38,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--attention", default="fused", choices=("fused", "math"))
+    ap.add_argument("--attention", default="auto", choices=("auto", "fused", "math"))
     ap.add_argument("--encoder-mask-tokens", action="store_true",
                     help="MAE with every token through the encoder")
     ap.add_argument("--steps", type=int, default=2)

@@ -1,4 +1,4 @@
-"""Which attention kernel a model runs: chosen per device, dtype and shape by measurement.
+"""Which attention kernel a model runs: chosen by a rule on every call, never by timing.
 
 A ViT block can compute attention two ways (timm's ``Attention.fused_attn``):
 
@@ -6,22 +6,23 @@ A ViT block can compute attention two ways (timm's ``Attention.fused_attn``):
   flash-attention kernel on CPUs);
 * ``math``: the explicit ``softmax(q k^T / sqrt(d)) v`` with two batched matmuls.
 
-Which is faster depends on the hardware and the dtype. A profile of MAE under bf16 autocast on
-a CPU spent over half its step in the CPU flash-attention backward, while the explicit path
-trains far faster there; on GPUs the fused kernels win. So ``auto`` (the default) times one
-forward + backward of an attention layer of the model's width on a batch of its real shape
-with both paths, and takes ``math`` only when it is clearly faster (by ``MATH_MARGIN``): on
-fp32 CPUs the two are within a few percent of each other (measured: 36.6 vs 38.2 ms at 17
-tokens, 165.6 vs 156.4 ms at 65 tokens, ViT-Tiny width, batch 128), and a coin flip on timing
-noise should not decide. The choice is cached per (device, dtype, shape) for the process.
-Both paths compute the same function (up to float rounding), so the choice never changes what
-is learnt.
+Which is faster depends on the device and the dtype, and barely on anything else
+(``benchmarks/attention_kernels.py``; the tables are in ``results/speed-cpu.md``). On CPUs under
+bf16 / fp16 autocast the flash-attention kernel's backward is several times slower than the two
+matmuls, so math wins at every length a ViT uses; in fp32 on CPUs the two are within a few
+percent, and on GPUs the fused kernels win. ``rule_path`` encodes that table.
+
+Every attention layer of mae-bench's models is a ``RuleAttention``: with its ``path`` at "auto"
+(the default) it applies the rule to each call's device, active autocast dtype and sequence
+length, so a model is fast under any training loop, a user's own included, and under any
+precision it is later moved to. Before, a start-up timing of one layer decided a whole run, and
+on a busy machine that timing flipped (bf16 at 0.25x fp32). The rule is a pure function of the
+run's settings, so a resumed run replays the same kernels. ``--attention fused|math`` forces one
+path. Both compute the same function up to float rounding: the choice never changes what is
+learnt.
 """
 
 from __future__ import annotations
-
-import functools
-import time
 
 import torch
 from timm.layers import Attention
@@ -30,7 +31,39 @@ from torch import nn
 from mae_bench.config import ATTENTION_PATHS
 from mae_bench.errors import ConfigError
 
-MATH_MARGIN = 0.9  # auto takes math when it needs at most 90 % of the fused path's time
+# CPU, bf16 / fp16: math up to this many tokens (measured up to it; past it the explicit
+# [B, H, T, T] score matrix grows quadratically and the memory-saving fused kernel is kept).
+MATH_MAX_TOKENS = 1025
+
+
+def rule_path(device_type: str, dtype: torch.dtype, tokens: int) -> str:
+    """The kernel for one attention call: "math" or "fused".
+
+    Args:
+        device_type: "cpu", "cuda", ... (``tensor.device.type``).
+        dtype: the dtype the matmuls run in (autocast's, else the input's).
+        tokens: the sequence length.
+    """
+    if device_type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+        return "math" if tokens <= MATH_MAX_TOKENS else "fused"
+    return "fused"
+
+
+class RuleAttention(Attention):
+    """timm's ``Attention`` (same parameters, same state-dict keys) whose kernel is picked per
+    call: ``path`` "auto" applies ``rule_path``; "fused" / "math" force one."""
+
+    path: str = "auto"
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:  # x: [B, T, D]
+        if self.path == "auto":
+            kind = x.device.type
+            dtype = (torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind)
+                     else x.dtype)
+            self.fused_attn = rule_path(kind, dtype, x.shape[1]) == "fused"
+        else:
+            self.fused_attn = self.path == "fused"
+        return super().forward(x, *args, **kwargs)
 
 
 def attention_layers(model: nn.Module) -> list[Attention]:
@@ -39,81 +72,26 @@ def attention_layers(model: nn.Module) -> list[Attention]:
 
 
 def set_attention(model: nn.Module, path: str) -> None:
-    """Make every attention layer of ``model`` use ``path`` ("fused" or "math")."""
-    if path not in ("fused", "math"):
-        raise ConfigError(f"unknown attention path '{path}'; valid: fused, math")
-    for layer in attention_layers(model):
-        layer.fused_attn = path == "fused"
-
-
-def time_attention_paths(dim: int, num_heads: int, tokens: int, batch: int,
-                         device: torch.device, dtype: torch.dtype, repeats: int = 3
-                         ) -> dict[str, float]:
-    """Best-of-``repeats`` seconds of one attention layer's forward + backward, per path.
-
-    The layer is a fresh one of the given width (weights do not change the cost); under a
-    low-precision ``dtype`` it runs in autocast, as training does.
-    """
-    layer = Attention(dim, num_heads, qkv_bias=True).to(device)
-    x = torch.randn(batch, tokens, dim, device=device, requires_grad=True)  # [B, T, D]
-    enabled = dtype != torch.float32
-    seconds: dict[str, float] = {}
-    for path in ("fused", "math"):
-        layer.fused_attn = path == "fused"
-        best = float("inf")
-        for i in range(repeats + 1):  # the first call warms the kernels up
-            _sync(device)
-            start = time.perf_counter()
-            with torch.autocast(device.type, dtype=dtype, enabled=enabled):
-                out = layer(x)  # [B, T, D]
-            out.float().sum().backward()
-            _sync(device)
-            if i:
-                best = min(best, time.perf_counter() - start)
-        seconds[path] = best
-    return seconds
-
-
-@functools.lru_cache(maxsize=64)
-def _fastest(dim: int, num_heads: int, tokens: int, batch: int, device: str, dtype: str) -> str:
-    with torch.random.fork_rng(devices=[]):  # timing must not move the run's random stream
-        seconds = time_attention_paths(dim, num_heads, tokens, batch, torch.device(device),
-                                       getattr(torch, dtype))
-    return "math" if seconds["math"] <= MATH_MARGIN * seconds["fused"] else "fused"
-
-
-def choose_attention(model: nn.Module, path: str, tokens: int, batch: int,
-                     device: torch.device, precision: str) -> str:
-    """Set ``model``'s attention path and return it ("fused" or "math").
-
-    Args:
-        model: holds timm attention layers (a ViT, an MAE, a method).
-        path: "fused", "math", or "auto" (time both on the first layer's shape; math when it
-            is clearly faster, else fused).
-        tokens: sequence length to time with (the encoder's 1 + L for the whole image).
-        batch: batch size to time with (capped at 64: the ranking settles well before that).
-        device, precision: where and how training runs (fp32 | bf16 | fp16).
-    """
+    """Make every attention layer of ``model`` use ``path``: "auto" (the rule, per call),
+    "fused" or "math". A plain timm ``Attention`` (a model built elsewhere) becomes a
+    ``RuleAttention`` in place: the same module, parameters and state dict."""
     if path not in ATTENTION_PATHS:
         raise ConfigError(f"unknown attention path '{path}'; valid: {', '.join(ATTENTION_PATHS)}")
-    layers = attention_layers(model)
-    if path == "auto":
-        if not layers:
-            return "fused"
-        first = layers[0]
-        path = auto_path(first.qkv.in_features, first.num_heads, tokens, batch, device,
-                         precision)
+    for layer in attention_layers(model):
+        if not isinstance(layer, RuleAttention):
+            layer.__class__ = RuleAttention
+        layer.path = path
+        if path != "auto":
+            layer.fused_attn = path == "fused"
+
+
+def choose_attention(model: nn.Module, path: str, tokens: int, device: torch.device,
+                     precision: str) -> str:
+    """Set ``model``'s attention path and return the kernel its encoder runs: the forced one, or
+    for "auto" the rule's at ``tokens`` (the whole image's 1 + L) on ``device`` in ``precision``
+    (fp32 | bf16 | fp16). Other lengths (MAE's visible tokens) follow the same rule per call."""
     set_attention(model, path)
-    return path
-
-
-def auto_path(dim: int, num_heads: int, tokens: int, batch: int, device: torch.device,
-              precision: str) -> str:
-    """What ``auto`` picks for attention layers of this shape (timed once per process)."""
-    dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[precision]
-    return _fastest(dim, num_heads, tokens, min(batch, 64), str(device), dtype)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    if path != "auto":
+        return path
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return rule_path(device.type, dtype, tokens)

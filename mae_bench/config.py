@@ -147,10 +147,10 @@ class TrainConfig:
     clip_grad: float | None = _knob(None, "Clip the gradient norm at this value (default: no "
                                     "clipping, as in MAE).")
     # Attention kernel: fused (scaled_dot_product_attention) | math (explicit softmax) | auto
-    # (None: time both on the model's shape at start, keep the faster; mae_bench.attention).
-    attention: str | None = _knob(None, "Attention kernel: auto (time fused and math on this "
-                                  "device, dtype and shape at start; keep the faster) | fused "
-                                  "| math.")
+    # (None: a rule per call on the device, autocast dtype and length; mae_bench.attention).
+    attention: str | None = _knob(None, "Attention kernel: auto (a rule per call: math under "
+                                  "bf16 / fp16 on CPUs, where the flash kernel's backward is "
+                                  "slow; fused elsewhere; results/speed-cpu.md) | fused | math.")
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,7 @@ from mae_bench.files import (
     METRICS_FILE,
     RUN_FILE,
     SUMMARY_FILE,
+    FolderLock,
     write_text_atomic,
 )
 from mae_bench.loader import TrainBatches
@@ -187,6 +189,19 @@ class _Pretraining:
         self.precision = resolve_precision(t.precision, self.device)
         self.rank, self.world_size = rank_and_world()
         self.is_main = self.rank == 0
+        # One trainer per run folder. An existing folder is locked before its checkpoint is read
+        # (no other process may be writing it); a new one when training starts.
+        self.lock = FolderLock(run_dir)
+        if self.is_main and run_dir.is_dir():
+            self.lock.acquire()
+        try:
+            self._check_and_build(resume)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _check_and_build(self, resume: bool) -> None:
+        cfg, t, run_dir, console = self.cfg, self.cfg.train, self.run_dir, self.console
         self.ckpt = _checkpoint_to_resume(cfg, run_dir, resume, console)
         # Everything that can fail on user input happens before anything is written.
         # (A decoded image folder's cache file, too, is written only once the checks pass.)
@@ -223,20 +238,18 @@ class _Pretraining:
             )
 
     def _choose_attention(self) -> str:
-        """A resumed run keeps the kernel it started with (the two differ in rounding, so a new
-        timing could break exact replay); under torchrun every process takes rank 0's choice."""
+        """The attention setting ("auto": the rule, per call; or a forced path). A resumed run
+        keeps the setting it started with: a checkpoint from before the rule recorded the
+        kernel its start-up timing picked, and replaying exactly needs that same kernel. The
+        rule is a pure function of the run's settings, so every process agrees without a
+        broadcast. ``self.kernel`` is what the encoder runs on the whole image."""
         t = self.cfg.train
         attention = t.attention or "auto"
         if attention == "auto" and self.ckpt is not None:
             attention = self.ckpt.get("extra", {}).get("attention", "auto")
         tokens = 1 + (self.img_size // get_preset(self.cfg.model.arch).patch_size) ** 2
-        attention = choose_attention(self.method, attention, tokens, t.batch_size, self.device,
-                                     self.precision)
-        if self.world_size > 1:
-            shared = [attention]
-            dist.broadcast_object_list(shared, src=0)
-            attention = choose_attention(self.method, shared[0], 0, 0, self.device,
-                                         self.precision)
+        self.kernel = choose_attention(self.method, attention, tokens, self.device,
+                                       self.precision)
         return attention
 
     # --- restore ---------------------------------------------------------------------------
@@ -269,10 +282,12 @@ class _Pretraining:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_text_atomic(self.run_dir / CONFIG_FILE, cfg.to_yaml())
-            write_text_atomic(self.run_dir / RUN_FILE, json.dumps(_provenance(
-                cfg, device, self.precision, self.img_size, self.peak_lr, self.eff_batch,
-                self.total_steps) | {"attention": self.attention,
-                                     "warmup_epochs": self.warm_epochs}, indent=2))
+            now = _provenance(cfg, device, self.precision, self.img_size, self.peak_lr,
+                              self.eff_batch, self.total_steps) | {
+                "attention": self.attention, "attention_kernel": self.kernel,
+                "warmup_epochs": self.warm_epochs}
+            write_text_atomic(self.run_dir / RUN_FILE, json.dumps(
+                _with_history(self.run_dir / RUN_FILE, now, step), indent=2))
             _truncate_metrics(self.run_dir / METRICS_FILE, step)
         self.batches = TrainBatches(
             self.dataset, t.batch_size, self.micro_per_epoch, t.seed, cfg.data.num_workers,
@@ -291,6 +306,14 @@ class _Pretraining:
     # --- run -------------------------------------------------------------------------------
 
     def run(self, max_steps: int | None, progress: bool) -> PretrainResult:
+        if self.is_main:
+            self.lock.claim()
+        try:
+            return self._run(max_steps, progress)
+        finally:
+            self.lock.release()
+
+    def _run(self, max_steps: int | None, progress: bool) -> PretrainResult:
         start_step = self._restore()
         self._prepare(start_step)
         self.resumed, self.ckpt = self.ckpt is not None, None  # the weights are loaded: drop
@@ -399,12 +422,15 @@ class _Pretraining:
         result = PretrainResult(
             run_dir=self.run_dir, step=step, total_steps=self.total_steps,
             epoch=step // self.steps_per_epoch, final_loss=self.logger.last_loss,
-            train_seconds=train_seconds, images_per_second=self.logger.overall_ips(),
+            # over the whole run (every segment), like train_seconds
+            train_seconds=train_seconds,
+            images_per_second=step * self.eff_batch / train_seconds if train_seconds else 0.0,
             device=str(self.device), precision=self.precision,
             finished=step >= self.total_steps)
         if self.is_main and step > start_step:
             summary = {k: (str(v) if isinstance(v, Path) else v)
                        for k, v in result.__dict__.items()}
+            summary["segment_images_per_second"] = self.logger.overall_ips()  # this one only
             write_text_atomic(self.run_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
         self.logger.close()
         wait_for_main()  # every rank returns once rank 0's checkpoint and summary are on disk
@@ -586,6 +612,27 @@ def _progress(console: Console, enabled: bool) -> Progress:
         TextColumn("{task.fields[ips]} img/s"), TimeElapsedColumn(), TextColumn("ETA"),
         TimeRemainingColumn(), console=console, disable=not enabled, transient=False,
     )
+
+
+def _with_history(path: Path, now: dict[str, Any], step: int) -> dict[str, Any]:
+    """``run.json`` for a run (re)starting at ``step``: this segment's provenance, the first
+    segment's ``command``, and ``segments``: one entry per start (command, step, commit,
+    device, precision, time), so a resumed run never loses how it was made."""
+    segment = {"command": now["command"], "start_step": step, "git_sha": now["git_sha"],
+               "device_name": now["device_name"], "precision": now["precision"],
+               "mae_bench": now["mae_bench"],
+               "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    try:
+        old = json.loads(path.read_text()) if step > 0 else {}
+    except (OSError, ValueError):
+        old = {}
+    segments = old.get("segments")
+    if segments is None and old:  # written before segments were kept: its start was step 0
+        segments = [{"command": old.get("command"), "start_step": 0,
+                     "git_sha": old.get("git_sha"), "device_name": old.get("device_name"),
+                     "precision": old.get("precision"), "mae_bench": old.get("mae_bench")}]
+    return now | {"command": old.get("command", now["command"]),
+                  "segments": [*(segments or []), segment]}
 
 
 def _provenance(cfg: RunConfig, device: torch.device, precision: str, img_size: int,

@@ -69,3 +69,71 @@ def write_with(path: str | Path, writer: Callable[[IO[bytes]], None], *,
     ``torch.save``)."""
     with atomic_file(path, "wb", fsync=fsync) as fh:
         writer(fh)
+
+
+# A run folder is locked while a process trains in it (an ``flock`` on the folder itself);
+# this file holds the trainer's pid, for the message another process gets.
+LOCK_FILE = ".lock"
+
+
+class FolderLock:
+    """An exclusive, non-blocking lock on a folder, so that two processes never train into one
+    run folder: an ``flock`` on the folder itself (the kernel drops it when the holder exits or
+    dies, so a crash never leaves a stale lock). ``acquire`` writes nothing (a command refused
+    for bad input leaves the folder as it was); ``claim`` creates the folder if needed, locks it
+    and writes the pid file ``.lock``, which ``release`` removes.
+
+    Raises (from ``acquire`` / ``claim``):
+        ConfigError: another live process holds the folder (the message names its pid), or the
+            folder cannot be created or written.
+    """
+
+    def __init__(self, folder: str | Path, what: str = "--out") -> None:
+        self.folder, self.what = Path(folder), what
+        self.fd: int | None = None
+        self.claimed = False
+
+    def acquire(self) -> None:
+        """Lock the existing folder (nothing is written)."""
+        import fcntl
+
+        from mae_bench.errors import ConfigError
+
+        if self.fd is not None:
+            return
+        fd = os.open(self.folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            try:
+                holder = (self.folder / LOCK_FILE).read_text().strip() or "?"
+            except OSError:
+                holder = "?"
+            raise ConfigError(f"{self.what} {self.folder} is in use: process {holder} is "
+                              "training in it; wait for it to finish (or stop it), or pick "
+                              "another folder") from None
+        self.fd = fd
+
+    def claim(self) -> None:
+        """Create the folder if needed, lock it and write the pid file."""
+        from mae_bench.errors import ConfigError
+
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.acquire()
+            (self.folder / LOCK_FILE).write_text(f"{os.getpid()}\n")
+        except OSError as exc:
+            self.release()
+            raise ConfigError(f"{self.what} {self.folder}: cannot write there "
+                              f"({exc.strerror or exc}); pick a folder you can write to"
+                              ) from None
+        self.claimed = True
+
+    def release(self) -> None:
+        if self.claimed:
+            (self.folder / LOCK_FILE).unlink(missing_ok=True)  # while still holding the lock
+            self.claimed = False
+        if self.fd is not None:
+            os.close(self.fd)  # drops the flock
+            self.fd = None

@@ -18,6 +18,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from mae_bench.attention import RuleAttention
 from mae_bench.errors import ConfigError
 from mae_bench.masking import (
     MASK_STRATEGIES,
@@ -138,6 +139,7 @@ class MaskedAutoencoder(VisionTransformer):
                 mlp_ratio,
                 qkv_bias=True,
                 norm_layer=norm_layer,
+                attn_layer=RuleAttention,
             )
             for _ in range(decoder_depth)
         )

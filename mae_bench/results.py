@@ -170,6 +170,34 @@ def git_sha() -> str | None:
     return lines[1]
 
 
+def check_writable(results_dir: str | Path) -> Path:
+    """Make sure rows can be appended to ``results_dir``'s store before any work starts, without
+    writing anything: the store (or else the folder, or else its nearest existing parent) must
+    be writable, and what is in the way must not be a file. Returns the store's path.
+
+    Raises:
+        ConfigError: the store cannot be written (one line, with the reason and the fix).
+    """
+    results_dir = Path(results_dir)
+    path = results_dir / RESULTS_FILE
+    problem = None
+    if path.exists():
+        if not path.is_file() or not os.access(path, os.W_OK):
+            problem = f"{path} is not a writable file"
+    else:
+        existing = results_dir
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            problem = f"{existing} is a file, not a folder"
+        elif not os.access(existing, os.W_OK | os.X_OK):
+            problem = f"{existing} is not writable"
+    if problem:
+        raise ConfigError(f"--results-dir {results_dir}: cannot write the results store "
+                          f"({problem}); pick a folder you can write to")
+    return path
+
+
 def append_rows(results_dir: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
     """Append rows to ``results_dir/results.jsonl`` (created if needed); returns the file.
 
@@ -318,6 +346,17 @@ def aggregate(df: pd.DataFrame, by: Sequence[str] | None = None) -> pd.DataFrame
         for group in groups.values()
     ]
     return pd.DataFrame(out, columns=key + list(STAT_COLUMNS))
+
+
+def where_equal(column: pd.Series, value: str) -> pd.Series:
+    """Rows whose ``column`` equals ``value`` as the user typed it: numbers compare as numbers
+    (``k=20`` matches a stored 20.0), anything else as text."""
+    try:
+        number = float(value)
+    except ValueError:
+        return column.astype(str) == value
+    numeric = pd.to_numeric(column, errors="coerce")
+    return (numeric == number) | (column.astype(str) == value)
 
 
 def _stats(values: list[float]) -> dict[str, float | int]:

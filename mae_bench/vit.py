@@ -19,6 +19,7 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from mae_bench.attention import RuleAttention, set_attention
 from mae_bench.errors import ConfigError
 
 # ---------------------------------------------------------------------------------------------
@@ -295,6 +296,7 @@ class VisionTransformer(nn.Module):
                 qkv_bias=True,
                 norm_layer=norm_layer,
                 drop_path=rate,
+                attn_layer=RuleAttention,
             )
             for rate in rates
         )
@@ -318,11 +320,10 @@ class VisionTransformer(nn.Module):
         """Parameter names that optimisers should exclude from weight decay."""
         return {"pos_embed", "cls_token"}
 
-    def set_fused_attention(self, enabled: bool) -> None:
-        """Use F.scaled_dot_product_attention (True) or the explicit softmax path (False)."""
-        from mae_bench.attention import set_attention
-
-        set_attention(self, "fused" if enabled else "math")
+    def set_fused_attention(self, enabled: bool | None) -> None:
+        """Force F.scaled_dot_product_attention (True) or the explicit softmax path (False);
+        None: back to the per-call rule (``mae_bench.attention.rule_path``)."""
+        set_attention(self, "auto" if enabled is None else "fused" if enabled else "math")
 
     def pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor:
         """The patch position embedding [1, gh*gw, D] for a gh x gw patch grid: the fixed one

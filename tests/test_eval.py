@@ -92,6 +92,10 @@ def test_linear_fewshot_and_finetune(monkeypatch, capsys, tmp_path, run_dir):
     assert top1.label_fraction[1] == 0.1 and top1.probe[0] == "fast" and top1.probe[2] == "mae"
     assert list(top1.init[3:5]) == ["pretrained", "random"] and top1.blocks[5] == 1
     assert all(np.isfinite(top1.value))
+    # --init random: the run lends its architecture only, not its pretraining's description
+    assert top1.method[4] == "random" and top1.method[3] == "mae"
+    assert np.isfinite(top1.pretrain_epochs[3]) and np.isnan(top1.pretrain_epochs[4])
+    assert np.isnan(top1.mask_ratio[4]) and np.isnan(top1.pretrain_seconds[4])
 
 
 def write_features(folder, n_train=60, n_test=20, dim=8, **override):
@@ -146,7 +150,7 @@ def test_bad_feature_folders(monkeypatch, capsys, tmp_path, override, message):
     (["--protocol", "knn", "--checkpoint", "random", "--arch", "vit_small_patch16"],
      "16-px patches, which do not divide digits's 8-px images"),
     (["--protocol", "knn", "--checkpoint", "pixels", "--k", "5000"],
-     "k=5000 is larger than the training set (N=1437 features)"),
+     "--k 5000 is more neighbours than the 1437 training images"),
     (["--protocol", "knn", "--checkpoint", "pixels", "--k", "a,b"], "--k takes comma-separated"),
     (["--protocol", "knn", "--checkpoint", "pixels", "--dataset", "mnist12"],
      "unknown dataset 'mnist12'"),

@@ -108,16 +108,18 @@ def test_attention_choice_sets_every_layer_and_keeps_the_result():
     x = torch.randn(2, 3, 32, 32)
     noise = torch.rand(2, 64)
     set_attention(method, "math")
-    assert not any(layer.fused_attn for layer in layers)
+    assert all(layer.path == "math" for layer in layers)
     loss_math = method.mae(x, 0.75, noise)[0]
-    assert choose_attention(method, "fused", 65, 2, torch.device("cpu"), "fp32") == "fused"
-    assert all(layer.fused_attn for layer in layers)
+    assert not any(layer.fused_attn for layer in layers)
+    assert choose_attention(method, "fused", 65, torch.device("cpu"), "fp32") == "fused"
+    assert all(layer.path == "fused" for layer in layers)
     assert method.mae(x, 0.75, noise)[0].item() == pytest.approx(loss_math.item(), rel=1e-5)
-    chosen = choose_attention(method, "auto", 65, 2, torch.device("cpu"), "fp32")
-    assert chosen in ("fused", "math")
-    assert all(layer.fused_attn == (chosen == "fused") for layer in layers)
+    # auto: the rule, per call; the returned kernel is the rule's for the whole image
+    assert choose_attention(method, "auto", 65, torch.device("cpu"), "bf16") == "math"
+    assert choose_attention(method, "auto", 65, torch.device("cpu"), "fp32") == "fused"
+    assert all(layer.path == "auto" for layer in layers)
     with pytest.raises(ConfigError, match="unknown attention path 'flash'"):
-        choose_attention(method, "flash", 65, 2, torch.device("cpu"), "fp32")
+        choose_attention(method, "flash", 65, torch.device("cpu"), "fp32")
 
 
 def test_attention_config_is_validated_and_recorded(tmp_path):
@@ -165,20 +167,42 @@ def _synthetic_info():
                        needs_data_dir=False, formats="-", how_to_get="-")
 
 
-def test_resume_keeps_the_attention_path_the_run_started_with(tmp_path, monkeypatch):
-    """auto times the paths once per process; a resumed run must not re-time and switch (the
-    two kernels round differently, which would break exact replay)."""
-    import mae_bench.attention as attention
+def test_resume_keeps_the_attention_path_the_run_started_with(tmp_path):
+    """A run records its attention setting; "auto" is the rule, a pure function of the run's
+    settings, so a resume replays the same kernels. A checkpoint from before the rule recorded
+    the kernel its start-up timing picked: a resume under auto must keep that kernel."""
     from mae_bench.engine import pretrain
 
     cfg = RunConfig().replace(model={"arch": "vit_micro_patch2"},
-                              train={"batch_size": 8, "epochs": 1, "device": "cpu"})
-    monkeypatch.setattr(attention, "_fastest", lambda *a: "math")
+                              train={"batch_size": 8, "epochs": 1, "device": "cpu",
+                                     "precision": "fp32"})
     pretrain(cfg, tmp_path / "run", max_steps=1, progress=False)
-    monkeypatch.setattr(attention, "_fastest", lambda *a: "fused")  # a new timing would switch
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert (run["attention"], run["attention_kernel"]) == ("auto", "fused")  # fp32 CPU: fused
+    ckpt_path = tmp_path / "run" / "checkpoint.pt"
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    assert ckpt["extra"]["attention"] == "auto"
+    ckpt["extra"]["attention"] = "math"  # as an older, timed run recorded it
+    torch.save(ckpt, ckpt_path)
     pretrain(cfg, tmp_path / "run", max_steps=2, progress=False)
-    assert json.loads((tmp_path / "run" / "run.json").read_text())["attention"] == "math"
-    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert (run["attention"], run["attention_kernel"]) == ("math", "math")
+    ckpt = torch.load(ckpt_path, weights_only=True)
     assert ckpt["step"] == 2 and ckpt["extra"]["attention"] == "math"
-    pretrain(cfg, tmp_path / "fresh", max_steps=1, progress=False)  # a new run times afresh
-    assert json.loads((tmp_path / "fresh" / "run.json").read_text())["attention"] == "fused"
+
+
+def test_spread_and_the_busy_warning():
+    from mae_bench.app.speed import TrainSpeed
+    from mae_bench.app.speed_run import busy_warning
+
+    def speed(steps):
+        return TrainSpeed(10.0, 0.1, 1.0, 8, "cpu", "fp32", step_seconds=tuple(steps))
+
+    quiet = speed([0.100, 0.101, 0.099, 0.100, 0.102, 0.100, 0.101, 0.100])
+    busy = speed([0.10, 0.30, 0.11, 0.29, 0.10, 0.31, 0.12, 0.30])
+    assert quiet.spread == pytest.approx(1.0, abs=0.03)
+    assert busy.spread > 2
+    assert speed([0.1, 0.2, 0.3]).spread is None  # too few steps to say
+    assert busy_warning({"mae": quiet}) is None
+    warning = busy_warning({"mae": quiet, "simclr": busy})
+    assert warning.startswith("warning: the machine was busy") and "'simclr'" in warning

@@ -42,7 +42,7 @@ from mae_bench.files import (
     write_json_atomic,
 )
 from mae_bench.methods import method_class, resolve_config
-from mae_bench.results import append_rows, git_sha, read_results
+from mae_bench.results import append_rows, check_writable, git_sha, read_results
 from mae_bench.runtime import resolve_device
 
 DEFAULT_METHODS = ("mae", "simclr", "mocov3", "byol", "dino")
@@ -154,9 +154,11 @@ def run_compare(spec: CompareSpec, log: Log = print, progress: bool = True,
     if spec.epochs is None and spec.budget_seconds is None:
         spec = CompareSpec(**{**spec.__dict__, "budget_seconds": DEFAULT_BUDGET_SECONDS})
     validate_compare(spec)
-    # Fail on bad data before any training.
+    # Fail on bad data, or a store that cannot be written, before any training.
     n_train = len(load_dataset(spec.dataset, "train", spec.data_dir))
     plans = {m: run_config(spec, m, spec.epochs) for m in spec.methods}
+    if is_main_process():
+        check_writable(spec.results_dir)
 
     run_dirs: dict[str, Path] = {}
     trained: list[str] = []

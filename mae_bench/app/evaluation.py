@@ -26,7 +26,7 @@ from mae_bench.data import cache_writes_held, get_dataset_info, load_dataset
 from mae_bench.data.datasets import AnyDataset, ArrayDataset
 from mae_bench.distributed import is_main_process, join_process_group, wait_for_main
 from mae_bench.errors import ConfigError, DataError
-from mae_bench.results import RESULTS_FILE, append_rows, make_row
+from mae_bench.results import RESULTS_FILE, append_rows, check_writable, make_row
 from mae_bench.runtime import resolve_device, resolve_precision
 
 PROTOCOLS = ("knn", "linear", "fewshot", "finetune", "partial-finetune")
@@ -38,6 +38,7 @@ FEATURE_FILES = ("train_features.npy", "train_labels.npy", "test_features.npy",
                  "test_labels.npy")
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
+FOLDER_DATASETS = ("imagefolder",)  # data set names that say only how files are laid out
 
 
 @dataclass(frozen=True)
@@ -189,6 +190,7 @@ class Inputs:
     test: AnyDataset | None = None
     features: dict[str, torch.Tensor] | None = None
     label: str = ""
+    data_dir: str | None = None  # where the data were read from (resolved)
 
 
 def load_inputs(spec: EvalSpec) -> Inputs:
@@ -212,7 +214,8 @@ def load_inputs(spec: EvalSpec) -> Inputs:
     with cache_writes_held():  # a decoded folder is cached only if both splits pass
         train = _labelled(load_dataset(name, "train", data_dir), name, "train")
         test = _labelled(load_dataset(name, "test", data_dir), name, "test")
-    return Inputs(source, name, train, test, label=source.label)
+    return Inputs(source, name, train, test, label=source.label,
+                  data_dir=str(Path(data_dir).resolve()) if data_dir else None)
 
 
 def source_of(spec: EvalSpec) -> EncoderSource:
@@ -245,8 +248,13 @@ class EvalOutcome:
     notes: list[str]
 
 
-def run_eval(spec: EvalSpec, progress: Progress | None = None) -> EvalOutcome:
+def run_eval(spec: EvalSpec, progress: Progress | None = None,
+             show: Callable[[EvalOutcome], None] | None = None) -> EvalOutcome:
     """Run one evaluation and append its rows to ``spec.results_dir``.
+
+    The store is checked for writing before any work (``ConfigError`` if it cannot be), and
+    ``show`` (the CLI's table) sees the outcome before the rows are written, so a store that
+    fails at the end still leaves the numbers on the screen.
 
     Under torchrun (``torchrun --nproc_per_node N -m mae_bench eval ...``) every rank extracts
     the features of its part of the data and rank 0 runs k-NN / the fast probe on all of them;
@@ -255,6 +263,8 @@ def run_eval(spec: EvalSpec, progress: Progress | None = None) -> EvalOutcome:
     """
     start = time.perf_counter()
     inputs = load_inputs(spec)
+    if is_main_process():  # after the input checks (a bad command writes nothing at all)
+        check_writable(spec.results_dir)
     device = join_process_group(resolve_device(spec.device))  # torchrun: gloo / NCCL
     precision = resolve_precision(spec.precision, device)
     notes: list[str] = []
@@ -267,12 +277,20 @@ def run_eval(spec: EvalSpec, progress: Progress | None = None) -> EvalOutcome:
         numbers = _finetune(spec, inputs, device, precision, notes, progress)
     seconds = time.perf_counter() - start
     rows = _rows(spec, inputs, numbers, seconds)
+    outcome = EvalOutcome(rows, Path(spec.results_dir) / RESULTS_FILE, seconds, notes)
     if is_main_process():  # under torchrun rank 0 alone holds the numbers and writes them
-        path = append_rows(spec.results_dir, rows)
+        if show is not None:
+            show(outcome)
+        try:
+            append_rows(spec.results_dir, rows)
+        except OSError as exc:  # the store went away or filled up after the check
+            raise ConfigError(f"--results-dir {spec.results_dir}: the rows could not be written "
+                              f"({exc.strerror or exc}); the numbers are only on the screen"
+                              ) from None
     else:
-        rows, path = [], Path(spec.results_dir) / RESULTS_FILE
+        outcome.rows = []
     wait_for_main()  # no rank starts the next job (a sweep's next point) before the rows exist
-    return EvalOutcome(rows, path, seconds, notes)
+    return outcome
 
 
 # A protocol's numbers: (metric, value, knobs for this number only).
@@ -323,6 +341,12 @@ def _frozen_feature_protocol(spec: EvalSpec, inputs: Inputs, device: torch.devic
     num_classes = int(max(train_y.max(), test_y.max())) + 1
     numbers: Numbers = []
     if spec.protocol == "knn":
+        n = int(train_x.shape[0])
+        if max(spec.ks) > n:
+            fraction = f" at --label-fraction {spec.label_fraction}" if subset is not None else ""
+            raise ConfigError(f"--k {max(spec.ks)} is more neighbours than the {n} training "
+                              f"images{fraction}; use --k values <= {n}, e.g. --k "
+                              f"{min(10, n)}")
         res = knn_evaluate(train_x, train_y, test_x, test_y, ks=spec.ks,
                            temperature=spec.temperature, num_classes=num_classes)
         for k, accs in res.accuracy.items():
@@ -453,7 +477,17 @@ def _rows(spec: EvalSpec, inputs: Inputs, numbers: Numbers, seconds: float
         common["pool"] = spec.pool
     if spec.label_fraction < 1.0:
         common["label_fraction"] = spec.label_fraction
-    if src is not None:
+    if inputs.dataset in FOLDER_DATASETS and inputs.data_dir:
+        # "imagefolder" names a format, not a data set: the folder is part of its identity,
+        # so numbers on two folders are never averaged together.
+        common["data_dir"] = inputs.data_dir
+    # From random weights (--init random) the run lends only its architecture: the rows are
+    # the random reference's, without the run's pretraining epochs, seconds or mask ratio.
+    scratch = (spec.protocol in ("finetune", "partial-finetune") and spec.init == "random"
+               and src is not None and src.kind == "run")
+    if scratch:
+        common |= {"method": "random", "seed": spec.seed}
+    elif src is not None:
         common |= {k: v for k, v in src.pretrain.items() if k not in ("data_dir", "checkpoint")}
         if src.kind in REFERENCES:
             common["seed"] = spec.seed

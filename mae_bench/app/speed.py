@@ -52,7 +52,8 @@ class TrainSpeed:
         batch_size: images per measured step.
         device: where it ran.
         precision: fp32 | bf16 | fp16.
-        attention: the attention path the model ran ("fused" or "math").
+        attention: the kernel the encoder ran on the whole image ("fused" or "math"): the
+            rule's (``mae_bench.attention.rule_path``) unless the configuration forced one.
         peak_memory_mb: memory the configuration added at its peak (model, optimizer state,
             activations): on CUDA the allocator's peak, on Linux CPUs the rise of the process's
             peak resident set; None where neither can be read.
@@ -78,6 +79,16 @@ class TrainSpeed:
         return self.gflops_per_image * self.images_per_second / 1e3
 
     @property
+    def spread(self) -> float | None:
+        """How far the timed steps scatter: the slowest over the fastest quarter's edge
+        (75th over 25th percentile of the step times); None with fewer than 4 steps. A quiet
+        machine gives about 1.0-1.1."""
+        if len(self.step_seconds) < 4:
+            return None
+        q = statistics.quantiles(self.step_seconds, n=4)
+        return q[2] / q[0]
+
+    @property
     def loader_ratio(self) -> float | None:
         """How many times the training throughput the data path alone delivers."""
         if not self.loader_images_per_second:
@@ -96,15 +107,15 @@ def train_step_flops(method: Method, batch: Batch) -> int:
     model runs: the counter does not see inside every fused kernel (the CPU flash-attention
     backward), and a model's FLOPs must not depend on the kernel that computes them."""
     layers = attention_layers(method)
-    fused = [layer.fused_attn for layer in layers]
+    paths = [getattr(layer, "path", "auto") for layer in layers]
     set_attention(method, "math")
     counter = FlopCounterMode(display=False)
     try:
         with counter:
             method(batch)["loss"].backward()
     finally:
-        for layer, was in zip(layers, fused, strict=True):
-            layer.fused_attn = was
+        for layer, was in zip(layers, paths, strict=True):
+            set_attention(layer, was)
     method.zero_grad(set_to_none=True)
     return int(counter.get_total_flops())
 
@@ -159,8 +170,8 @@ class _Trainer:
         self.gen = torch.Generator(device=device).manual_seed(t.seed)
         self.device, self.precision = device, precision
         self.attention = choose_attention(self.method, t.attention or "auto",
-                                          1 + (img_size // _patch(cfg)) ** 2, t.batch_size,
-                                          device, precision)
+                                          1 + (img_size // _patch(cfg)) ** 2, device,
+                                          precision)
 
     def batch(self, images: torch.Tensor, labels: torch.Tensor) -> Batch:
         images = images.to(self.device, non_blocking=True)

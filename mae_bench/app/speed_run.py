@@ -3,10 +3,11 @@ measured side by side in one process and reported as absolute numbers and ratios
 
 Configurations measured (``SpeedSpec.methods`` chooses the methods):
 
-* each method at the main precision, attention path chosen by measurement (``auto``);
+* each method at the main precision, attention kernel by the rule (``auto``,
+  ``mae_bench.attention.rule_path``);
 * ``mae [M]``: MAE with mask tokens in the encoder (every token encoded, the paper's Table 1c):
   its time against MAE's is the speedup MAE exists for, shown beside the FLOP ratio;
-* ``mae attn=<other>``: MAE with the attention path ``auto`` did not choose, to show the choice;
+* ``mae attn=<other>``: MAE forced onto the kernel the rule did not choose, to check the rule;
 * ``mae <precision>`` for each further precision (bf16 against fp32).
 
 Training runs on random uint8 images of the preset's size held in memory (content does not
@@ -24,6 +25,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import torch
+from torch import nn
 
 from mae_bench.app.speed import TrainSpeed, matmul_peak, measure_side_by_side
 from mae_bench.config import RunConfig
@@ -155,13 +157,12 @@ def run_speed(spec: SpeedSpec, log: Callable[[str], None] = lambda _: None) -> S
 
 def _with_other_attention(configs: dict[str, RunConfig], img_size: int, patch: int,
                           device: torch.device) -> dict[str, RunConfig]:
-    from mae_bench.attention import auto_path
+    from mae_bench.attention import choose_attention
 
     cfg = configs["mae"]
-    p = get_preset(cfg.model.arch)
-    chosen = auto_path(p.embed_dim, p.num_heads, 1 + (img_size // patch) ** 2,
-                       cfg.train.batch_size, device, resolve_precision(cfg.train.precision,
-                                                                        device))
+    chosen = choose_attention(nn.Identity(), cfg.train.attention or "auto",
+                              1 + (img_size // patch) ** 2, device,
+                              resolve_precision(cfg.train.precision, device))
     other = "math" if chosen == "fused" else "fused"
     out = dict(configs)
     out[f"mae attn={other}"] = cfg.replace(train={"attention": other})
@@ -245,7 +246,7 @@ def _rows(spec: SpeedSpec, o: SpeedOutcome, device: torch.device) -> list[dict[s
                    "tflops": s.tflops, "mfu": s.mfu(o.peaks[s.precision]),
                    "peak_memory_mb": s.peak_memory_mb,
                    "loader_img_per_s": s.loader_images_per_second,
-                   "loader_ratio": s.loader_ratio}
+                   "loader_ratio": s.loader_ratio, "step_time_spread": s.spread}
         for metric, value in metrics.items():
             if value is not None:
                 rows.append(make_row(**common, method=method, metric=metric,
@@ -260,6 +261,22 @@ def _rows(spec: SpeedSpec, o: SpeedOutcome, device: torch.device) -> list[dict[s
     return rows
 
 
+BUSY_SPREAD = 1.25  # step-time interquartile ratio above which the machine was not quiet
+
+
+def busy_warning(train: dict[str, TrainSpeed]) -> str | None:
+    """A one-line warning when some configuration's step times scattered as on a busy machine
+    (``TrainSpeed.spread`` above ``BUSY_SPREAD``), else None. The rows were interleaved, so
+    their ratios stay fair; the absolute images/s are low."""
+    busy = {n: s.spread for n, s in train.items() if s.spread and s.spread > BUSY_SPREAD}
+    if not busy:
+        return None
+    worst = max(busy, key=busy.__getitem__)
+    return (f"warning: the machine was busy: step times scattered by up to {busy[worst]:.2f}x "
+            f"(75th / 25th percentile, '{worst}'); ratios between rows stay fair (the rounds "
+            "were interleaved), absolute img/s are low; rerun on a quiet machine for those")
+
+
 def to_markdown(spec: SpeedSpec, o: SpeedOutcome) -> str:
     """The measured table and ratios as a Markdown section (command, machine, date first)."""
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -271,17 +288,21 @@ def to_markdown(spec: SpeedSpec, o: SpeedOutcome) -> str:
               f"{spec.steps * spec.rounds} timed steps per row ({spec.rounds} interleaved rounds)."
               " Matmul peak: " + ", ".join(f"{p} {v / 1e12:.3f} TFLOP/s"
                                            for p, v in o.peaks.items()) + ".", ""]
-    lines += ["| configuration | precision | attention | img/s | GFLOP/img/step | TFLOP/s | "
-              "MFU % | peak MiB | loader img/s (x train) |", "|" + "---|" * 9]
+    lines += ["| configuration | precision | attention | img/s | spread | GFLOP/img/step | "
+              "TFLOP/s | MFU % | peak MiB | loader img/s (x train) |", "|" + "---|" * 10]
     for name, s in o.train.items():
         mfu = s.mfu(o.peaks[s.precision])
         mem = f"{s.peak_memory_mb:.0f}" if s.peak_memory_mb is not None else "-"
         loader = "-"
         if s.loader_ratio is not None:
             loader = f"{s.loader_images_per_second:.0f} ({s.loader_ratio:.1f}x)"
+        spread = f"{s.spread:.2f}" if s.spread is not None else "-"
         lines.append(f"| {name} | {s.precision} | {s.attention} | {s.images_per_second:.1f} | "
-                     f"{s.gflops_per_image:.3f} | {s.tflops:.4f} | {mfu:.1f} | {mem} | {loader} |")
+                     f"{spread} | {s.gflops_per_image:.3f} | {s.tflops:.4f} | {mfu:.1f} | {mem} "
+                     f"| {loader} |")
     lines.append("")
+    if busy := busy_warning(o.train):
+        lines += [f"**{busy}**", ""]
     r = o.ratios
     if "mae_speedup_vs_mask_tokens" in r:
         lines.append(f"- MAE vs. mask tokens in the encoder: "

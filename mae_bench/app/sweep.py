@@ -47,7 +47,7 @@ from mae_bench.distributed import (
 from mae_bench.errors import ConfigError
 from mae_bench.files import MANIFEST_FILE, RUN_FILE, SUMMARY_FILE, write_json_atomic
 from mae_bench.methods import build_method, resolve_config
-from mae_bench.results import append_rows, git_sha, make_row
+from mae_bench.results import append_rows, check_writable, git_sha, make_row
 from mae_bench.runtime import resolve_device
 
 MANIFEST = MANIFEST_FILE  # kept: tests and callers import it by this name
@@ -204,6 +204,7 @@ def plan_points(spec: SweepSpec) -> list[SweepPoint]:
             seeded = cfg.replace(train={"seed": seed})
             name = f"{knob.name}={_fmt(value)}-seed{seed}-{seeded.digest()[:8]}"
             points.append(SweepPoint(value, seed, seeded, group / name))
+    check_writable(spec.results_dir)  # last: a store that cannot be written, before any work
     return points
 
 

@@ -134,7 +134,7 @@ def eval_(
 ) -> None:
     """Evaluate an encoder (or precomputed features) with one protocol; print a table and append
     one row per number to the results store."""
-    from mae_bench.app.evaluation import EvalSpec, run_eval
+    from mae_bench.app.evaluation import EvalOutcome, EvalSpec, run_eval
 
     spec = EvalSpec(
         protocol=protocol, checkpoint=checkpoint,
@@ -148,13 +148,15 @@ def eval_(
         cache_dir=str(cache_dir) if cache_dir is not None else None, use_cache=cache,
         trust_checkpoint=trust_checkpoint, results_dir=str(results_dir),
     )
+    def show(outcome: EvalOutcome) -> None:  # before the rows are written: never lost
+        for note in outcome.notes:
+            console.print(note, highlight=False)
+        out.print(_rows_table(outcome.rows))
+
     with task_progress(progress and main_rank()) as report:
-        outcome = run_eval(spec, report)
+        outcome = run_eval(spec, report, show=show)
     if not main_rank():  # rank 0 holds the numbers and reports them
         return
-    for note in outcome.notes:
-        console.print(note, highlight=False)
-    out.print(_rows_table(outcome.rows))
     out.print(f"{len(outcome.rows)} rows appended to {outcome.results_file} "
               f"({outcome.seconds:.1f} s)")
 

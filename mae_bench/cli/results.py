@@ -34,8 +34,9 @@ def results(
     decimals: Annotated[int, typer.Option(help="Decimals in the cells.")] = 2,
 ) -> None:
     """Show the results store as a pivot table: mean ± std (n) over seeds per cell; export it
-    to Markdown, CSV or LaTeX."""
-    from mae_bench.results import export_table, pivot_table, read_results
+    to Markdown or LaTeX as shown, or to CSV as numbers (one row per group: its settings, then
+    mean, std, n, ci95_low, ci95_high, failed)."""
+    from mae_bench.results import aggregate, export_table, pivot_table, read_results, where_equal
 
     check_exports(export)
     df = read_results(results_dir)
@@ -44,7 +45,7 @@ def results(
         if not sep or name not in df.columns:
             raise MaeBenchError(f"--where {cond!r}: expected COLUMN=VALUE with a column of the "
                                 f"store ({', '.join(map(str, df.columns))})")
-        df = df[df[name].astype(str) == value]
+        df = df[where_equal(df[name], value)]
     if df.empty:
         out.print(f"no results in {results_dir}" + (" match --where" if where else ""))
         return
@@ -52,7 +53,9 @@ def results(
     out.print(_pivot_for_terminal(table, f"{results_dir} ({len(df)} rows; mean ± std (n) over "
                                          "seeds)"))
     for path in export or []:
-        out.print(f"wrote {export_table(table, path, decimals=decimals)}")
+        # CSV is for programs: one row per group, mean / std / n / interval as numbers.
+        data = aggregate(df) if path.suffix.lower() == ".csv" else table
+        out.print(f"wrote {export_table(data, path, decimals=decimals)}")
 
 
 def _pivot_for_terminal(table, title: str) -> Table:

@@ -66,7 +66,7 @@ def speed(
     paths. Evaluation: feature-extraction images/s, FAISS k-NN against a torch brute force on
     the same features (time and agreement), the fast probe's time."""
     from mae_bench.app.speed_run import SpeedSpec, run_speed, validate_spec
-    from mae_bench.results import append_rows
+    from mae_bench.results import append_rows, check_writable
 
     spec = SpeedSpec(
         methods=names(methods), arch=arch, img_size=img_size, batch_size=batch_size,
@@ -76,23 +76,25 @@ def speed(
         command=shlex.join(["mae-bench", *sys.argv[1:]]),
     )
     validate_spec(spec)
+    check_writable(results_dir)
 
     outcome = run_speed(spec, log=log_line)
     table = Table(title=f"training speed: {arch}, batch {batch_size} ({outcome.machine})")
-    for col in ("configuration", "precision", "attention", "img/s", "GFLOP/img", "TFLOP/s",
-                "MFU %", "peak MiB", "loader x train"):
+    for col in ("configuration", "precision", "attention", "img/s", "spread", "GFLOP/img",
+                "TFLOP/s", "MFU %", "peak MiB", "loader x train"):
         table.add_column(col, justify="left" if col in ("configuration", "precision",
                                                          "attention") else "right")
     for name, s in outcome.train.items():
         mfu = s.mfu(outcome.peaks[s.precision])
         table.add_row(
             name, s.precision, s.attention, f"{s.images_per_second:.1f}",
-            f"{s.gflops_per_image:.3f}", f"{s.tflops:.4f}", f"{mfu:.1f}",
+            f"{s.spread:.2f}" if s.spread is not None else "-", f"{s.gflops_per_image:.3f}",
+            f"{s.tflops:.4f}", f"{mfu:.1f}",
             f"{s.peak_memory_mb:.0f}" if s.peak_memory_mb is not None else "-",
             f"{s.loader_ratio:.1f}" if s.loader_ratio is not None else "-")
     out.print(table)
     for line in outcome.markdown.splitlines():
-        if line.startswith("- "):
+        if line.startswith(("- ", "**warning")):
             out.print(line.replace("**", ""), highlight=False)
     path = append_rows(results_dir, outcome.rows)
     out.print(f"{len(outcome.rows)} rows appended to {path}")

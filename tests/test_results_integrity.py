@@ -1,0 +1,166 @@
+"""Results that never mislead (issue 21): one trainer per run folder; stores and run folders that
+cannot be written refused before any work; numbers shown before they are written; filters and
+exports that treat numbers as numbers; rows that say what made them; resume bookkeeping."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from cli_helpers import run_cli
+
+from mae_bench.config import RunConfig
+from mae_bench.engine import pretrain
+from mae_bench.errors import ConfigError
+from mae_bench.files import LOCK_FILE, FolderLock
+
+MICRO = RunConfig().replace(model={"arch": "vit_micro_patch2"},
+                            train={"batch_size": 8, "epochs": 1, "device": "cpu"})
+
+
+def _listing(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+def test_a_second_trainer_is_refused_naming_the_holder_and_nothing_changes(tmp_path):
+    run = tmp_path / "run"
+    pretrain(MICRO, run, max_steps=1, progress=False)
+    assert not (run / LOCK_FILE).exists()  # released at the end of the run
+    holder = FolderLock(run)
+    holder.claim()  # another trainer, as far as the folder can tell
+    before = _listing(run)
+    try:
+        with pytest.raises(ConfigError, match=rf"--out {run} is in use: process {os.getpid()} "
+                                              "is training in it"):
+            pretrain(MICRO, run, max_steps=2, progress=False)
+        with pytest.raises(ConfigError, match="is in use"):  # a new folder's first run too
+            FolderLock(run).claim()
+    finally:
+        holder.release()
+    assert _listing(run) == {k: v for k, v in before.items() if not k.endswith(LOCK_FILE)}
+    assert pretrain(MICRO, run, max_steps=2, progress=False).step == 2  # free again
+
+
+def test_the_lock_is_released_when_training_fails(tmp_path):
+    run = tmp_path / "run"
+    bad = MICRO.replace(train={"lr": 1e30, "precision": "fp32"})  # a non-finite loss
+    with pytest.raises(Exception, match="non-finite"):
+        pretrain(bad, run, max_steps=4, progress=False)
+    FolderLock(run).claim()  # nobody holds it
+
+
+def test_cli_second_pretrain_is_one_line_exit_2(monkeypatch, capsys, tmp_path):
+    run = tmp_path / "run"
+    holder = FolderLock(run)
+    holder.claim()
+    try:
+        code, _, err = run_cli(monkeypatch, capsys, "pretrain", "--arch", "vit_micro_patch2",
+                               "--batch-size", "8", "--max-steps", "1", "--out", str(run),
+                               "--no-progress")
+    finally:
+        holder.release()
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and "is in use: process" in lines[0], err
+
+
+def test_an_unwritable_out_or_store_is_refused_before_any_work(monkeypatch, capsys, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder\n")
+    code, _, err = run_cli(monkeypatch, capsys, "pretrain", "--arch", "vit_micro_patch2",
+                           "--batch-size", "8", "--max-steps", "1",
+                           "--out", str(blocker / "run"), "--no-progress")
+    assert code == 2 and err.strip().startswith("error: --out") and "cannot write" in err, err
+    code, out, err = run_cli(monkeypatch, capsys, "eval", "--protocol", "knn", "--checkpoint",
+                             "pixels", "--results-dir", str(blocker / "res"), "--no-progress")
+    assert code == 2 and "cannot write the results store" in err and "Traceback" not in err
+    assert err.count("\n") == 1 and out == ""  # refused before the features were computed
+    assert blocker.read_text() == "not a folder\n"
+
+
+def test_eval_prints_its_numbers_before_a_failing_write(monkeypatch, capsys, tmp_path):
+    import mae_bench.app.evaluation as evaluation
+
+    def full_disk(*_):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(evaluation, "append_rows", full_disk)
+    code, out, err = run_cli(monkeypatch, capsys, "eval", "--protocol", "knn", "--checkpoint",
+                             "pixels", "--k", "10", "--results-dir", str(tmp_path / "res"),
+                             "--no-progress")
+    assert code == 2 and "No space left on device" in err and "Traceback" not in err
+    assert "top1" in out  # the table came first
+
+
+def test_results_filters_compare_numbers_and_csv_exports_numbers(monkeypatch, capsys, tmp_path):
+    import pandas as pd
+
+    from mae_bench.results import append_rows, make_row
+
+    store = tmp_path / "res"
+    base = dict(method="mae", arch="vit_micro_patch2", dataset="digits", protocol="knn",
+                metric="top1", run_id="r")
+    append_rows(store, [make_row(value=v, k=20, seed=s, **base) for s, v in enumerate([60, 64])]
+                + [make_row(value=50.0, k=10, seed=0, **base)])
+    csv = tmp_path / "t.csv"
+    code, out, _ = run_cli(monkeypatch, capsys, "results", "--results-dir", str(store),
+                           "--where", "k=20", "--export", str(csv))
+    assert code in (0, None) and "62.00 ± 2.83 (n=2)" in out and "50.00" not in out
+    table = pd.read_csv(csv)
+    assert len(table) == 1 and table["mean"].dtype.kind == "f"
+    assert table["mean"].iloc[0] == 62.0 and table["n"].iloc[0] == 2
+    assert table["ci95_low"].iloc[0] < 62.0 < table["ci95_high"].iloc[0]
+
+
+def test_knn_k_above_the_training_set_is_worded_for_the_cli(monkeypatch, capsys, tmp_path):
+    code, _, err = run_cli(monkeypatch, capsys, "eval", "--protocol", "knn", "--checkpoint",
+                           "pixels", "--label-fraction", "0.01", "--k", "20", "--results-dir",
+                           str(tmp_path / "res"), "--no-progress")
+    assert code == 2 and "--k 20 is more neighbours than the" in err and "ks=" not in err, err
+
+
+def test_resume_keeps_the_first_command_and_counts_throughput_over_the_whole_run(
+        tmp_path, monkeypatch):
+    import json
+    import sys
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(sys, "argv", ["mae-bench", "pretrain", "--out", str(run)])
+    pretrain(MICRO, run, max_steps=1, progress=False)
+    monkeypatch.setattr(sys, "argv", ["mae-bench", "pretrain", "--resume", str(run)])
+    result = pretrain(MICRO, run, max_steps=2, progress=False)
+    info = json.loads((run / "run.json").read_text())
+    assert info["command"] == f"mae-bench pretrain --out {run}"
+    assert [s["command"] for s in info["segments"]] == [
+        f"mae-bench pretrain --out {run}", f"mae-bench pretrain --resume {run}"]
+    assert [s["start_step"] for s in info["segments"]] == [0, 1]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["images_per_second"] == pytest.approx(2 * 8 / summary["train_seconds"])
+    assert result.images_per_second == summary["images_per_second"]
+    assert "segment_images_per_second" in summary
+
+
+def test_rows_of_two_image_folders_are_never_averaged_together(monkeypatch, capsys, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from mae_bench.results import aggregate, read_results
+
+    rng = np.random.default_rng(0)
+    for name in ("folder-a", "folder-b"):
+        for split in ("train", "test"):
+            for c in ("x", "y"):
+                for i in range(12):
+                    path = tmp_path / name / split / c / f"{i}.png"
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    Image.fromarray(rng.integers(0, 256, (8, 8, 3), np.uint8)).save(path)
+        code, _, err = run_cli(monkeypatch, capsys, "eval", "--protocol", "knn", "--checkpoint",
+                               "pixels", "--k", "5", "--dataset", "imagefolder", "--data-dir",
+                               str(tmp_path / name), "--results-dir", str(tmp_path / "res"),
+                               "--cache-dir", str(tmp_path / "cache"), "--no-progress")
+        assert code in (0, None), err
+    rows = read_results(tmp_path / "res")
+    top1 = rows[rows["metric"] == "top1"]
+    assert set(top1["data_dir"]) == {str((tmp_path / n).resolve())
+                                     for n in ("folder-a", "folder-b")}
+    assert (aggregate(top1)["n"] == 1).all()  # two groups of one, not one "n=2"
