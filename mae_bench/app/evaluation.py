@@ -71,6 +71,7 @@ class EvalSpec:
     mixup: float | None = None
     cutmix: float | None = None
     label_smoothing: float | None = None
+    crop_min: float | None = None  # finetune: RandomResizedCrop from this share of the area
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
@@ -96,6 +97,8 @@ def validate_spec(spec: EvalSpec) -> None:
         (spec.temperature > 0, f"--temperature must be > 0, got {spec.temperature}"),
         (0.0 < spec.label_fraction <= 1.0,
          f"--label-fraction must be in (0, 1], got {spec.label_fraction}"),
+        (spec.crop_min is None or 0.0 < spec.crop_min <= 1.0,
+         f"--crop-min must be in (0, 1] (1 = no crops), got {spec.crop_min}"),
         (spec.init in ("pretrained", "random"),
          f"--init must be pretrained or random, got {spec.init!r}"),
         (spec.epochs is None or spec.epochs >= 1, f"--epochs must be >= 1, got {spec.epochs}"),
@@ -402,6 +405,8 @@ def finetune_spec_recipe(spec: EvalSpec, arch: str, img_size: int, train_size: i
     overrides = {k: getattr(spec, k) for k in ("batch_size", "blr", "weight_decay",
                                                "layer_decay", "drop_path", "mixup", "cutmix",
                                                "label_smoothing") if getattr(spec, k) is not None}
+    if spec.crop_min is not None:
+        overrides["crop_scale"] = (spec.crop_min, 1.0)
     return dataclasses.replace(recipe, **overrides)
 
 

@@ -109,6 +109,10 @@ def eval_(
     cutmix: Annotated[
         float, typer.Option(help="finetune: CutMix alpha, 0 = off (default: the recipe's).")
     ] = None,
+    crop_min: Annotated[
+        float, typer.Option(help="finetune: random-resized crops from this share of the image "
+                                 "area to all of it; 1 = no crops (default: the recipe's).")
+    ] = None,
     smoothing: Annotated[
         float, typer.Option(help="finetune: label smoothing (default: the recipe's, 0.1).")
     ] = None,
@@ -144,7 +148,7 @@ def eval_(
         label_fraction=label_fraction, blocks=blocks, init=init, recipe=recipe, epochs=epochs,
         batch_size=batch_size, blr=blr, lr=lr, weight_decay=weight_decay,
         layer_decay=layer_decay, drop_path=drop_path, mixup=mixup, cutmix=cutmix,
-        label_smoothing=smoothing, seed=seed, device=device, precision=precision,
+        label_smoothing=smoothing, crop_min=crop_min, seed=seed, device=device, precision=precision,
         cache_dir=str(cache_dir) if cache_dir is not None else None, use_cache=cache,
         trust_checkpoint=trust_checkpoint, results_dir=str(results_dir),
     )
