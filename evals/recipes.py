@@ -147,8 +147,8 @@ def auto_finetune(arch: str, *, img_size: int, train_size: int, pretrained: bool
                    "from 8 %)")
     elif small_images or small_data:
         changes["crop_scale"] = (0.35, 1.0)
-        why.append("crops from 35 % of the image, not 8 %: an 8 %-area crop of a 32-px image "
-                   "is 9 px wide")
+        why.append(f"crops from 35 % of the image, not 8 %: an 8 %-area crop of a "
+                   f"{img_size}-px image is {math.sqrt(0.08) * img_size:.0f} px wide")
     if not pretrained:
         changes.update(layer_decay=1.0, head_init_std=None)
         why.append("no layer decay and the model's own head init from random weights: layer "

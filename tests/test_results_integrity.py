@@ -164,3 +164,55 @@ def test_rows_of_two_image_folders_are_never_averaged_together(monkeypatch, caps
     assert set(top1["data_dir"]) == {str((tmp_path / n).resolve())
                                      for n in ("folder-a", "folder-b")}
     assert (aggregate(top1)["n"] == 1).all()  # two groups of one, not one "n=2"
+
+
+def _folder(root: Path, size: int, gray: bool, per_class: int = 10) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    for split in ("train", "test"):
+        for c in ("x", "y"):
+            for i in range(per_class):
+                path = root / split / c / f"{i}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                shape = (size, size) if gray else (size, size, 3)
+                Image.fromarray(rng.integers(0, 256, shape, np.uint8)).save(path)
+    return root
+
+
+def test_a_grayscale_folder_stays_one_channel_and_a_colour_one_three(tmp_path):
+    from mae_bench.data import load_dataset
+
+    gray = load_dataset("imagefolder", "test", _folder(tmp_path / "g", 12, gray=True),
+                        cache_dir=tmp_path / "cache")
+    colour = load_dataset("imagefolder", "train", _folder(tmp_path / "c", 12, gray=False),
+                          cache_dir=tmp_path / "cache")
+    assert gray.images.shape[1:] == (1, 12, 12) and gray.info.channels == 1
+    assert len(gray.info.mean) == 1
+    assert colour.images.shape[1:] == (3, 12, 12) and colour.info.channels == 3
+
+
+def test_the_random_reference_is_built_for_the_folder_as_loaded(monkeypatch, capsys, tmp_path):
+    import json
+
+    data = _folder(tmp_path / "g", 12, gray=True)
+    res = tmp_path / "res"
+    code, _, err = run_cli(monkeypatch, capsys, "eval", "--protocol", "knn", "--checkpoint",
+                           "random", "--arch", "vit_micro_patch2", "--k", "5", "--dataset",
+                           "imagefolder", "--data-dir", str(data), "--results-dir", str(res),
+                           "--cache-dir", str(tmp_path / "cache"), "--no-progress")
+    assert code in (0, None), err
+    rows = [json.loads(line) for line in (res / "results.jsonl").read_text().splitlines()]
+    assert rows and all(r["arch"] == "vit_micro_patch2" for r in rows)
+    # 12-px, 1-channel inputs: 36 patches of 2 px (the registry's default would be 224 px RGB)
+    from mae_bench.app.evaluation import EvalSpec, load_inputs
+
+    inputs = load_inputs(EvalSpec(protocol="knn", checkpoint="random", arch="vit_micro_patch2",
+                                  dataset="imagefolder", data_dir=str(data),
+                                  cache_dir=str(tmp_path / "cache")))
+    assert (inputs.source.img_size, inputs.source.channels) == (12, 1)
+    sized = load_inputs(EvalSpec(protocol="knn", checkpoint="random", arch="vit_micro_patch2",
+                                 dataset="imagefolder", data_dir=str(data), img_size=16,
+                                 cache_dir=str(tmp_path / "cache")))
+    assert sized.source.img_size == 16

@@ -24,6 +24,7 @@ from evals.recipes import RECIPES, FinetuneRecipe, finetune_recipe, probe_recipe
 from evals.splits import stratified_subset
 from mae_bench.data import cache_writes_held, get_dataset_info, load_dataset
 from mae_bench.data.datasets import AnyDataset, ArrayDataset
+from mae_bench.data.info import DatasetInfo
 from mae_bench.distributed import is_main_process, join_process_group, wait_for_main
 from mae_bench.errors import ConfigError, DataError
 from mae_bench.results import RESULTS_FILE, append_rows, check_writable, make_row
@@ -72,6 +73,7 @@ class EvalSpec:
     cutmix: float | None = None
     label_smoothing: float | None = None
     crop_min: float | None = None  # finetune: RandomResizedCrop from this share of the area
+    img_size: int | None = None  # the random reference's input size (default: the data's)
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
@@ -97,6 +99,10 @@ def validate_spec(spec: EvalSpec) -> None:
         (spec.temperature > 0, f"--temperature must be > 0, got {spec.temperature}"),
         (0.0 < spec.label_fraction <= 1.0,
          f"--label-fraction must be in (0, 1], got {spec.label_fraction}"),
+        (spec.img_size is None or spec.img_size >= 1,
+         f"--img-size must be a positive number of pixels, got {spec.img_size}"),
+        (spec.img_size is None or spec.checkpoint == "random",
+         "--img-size sets the random reference's input size; a checkpoint keeps its own"),
         (spec.crop_min is None or 0.0 < spec.crop_min <= 1.0,
          f"--crop-min must be in (0, 1] (1 = no crops), got {spec.crop_min}"),
         (spec.init in ("pretrained", "random"),
@@ -204,30 +210,38 @@ def load_inputs(spec: EvalSpec) -> Inputs:
         feats = load_feature_dir(spec.features_dir)
         label = Path(spec.features_dir).resolve().name
         return Inputs(None, spec.dataset or label, features=feats, label=label)
-    source = source_of(spec)
-    name = spec.dataset or source.pretrain.get("pretrain_dataset") or "digits"
+    # The random reference is built for the data as loaded (an image folder's own size and
+    # channels, not the registry's defaults); every other source is known before the data.
+    source = None if spec.checkpoint == "random" else source_of(spec)
+    pretrained_on = source.pretrain.get("pretrain_dataset") if source is not None else None
+    name = spec.dataset or pretrained_on or "digits"
     info = get_dataset_info(name)
     data_dir = spec.data_dir
-    if data_dir is None and name == source.pretrain.get("pretrain_dataset"):
+    if data_dir is None and name == pretrained_on:
         data_dir = source.pretrain.get("data_dir")
-    if source.channels is not None and source.channels != info.channels:
-        raise ConfigError(f"{source.label} takes {source.channels}-channel images but {name} has "
-                          f"{info.channels}; evaluate on a data set with {source.channels} "
-                          "channels")
     with cache_writes_held():  # a decoded folder is cached only if both splits pass
         train = _labelled(load_dataset(name, "train", data_dir), name, "train")
         test = _labelled(load_dataset(name, "test", data_dir), name, "test")
+        info = train.info
+        if source is None:
+            source = source_of(spec, info)
+        if source.channels is not None and source.channels != info.channels:
+            raise ConfigError(f"{source.label} takes {source.channels}-channel images but {name} "
+                              f"has {info.channels}; evaluate on a data set with "
+                              f"{source.channels} channels")
     return Inputs(source, name, train, test, label=source.label,
                   data_dir=str(Path(data_dir).resolve()) if data_dir else None)
 
 
-def source_of(spec: EvalSpec) -> EncoderSource:
-    """The encoder a spec names (a run, an official checkpoint, or a reference row)."""
+def source_of(spec: EvalSpec, info: DatasetInfo | None = None) -> EncoderSource:
+    """The encoder a spec names (a run, an official checkpoint, or a reference row). The
+    random reference takes ``--img-size`` or the size and channels of ``info`` (the data as
+    loaded; None: the registry's description of ``spec.dataset``)."""
     ref = spec.checkpoint in REFERENCES
     img_size = channels = None
     if spec.checkpoint == "random":
-        info = get_dataset_info(spec.dataset or "digits")
-        img_size, channels = info.img_size, info.channels
+        info = info or get_dataset_info(spec.dataset or "digits")
+        img_size, channels = spec.img_size or info.img_size, info.channels
         if spec.arch is not None:
             from mae_bench.vit import get_preset
 
@@ -235,7 +249,7 @@ def source_of(spec: EvalSpec) -> EncoderSource:
             if img_size % patch:
                 raise ConfigError(f"--arch {spec.arch} has {patch}-px patches, which do not "
                                   f"divide {info.name}'s {img_size}-px images; pick a preset "
-                                  "whose patch size divides it")
+                                  "whose patch size divides it (or --img-size)")
     return load_source(spec.checkpoint, arch=spec.arch, img_size=img_size, channels=channels,
                        seed=spec.seed if ref else 0, trust=spec.trust_checkpoint)
 

@@ -109,6 +109,11 @@ def eval_(
     cutmix: Annotated[
         float, typer.Option(help="finetune: CutMix alpha, 0 = off (default: the recipe's).")
     ] = None,
+    img_size: Annotated[
+        int, typer.Option(help="The random reference's input size in pixels (default: the "
+                               "data's own, e.g. an image folder's detected size); images are "
+                               "resized to it.")
+    ] = None,
     crop_min: Annotated[
         float, typer.Option(help="finetune: random-resized crops from this share of the image "
                                  "area to all of it; 1 = no crops (default: the recipe's).")
@@ -148,7 +153,8 @@ def eval_(
         label_fraction=label_fraction, blocks=blocks, init=init, recipe=recipe, epochs=epochs,
         batch_size=batch_size, blr=blr, lr=lr, weight_decay=weight_decay,
         layer_decay=layer_decay, drop_path=drop_path, mixup=mixup, cutmix=cutmix,
-        label_smoothing=smoothing, crop_min=crop_min, seed=seed, device=device, precision=precision,
+        label_smoothing=smoothing, crop_min=crop_min, img_size=img_size, seed=seed,
+        device=device, precision=precision,
         cache_dir=str(cache_dir) if cache_dir is not None else None, use_cache=cache,
         trust_checkpoint=trust_checkpoint, results_dir=str(results_dir),
     )

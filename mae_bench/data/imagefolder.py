@@ -10,8 +10,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mae_bench.data.datasets import AnyDataset, ArrayDataset, StreamingDataset
 from mae_bench.data.image_splits import _find_image_splits, _load_image_split
+from mae_bench.data.images import _channel_stats
 from mae_bench.data.info import DatasetInfo
 from mae_bench.data.registry import _Options, register_dataset
 from mae_bench.errors import DataError
@@ -19,15 +22,42 @@ from mae_bench.errors import DataError
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def _imagefolder_split(info: DatasetInfo, source: Path, opts: _Options) -> AnyDataset:
+def _is_gray(images: torch.Tensor) -> bool:
+    """Every image of uint8 [N, 3, H, W] has three equal channels (grayscale files decode to
+    RGB with the gray value repeated)."""
+    step = 4096
+    return all(bool((chunk[:, 0] == chunk[:, 1]).all() and (chunk[:, 1] == chunk[:, 2]).all())
+               for chunk in images.split(step))
+
+
+def _to_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
+    """uint8 [N, 3, H, W] as ``channels`` channels: 1 keeps the luma (ITU-R 601; the gray value
+    itself for gray images)."""
+    if channels == 3:
+        return images
+    weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    return (images.float() * weights).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+
+
+def _imagefolder_split(info: DatasetInfo, source: Path, opts: _Options,
+                       channels: int | None = None) -> AnyDataset:
+    """One split in memory (or streamed when too big). A folder of grayscale images stays one
+    channel (``channels`` None: decided from the images; the test split takes the train
+    split's); a streamed split stays RGB."""
     result = _load_image_split(info, source, None, opts)
     if isinstance(result, StreamingDataset):
         return result
-    h, w = result.images.shape[2:]
-    info = replace(
-        info, num_classes=len(result.classes), img_size=min(h, w), mean=result.mean, std=result.std
-    )
-    return ArrayDataset(result.images, result.labels, result.classes, info, result.bad_images)
+    images = result.images
+    if channels is None:
+        channels = 1 if _is_gray(images) else 3
+    images = _to_channels(images, channels)
+    h, w = images.shape[2:]
+    mean, std = result.mean, result.std
+    if channels == 1:
+        mean, std = _channel_stats(images.numpy())
+    info = replace(info, num_classes=len(result.classes), img_size=min(h, w), channels=channels,
+                   mean=mean, std=std)
+    return ArrayDataset(images, result.labels, result.classes, info, result.bad_images)
 
 
 def _load_imagefolder(
@@ -41,7 +71,7 @@ def _load_imagefolder(
     train = _imagefolder_split(info, found["train"], opts)
     if split == "train":
         return train
-    test = _imagefolder_split(info, found[split], opts)
+    test = _imagefolder_split(info, found[split], opts, channels=train.info.channels)
     if test.classes != train.classes:
         extra, missing = (
             set(test.classes) - set(train.classes),
