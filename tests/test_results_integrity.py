@@ -216,3 +216,13 @@ def test_the_random_reference_is_built_for_the_folder_as_loaded(monkeypatch, cap
                                  dataset="imagefolder", data_dir=str(data), img_size=16,
                                  cache_dir=str(tmp_path / "cache")))
     assert sized.source.img_size == 16
+
+
+def test_datasets_shows_what_it_found_in_a_folder(monkeypatch, capsys, tmp_path):
+    data = _folder(tmp_path / "g", 12, gray=True)
+    monkeypatch.setenv("MAE_BENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("COLUMNS", "250")
+    code, out, _ = run_cli(monkeypatch, capsys, "datasets", "--data-dir", str(data))
+    line = next(ln for ln in out.splitlines() if ln.strip("│ ").startswith("imagefolder"))
+    cells = [c.strip() for c in line.split("│")]
+    assert code in (0, None) and cells[4:7] == ["12", "1", "2"], line

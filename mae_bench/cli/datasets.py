@@ -29,6 +29,8 @@ def datasets(
     for name, info in DATASETS.items():
         where = data_dir if data_dir is not None else default_data_dir(name)
         found, detail = dataset_status(name, where)
+        if found and info.num_classes is None:  # a folder of the user's: show what is in it
+            info = _as_found(name, where, info)
         table.add_row(
             name,
             "[green]yes[/]" if found else "[red]no[/]",
@@ -43,3 +45,15 @@ def datasets(
         "Missing data: the detail column says where to get it. Point to it with "
         "--data-dir DIR, or set MAE_BENCH_DATA=DIR to look in DIR/<name>."
     )
+
+
+def _as_found(name: str, where: Path, info):
+    """The description of a user's folder as loading it finds it (size, channels, classes);
+    the registry's defaults (224 px, RGB, classes "?") when it cannot be read."""
+    from mae_bench.data import load_dataset
+    from mae_bench.errors import MaeBenchError
+
+    try:
+        return load_dataset(name, "train", where).info
+    except (MaeBenchError, OSError):
+        return info
