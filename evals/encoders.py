@@ -11,6 +11,7 @@ drop path, as the protocols need.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 
 from mae_bench.checkpoint import find_checkpoint, is_official_mae, load_checkpoint
 from mae_bench.errors import CheckpointError, ConfigError
+from mae_bench.files import RUN_FILE
 from mae_bench.vit import PRESETS, VisionTransformer, vit_kwargs
 
 REFERENCES = ("pixels", "random")
@@ -163,6 +165,10 @@ def _from_run(path: Path, ckpt: dict[str, Any]) -> EncoderSource:
     state = {k: encoder_state[k].detach().clone() for k in wanted}
     run_dir = path if path.is_dir() else path.parent
     total, step = extra.get("total_steps"), int(ckpt.get("step", 0))
+    try:  # how the run was made (its first command), for the provenance of every row
+        command = json.loads((run_dir / RUN_FILE).read_text()).get("command")
+    except (OSError, ValueError, AttributeError):
+        command = None
     epochs_done = cfg.train.epochs * step / total if total else None
     pretrain = {
         "pretrain_dataset": cfg.data.dataset,
@@ -173,6 +179,8 @@ def _from_run(path: Path, ckpt: dict[str, Any]) -> EncoderSource:
         "config_hash": cfg.digest(),
         "checkpoint": str(path),
     }
+    if command:
+        pretrain["pretrain_command"] = command
     if cfg.train.method == "mae":
         pretrain |= {"mask_ratio": cfg.mae.mask_ratio, "mask_strategy": cfg.mae.mask_strategy,
                      "norm_pix_loss": cfg.mae.norm_pix_loss}

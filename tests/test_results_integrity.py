@@ -226,3 +226,52 @@ def test_datasets_shows_what_it_found_in_a_folder(monkeypatch, capsys, tmp_path)
     line = next(ln for ln in out.splitlines() if ln.strip("│ ").startswith("imagefolder"))
     cells = [c.strip() for c in line.split("│")]
     assert code in (0, None) and cells[4:7] == ["12", "1", "2"], line
+
+
+def test_a_one_class_folder_is_flagged(monkeypatch, capsys, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(2)
+    for split in ("train", "test"):
+        for i in range(8):
+            path = tmp_path / "one" / split / "only" / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), np.uint8)).save(path)
+    code, out, err = run_cli(monkeypatch, capsys, "eval", "--protocol", "knn", "--checkpoint",
+                             "pixels", "--k", "5", "--dataset", "imagefolder", "--data-dir",
+                             str(tmp_path / "one"), "--results-dir", str(tmp_path / "res"),
+                             "--cache-dir", str(tmp_path / "cache"), "--no-progress")
+    assert code in (0, None) and "warning: the training set has 1 class" in out + err
+
+
+def test_a_torn_line_is_one_warning_line_in_the_cli(monkeypatch, capsys, tmp_path):
+    from mae_bench.results import append_rows, make_row
+
+    store = tmp_path / "res"
+    append_rows(store, [make_row(value=50.0, run_id="r", method="mae", arch="a", dataset="d",
+                                 protocol="knn", metric="top1")])
+    with open(store / "results.jsonl", "a") as fh:
+        fh.write('{"run_id": "r", "meth')  # a crash mid-write
+    code, out, err = run_cli(monkeypatch, capsys, "results", "--results-dir", str(store))
+    assert code in (0, None) and "50.00" in out
+    assert "warning: skipped 1 unreadable line(s)" in err
+    assert "UserWarning" not in err and ".py:" not in err
+
+
+def test_report_axes_do_not_make_cliffs_and_list_every_command(tmp_path):
+    from mae_bench.app.report import MIN_Y_SPAN, _y_range, build_report
+    from mae_bench.results import append_rows, make_row
+
+    low, high = _y_range([70.0, 70.15], [[0.0, 0.0], [0.0, 0.0]], bars=False)
+    assert high - low >= MIN_Y_SPAN and low < 70.0 and high > 70.15
+    assert _y_range([99.0], [[0.5], [2.0]], bars=False)[1] == 100.0  # never above 100 %
+    assert _y_range([40.0], [[1.0], [1.0]], bars=True)[0] == 0.0
+    store = tmp_path / "res"
+    append_rows(store, [make_row(value=50.0, run_id="r", method="mae", arch="a", dataset="d",
+                                 protocol="knn", metric="top1",
+                                 command="mae-bench eval --protocol knn --checkpoint runs/r",
+                                 pretrain_command="mae-bench pretrain --out runs/r")])
+    md = build_report(store, tmp_path / "report").markdown.read_text()
+    assert "mae-bench pretrain --out runs/r" in md
+    assert "mae-bench eval --protocol knn --checkpoint runs/r" in md

@@ -74,6 +74,7 @@ class EvalSpec:
     label_smoothing: float | None = None
     crop_min: float | None = None  # finetune: RandomResizedCrop from this share of the area
     img_size: int | None = None  # the random reference's input size (default: the data's)
+    command: str | None = None  # the command line that asked for this evaluation, for its rows
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
@@ -356,6 +357,10 @@ def _frozen_feature_protocol(spec: EvalSpec, inputs: Inputs, device: torch.devic
         train_x, train_y = train_x[subset], train_y[subset]
         notes.append(f"label fraction {spec.label_fraction}: {len(subset)} training samples")
     num_classes = int(max(train_y.max(), test_y.max())) + 1
+    present = int(torch.as_tensor(train_y).unique().numel())
+    if present < 2:
+        notes.append(f"warning: the training set has {present} class: every prediction is "
+                     "that class, so the accuracy says nothing about the encoder")
     numbers: Numbers = []
     if spec.protocol == "knn":
         n = int(train_x.shape[0])
@@ -511,6 +516,8 @@ def _rows(spec: EvalSpec, inputs: Inputs, numbers: Numbers, seconds: float
         if src.kind in REFERENCES:
             common["seed"] = spec.seed
     common.setdefault("seed", spec.seed)
+    if spec.command:
+        common["command"] = spec.command
     common |= spec.extra
     return [make_row(metric=metric, value=float(value), **(common | knobs))
             for metric, value, knobs in numbers]

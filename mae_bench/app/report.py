@@ -296,19 +296,39 @@ def _accuracy_figure(values: list[str], raw: dict[str, Any], g: _Group,
         means = [r["mean"] for r in s]
         err = [[r["mean"] - r["ci95_low"] if r["n"] > 1 else 0.0 for r in s],
                [r["ci95_high"] - r["mean"] if r["n"] > 1 else 0.0 for r in s]]
+        repeated = any(r["n"] > 1 for r in s)  # an interval exists somewhere
+        label = "mean ± 95% CI" if repeated else "one run each (no interval)"
         if numeric:
-            ax.errorbar(x, means, yerr=err, fmt="o-", capsize=3, label="mean ± 95% CI")
+            ax.errorbar(x, means, yerr=err, fmt="o-", capsize=3, label=label)
         else:
-            ax.bar(x, means, yerr=err, capsize=3, alpha=0.5, label="mean ± 95% CI")
+            ax.bar(x, means, yerr=err, capsize=3, alpha=0.5, label=label)
             ax.set_xticks(list(xs.values()), values)
         ok = part[part["status"] == "ok"]
-        ax.scatter([xs[v] for v in ok["_label"]], ok["value"], s=12, alpha=0.35, color="k",
-                   label="seeds")
+        if repeated:
+            ax.scatter([xs[v] for v in ok["_label"]], ok["value"], s=12, alpha=0.35,
+                       color="k", label="seeds")
+        ax.set_ylim(*_y_range(means, err, bars=not numeric))
         ax.set(title=name, xlabel=g.column, ylabel="top-1 accuracy (%)")
         ax.legend(fontsize=7)
-    fig.suptitle(f"{g.sweep}: accuracy vs. {g.column}, {g.arch} on {_dataset_label(g.dataset)}",
-                 fontsize=10)
+    fig.suptitle(f"{g.sweep}: accuracy vs. {g.column},\n{g.arch} on "
+                 f"{_dataset_label(g.dataset)}", fontsize=10)
     return _save(fig, f"{g.slug}-accuracy.png", f"Top-1 accuracy vs. {g.column}", w)
+
+
+MIN_Y_SPAN = 5.0  # accuracy axes span at least this many points: no cliffs out of noise
+
+
+def _y_range(means: list[float], err: list[list[float]], bars: bool) -> tuple[float, float]:
+    """A y-range that shows the means with their intervals and spans at least MIN_Y_SPAN
+    points, so a 0.15-point difference between single runs does not fill the axis; bars start
+    at 0 (their height is the value)."""
+    if not means:
+        return 0.0, 100.0
+    low = min(m - e for m, e in zip(means, err[0], strict=True))
+    high = max(m + e for m, e in zip(means, err[1], strict=True))
+    pad = max(MIN_Y_SPAN - (high - low), 0.0) / 2 + 0.05 * max(high - low, 1.0)
+    low, high = max(0.0, low - pad), min(100.0, high + pad)
+    return (0.0 if bars else low), high
 
 
 def _cost_figure(values: list[str], g: _Group, columns: list[tuple[str, pd.DataFrame]],
@@ -441,7 +461,11 @@ def _other_section(rows: pd.DataFrame, only: bool = False) -> list[Block]:
 def _provenance_section(df: pd.DataFrame, manifest: list[dict]) -> list[Block]:
     """Commands, commits, software versions, time span and wall time per sweep."""
     blocks: list[Block] = [Heading("How this was made")]
-    commands = list(dict.fromkeys(str(e["command"]) for e in manifest if e.get("command")))
+    # the sweeps' commands, then every pretraining and evaluation command a row records
+    commands = list(dict.fromkeys(
+        [str(e["command"]) for e in manifest if e.get("command")]
+        + [str(c) for col in ("pretrain_command", "command") if col in df.columns
+           for c in df[col].dropna().tolist() if c]))
     if commands:
         blocks += [Paragraph("Commands:"), *(Code(c) for c in commands)]
     shas = dict.fromkeys(s for s in [*df["git_sha"].tolist(), *(e.get("git_sha") for e in manifest)]

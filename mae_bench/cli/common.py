@@ -103,6 +103,7 @@ def run(app: typer.Typer) -> None:
     """Run the app as the console script does: user errors exit 2 with one line, training
     failures 1, a signal 128 + its number."""
     out.quiet = not main_rank()  # results and summaries: once per torchrun job, from rank 0
+    _one_line_warnings()
     try:
         code = app(standalone_mode=False)
     except UsageError as exc:  # a mistyped option or value, found by the parser
@@ -129,6 +130,23 @@ def run(app: typer.Typer) -> None:
     finally:
         leave_process_group()  # a torchrun job's processes end their group cleanly
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _one_line_warnings() -> None:
+    """mae-bench's own warnings (a torn line in a store, ...) as one ``warning:`` line, not
+    Python's "file:line: UserWarning" with a source path; other packages' keep theirs."""
+    import warnings
+
+    package = str(Path(__file__).resolve().parents[1])
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if str(Path(filename).resolve()).startswith(package):
+            _error("warning: ", str(message))
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
 
 
 def _error(label: str, message: str) -> None:

@@ -3,6 +3,8 @@ result row per number."""
 
 from __future__ import annotations
 
+import shlex
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -157,6 +159,7 @@ def eval_(
         device=device, precision=precision,
         cache_dir=str(cache_dir) if cache_dir is not None else None, use_cache=cache,
         trust_checkpoint=trust_checkpoint, results_dir=str(results_dir),
+        command=shlex.join(["mae-bench", *sys.argv[1:]]),
     )
     def show(outcome: EvalOutcome) -> None:  # before the rows are written: never lost
         for note in outcome.notes:
