@@ -13,7 +13,6 @@ from cli_helpers import run_cli
 from mae_bench.config import RunConfig
 from mae_bench.engine import pretrain
 from mae_bench.errors import ConfigError
-from mae_bench.files import LOCK_FILE, FolderLock
 
 MICRO = RunConfig().replace(model={"arch": "vit_micro_patch2"},
                             train={"batch_size": 8, "epochs": 1, "device": "cpu"})
@@ -24,6 +23,8 @@ def _listing(root: Path) -> dict[str, tuple[int, int]]:
 
 
 def test_a_second_trainer_is_refused_naming_the_holder_and_nothing_changes(tmp_path):
+    from mae_bench.files import LOCK_FILE, FolderLock
+
     run = tmp_path / "run"
     pretrain(MICRO, run, max_steps=1, progress=False)
     assert not (run / LOCK_FILE).exists()  # released at the end of the run
@@ -43,6 +44,8 @@ def test_a_second_trainer_is_refused_naming_the_holder_and_nothing_changes(tmp_p
 
 
 def test_the_lock_is_released_when_training_fails(tmp_path):
+    from mae_bench.files import FolderLock
+
     run = tmp_path / "run"
     bad = MICRO.replace(train={"lr": 1e30, "precision": "fp32"})  # a non-finite loss
     with pytest.raises(Exception, match="non-finite"):
@@ -51,6 +54,8 @@ def test_the_lock_is_released_when_training_fails(tmp_path):
 
 
 def test_cli_second_pretrain_is_one_line_exit_2(monkeypatch, capsys, tmp_path):
+    from mae_bench.files import FolderLock
+
     run = tmp_path / "run"
     holder = FolderLock(run)
     holder.claim()
