@@ -57,6 +57,7 @@ class FinetuneRecipe:
     drop_path: float
     head_init_std: float | None  # None: the model's own init (xavier), else trunc-normal std
     clip_grad: float | None = None
+    head_bn: bool = False  # BatchNorm (no affine) before the head, as MAE's linear probe
     why: tuple[str, ...] = ()
 
     def knobs(self) -> dict[str, object]:
@@ -140,6 +141,11 @@ def auto_finetune(arch: str, *, img_size: int, train_size: int, pretrained: bool
         changes.update(mixup=0.0, cutmix=0.0)
         why.append("no Mixup / CutMix: on small images or data they hide too much of each "
                    "image for the few steps there are")
+        changes["head_bn"] = True
+        why.append("a BatchNorm (no affine) before the head, as MAE's linear probe: pooled "
+                   "features vary little between images, and a short run leaves the head far "
+                   "from converged without it (digits, 20 epochs: MAE 93.6 -> 96.4 %, its "
+                   "1-block partial fine-tune 81.9 -> 90.3 %, from scratch 94.7 -> 96.9 %)")
     if img_size <= TINY_PX:
         changes["crop_scale"] = (1.0, 1.0)
         why.append(f"no crops: on {img_size}-px images every crop removes strokes that decide "

@@ -205,3 +205,22 @@ def test_bad_arguments(digits, kwargs, message):
 def test_bad_train_indices(digits):
     with pytest.raises(DataError, match=r"train_indices must lie in 0\.\.1436"):
         finetune(micro(), *digits, epochs=1, batch_size=2, train_indices=torch.tensor([0, 5000]))
+
+
+def test_head_bn_standardises_the_pooled_features_before_the_head(digits):
+    """The recipe's head BatchNorm (no affine) sits between fc_norm and the head: in training
+    each feature of a batch has mean 0 and variance 1 at the head's input."""
+    from torch import nn
+
+    model = micro()
+    dim = model.embed_dim
+    seen = []
+    model.head.register_forward_hook(lambda m, args, out: seen.append(args[0].detach()))
+    finetune(model, digits[0], digits[1], epochs=1, batch_size=64, mixup=0, cutmix=0,
+             crop_scale=(1, 1), head_bn=True, train_indices=torch.arange(128))
+    bn = [m for m in model.fc_norm.modules() if isinstance(m, nn.BatchNorm1d)]
+    assert len(bn) == 1 and not bn[0].affine
+    first = seen[0]  # the first training batch: [64, 32]
+    assert first.shape == (64, dim)
+    assert torch.allclose(first.float().mean(0), torch.zeros(dim), atol=2e-2)
+    assert torch.allclose(first.float().var(0, unbiased=False), torch.ones(dim), atol=5e-2)

@@ -40,7 +40,8 @@ def test_paper_finetune_is_the_official_recipe(arch):
     r = paper_finetune(arch)
     expected = OFFICIAL[arch] | dict(batch_size=1024, weight_decay=0.05, warmup_epochs=5.0,
                                      min_lr=1e-6, mixup=0.8, cutmix=1.0, label_smoothing=0.1,
-                                     crop_scale=(0.08, 1.0), head_init_std=2e-5, clip_grad=None)
+                                     crop_scale=(0.08, 1.0), head_init_std=2e-5, clip_grad=None,
+                                     head_bn=False)  # official fine-tuning: no BN head
     assert {k: getattr(r, k) for k in expected} == expected
     assert r.name == "paper" and r.why == ()
 
@@ -66,7 +67,8 @@ def test_auto_on_digits_from_scratch():
     assert r.layer_decay == 1.0 and r.head_init_std is None
     assert r.batch_size == 32 and 1437 // r.batch_size >= 40
     assert r.epochs == 20 and r.warmup_epochs == pytest.approx(2.0)
-    assert len(r.why) == 5  # batch, mixing, crops, layer decay, warm-up: each one explained
+    assert r.head_bn  # a BatchNorm before the head on small data
+    assert len(r.why) == 6  # batch, mixing, head BN, crops, layer decay, warm-up: each explained
 
 
 def test_auto_keeps_layer_decay_for_a_pretrained_encoder():

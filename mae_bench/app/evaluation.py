@@ -74,6 +74,7 @@ class EvalSpec:
     label_smoothing: float | None = None
     crop_min: float | None = None  # finetune: RandomResizedCrop from this share of the area
     img_size: int | None = None  # the random reference's input size (default: the data's)
+    head_bn: bool | None = None  # finetune: BatchNorm before the head (default: the recipe's)
     command: str | None = None  # the command line that asked for this evaluation, for its rows
     seed: int = 0
     device: str = "auto"
@@ -426,6 +427,8 @@ def finetune_spec_recipe(spec: EvalSpec, arch: str, img_size: int, train_size: i
                                                "label_smoothing") if getattr(spec, k) is not None}
     if spec.crop_min is not None:
         overrides["crop_scale"] = (spec.crop_min, 1.0)
+    if spec.head_bn is not None:
+        overrides["head_bn"] = spec.head_bn
     return dataclasses.replace(recipe, **overrides)
 
 
@@ -459,7 +462,8 @@ def _finetune(spec: EvalSpec, inputs: Inputs, device: torch.device, precision: s
                    warmup_epochs=recipe.warmup_epochs, min_lr=recipe.min_lr,
                    mixup=recipe.mixup, cutmix=recipe.cutmix,
                    label_smoothing=recipe.label_smoothing, crop_scale=recipe.crop_scale,
-                   hflip=hflip, head_init_std=recipe.head_init_std, clip_grad=recipe.clip_grad,
+                   hflip=hflip, head_init_std=recipe.head_init_std, head_bn=recipe.head_bn,
+                   clip_grad=recipe.clip_grad,
                    partial_blocks=blocks, train_indices=subset, seed=spec.seed, device=device,
                    precision=precision, progress=_bar(progress, spec.protocol))
     knobs = {"init": "pretrained" if pretrained else "random", **recipe.knobs(),

@@ -116,6 +116,11 @@ def eval_(
                                "data's own, e.g. an image folder's detected size); images are "
                                "resized to it.")
     ] = None,
+    head_bn: Annotated[
+        bool, typer.Option("--head-bn/--no-head-bn",
+                           help="finetune: a BatchNorm without affine parameters before the head, "
+                                "as MAE's linear probe (default: the recipe's).")
+    ] = None,
     crop_min: Annotated[
         float, typer.Option(help="finetune: random-resized crops from this share of the image "
                                  "area to all of it; 1 = no crops (default: the recipe's).")
@@ -155,7 +160,7 @@ def eval_(
         label_fraction=label_fraction, blocks=blocks, init=init, recipe=recipe, epochs=epochs,
         batch_size=batch_size, blr=blr, lr=lr, weight_decay=weight_decay,
         layer_decay=layer_decay, drop_path=drop_path, mixup=mixup, cutmix=cutmix,
-        label_smoothing=smoothing, crop_min=crop_min, img_size=img_size, seed=seed,
+        label_smoothing=smoothing, crop_min=crop_min, img_size=img_size, head_bn=head_bn, seed=seed,
         device=device, precision=precision,
         cache_dir=str(cache_dir) if cache_dir is not None else None, use_cache=cache,
         trust_checkpoint=trust_checkpoint, results_dir=str(results_dir),
