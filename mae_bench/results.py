@@ -58,7 +58,7 @@ COLUMNS = IDENTITY + RESULT + KNOBS + COST + PROVENANCE
 REQUIRED = ("run_id", "method", "arch", "dataset", "protocol", "metric")
 STATUSES = ("ok", "failed")
 # Averaged over (they differ between seeds of one configuration) or not a description of it.
-NOT_GROUPED = frozenset(("run_id", "checkpoint", "seed", "command", "pretrain_command")
+NOT_GROUPED = frozenset(("run_id", "checkpoint", "seed", "command", "pretrain_command", "weights")
                         + RESULT + COST + PROVENANCE)
 STAT_COLUMNS = ("mean", "std", "n", "ci95_low", "ci95_high", "failed")
 # Shown bare in table labels ("knn top1"); every other key column as "name=value" ("k=20").

@@ -280,3 +280,23 @@ def test_report_axes_do_not_make_cliffs_and_list_every_command(tmp_path):
     md = build_report(store, tmp_path / "report").markdown.read_text()
     assert "mae-bench pretrain --out runs/r" in md
     assert "mae-bench eval --protocol knn --checkpoint runs/r" in md
+
+
+def test_rows_name_the_weights_and_a_resized_input(monkeypatch, capsys, tmp_path):
+    import json
+
+    run = tmp_path / "run"
+    pretrain(MICRO, run, max_steps=1, progress=False)
+    data = _folder(tmp_path / "g", 12, gray=True)
+    res = tmp_path / "res"
+    base = ["eval", "--protocol", "knn", "--k", "5", "--results-dir", str(res),
+            "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+    assert run_cli(monkeypatch, capsys, *base, "--checkpoint", str(run))[0] in (0, None)
+    assert run_cli(monkeypatch, capsys, *base, "--checkpoint", "random", "--arch",
+                   "vit_micro_patch2", "--dataset", "imagefolder", "--data-dir", str(data),
+                   "--img-size", "16")[0] in (0, None)
+    rows = [json.loads(line) for line in (res / "results.jsonl").read_text().splitlines()]
+    of_run = [r for r in rows if r["method"] == "mae"]
+    of_random = [r for r in rows if r["method"] == "random"]
+    assert of_run and all(len(r["weights"]) == 12 and "img_size" not in r for r in of_run)
+    assert of_random and all(r["img_size"] == 16 and "weights" not in r for r in of_random)

@@ -522,6 +522,11 @@ def _rows(spec: EvalSpec, inputs: Inputs, numbers: Numbers, seconds: float
     common.setdefault("seed", spec.seed)
     if spec.command:
         common["command"] = spec.command
+    if src is not None and src.kind in ("run", "official") and not scratch:
+        common["weights"] = src.fingerprint[:12]  # the encoder's identity: a hash of its weights
+    data_px = inputs.train.info.img_size if inputs.train is not None else None
+    if src is not None and src.img_size and data_px and src.img_size != data_px:
+        common["img_size"] = src.img_size  # the images were resized to the encoder's input
     common |= spec.extra
     return [make_row(metric=metric, value=float(value), **(common | knobs))
             for metric, value, knobs in numbers]
