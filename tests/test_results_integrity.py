@@ -300,3 +300,22 @@ def test_rows_name_the_weights_and_a_resized_input(monkeypatch, capsys, tmp_path
     of_random = [r for r in rows if r["method"] == "random"]
     assert of_run and all(len(r["weights"]) == 12 and "img_size" not in r for r in of_run)
     assert of_random and all(r["img_size"] == 16 and "weights" not in r for r in of_random)
+
+
+def test_two_recipes_at_one_seed_are_two_groups_not_a_mean():
+    """Finding 1: two fine-tunes that differ only in their recipe (here Mixup) were averaged
+    into "35.00 ± 8.20 (n=2)"; every knob is a field, so they stay apart."""
+    from mae_bench.results import aggregate, make_row
+
+    base = dict(run_id="r", method="mae", arch="a", dataset="d", protocol="finetune",
+                metric="top1", seed=0, epochs=4, recipe="auto")
+    rows = pd_frame([make_row(value=29.2, ft_mixup=0.8, **base),
+                     make_row(value=40.8, ft_mixup=0.0, **base)])
+    agg = aggregate(rows)
+    assert sorted(agg["mean"]) == [29.2, 40.8] and (agg["n"] == 1).all()
+
+
+def pd_frame(rows):
+    import pandas as pd
+
+    return pd.DataFrame.from_records(rows)
