@@ -141,3 +141,13 @@ def test_the_auto_recipe_learns_a_separable_set_from_scratch_in_a_few_dozen_step
     steps = r.epochs * (len(train) // r.batch_size)
     assert steps <= 60
     assert res["top1"] >= 97.0
+
+
+@pytest.mark.parametrize(("img_size", "crops"), [(8, (1.0, 1.0)), (28, (1.0, 1.0)),
+                                                  (32, (0.35, 1.0)), (96, (0.35, 1.0))])
+def test_auto_crops_by_image_size(img_size, crops):
+    """No crops up to 28 px (digits, MNIST, Fashion-MNIST: measured better uncropped), crops
+    from 35 % on other small images, on small data sets of larger images too."""
+    r = auto_finetune("vit_mini_patch4", img_size=img_size, train_size=50_000,
+                      pretrained=False, epochs=8)
+    assert r.crop_scale == crops
