@@ -38,7 +38,7 @@ def main() -> None:
     for frac in sorted(df["fraction"].unique(), reverse=True):
         part = df[df["fraction"] == frac]
 
-        def pick(method: str, protocol: str, **knobs) -> pd.Series:
+        def pick(method: str, protocol: str, part: pd.DataFrame = part, **knobs) -> pd.Series:
             rows = part[(part["method"] == method) & (part["protocol"] == protocol)]
             for k, v in knobs.items():
                 rows = rows[rows[k] == v]
