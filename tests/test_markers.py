@@ -45,7 +45,7 @@ def test_the_check_finds_an_unmarked_test_and_accepts_marked_ones():
 import pytest, subprocess
 
 def test_plain():
-    assert 1
+    assert sorted([2, 1]) == [1, 2]
 
 def test_spawns():
     subprocess.run(["true"])

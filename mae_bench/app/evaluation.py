@@ -416,6 +416,13 @@ def _mae_linear(spec: EvalSpec, inputs: Inputs, device: torch.device, precision:
     return [(m, res[m], knobs) for m in ("top1", "top5")]
 
 
+def _from_scratch(spec: EvalSpec, source: EncoderSource | None) -> bool:
+    """A fine-tune from random weights: ``--init random``, or the random reference (a random
+    model whatever ``--init`` says). One rule for the recipe and for the rows."""
+    return (spec.protocol in ("finetune", "partial-finetune") and source is not None
+            and (spec.init == "random" or source.kind == "random"))
+
+
 def finetune_spec_recipe(spec: EvalSpec, arch: str, img_size: int, train_size: int,
                          pretrained: bool) -> FinetuneRecipe:
     """The recipe an evaluation fine-tunes with: ``spec.recipe`` for this data and model, then
@@ -424,11 +431,10 @@ def finetune_spec_recipe(spec: EvalSpec, arch: str, img_size: int, train_size: i
                              pretrained=pretrained, epochs=spec.epochs)
     overrides = {k: getattr(spec, k) for k in ("batch_size", "blr", "weight_decay",
                                                "layer_decay", "drop_path", "mixup", "cutmix",
-                                               "label_smoothing") if getattr(spec, k) is not None}
+                                               "label_smoothing", "head_bn")
+                 if getattr(spec, k) is not None}
     if spec.crop_min is not None:
         overrides["crop_scale"] = (spec.crop_min, 1.0)
-    if spec.head_bn is not None:
-        overrides["head_bn"] = spec.head_bn
     return dataclasses.replace(recipe, **overrides)
 
 
@@ -439,11 +445,9 @@ def _finetune(spec: EvalSpec, inputs: Inputs, device: torch.device, precision: s
     num_classes = int(max(inputs.train.labels.max(), inputs.test.labels.max())) + 1
     subset = _train_subset(spec, inputs.train.labels)
     train_size = len(inputs.train) if subset is None else len(subset)
-    probe_model = inputs.source.build(init_seed=spec.seed)
-    img_size = probe_model.grid_size * probe_model.patch_size
-    # The random reference is a random model whatever --init says: its baseline recipe.
-    pretrained = spec.init == "pretrained" and inputs.source.kind != "random"
-    recipe = finetune_spec_recipe(spec, inputs.source.arch, img_size, train_size, pretrained)
+    pretrained = not _from_scratch(spec, inputs.source)
+    recipe = finetune_spec_recipe(spec, inputs.source.arch, inputs.source.img_size, train_size,
+                                  pretrained)
     notes.append(f"fine-tuning recipe {recipe.name}: {recipe.epochs} epochs at batch "
                  f"{recipe.batch_size}, blr {recipe.blr:.3g}, layer decay {recipe.layer_decay:g}, "
                  f"Mixup {recipe.mixup:g} / CutMix {recipe.cutmix:g}, crops from "
@@ -509,10 +513,9 @@ def _rows(spec: EvalSpec, inputs: Inputs, numbers: Numbers, seconds: float
         # "imagefolder" names a format, not a data set: the folder is part of its identity,
         # so numbers on two folders are never averaged together.
         common["data_dir"] = inputs.data_dir
-    # From random weights (--init random) the run lends only its architecture: the rows are
-    # the random reference's, without the run's pretraining epochs, seconds or mask ratio.
-    scratch = (spec.protocol in ("finetune", "partial-finetune") and spec.init == "random"
-               and src is not None and src.kind == "run")
+    # From random weights (--init random) a checkpoint lends only its architecture: the rows
+    # are the random reference's, without its pretraining epochs, seconds or mask ratio.
+    scratch = _from_scratch(spec, src) and src.kind in ("run", "official")
     if scratch:
         common |= {"method": "random", "seed": spec.seed}
     elif src is not None:

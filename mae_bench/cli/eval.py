@@ -167,6 +167,7 @@ def eval_(
         trust_checkpoint=trust_checkpoint, results_dir=str(results_dir),
         command=shlex.join(["mae-bench", *sys.argv[1:]]),
     )
+
     def show(outcome: EvalOutcome) -> None:  # before the rows are written: never lost
         for note in outcome.notes:
             console.print(note, highlight=False)
