@@ -26,7 +26,7 @@ from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from torch import Tensor, nn
 
-from mae_bench.augment import BatchViews, ViewSpec, eval_resize
+from mae_bench.augment import BatchViews, ViewSpec, eval_resize, random_erasing
 from mae_bench.data import ArrayDataset
 from mae_bench.distributed import rank_and_world
 from mae_bench.errors import ConfigError, DataError
@@ -147,14 +147,16 @@ def finetune(
     clip_grad: float | None = None,
     head_init_std: float | None = None,
     head_bn: bool = False,
+    erase: float = 0.0,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, float]:
     """Fine-tune ``model`` (in place, moved to ``device``) on ``train``; evaluate on ``test``.
 
     Train-time view: RandomResizedCrop (scale 0.08-1) + horizontal flip, batched on the device,
-    then Mixup / CutMix. The paper's RandAugment (9, 0.5) and random erasing (0.25) are per-image
-    PIL ops meant for 224-px ImageNet images; they are left out here, where images are 8-96 px
-    and held in memory as uint8 batches. Test-time view: resize to ``img_size`` and normalise.
+    then random erasing (``erase``), then Mixup / CutMix. The paper's RandAugment (9, 0.5) is a
+    per-image PIL op meant for 224-px ImageNet images; it is left out here, where images are
+    8-96 px and held in memory as uint8 batches. Test-time view: resize to ``img_size`` and
+    normalise.
 
     Batches are drop-last: every step sees exactly ``batch_size`` images. Mixup / CutMix pair
     each image with the flipped batch, so with either on, ``batch_size`` must be even.
@@ -210,6 +212,8 @@ def finetune(
             features barely vary between images compared with their spread across dimensions
             (MAE on digits: 0.05 against 1.0), which leaves a head trained by AdamW for a few
             hundred steps far from converged; standardising each dimension fixes that.
+        erase: random erasing probability (``mae_bench.augment.random_erasing``; the paper:
+            0.25), applied after normalisation and before Mixup / CutMix, as timm orders them.
         head_init_std: re-initialise the head's weight from a truncated normal of this std and
             its bias at zero (official fine-tuning: 2e-5); None: keep the model's head.
         progress: called with (steps done, total steps) after each optimizer step.
@@ -233,7 +237,7 @@ def finetune(
     _validate(model, train, test, indices, epochs=epochs, batch_size=batch_size, blr=blr, lr=lr,
               layer_decay=layer_decay, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
               min_lr=min_lr, mixup=mixup, cutmix=cutmix, label_smoothing=label_smoothing,
-              crop_scale=crop_scale, hflip=hflip,
+              crop_scale=crop_scale, hflip=hflip, erase=erase,
               img_size=img_size, native=native, clip_grad=clip_grad, mixing=mixing)
     rank, world = rank_and_world()
     per_rank = _per_rank_batch(batch_size, world)
@@ -296,6 +300,7 @@ def finetune(
         for i in range(steps_per_epoch):
             idx = order[i * batch_size:(i + 1) * batch_size]  # [B]
             x = views(train.images[idx].to(device, non_blocking=True), crop_gen)  # [B, C, S, S]
+            random_erasing(x, erase, crop_gen)  # in place; no random draws when erase is 0
             y = train.labels[idx].to(device, non_blocking=True)  # [B]
             if mixer is not None:
                 x, y = mixer(x, y)  # y: [B, num_classes] soft targets
@@ -402,6 +407,7 @@ def _validate(model: VisionTransformer, train: ArrayDataset, test: ArrayDataset,
         (0 < v["crop_scale"][0] <= v["crop_scale"][1] <= 1,
          f"crop_scale must be (low, high) with 0 < low <= high <= 1, got {v['crop_scale']}"),
         (0 <= v["hflip"] <= 1, f"hflip must be a probability in [0, 1], got {v['hflip']}"),
+        (0 <= v["erase"] <= 1, f"erase must be a probability in [0, 1], got {v['erase']}"),
         (v["clip_grad"] is None or v["clip_grad"] > 0,
          f"clip_grad must be > 0 or None, got {v['clip_grad']}"),
         (v["img_size"] == native,

@@ -298,3 +298,55 @@ def test_finish_normalises_cropped_batches_after_the_photometric_ops():
     expected = (torch.where(crops >= 128, 1 - x, x) - 0.5) / 0.25  # 128 / 255 >= 0.5 > 127 / 255
     assert torch.allclose(solar.finish(crops), expected, atol=1e-6)
     assert torch.allclose(solar.finish(crops.float()), expected, atol=1e-6)
+
+
+# --- random erasing ------------------------------------------------------------------------
+
+
+def _erased_boxes(before: torch.Tensor, after: torch.Tensor) -> list[tuple[int, int, int, int]]:
+    """(top, left, h, w) of the changed pixels of each image, asserting they form one
+    rectangle changed in every channel (an independent reading of what was erased)."""
+    boxes = []
+    for b, a in zip(before, after, strict=True):
+        changed = (b != a)  # [C, H, W]
+        assert (changed.any(dim=0) == changed.all(dim=0)).all()  # every channel or none
+        ys, xs = torch.nonzero(changed[0], as_tuple=True)
+        if len(ys) == 0:
+            boxes.append((0, 0, 0, 0))
+            continue
+        top, left = int(ys.min()), int(xs.min())
+        h, w = int(ys.max()) - top + 1, int(xs.max()) - left + 1
+        assert int(changed[0].sum()) == h * w  # a full rectangle, no holes
+        boxes.append((top, left, h, w))
+    return boxes
+
+
+def test_random_erasing_fills_one_rectangle_of_the_paper_size_with_noise():
+    x = torch.zeros(400, 3, 16, 16)
+    out = augment.random_erasing(x.clone(), 1.0, torch.Generator().manual_seed(0))
+    boxes = _erased_boxes(x, out)
+    areas = torch.tensor([h * w for _, _, h, w in boxes], dtype=torch.float) / 256
+    assert (areas > 0).float().mean() > 0.95  # p = 1: nearly every image (ten tries can miss)
+    hit = areas > 0
+    # timm's bounds: area 2-33 % of the image (rounded sides), aspect 0.3-3.3, strictly inside
+    assert areas[hit].min() >= 0.02 * 0.5 and areas[hit].max() <= 1 / 3 * 1.5
+    assert all(h < 16 and w < 16 for _, _, h, w in boxes)
+    noise = out[out != 0]
+    assert abs(float(noise.mean())) < 0.05 and abs(float(noise.std()) - 1.0) < 0.05
+
+
+def test_random_erasing_probability_and_determinism():
+    x = torch.zeros(4000, 1, 8, 8)
+    out = augment.random_erasing(x.clone(), 0.25, torch.Generator().manual_seed(1))
+    erased = (out != 0).flatten(1).any(dim=1).float().mean()
+    assert abs(float(erased) - 0.25) < 0.03
+    again = augment.random_erasing(x.clone(), 0.25, torch.Generator().manual_seed(1))
+    assert torch.equal(out, again)
+
+
+def test_random_erasing_off_changes_nothing_and_draws_nothing():
+    gen = torch.Generator().manual_seed(2)
+    state = gen.get_state()
+    x = torch.randn(8, 3, 16, 16)
+    out = augment.random_erasing(x.clone(), 0.0, gen)
+    assert torch.equal(out, x) and torch.equal(gen.get_state(), state)

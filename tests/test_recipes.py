@@ -41,7 +41,8 @@ def test_paper_finetune_is_the_official_recipe(arch):
     expected = OFFICIAL[arch] | dict(batch_size=1024, weight_decay=0.05, warmup_epochs=5.0,
                                      min_lr=1e-6, mixup=0.8, cutmix=1.0, label_smoothing=0.1,
                                      crop_scale=(0.08, 1.0), head_init_std=2e-5, clip_grad=None,
-                                     head_bn=False)  # official fine-tuning: no BN head
+                                     head_bn=False,  # official fine-tuning: no BN head
+                                     erase=0.25)  # --reprob 0.25
     assert {k: getattr(r, k) for k in expected} == expected
     assert r.name == "paper" and r.why == ()
 

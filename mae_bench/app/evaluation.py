@@ -75,6 +75,7 @@ class EvalSpec:
     crop_min: float | None = None  # finetune: RandomResizedCrop from this share of the area
     img_size: int | None = None  # the random reference's input size (default: the data's)
     head_bn: bool | None = None  # finetune: BatchNorm before the head (default: the recipe's)
+    erase: float | None = None  # finetune: random erasing probability (default: the recipe's)
     command: str | None = None  # the command line that asked for this evaluation, for its rows
     seed: int = 0
     device: str = "auto"
@@ -431,7 +432,7 @@ def finetune_spec_recipe(spec: EvalSpec, arch: str, img_size: int, train_size: i
                              pretrained=pretrained, epochs=spec.epochs)
     overrides = {k: getattr(spec, k) for k in ("batch_size", "blr", "weight_decay",
                                                "layer_decay", "drop_path", "mixup", "cutmix",
-                                               "label_smoothing", "head_bn")
+                                               "label_smoothing", "head_bn", "erase")
                  if getattr(spec, k) is not None}
     if spec.crop_min is not None:
         overrides["crop_scale"] = (spec.crop_min, 1.0)
@@ -467,6 +468,7 @@ def _finetune(spec: EvalSpec, inputs: Inputs, device: torch.device, precision: s
                    mixup=recipe.mixup, cutmix=recipe.cutmix,
                    label_smoothing=recipe.label_smoothing, crop_scale=recipe.crop_scale,
                    hflip=hflip, head_init_std=recipe.head_init_std, head_bn=recipe.head_bn,
+                   erase=recipe.erase,
                    clip_grad=recipe.clip_grad,
                    partial_blocks=blocks, train_indices=subset, seed=spec.seed, device=device,
                    precision=precision, progress=_bar(progress, spec.protocol))

@@ -129,6 +129,11 @@ def eval_(
     smoothing: Annotated[
         float, typer.Option(help="finetune: label smoothing (default: the recipe's, 0.1).")
     ] = None,
+    erase: Annotated[
+        float, typer.Option(help="finetune: random erasing probability: a rectangle of 2-33 % "
+                                 "of the image filled with noise, after normalisation (the "
+                                 "paper's recipe: 0.25; default: the recipe's).")
+    ] = None,
     seed: Annotated[
         int, typer.Option(help="Seeds probes, subsets, and the 'random' encoder.")
     ] = 0,
@@ -161,7 +166,8 @@ def eval_(
         label_fraction=label_fraction, blocks=blocks, init=init, recipe=recipe, epochs=epochs,
         batch_size=batch_size, blr=blr, lr=lr, weight_decay=weight_decay,
         layer_decay=layer_decay, drop_path=drop_path, mixup=mixup, cutmix=cutmix,
-        label_smoothing=smoothing, crop_min=crop_min, img_size=img_size, head_bn=head_bn, seed=seed,
+        label_smoothing=smoothing, crop_min=crop_min, img_size=img_size, head_bn=head_bn,
+        erase=erase, seed=seed,
         device=device, precision=precision,
         cache_dir=str(cache_dir) if cache_dir is not None else None, use_cache=cache,
         trust_checkpoint=trust_checkpoint, results_dir=str(results_dir),
