@@ -194,6 +194,7 @@ def test_nonfinite_loss_names_the_step(digits):
     ({"layer_decay": 0.0}, r"layer_decay must be in \(0, 1\], got 0.0"),
     ({"img_size": 16}, "img_size 16 differs from the model's 8"),
     ({"partial_blocks": 3}, r"must be in 0\.\.2 .* got 3"),
+    ({"erase": 1.5}, r"erase must be a probability in \[0, 1\], got 1.5"),
     ({"precision": "fp8"}, "unknown precision 'fp8'; valid: auto, bf16, fp16, fp32"),
     ({"precision": "fp16", "device": "cpu"}, "fp16 needs a CUDA device"),
 ])
@@ -224,3 +225,21 @@ def test_head_bn_standardises_the_pooled_features_before_the_head(digits):
     assert first.shape == (64, dim)
     assert torch.allclose(first.float().mean(0), torch.zeros(dim), atol=2e-2)
     assert torch.allclose(first.float().var(0, unbiased=False), torch.ones(dim), atol=5e-2)
+
+
+def test_random_erasing_reaches_the_training_batches(digits, monkeypatch):
+    import evals.finetune as ft
+
+    seen = []
+    real = ft.random_erasing
+
+    def spy(x, p, generator):
+        before = x.clone()
+        out = real(x, p, generator)
+        seen.append(float((out != before).flatten(1).any(dim=1).float().mean()))
+        return out
+
+    monkeypatch.setattr(ft, "random_erasing", spy)
+    finetune(micro(), *digits, **{**QUICK, "erase": 1.0})
+    assert len(seen) == 256 // 32  # every step's batch went through it
+    assert min(seen) > 0.9  # p = 1: (nearly) every image of every batch erased
