@@ -6,6 +6,11 @@ architecture, its weights (as the keys of a ``VisionTransformer`` with cls pooli
 fingerprint for the feature cache, and what is known about its pretraining (for result rows).
 ``EncoderSource.build`` makes a fresh ``VisionTransformer`` from it with any pooling, head and
 drop path, as the protocols need.
+
+Outside models (timm, Hugging Face, torch.hub, a Python callable: ``evals/sources.py``) are an
+``EncoderSource`` of kind "outside" holding an ``Embedder``: a built, loaded module that maps a
+normalised batch to one embedding per image for each pooling it offers. They declare their own
+input size, channels and normalisation; the frozen-feature protocols use them as they use a ViT.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from mae_bench.checkpoint import find_checkpoint, is_official_mae, load_checkpoint
 from mae_bench.errors import CheckpointError, ConfigError
@@ -25,6 +31,22 @@ from mae_bench.files import RUN_FILE
 from mae_bench.vit import PRESETS, VisionTransformer, vit_kwargs
 
 REFERENCES = ("pixels", "random")
+# What an outside model (or the pixels reference) supports: protocols on frozen features.
+FROZEN_PROTOCOLS = ("knn", "linear --probe fast", "fewshot --probe fast")
+MODEL_POOL = "model"  # an outside encoder's own pooled output (timm: forward_head(pre_logits))
+
+
+class Embedder(nn.Module):
+    """An outside encoder as the feature extractor sees it: normalised images [N, C, S, S] ->
+    {pool: [N, D]} for every pooling in ``pools`` (a subset of "model", "cls", "mean").
+
+    Subclasses set ``pools`` once ``embed`` has been run on a probe batch (``evals.sources``).
+    """
+
+    pools: tuple[str, ...] = (MODEL_POOL,)
+
+    def embed(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
 
 
 @dataclass
@@ -32,17 +54,25 @@ class EncoderSource:
     """An encoder to evaluate.
 
     Attributes:
-        kind: "run" (a mae-bench checkpoint), "official" (facebookresearch/mae), "random", or
-            "pixels" (no encoder: flattened normalised pixels are the features).
+        kind: "run" (a mae-bench checkpoint), "official" (facebookresearch/mae), "random",
+            "pixels" (no encoder: flattened normalised pixels are the features), or "outside"
+            (a timm / Hugging Face / torch.hub / Python model in ``encoder``).
         label: how the source is named in tables (run folder name, file name, "pixels", ...).
-        method: pretraining method ("mae", "simclr", ...; "official-mae"; "pixels"; "random").
-        arch: preset name, or a description such as "vit(d=768, depth=12, p=16)".
+        method: pretraining method ("mae", "simclr", ...; "official-mae"; "pixels"; "random");
+            for outside models the source that made them ("timm", "hf", "hub", "python").
+        arch: preset name, or a description such as "vit(d=768, depth=12, p=16)"; for outside
+            models their name ("vit_small_patch16_224", a Hugging Face id, ...).
         vit_kwargs: VisionTransformer arguments (img_size, patch_size, in_chans, embed_dim,
             depth, num_heads, mlp_ratio); empty for pixels.
         state: encoder weights with cls-pooling keys; None for random and pixels.
-        fingerprint: a hash of the weights (or of the seed / arch for references).
+        fingerprint: a hash of the weights (or of the seed / arch for references; outside
+            models: of their source, name and weights).
         pretrain: facts about pretraining for result rows (dataset, epochs, mask_ratio, seed,
-            pretrain_seconds, config_hash, data_dir).
+            pretrain_seconds, config_hash, data_dir; outside models: source, weights hash).
+        encoder: the outside model (kind "outside"), built and loaded.
+        input_size, input_channels: what an outside model takes (None: the data's own).
+        mean, std: the normalisation an outside model expects (None: the data set's).
+        cacheable: False for a plain callable, whose code the fingerprint cannot see.
     """
 
     kind: str
@@ -53,14 +83,31 @@ class EncoderSource:
     state: dict[str, torch.Tensor] | None
     fingerprint: str
     pretrain: dict[str, Any] = field(default_factory=dict)
+    encoder: Embedder | None = None
+    input_size: int | None = None
+    input_channels: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    cacheable: bool = True
 
     @property
     def img_size(self) -> int | None:
-        return self.vit_kwargs.get("img_size")
+        return self.vit_kwargs.get("img_size", self.input_size)
 
     @property
     def channels(self) -> int | None:
-        return self.vit_kwargs.get("in_chans")
+        return self.vit_kwargs.get("in_chans", self.input_channels)
+
+    @property
+    def pools(self) -> tuple[str, ...]:
+        """The poolings of frozen features this source offers (pixels: any, it has none)."""
+        return self.encoder.pools if self.encoder is not None else ("cls", "mean")
+
+    @property
+    def default_pool(self) -> str:
+        """The pooling used when ``--pool`` is not given: the normed cls token for mae-bench
+        encoders, an outside model's own pooled output where it has one."""
+        return MODEL_POOL if MODEL_POOL in self.pools else self.pools[0]
 
     @property
     def run_id(self) -> str:
@@ -80,6 +127,9 @@ class EncoderSource:
         """
         if self.kind == "pixels":
             raise ConfigError("the pixels reference has no encoder; use it with knn or linear")
+        if self.kind == "outside":
+            raise ConfigError(f"{self.label} is an outside model, evaluated on frozen features "
+                              f"only: {', '.join(FROZEN_PROTOCOLS)}")
         with torch.random.fork_rng(devices=[]):
             if init_seed is not None:
                 torch.manual_seed(init_seed)
@@ -121,7 +171,7 @@ def load_source(checkpoint: str | Path, *, arch: str | None = None, img_size: in
             raise ConfigError("--checkpoint random needs --arch (the architecture to initialise "
                               "at random, e.g. the one of the run it is compared with)")
         kwargs = vit_kwargs(arch, img_size, channels or 3)
-        digest = _hash_text(f"random:{arch}:{kwargs}:{seed}")
+        digest = hash_text(f"random:{arch}:{kwargs}:{seed}")
         return EncoderSource("random", "random", "random", arch, kwargs, None, digest,
                              {"seed": seed})
     path = Path(checkpoint)
@@ -187,7 +237,7 @@ def _from_run(path: Path, ckpt: dict[str, Any]) -> EncoderSource:
         if cfg.mae.encoder_mask_tokens:  # only when set, so MAE rows keep their columns
             pretrain["encoder_mask_tokens"] = True
     return EncoderSource("run", run_dir.name, cfg.train.method, cfg.model.arch, kwargs, state,
-                         _hash_state(state), pretrain)
+                         hash_state(state), pretrain)
 
 
 def _from_official(path: Path, ckpt: dict[str, Any]) -> EncoderSource:
@@ -214,27 +264,33 @@ def _from_official(path: Path, ckpt: dict[str, Any]) -> EncoderSource:
     state = {k: sd[k].float() for k in wanted}
     label = arch or f"vit(d={embed_dim}, depth={depth}, p={patch})"
     return EncoderSource("official", path.stem, "official-mae", label, kwargs, state,
-                         _hash_state(state), {"checkpoint": str(path)})
+                         hash_state(state), {"checkpoint": str(path)})
 
 
-def _hash_state(state: dict[str, torch.Tensor]) -> str:
+def hash_state(state: dict[str, torch.Tensor]) -> str:
+    """A content hash of a state dict: every key, shape and byte of its tensors."""
     h = hashlib.sha256()
     for key in sorted(state):
         t = state[key].detach().cpu().contiguous()
         h.update(key.encode())
         h.update(str(tuple(t.shape)).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        # reshape(-1): a 0-d buffer (BatchNorm's num_batches_tracked) has bytes too
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
-def _hash_text(text: str) -> str:
+def hash_text(text: str) -> str:
+    """The sha256 hex digest of ``text``."""
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def model_for(source: EncoderSource) -> VisionTransformer | None:
-    """The frozen feature extractor (cls-pool layout, eval mode); None for pixels."""
+def model_for(source: EncoderSource) -> VisionTransformer | Embedder | None:
+    """The frozen feature extractor in eval mode: a ViT (cls-pool layout), an outside model's
+    ``Embedder``, or None for pixels."""
     if source.kind == "pixels":
         return None
+    if source.encoder is not None:
+        return source.encoder.eval()
     seed = source.pretrain.get("seed", 0) if source.kind == "random" else None
     return source.build(init_seed=seed).eval()
 

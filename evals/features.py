@@ -3,6 +3,8 @@
 Features are what k-NN and the fast linear probe consume. They come from the encoder in eval mode
 on deterministic views (resize to the model's image size, normalise with the data set's mean and
 std), pooled as ``cls`` (the normed cls token) or ``mean`` (the mean of the normed patch tokens).
+An outside model (``evals.sources``) gets its own input size and normalisation, grayscale images
+replicated to its three channels, and offers its own pooled output (``model``) beside them.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from evals.encoders import EncoderSource, model_for
+from evals.encoders import MODEL_POOL, Embedder, EncoderSource, model_for
 from mae_bench.augment import eval_resize
 from mae_bench.data.datasets import AnyDataset, ArrayDataset
 from mae_bench.distributed import broadcast_from_main, gather_to_main, rank_and_world
@@ -31,6 +33,7 @@ from mae_bench.vit import POOLS as VIT_POOLS
 from mae_bench.vit import VisionTransformer, pool_name
 
 POOLS = tuple(VIT_POOLS)  # "cls", "mean": the names of mae_bench.vit, one home
+ALL_POOLS = (*POOLS, MODEL_POOL)  # with an outside model's own pooled output
 
 
 def pool_tokens(tokens: Tensor, pool: str) -> Tensor:
@@ -75,10 +78,25 @@ def _batches(dataset: AnyDataset, batch_size: int, img_size: int, num_workers: i
     dataset.check_bad_fraction()
 
 
+def input_transform(dataset: AnyDataset, source: EncoderSource
+                    ) -> tuple[int, tuple[float, ...], tuple[float, ...], int]:
+    """How ``dataset``'s images are fed to ``source``: (size, mean, std, channels): the
+    source's own input size, normalisation and channels where it declares them, else the data
+    set's (a one-channel data set's statistics are repeated for a three-channel model)."""
+    info = dataset.info
+    channels = source.channels or info.channels
+    mean = tuple(source.mean or info.mean)
+    std = tuple(source.std or info.std)
+    if len(mean) != channels:
+        mean, std = tuple(mean[:1]) * channels, tuple(std[:1]) * channels
+    return source.img_size or info.img_size, mean, std, channels
+
+
 @torch.no_grad()
-def extract_features(encoder: VisionTransformer | None, dataset: AnyDataset, *,
+def extract_features(encoder: VisionTransformer | Embedder | None, dataset: AnyDataset, *,
                      pools: tuple[str, ...] = ("cls",), img_size: int | None = None,
-                     batch_size: int = 256,
+                     mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
+                     channels: int | None = None, batch_size: int = 256,
                      device: torch.device = torch.device("cpu"), precision: str = "fp32",
                      num_workers: int = 4, shard: tuple[int, int] = (0, 1),
                      progress: Callable[[int, int], None] | None = None
@@ -87,12 +105,17 @@ def extract_features(encoder: VisionTransformer | None, dataset: AnyDataset, *,
     in ``pools`` from one forward pass.
 
     Args:
-        encoder: the frozen encoder (set to eval mode here); None gives raw pixels: the
-            normalised image, flattened (the ``pixels`` reference row).
+        encoder: the frozen encoder (set to eval mode here): a ViT, or an outside model's
+            ``Embedder``; None gives raw pixels: the normalised image, flattened (the
+            ``pixels`` reference row).
         dataset: an in-memory or streamed data set.
-        pools: "cls" and / or "mean" (pixels: one entry, under the first name).
+        pools: "cls" and / or "mean" (pixels: one entry, under the first name; an ``Embedder``:
+            any of its ``pools``).
         img_size: the encoder's input size (images are resized to it; bicubic, antialiased when
-            shrinking); default: the encoder's, or the data set's for pixels.
+            shrinking); default: the ViT's, or the data set's for pixels and an ``Embedder``.
+        mean, std: per-channel normalisation in [0, 1] units (default: the data set's).
+        channels: the encoder's input channels; a one-channel data set is replicated to them
+            (default: the data set's).
         batch_size: images per forward pass.
         device: where the encoder runs.
         precision: "fp32", "bf16" or "fp16" autocast for the encoder; features are float32.
@@ -106,13 +129,15 @@ def extract_features(encoder: VisionTransformer | None, dataset: AnyDataset, *,
         part, in dataset order.
     """
     for pool in pools:
-        if pool not in POOLS:
+        if pool not in POOLS and not isinstance(encoder, Embedder):
             raise ConfigError(f"unknown pool {pool!r}; valid: {', '.join(POOLS)}")
     info = dataset.info
     if img_size is None:
-        img_size = encoder.grid_size * encoder.patch_size if encoder is not None else info.img_size
-    mean = torch.tensor(info.mean, device=device).view(1, -1, 1, 1)
-    std = torch.tensor(info.std, device=device).view(1, -1, 1, 1)
+        img_size = (encoder.grid_size * encoder.patch_size
+                    if isinstance(encoder, VisionTransformer) else info.img_size)
+    channels = channels or info.channels
+    mean = torch.tensor(mean or info.mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(std or info.std, device=device).view(1, -1, 1, 1)
     if encoder is not None:
         encoder.eval().to(device)
     feats: dict[str, list[Tensor]] = {pool: [] for pool in pools}
@@ -120,9 +145,16 @@ def extract_features(encoder: VisionTransformer | None, dataset: AnyDataset, *,
     part = shard_range(len(dataset), *shard)
     for images, batch_labels in _batches(dataset, batch_size, img_size, num_workers, part):
         x = eval_resize(images.to(device, non_blocking=True), img_size)  # [B, C, S, S] 0..255
+        if x.shape[1] != channels:  # grayscale for an RGB model: the same plane per channel
+            x = x.expand(-1, channels, -1, -1)  # [B, 3, S, S]
         x = (x / 255.0 - mean) / std
         if encoder is None:
             feats[pools[0]].append(x.flatten(1).float().cpu())  # [B, C*S*S]
+        elif isinstance(encoder, Embedder):
+            with autocast(device, precision):
+                out = encoder.embed(x)  # {pool: [B, D]}
+            for pool in pools:
+                feats[pool].append(out[pool].float().cpu())  # [B, D]
         else:
             with autocast(device, precision):
                 tokens = encoder.forward_features(x)  # [B, 1+L, D]
@@ -214,10 +246,12 @@ def features_for(source: EncoderSource, dataset: AnyDataset, *, dataset_name: st
     would), the other ranks only their own part (empty when rank 0 read the cache).
     """
     start = time.perf_counter()
+    use_cache = use_cache and source.cacheable  # a plain callable's code is not in the key
     encoder = model_for(source)
-    img_size = source.img_size or dataset.info.img_size
-    transform = (f"resize{img_size}-bicubic-aa-mean{list(dataset.info.mean)}"
-                 f"-std{list(dataset.info.std)}")
+    img_size, mean, std, channels = input_transform(dataset, source)
+    transform = f"resize{img_size}-bicubic-aa-mean{list(mean)}-std{list(std)}"
+    if channels != dataset.info.channels:
+        transform += f"-replicate{channels}"
     data_fingerprint = dataset_fingerprint(dataset)
 
     def key(pool_name: str) -> str:
@@ -236,8 +270,10 @@ def features_for(source: EncoderSource, dataset: AnyDataset, *, dataset_name: st
             return Features(torch.zeros(0, 0), torch.zeros(0, dtype=torch.long), True, 0.0)
         return Features(hit[0], hit[1], True, time.perf_counter() - start)
     # One forward pass gives every pooling; all are cached, so switching --pool is free.
-    pools = (pool,) if encoder is None else (pool, *(p for p in POOLS if p != pool))
+    offered = source.pools if isinstance(encoder, Embedder) else POOLS
+    pools = (pool,) if encoder is None else (pool, *(p for p in offered if p != pool))
     feats, labels = extract_features(encoder, dataset, pools=pools, img_size=img_size,
+                                     mean=mean, std=std, channels=channels,
                                      batch_size=batch_size, device=device, precision=precision,
                                      num_workers=num_workers, shard=(rank, world),
                                      progress=progress)

@@ -18,9 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from evals.encoders import REFERENCES, EncoderSource, load_source
-from evals.features import POOLS, features_for
+from evals.encoders import FROZEN_PROTOCOLS, REFERENCES, EncoderSource
+from evals.features import ALL_POOLS, features_for, input_transform
 from evals.recipes import RECIPES, FinetuneRecipe, finetune_recipe, probe_recipe
+from evals.sources import SourceOptions, check_output, is_outside, object_source, resolve_source
 from evals.splits import stratified_subset
 from mae_bench.data import cache_writes_held, get_dataset_info, load_dataset
 from mae_bench.data.datasets import AnyDataset, ArrayDataset
@@ -47,12 +48,18 @@ class EvalSpec:
     """One evaluation, as the user asked for it (built once at the edge, by the CLI)."""
 
     protocol: str
-    checkpoint: str | None = None  # run folder / checkpoint file / "pixels" / "random"
+    # run folder / checkpoint file / "pixels" / "random" / an outside model ("timm:NAME", ...)
+    checkpoint: str | None = None
     features_dir: str | None = None  # precomputed embeddings instead of an encoder
+    # The Python API's encoder: an nn.Module, a callable from images to features, or a resolved
+    # EncoderSource (instead of checkpoint).
+    encoder: Any = None
+    weights: str | None = None  # an outside model's weights file
+    pretrained: bool = False  # timm: its own pretrained weights
     arch: str | None = None
     dataset: str | None = None  # default: the run's pretraining data set, else digits
     data_dir: str | None = None
-    pool: str = "cls"
+    pool: str | None = None  # None: the encoder's own (cls; an outside model's pooled output)
     ks: tuple[int, ...] = (10, 20, 100, 200)
     temperature: float = 0.07
     probe: str = "fast"  # linear / fewshot: fast (cached features) | mae (augmented, LARS)
@@ -73,7 +80,7 @@ class EvalSpec:
     cutmix: float | None = None
     label_smoothing: float | None = None
     crop_min: float | None = None  # finetune: RandomResizedCrop from this share of the area
-    img_size: int | None = None  # the random reference's input size (default: the data's)
+    img_size: int | None = None  # random reference / outside model: input size (default: own)
     head_bn: bool | None = None  # finetune: BatchNorm before the head (default: the recipe's)
     erase: float | None = None  # finetune: random erasing probability (default: the recipe's)
     command: str | None = None  # the command line that asked for this evaluation, for its rows
@@ -83,19 +90,21 @@ class EvalSpec:
     cache_dir: str | None = None
     use_cache: bool = True
     trust_checkpoint: bool = False
-    results_dir: str = "results"
+    results_dir: str | None = "results"  # None: return the rows without writing them
     extra: dict[str, Any] = field(default_factory=dict)  # more fields for every row (sweeps)
 
 
 def validate_spec(spec: EvalSpec) -> None:
     """Checks that need nothing loaded. Raises ConfigError naming the bad value and the fix."""
+    outside = is_outside(spec.checkpoint) or spec.encoder is not None
     checks = [
         (spec.protocol in PROTOCOLS,
          f"unknown protocol {spec.protocol!r}; valid: {', '.join(PROTOCOLS)}"),
-        ((spec.checkpoint is None) != (spec.features_dir is None),
-         "give exactly one of --checkpoint (a run, an official MAE checkpoint, pixels or random) "
-         "and --features DIR"),
-        (spec.pool in POOLS, f"unknown pool {spec.pool!r}; valid: {', '.join(POOLS)}"),
+        (sum(v is not None for v in (spec.checkpoint, spec.features_dir, spec.encoder)) == 1,
+         "give exactly one of --checkpoint (a run, an official MAE checkpoint, pixels, random, "
+         "or timm: / hf: / hub: / python: models) and --features DIR"),
+        (spec.pool is None or spec.pool in ALL_POOLS,
+         f"unknown pool {spec.pool!r}; valid: {', '.join(ALL_POOLS)}"),
         (spec.probe in PROBES, f"unknown probe {spec.probe!r}; valid: {', '.join(PROBES)}"),
         (len(spec.ks) > 0 and all(k >= 1 for k in spec.ks),
          f"--k needs positive neighbour counts, got {','.join(map(str, spec.ks)) or 'none'}"),
@@ -104,8 +113,9 @@ def validate_spec(spec: EvalSpec) -> None:
          f"--label-fraction must be in (0, 1], got {spec.label_fraction}"),
         (spec.img_size is None or spec.img_size >= 1,
          f"--img-size must be a positive number of pixels, got {spec.img_size}"),
-        (spec.img_size is None or spec.checkpoint == "random",
-         "--img-size sets the random reference's input size; a checkpoint keeps its own"),
+        (spec.img_size is None or spec.checkpoint == "random" or outside,
+         "--img-size sets the input size of the random reference or an outside model (timm:, "
+         "hf:, hub:, python:); a checkpoint keeps its own"),
         (spec.crop_min is None or 0.0 < spec.crop_min <= 1.0,
          f"--crop-min must be in (0, 1] (1 = no crops), got {spec.crop_min}"),
         (spec.init in ("pretrained", "random"),
@@ -133,6 +143,12 @@ def validate_spec(spec: EvalSpec) -> None:
         raise ConfigError("partial-finetune needs --blocks N (train the last N blocks + head)")
     if spec.protocol == "fewshot" and spec.label_fraction >= 1.0:
         raise ConfigError("fewshot needs --label-fraction below 1, e.g. 0.01 or 0.1")
+    if outside and (spec.protocol not in ("knn", "linear", "fewshot")
+                    or (spec.probe == "mae" and spec.protocol != "knn")):
+        what = spec.protocol if spec.probe != "mae" else f"{spec.protocol} --probe mae"
+        name = spec.checkpoint or "an outside encoder"
+        raise ConfigError(f"{name} is evaluated on frozen features only ({what} trains a "
+                          f"mae-bench ViT); use {', '.join(FROZEN_PROTOCOLS)}")
     if spec.checkpoint == "pixels" and spec.protocol not in ("knn", "linear", "fewshot"):
         raise ConfigError(f"the pixels reference has no encoder to {spec.protocol}; use knn, "
                           "linear or fewshot")
@@ -203,6 +219,7 @@ class Inputs:
     features: dict[str, torch.Tensor] | None = None
     label: str = ""
     data_dir: str | None = None  # where the data were read from (resolved)
+    pool: str = "cls"  # the frozen features' pooling (--pool, else the encoder's own)
 
 
 def load_inputs(spec: EvalSpec) -> Inputs:
@@ -212,7 +229,8 @@ def load_inputs(spec: EvalSpec) -> Inputs:
     if spec.features_dir is not None:
         feats = load_feature_dir(spec.features_dir)
         label = Path(spec.features_dir).resolve().name
-        return Inputs(None, spec.dataset or label, features=feats, label=label)
+        return Inputs(None, spec.dataset or label, pool=spec.pool or "cls", features=feats,
+                      label=label)
     # The random reference is built for the data as loaded (an image folder's own size and
     # channels, not the registry's defaults); every other source is known before the data.
     source = None if spec.checkpoint == "random" else source_of(spec)
@@ -228,18 +246,33 @@ def load_inputs(spec: EvalSpec) -> Inputs:
         info = train.info
         if source is None:
             source = source_of(spec, info)
-        if source.channels is not None and source.channels != info.channels:
+        # An outside RGB model sees grayscale images replicated to three channels.
+        replicated = source.kind == "outside" and (source.channels, info.channels) == (3, 1)
+        if source.channels is not None and source.channels != info.channels and not replicated:
             raise ConfigError(f"{source.label} takes {source.channels}-channel images but {name} "
                               f"has {info.channels}; evaluate on a data set with "
                               f"{source.channels} channels")
-    return Inputs(source, name, train, test, label=source.label,
+        if source.encoder is not None:  # an outside model: what it returns, and which pools
+            img_size, _, _, channels = input_transform(train, source)
+            check_output(source, img_size, channels)
+        pool = spec.pool or source.default_pool
+        if pool not in source.pools:
+            raise ConfigError(f"--pool {pool}: {source.label} offers {', '.join(source.pools)}")
+    return Inputs(source, name, train, test, pool=pool, label=source.label,
                   data_dir=str(Path(data_dir).resolve()) if data_dir else None)
 
 
 def source_of(spec: EvalSpec, info: DatasetInfo | None = None) -> EncoderSource:
-    """The encoder a spec names (a run, an official checkpoint, or a reference row). The
-    random reference takes ``--img-size`` or the size and channels of ``info`` (the data as
-    loaded; None: the registry's description of ``spec.dataset``)."""
+    """The encoder a spec names (a run, an official checkpoint, a reference row, an outside
+    model, or the Python API's object). The random reference takes ``--img-size`` or the size
+    and channels of ``info`` (the data as loaded; None: the registry's description of
+    ``spec.dataset``)."""
+    options = SourceOptions(weights=spec.weights, pretrained=spec.pretrained,
+                            img_size=spec.img_size, seed=spec.seed, trust=spec.trust_checkpoint)
+    if spec.encoder is not None:
+        return object_source(spec.encoder, options)
+    if is_outside(spec.checkpoint):
+        return resolve_source(spec.checkpoint, options, arch=spec.arch)
     ref = spec.checkpoint in REFERENCES
     img_size = channels = None
     if spec.checkpoint == "random":
@@ -253,8 +286,9 @@ def source_of(spec: EvalSpec, info: DatasetInfo | None = None) -> EncoderSource:
                 raise ConfigError(f"--arch {spec.arch} has {patch}-px patches, which do not "
                                   f"divide {info.name}'s {img_size}-px images; pick a preset "
                                   "whose patch size divides it (or --img-size)")
-    return load_source(spec.checkpoint, arch=spec.arch, img_size=img_size, channels=channels,
-                       seed=spec.seed if ref else 0, trust=spec.trust_checkpoint)
+    return resolve_source(spec.checkpoint, options, arch=spec.arch, img_size=img_size,
+                          channels=channels, seed=spec.seed if ref else 0,
+                          trust=spec.trust_checkpoint)
 
 
 # --- running ---------------------------------------------------------------------------------
@@ -263,7 +297,7 @@ def source_of(spec: EvalSpec, info: DatasetInfo | None = None) -> EncoderSource:
 @dataclass
 class EvalOutcome:
     rows: list[dict[str, Any]]
-    results_file: Path
+    results_file: Path | None  # None: the spec wrote no rows (the Python API's default)
     seconds: float
     notes: list[str]
 
@@ -283,7 +317,9 @@ def run_eval(spec: EvalSpec, progress: Progress | None = None,
     """
     start = time.perf_counter()
     inputs = load_inputs(spec)
-    if is_main_process():  # after the input checks (a bad command writes nothing at all)
+    spec = dataclasses.replace(spec, pool=inputs.pool)  # --pool, else the encoder's own
+    writes = spec.results_dir is not None
+    if is_main_process() and writes:  # after the input checks (a bad command writes nothing)
         check_writable(spec.results_dir)
     device = join_process_group(resolve_device(spec.device))  # torchrun: gloo / NCCL
     precision = resolve_precision(spec.precision, device)
@@ -297,12 +333,14 @@ def run_eval(spec: EvalSpec, progress: Progress | None = None,
         numbers = _finetune(spec, inputs, device, precision, notes, progress)
     seconds = time.perf_counter() - start
     rows = _rows(spec, inputs, numbers, seconds)
-    outcome = EvalOutcome(rows, Path(spec.results_dir) / RESULTS_FILE, seconds, notes)
+    outcome = EvalOutcome(rows, Path(spec.results_dir) / RESULTS_FILE if writes else None,
+                          seconds, notes)
     if is_main_process():  # under torchrun rank 0 alone holds the numbers and writes them
         if show is not None:
             show(outcome)
         try:
-            append_rows(spec.results_dir, rows)
+            if writes:
+                append_rows(spec.results_dir, rows)
         except OSError as exc:  # the store went away or filled up after the check
             raise ConfigError(f"--results-dir {spec.results_dir}: the rows could not be written "
                               f"({exc.strerror or exc}); the numbers are only on the screen"

@@ -24,10 +24,26 @@ def eval_(
         str,
         typer.Option(
             help="What to evaluate: a run folder or checkpoint file (mae-bench or an official "
-            "MAE pretrain checkpoint), or a reference: 'pixels' (raw pixels as features) or "
-            "'random' (a random encoder of --arch)."
+            "MAE pretrain checkpoint), a reference: 'pixels' (raw pixels as features) or "
+            "'random' (a random encoder of --arch), or an outside model on frozen features: "
+            "timm:NAME (or a folder from mae-bench export --to timm), hf:ID_OR_DIR "
+            "(transformers; pip install 'mae-bench[hf]'), hub:OWNER/REPO:ENTRY (torch.hub), "
+            "python:MODULE:CALLABLE (returns an nn.Module). Outside models are resized, "
+            "channel-matched and normalised as they declare."
         ),
     ] = None,
+    weights: Annotated[
+        Path,
+        typer.Option(help="timm: / hub: / python: models: load this state dict (.safetensors, "
+                     ".pth, .bin; or one under a 'model' / 'state_dict' key); every key must "
+                     "fit."),
+    ] = None,
+    pretrained: Annotated[
+        bool,
+        typer.Option("--pretrained", help="timm: models: timm's own pretrained weights (needs "
+                     "a network or timm's cache; without it the model is randomly initialised, "
+                     "seeded by --seed)."),
+    ] = False,
     features: Annotated[
         Path,
         typer.Option(
@@ -44,8 +60,10 @@ def eval_(
     ] = None,
     data_dir: Annotated[Path, typer.Option(help="Where the data set lives.")] = None,
     pool: Annotated[
-        str, typer.Option(help="Frozen features: cls (normed cls token) | mean (patch tokens).")
-    ] = "cls",
+        str, typer.Option(help="Frozen features: cls (normed cls token) | mean (patch tokens) | "
+                          "model (an outside model's own pooled output). Default: cls for "
+                          "mae-bench encoders, model for outside ones that have it.")
+    ] = None,
     k: Annotated[
         str, typer.Option("--k", help="k-NN: neighbour counts, one search for all.")
     ] = "10,20,100,200",
@@ -113,9 +131,10 @@ def eval_(
         float, typer.Option(help="finetune: CutMix alpha, 0 = off (default: the recipe's).")
     ] = None,
     img_size: Annotated[
-        int, typer.Option(help="The random reference's input size in pixels (default: the "
-                               "data's own, e.g. an image folder's detected size); images are "
-                               "resized to it.")
+        int, typer.Option(help="Input size in pixels of the random reference (default: the "
+                               "data's own, e.g. an image folder's detected size) or of an "
+                               "outside model (default: its own; a timm ViT's position "
+                               "embedding is resampled); images are resized to it.")
     ] = None,
     head_bn: Annotated[
         bool, typer.Option("--head-bn/--no-head-bn",
@@ -160,7 +179,8 @@ def eval_(
 
     spec = EvalSpec(
         protocol=protocol, checkpoint=checkpoint,
-        features_dir=str(features) if features is not None else None, arch=arch,
+        features_dir=str(features) if features is not None else None,
+        weights=str(weights) if weights is not None else None, pretrained=pretrained, arch=arch,
         dataset=dataset, data_dir=str(data_dir) if data_dir is not None else None, pool=pool,
         ks=_int_list(k, "--k"), temperature=temperature, probe=probe,
         label_fraction=label_fraction, blocks=blocks, init=init, recipe=recipe, epochs=epochs,
