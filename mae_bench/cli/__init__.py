@@ -11,7 +11,17 @@ from __future__ import annotations
 
 import typer
 
-from mae_bench.cli import compare, datasets, pretrain, report, results, speed, sweep, visualize
+from mae_bench.cli import (
+    compare,
+    datasets,
+    export,
+    pretrain,
+    report,
+    results,
+    speed,
+    sweep,
+    visualize,
+)
 from mae_bench.cli import eval as evaluate
 from mae_bench.cli.common import run
 
@@ -30,6 +40,7 @@ COMMANDS = {
     "datasets": datasets.datasets,
     "visualize": visualize.visualize,
     "eval": evaluate.eval_,
+    "export": export.export,
     "compare": compare.compare,
     "results": results.results,
     "sweep": sweep.sweep,
