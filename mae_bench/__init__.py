@@ -1,3 +1,21 @@
-"""mae-bench: Masked Autoencoders and contrastive baselines on one ViT, compared fairly."""
+"""mae-bench: Masked Autoencoders and contrastive baselines on one ViT, compared fairly.
 
-__version__ = "0.1.0"
+This package root is the public facade, in the application layer (``tests/test_layers.py``):
+``mae_bench.evaluate(encoder, dataset=..., protocols=...)`` is the Python API
+(``mae_bench/app/api.py``), imported on first use, so that ``import mae_bench.vit`` and every
+other core import stay free of the application layer. No module of the package imports the root.
+"""
+
+from typing import Any
+
+from mae_bench.version import __version__
+
+__all__ = ["__version__", "evaluate"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "evaluate":
+        from mae_bench.app.api import evaluate
+
+        return evaluate
+    raise AttributeError(f"module 'mae_bench' has no attribute {name!r}")

@@ -44,7 +44,6 @@ from rich.progress import (
 )
 from torch import Tensor, nn
 
-from mae_bench import __version__
 from mae_bench.attention import choose_attention
 from mae_bench.augment import BatchViews
 from mae_bench.checkpoint import (
@@ -87,6 +86,7 @@ from mae_bench.runtime import (
     seed_everything,
 )
 from mae_bench.step import TrainStep, grad_scaler
+from mae_bench.version import __version__
 from mae_bench.vit import get_preset
 
 METRICS = METRICS_FILE  # the old name, still importable

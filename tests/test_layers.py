@@ -6,7 +6,8 @@ Every import statement counts, also those inside functions. Layers, lowest first
     methods      mae_bench.methods (the registry), mae_bench.engine (the pretraining loop that
                  builds a method from it), baselines.*
     protocols    evals.*
-    application  mae_bench.app.*, mae_bench.cli.*, mae_bench.__main__
+    application  mae_bench.app.*, mae_bench.cli.*, mae_bench.__main__, and the package root
+                 mae_bench (its __init__: the public facade, mae_bench.evaluate)
 
 A module may import its own layer or those below it.
 """
@@ -24,7 +25,8 @@ LAYERS = ("core", "methods", "protocols", "application")
 
 
 def layer_of(module: str) -> str:
-    if module.startswith(("mae_bench.app", "mae_bench.cli")) or module == "mae_bench.__main__":
+    if module.startswith(("mae_bench.app", "mae_bench.cli")) or module in ("mae_bench.__main__",
+                                                                            "mae_bench"):
         return "application"
     if module.split(".")[0] == "evals":
         return "protocols"
