@@ -15,6 +15,7 @@ input size, channels and normalisation; the frozen-feature protocols use them as
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import json
 import math
@@ -36,7 +37,7 @@ FROZEN_PROTOCOLS = ("knn", "linear --probe fast", "fewshot --probe fast")
 MODEL_POOL = "model"  # an outside encoder's own pooled output (timm: forward_head(pre_logits))
 
 
-class Embedder(nn.Module):
+class Embedder(nn.Module, metaclass=abc.ABCMeta):
     """An outside encoder as the feature extractor sees it: normalised images [N, C, S, S] ->
     {pool: [N, D]} for every pooling in ``pools`` (a subset of "model", "cls", "mean").
 
@@ -45,8 +46,10 @@ class Embedder(nn.Module):
 
     pools: tuple[str, ...] = (MODEL_POOL,)
 
+    @abc.abstractmethod
     def embed(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """[N, C, S, S] normalised images -> {pool: [N, D]}; every subclass defines it (an
+        Embedder without it cannot be instantiated)."""
 
 
 @dataclass
