@@ -30,6 +30,7 @@ from mae_bench.augment import BatchViews, ViewSpec, eval_resize, random_erasing
 from mae_bench.data import ArrayDataset
 from mae_bench.distributed import rank_and_world
 from mae_bench.errors import ConfigError, DataError
+from mae_bench.randaugment import RandAugmentSpec
 from mae_bench.runtime import (
     autocast,
     exempt_from_weight_decay,
@@ -148,14 +149,14 @@ def finetune(
     head_init_std: float | None = None,
     head_bn: bool = False,
     erase: float = 0.0,
+    rand_augment: str | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, float]:
     """Fine-tune ``model`` (in place, moved to ``device``) on ``train``; evaluate on ``test``.
 
-    Train-time view: RandomResizedCrop (scale 0.08-1) + horizontal flip, batched on the device,
-    then random erasing (``erase``), then Mixup / CutMix. The paper's RandAugment (9, 0.5) is a
-    per-image PIL op meant for 224-px ImageNet images; it is left out here, where images are
-    8-96 px and held in memory as uint8 batches. Test-time view: resize to ``img_size`` and
+    Train-time view: RandomResizedCrop (scale 0.08-1) + horizontal flip, then RandAugment
+    (``rand_augment``), normalisation, random erasing (``erase``), then Mixup / CutMix, all
+    batched on the device, in timm's order. Test-time view: resize to ``img_size`` and
     normalise.
 
     Batches are drop-last: every step sees exactly ``batch_size`` images. Mixup / CutMix pair
@@ -214,6 +215,9 @@ def finetune(
             hundred steps far from converged; standardising each dimension fixes that.
         erase: random erasing probability (``mae_bench.augment.random_erasing``; the paper:
             0.25), applied after normalisation and before Mixup / CutMix, as timm orders them.
+        rand_augment: timm's RandAugment policy string (the paper: ``rand-m9-mstd0.5-inc1``;
+            ``mae_bench.randaugment``), applied per image after the crop and flip, on pixel
+            values, as timm orders it; None: off.
         head_init_std: re-initialise the head's weight from a truncated normal of this std and
             its bias at zero (official fine-tuning: 2e-5); None: keep the model's head.
         progress: called with (steps done, total steps) after each optimizer step.
@@ -239,6 +243,7 @@ def finetune(
               min_lr=min_lr, mixup=mixup, cutmix=cutmix, label_smoothing=label_smoothing,
               crop_scale=crop_scale, hflip=hflip, erase=erase,
               img_size=img_size, native=native, clip_grad=clip_grad, mixing=mixing)
+    policy = RandAugmentSpec.parse(rand_augment) if rand_augment else None  # ConfigError
     rank, world = rank_and_world()
     per_rank = _per_rank_batch(batch_size, world)
     rows = slice(rank * per_rank, (rank + 1) * per_rank)  # this process's share of a batch
@@ -280,7 +285,7 @@ def finetune(
         device=device, precision=precision, scaler=grad_scaler(precision), clip_grad=clip_grad,
         loss_name="fine-tuning loss", advice="lower the lr or use fp32")
 
-    spec = ViewSpec(img_size, scale=crop_scale, hflip=hflip)
+    spec = ViewSpec(img_size, scale=crop_scale, hflip=hflip, rand_augment=policy)
     views = BatchViews(spec, train.info.mean, train.info.std)
     crop_gen = torch.Generator(device=device)
     crop_gen.manual_seed(seed)

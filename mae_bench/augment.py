@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mae_bench.randaugment import RandAugmentSpec, rand_augment
+
 
 @dataclass(frozen=True)
 class ViewSpec:
@@ -50,6 +52,8 @@ class ViewSpec:
     blur: float = 0.0  # probability of a Gaussian blur
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     solarize: float = 0.0  # probability; inverts values >= 0.5 of the range (128 of 255)
+    # RandAugment after the crop and flip (fine-tuning; timm's order): mae_bench.randaugment
+    rand_augment: RandAugmentSpec | None = None
 
     def __post_init__(self) -> None:
         for name in ("hflip", "color_jitter", "grayscale", "blur", "solarize"):
@@ -443,7 +447,8 @@ def random_erasing(x: Tensor, p: float, generator: torch.Generator | None = None
 class BatchViews:
     """Turns a uint8 batch [N, C, H, W] into normalised float views on the batch's device.
 
-    ``__call__``: random resized crop + flip, then the spec's photometric ops (colour jitter,
+    ``__call__``: random resized crop + flip, then RandAugment (when the spec has it), then
+    the spec's photometric ops (colour jitter,
     grayscale, blur, solarize), then normalisation. ``finish``: the same without the crop, for
     batches cropped in DataLoader workers (streamed data sets).
     """
@@ -460,6 +465,9 @@ class BatchViews:
         boxes = crop_boxes(n, height, width, s.scale, s.ratio, generator, images.device)
         flip = torch.rand(n, generator=generator, device=images.device) < s.hflip  # [N]
         x = resized_crops(x, boxes, s.img_size, flip, s.interpolation)
+        if s.rand_augment is not None:  # on uint8-valued pixels, as timm's PIL ops
+            fill = tuple(round(255 * m) for m in self.mean.flatten().tolist())
+            x = rand_augment(x.clamp_(0, 255).round_(), s.rand_augment, fill, generator)
         if not s.photometric:  # MAE: exactly the crop + flip path, no further random numbers
             return self.normalize(x.clamp_(0, 255))
         return self._normalize01_(_photometric_(x.clamp_(0, 255).div_(255.0), s, generator))

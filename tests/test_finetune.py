@@ -195,6 +195,7 @@ def test_nonfinite_loss_names_the_step(digits):
     ({"img_size": 16}, "img_size 16 differs from the model's 8"),
     ({"partial_blocks": 3}, r"must be in 0\.\.2 .* got 3"),
     ({"erase": 1.5}, r"erase must be a probability in \[0, 1\], got 1.5"),
+    ({"rand_augment": "rand-m11"}, r"RandAugment policy 'rand-m11': m must be in 0..10"),
     ({"precision": "fp8"}, "unknown precision 'fp8'; valid: auto, bf16, fp16, fp32"),
     ({"precision": "fp16", "device": "cpu"}, "fp16 needs a CUDA device"),
 ])
@@ -243,3 +244,21 @@ def test_random_erasing_reaches_the_training_batches(digits, monkeypatch):
     finetune(micro(), *digits, **{**QUICK, "erase": 1.0})
     assert len(seen) == 256 // 32  # every step's batch went through it
     assert min(seen) > 0.9  # p = 1: (nearly) every image of every batch erased
+
+
+def test_rand_augment_reaches_the_training_batches(digits, monkeypatch):
+    import mae_bench.augment as augment
+
+    seen = []
+    real = augment.rand_augment
+
+    def spy(x, spec, fill, generator):
+        out = real(x, spec, fill, generator)
+        seen.append((spec.name(), float((out != x).flatten(1).any(dim=1).float().mean())))
+        return out
+
+    monkeypatch.setattr(augment, "rand_augment", spy)
+    finetune(micro(), *digits, **{**QUICK, "rand_augment": "rand-m9-n1-p1-inc1"})
+    assert len(seen) == 256 // 32  # every step's batch went through it
+    assert {name for name, _ in seen} == {"rand-m9-mstd0-n1-p1-inc1"}
+    assert sum(changed for _, changed in seen) / len(seen) > 0.6  # p = 1: most images changed

@@ -26,6 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # FINETUNE.md of facebookresearch/mae, typed here from the released commands:
 # ViT-B: --batch_size 32 x 32 GPUs (1,024) --epochs 100 --blr 5e-4 --layer_decay 0.65
 #        --weight_decay 0.05 --drop_path 0.1 --mixup 0.8 --cutmix 1.0 --reprob 0.25
+#        (main_finetune.py's --aa default: rand-m9-mstd0.5-inc1)
 # ViT-L: --epochs 50 --blr 1e-3 --layer_decay 0.75 --drop_path 0.2;  ViT-H: --drop_path 0.3
 # main_finetune.py defaults: --smoothing 0.1 --warmup_epochs 5 --min_lr 1e-6, head std 2e-5.
 OFFICIAL = {
@@ -42,7 +43,8 @@ def test_paper_finetune_is_the_official_recipe(arch):
                                      min_lr=1e-6, mixup=0.8, cutmix=1.0, label_smoothing=0.1,
                                      crop_scale=(0.08, 1.0), head_init_std=2e-5, clip_grad=None,
                                      head_bn=False,  # official fine-tuning: no BN head
-                                     erase=0.25)  # --reprob 0.25
+                                     erase=0.25,  # --reprob 0.25
+                                     rand_augment="rand-m9-mstd0.5-inc1")  # --aa
     assert {k: getattr(r, k) for k in expected} == expected
     assert r.name == "paper" and r.why == ()
 
@@ -69,7 +71,19 @@ def test_auto_on_digits_from_scratch():
     assert r.batch_size == 32 and 1437 // r.batch_size >= 40
     assert r.epochs == 20 and r.warmup_epochs == pytest.approx(2.0)
     assert r.head_bn  # a BatchNorm before the head on small data
-    assert len(r.why) == 6  # batch, mixing, head BN, crops, layer decay, warm-up: each explained
+    assert (r.erase, r.rand_augment) == (0.0, None)  # the paper's are off on small data
+    # batch, mixing, erasing / RandAugment, head BN, crops, layer decay, warm-up: each explained
+    assert len(r.why) == 7
+
+
+@pytest.mark.parametrize("epochs, warmup", [(1, 0.1), (5, 0.5), (20, 2.0), (50, 5.0),
+                                            (100, 5.0)])
+def test_auto_always_warms_up_a_tenth_of_a_short_run(epochs, warmup):
+    # AdamW from random weights at the peak lr on step 0 is what the warm-up prevents; the
+    # paper's 5 epochs do not fit a run of 5 or fewer, so it gets 10 % of itself, never none
+    r = auto_finetune("vit_mini_patch4", img_size=28, train_size=60_000, pretrained=False,
+                      epochs=epochs)
+    assert r.warmup_epochs == pytest.approx(warmup)
 
 
 def test_auto_keeps_layer_decay_for_a_pretrained_encoder():

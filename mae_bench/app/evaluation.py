@@ -28,6 +28,7 @@ from mae_bench.data.datasets import AnyDataset, ArrayDataset
 from mae_bench.data.info import DatasetInfo
 from mae_bench.distributed import is_main_process, join_process_group, wait_for_main
 from mae_bench.errors import ConfigError, DataError
+from mae_bench.randaugment import RandAugmentSpec
 from mae_bench.results import RESULTS_FILE, append_rows, check_writable, make_row
 from mae_bench.runtime import resolve_device, resolve_precision
 
@@ -83,6 +84,7 @@ class EvalSpec:
     img_size: int | None = None  # random reference / outside model: input size (default: own)
     head_bn: bool | None = None  # finetune: BatchNorm before the head (default: the recipe's)
     erase: float | None = None  # finetune: random erasing probability (default: the recipe's)
+    rand_augment: str | None = None  # finetune: RandAugment policy, "none": off (recipe's)
     command: str | None = None  # the command line that asked for this evaluation, for its rows
     seed: int = 0
     device: str = "auto"
@@ -133,6 +135,8 @@ def validate_spec(spec: EvalSpec) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    if spec.rand_augment not in (None, "none"):
+        RandAugmentSpec.parse(spec.rand_augment)  # a bad policy: ConfigError naming the part
     if spec.features_dir is not None and spec.protocol not in ("knn", "linear", "fewshot"):
         raise ConfigError(f"--features works with knn, linear and fewshot (features are frozen); "
                           f"{spec.protocol} needs --checkpoint")
@@ -472,6 +476,8 @@ def finetune_spec_recipe(spec: EvalSpec, arch: str, img_size: int, train_size: i
                                                "layer_decay", "drop_path", "mixup", "cutmix",
                                                "label_smoothing", "head_bn", "erase")
                  if getattr(spec, k) is not None}
+    if spec.rand_augment is not None:
+        overrides["rand_augment"] = None if spec.rand_augment == "none" else spec.rand_augment
     if spec.crop_min is not None:
         overrides["crop_scale"] = (spec.crop_min, 1.0)
     return dataclasses.replace(recipe, **overrides)
@@ -506,7 +512,7 @@ def _finetune(spec: EvalSpec, inputs: Inputs, device: torch.device, precision: s
                    mixup=recipe.mixup, cutmix=recipe.cutmix,
                    label_smoothing=recipe.label_smoothing, crop_scale=recipe.crop_scale,
                    hflip=hflip, head_init_std=recipe.head_init_std, head_bn=recipe.head_bn,
-                   erase=recipe.erase,
+                   erase=recipe.erase, rand_augment=recipe.rand_augment,
                    clip_grad=recipe.clip_grad,
                    partial_blocks=blocks, train_indices=subset, seed=spec.seed, device=device,
                    precision=precision, progress=_bar(progress, spec.protocol))

@@ -153,6 +153,13 @@ def eval_(
                                  "of the image filled with noise, after normalisation (the "
                                  "paper's recipe: 0.25; default: the recipe's).")
     ] = None,
+    rand_augment: Annotated[
+        str, typer.Option(help="finetune: RandAugment policy in timm's form, per image after "
+                               "the crop and flip (the paper's recipe: rand-m9-mstd0.5-inc1: 2 "
+                               "of 15 ops, magnitude 9 +- 0.5, each at p 0.5), or none "
+                               "(default: the recipe's; the auto recipe has none on small "
+                               "images or data).")
+    ] = None,
     seed: Annotated[
         int, typer.Option(help="Seeds probes, subsets, and the 'random' encoder.")
     ] = 0,
@@ -187,7 +194,7 @@ def eval_(
         batch_size=batch_size, blr=blr, lr=lr, weight_decay=weight_decay,
         layer_decay=layer_decay, drop_path=drop_path, mixup=mixup, cutmix=cutmix,
         label_smoothing=smoothing, crop_min=crop_min, img_size=img_size, head_bn=head_bn,
-        erase=erase, seed=seed,
+        erase=erase, rand_augment=rand_augment, seed=seed,
         device=device, precision=precision,
         cache_dir=str(cache_dir) if cache_dir is not None else None, use_cache=cache,
         trust_checkpoint=trust_checkpoint, results_dir=str(results_dir),
