@@ -45,11 +45,22 @@ class Embedder(nn.Module, metaclass=abc.ABCMeta):
     """
 
     pools: tuple[str, ...] = (MODEL_POOL,)
+    # A convolutional network runs in channels-last memory format (its weights converted once,
+    # each batch by the feature extractor): oneDNN's and cuDNN's fast convolution layout. A
+    # timm ResNet-18 at 224 px extracted 1.5x faster so on a Zen 5 CPU, bf16 and fp32 alike.
+    channels_last: bool = False
 
     @abc.abstractmethod
     def embed(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """[N, C, S, S] normalised images -> {pool: [N, D]}; every subclass defines it (an
         Embedder without it cannot be instantiated)."""
+
+    def use_channels_last(self, model: nn.Module) -> None:
+        """Convert ``model`` (in place) to channels-last if it is a convolutional network: more
+        than one 2-D convolution (a ViT has one, its patch embedding, and gains nothing)."""
+        if sum(isinstance(m, nn.Conv2d) for m in model.modules()) > 1:
+            model.to(memory_format=torch.channels_last)
+            self.channels_last = True
 
 
 @dataclass

@@ -151,6 +151,8 @@ def extract_features(encoder: VisionTransformer | Embedder | None, dataset: AnyD
         if encoder is None:
             feats[pools[0]].append(x.flatten(1).float().cpu())  # [B, C*S*S]
         elif isinstance(encoder, Embedder):
+            if encoder.channels_last:  # [B, C, S, S] in the layout the model's weights have
+                x = x.contiguous(memory_format=torch.channels_last)
             with autocast(device, precision):
                 out = encoder.embed(x)  # {pool: [B, D]}
             for pool in pools:

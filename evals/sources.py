@@ -83,6 +83,7 @@ class HooksEmbedder(Embedder):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        self.use_channels_last(model)
         cls_token = getattr(model, "cls_token", None) is not None
         self.has_cls = bool(getattr(model, "has_class_token", cls_token))
         self.prefix = int(getattr(model, "num_prefix_tokens", int(self.has_cls)))
@@ -103,6 +104,8 @@ class CallEmbedder(Embedder):
     def __init__(self, fn: Callable[[Tensor], Tensor]) -> None:
         super().__init__()
         self.fn = fn  # an nn.Module is registered as a submodule, so eval() and to() reach it
+        if isinstance(fn, nn.Module):
+            self.use_channels_last(fn)
 
     def embed(self, images: Tensor) -> dict[str, Tensor]:
         return {MODEL_POOL: self.fn(images)}
@@ -120,6 +123,7 @@ class HFEmbedder(Embedder):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        self.use_channels_last(model)
         cfg = model.config
         self.is_mae = getattr(cfg, "model_type", "") == "vit_mae"
         if self.is_mae:

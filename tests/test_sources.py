@@ -148,6 +148,27 @@ def test_timm_convnet_offers_only_its_own_pooling(monkeypatch, capsys, tmp_path)
     assert "--pool cls: timm:test_resnet offers model" in line
 
 
+def test_a_convnet_runs_channels_last_with_the_same_features(tmp_path):
+    from evals.features import extract_features
+
+    source = resolve_source("timm:test_resnet", SourceOptions(img_size=32))
+    vit = resolve_source("timm:test_vit", SourceOptions(img_size=32))
+    assert source.encoder.channels_last and not vit.encoder.channels_last  # one conv: a ViT
+    conv = next(m for m in source.encoder.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    data = load_dataset("digits", "test")
+    feats, _ = extract_features(source.encoder, data, pools=("model",), img_size=32,
+                                channels=3, mean=(0.5,) * 3, std=(0.25,) * 3)
+    # the same weights in the default layout, fed the same normalised images by hand
+    plain = random_timm("test_resnet")
+    plain.load_state_dict(source.encoder.model.state_dict())
+    x = F.interpolate(data.images.float(), size=(32, 32), mode="bicubic", align_corners=False)
+    x = (x.clamp(0, 255).repeat(1, 3, 1, 1) / 255.0 - 0.5) / 0.25
+    with torch.no_grad():
+        expected = plain.forward_head(plain.forward_features(x), pre_logits=True)
+    assert torch.allclose(feats["model"], expected, atol=1e-4, rtol=1e-4)
+
+
 def test_a_vit_offers_cls_and_mean_beside_its_own_pooling(tmp_path):
     source = resolve_source("timm:test_vit", SourceOptions(img_size=32))
     check_output(source, 32, 3)
