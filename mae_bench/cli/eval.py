@@ -96,9 +96,10 @@ def eval_(
             help="Trained protocols (finetune, partial-finetune, linear --probe mae): paper (the "
             "official MAE recipe exactly: made for ImageNet, batches of 1,024 / 16,384) | auto "
             "(the paper's where data and schedule are ImageNet-like; on small images or data "
-            "sets: no Mixup / CutMix, crops from 35 % (none up to 28 px), a BatchNorm before "
-            "the head, a batch that leaves >= 40 steps per epoch with the lr carried by the "
-            "square-root rule, no layer decay from random init; the probe: SGD instead of "
+            "sets: no Mixup / CutMix / RandAugment / random erasing, crops from 35 % (none up "
+            "to 28 px), a BatchNorm before the head, a batch that leaves >= 40 steps per epoch "
+            "with the lr carried by the square-root rule, no layer decay from random init; "
+            "short runs warm up for 10 % of their epochs; the probe: SGD instead of "
             "LARS, whose trust ratio barely moves the head at "
             "small batches). The chosen recipe is printed and recorded in every row; the "
             "options below override single knobs."),
