@@ -81,9 +81,13 @@ class DINOHead(nn.Module):
 
 
 def cls_features(backbone: VisionTransformer, views: list[Tensor]) -> list[Tensor]:
-    """The normed cls token of every view, one encoder pass per image size.
+    """The normed cls token of every view.
 
-    The ViT has no batch statistics, so concatenating views changes nothing but the speed.
+    The ViT has no batch statistics, so how views are batched changes nothing but the speed. On
+    a GPU, views of one image size go through the encoder in one pass (a bigger batch fills the
+    device). On a CPU each view gets its own pass: there a concatenated 2N batch pushes the
+    memory-bound ops (copies, GELU, LayerNorm) out of cache, and SimCLR in fp32 trained at 0.93x
+    lightly's two-pass example (Zen 5, results/speed/peers-zen5-cpu.md).
 
     Args:
         backbone: the encoder.
@@ -92,6 +96,8 @@ def cls_features(backbone: VisionTransformer, views: list[Tensor]) -> list[Tenso
     Returns:
         one [N, D] tensor per view, in order.
     """
+    if views[0].device.type == "cpu":
+        return [backbone.forward_features(v)[:, 0] for v in views]  # [N, D] each
     out: list[Tensor | None] = [None] * len(views)
     sizes: dict[tuple[int, ...], list[int]] = {}
     for i, v in enumerate(views):
