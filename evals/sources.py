@@ -239,7 +239,11 @@ def hf_source(name: str, options: SourceOptions) -> EncoderSource:
     progress_bars = transformers.utils.logging.is_progress_bar_enabled()
     transformers.utils.logging.disable_progress_bar()
     try:
-        with _quiet():
+        # Weights the folder lacks (ViTModel's pooler, under AutoModel, for a folder saved
+        # without one) are initialised at random: seeded, so the same folder gives the same
+        # model, weights hash and feature cache key every time.
+        with _quiet(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(options.seed)
             model = transformers.AutoModel.from_pretrained(str(folder) if folder.is_dir()
                                                            else name)
     except Exception as exc:  # the edge: a missing id, no network, an unknown model type

@@ -220,6 +220,24 @@ def test_transformers_folders(monkeypatch, capsys, tmp_path, kind):
     assert torch.allclose(ours, want, atol=1e-6)
 
 
+def test_a_folder_without_its_pooler_loads_the_same_every_time(monkeypatch, capsys, tmp_path):
+    """AutoModel adds ViTModel's pooler, which a folder saved without one lacks: its random
+    init is seeded, so two loads give one weights hash and the second evaluation reads the
+    feature cache (unseeded, every load hashed differently and the cache never hit)."""
+    torch.manual_seed(0)
+    model = transformers.ViTModel(transformers.ViTConfig(**SMALL), add_pooling_layer=False)
+    model.save_pretrained(str(tmp_path / "vit"))
+    one, two = (resolve_source(f"hf:{tmp_path / 'vit'}") for _ in range(2))
+    assert one.fingerprint == two.fingerprint
+    assert any(k.startswith("pooler.") for k in one.encoder.model.state_dict())  # it is there
+    for protocol in ("knn", "linear"):
+        code, out, err = eval_cli(monkeypatch, capsys, tmp_path, "--protocol", protocol,
+                                  "--checkpoint", f"hf:{tmp_path / 'vit'}", "--k", "20")
+        assert code == 0, err
+    assert "train features [1437 x 32]: cache" in out + err  # the probe read k-NN's features
+    assert len({r["weights"] for r in rows(tmp_path)}) == 1
+
+
 HUBCONF = '''
 import torch
 
