@@ -47,7 +47,7 @@ class Embedder(nn.Module, metaclass=abc.ABCMeta):
     pools: tuple[str, ...] = (MODEL_POOL,)
     # A convolutional network runs in channels-last memory format (its weights converted once,
     # each batch by the feature extractor): oneDNN's and cuDNN's fast convolution layout. A
-    # timm ResNet-18 at 224 px extracted 1.5x faster so on a Zen 5 CPU, bf16 and fp32 alike.
+    # timm ResNet-18 at 224 px extracted 1.5x faster on a Zen 5 CPU, bf16 and fp32 alike.
     channels_last: bool = False
 
     @abc.abstractmethod

@@ -447,16 +447,17 @@ def random_erasing(x: Tensor, p: float, generator: torch.Generator | None = None
 class BatchViews:
     """Turns a uint8 batch [N, C, H, W] into normalised float views on the batch's device.
 
-    ``__call__``: random resized crop + flip, then RandAugment (when the spec has it), then
-    the spec's photometric ops (colour jitter,
-    grayscale, blur, solarize), then normalisation. ``finish``: the same without the crop, for
-    batches cropped in DataLoader workers (streamed data sets).
+    ``__call__``: random resized crop + flip, then RandAugment (when the spec has it), then the
+    spec's photometric ops (colour jitter, grayscale, blur, solarize), then normalisation.
+    ``finish``: the same without the crop, for batches cropped in DataLoader workers (streamed
+    data sets).
     """
 
     def __init__(self, spec: ViewSpec, mean: tuple[float, ...], std: tuple[float, ...]):
         self.spec = spec
         self.mean = torch.tensor(mean).view(1, -1, 1, 1)
         self.std = torch.tensor(std).view(1, -1, 1, 1)
+        self.fill = tuple(round(255 * m) for m in mean)  # RandAugment's fill (timm: img_mean)
 
     def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         s = self.spec
@@ -465,15 +466,14 @@ class BatchViews:
         boxes = crop_boxes(n, height, width, s.scale, s.ratio, generator, images.device)
         flip = torch.rand(n, generator=generator, device=images.device) < s.hflip  # [N]
         x = resized_crops(x, boxes, s.img_size, flip, s.interpolation)
-        if s.rand_augment is not None:  # on uint8-valued pixels, as timm's PIL ops
-            fill = tuple(round(255 * m) for m in self.mean.flatten().tolist())
-            x = rand_augment(x.clamp_(0, 255).round_(), s.rand_augment, fill, generator)
+        x = self._rand_augment(x, generator)
         if not s.photometric:  # MAE: exactly the crop + flip path, no further random numbers
             return self.normalize(x.clamp_(0, 255))
         return self._normalize01_(_photometric_(x.clamp_(0, 255).div_(255.0), s, generator))
 
     def finish(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Photometric ops + normalisation for an already cropped batch.
+        """RandAugment (when the spec has it), photometric ops and normalisation for an already
+        cropped batch; ``images`` is left as it is.
 
         Args:
             images: [N, C, h, w] uint8 or float in 0..255 (streamed views, cropped in workers).
@@ -482,10 +482,19 @@ class BatchViews:
         Returns:
             [N, C, h, w] float, normalised.
         """
+        x = self._rand_augment(images.float(), generator)
         if not self.spec.photometric:
-            return self.normalize(images.float())
-        x = images.float() / 255.0  # [N, C, h, w] in [0, 1], a new tensor
+            return self.normalize(x)
+        x = x / 255.0  # [N, C, h, w] in [0, 1], a new tensor
         return self._normalize01_(_photometric_(x, self.spec, generator))
+
+    def _rand_augment(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
+        """The spec's RandAugment on a cropped batch in 0..255 (as is when it has none), on
+        uint8-valued pixels as timm's PIL ops see them, filling with the data's mean colour."""
+        if self.spec.rand_augment is None:
+            return x
+        return rand_augment(x.clamp(0, 255).round_(), self.spec.rand_augment, self.fill,
+                            generator)
 
     def normalize(self, x: Tensor) -> Tensor:
         """[N, C, H, W] in 0..255 -> (x / 255 - mean) / std."""

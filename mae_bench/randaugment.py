@@ -125,9 +125,16 @@ def rand_augment(x: Tensor, spec: RandAugmentSpec, fill: tuple[float, ...],
         # N(m, mstd) by the inverse normal CDF of the fourth uniform, clipped to [0, 10]
         z = torch.special.ndtri(u[3].clamp(1e-7, 1 - 1e-7))  # [N]
         level = (spec.magnitude + spec.magnitude_std * z).clamp(0, LEVEL_DENOM) / LEVEL_DENOM
-        for k, name in enumerate(spec.ops):
-            idx = torch.nonzero(apply & (op == k)).flatten()  # [n_k]
-            if idx.numel():
+        # Images grouped by the op they drew, skipped ones last: one host sync (the counts) per
+        # layer, not one per op, which on a GPU would stall the step fifteen times.
+        chosen = torch.where(apply, op, len(spec.ops))  # [N]
+        order = torch.argsort(chosen, stable=True)  # [N]
+        counts = torch.bincount(chosen, minlength=len(spec.ops) + 1).tolist()
+        start = 0
+        for name, count in zip(spec.ops, counts[:-1], strict=True):  # the last: skipped
+            idx = order[start:start + count]  # [n_k] the images that apply this op
+            start += count
+            if count:
                 x[idx] = _OPS[name](x[idx], level[idx], sign[idx], fill_t, spec)
     return x
 

@@ -182,3 +182,15 @@ def test_fine_tuning_views_apply_it_after_the_crop_and_before_normalising():
     expected = rand_augment(images.float(), PAPER, (128, 128, 128), g)
     assert torch.allclose(y, (expected / 255 - 0.5) / 0.25, atol=1e-5)
     assert not torch.allclose(x, y)
+
+
+def test_streamed_batches_get_it_too_and_are_left_as_they_were():
+    # finish() (batches cropped in DataLoader workers) applies the same policy, first in line
+    images = _images(16, 3, size=8)
+    before = images.clone()
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    views = BatchViews(ViewSpec(8, rand_augment=PAPER), mean, std)
+    y = views.finish(images, torch.Generator().manual_seed(0))
+    expected = rand_augment(images, PAPER, (128, 128, 128), torch.Generator().manual_seed(0))
+    assert torch.allclose(y, (expected / 255 - 0.5) / 0.25, atol=1e-5)
+    assert torch.equal(images, before)
