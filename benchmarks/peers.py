@@ -60,6 +60,8 @@ from torch import Tensor, nn
 from mae_bench.attention import rule_path
 from mae_bench.config import RunConfig
 from mae_bench.engine import build_optimizer, build_train_step
+from mae_bench.host_memory import describe as host_allocator
+from mae_bench.host_memory import keep_freed_memory
 from mae_bench.mae import build_mae
 from mae_bench.masking import len_keep
 from mae_bench.method import Batch
@@ -527,7 +529,8 @@ def report(args, p: ArchPreset, cases: list[Case], checks: dict[str, list[Check]
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [f"# mae-bench against its peers: training speed ({args.arch})", "",
              f"- **When:** {now}, by `benchmarks/peers.py`.",
-             f"- **Machine:** {cpu_summary()}; {torch.get_num_threads()} torch thread(s).",
+             f"- **Machine:** {cpu_summary()}; {torch.get_num_threads()} torch thread(s); host "
+             f"allocator, for every implementation alike: {host_allocator()}.",
              f"- **Software:** {versions}.",
              f"- **Setup:** {args.arch} at {p.img_size} px, batch {args.batch_size}, mask ratio "
              f"{MASK_RATIO}; AdamW {ADAMW['betas']}, wd {ADAMW['weight_decay']}; the same input "
@@ -622,8 +625,14 @@ def main() -> None:
                     help="models_mae.py of a facebookresearch/mae checkout (with its util/)")
     ap.add_argument("--skip-missing", action="store_true",
                     help="measure the rest when a peer package is missing (else exit 2)")
+    ap.add_argument("--malloc", choices=("default", "retain"), default="default",
+                    help="the host allocator for the whole process, so for every implementation "
+                         "alike: glibc's own (default), or keeping freed memory as the mae-bench "
+                         "command does (retain); benchmarks/host_memory.py compares the two")
     ap.add_argument("--markdown", type=Path, default=None, help="also write the report here")
     args = ap.parse_args()
+    if args.malloc == "retain":
+        keep_freed_memory()  # before anything is allocated
 
     args.precisions = args.precisions.split(",")
     tasks = args.tasks.split(",")

@@ -31,6 +31,7 @@ from mae_bench.app.speed import TrainSpeed, matmul_peak, measure_side_by_side
 from mae_bench.config import RunConfig
 from mae_bench.data import DatasetInfo
 from mae_bench.errors import ConfigError
+from mae_bench.host_memory import describe as host_allocator
 from mae_bench.methods import METHODS
 from mae_bench.results import make_row
 from mae_bench.runtime import cpu_has_fast_bf16, device_name, resolve_device, resolve_precision
@@ -224,7 +225,8 @@ def _machine(device: torch.device) -> str:
     extra = ""
     if device.type == "cpu":
         extra = (f" (torch uses {torch.get_num_threads()} threads; bf16 matrix instructions: "
-                 f"{'yes' if cpu_has_fast_bf16() else 'no, bf16 is emulated'})")
+                 f"{'yes' if cpu_has_fast_bf16() else 'no, bf16 is emulated'}; host allocator: "
+                 f"{host_allocator()})")
     return (f"{device_name(device)}{extra}; torch {torch.__version__}, "
             f"{platform.system()} {platform.machine()}")
 

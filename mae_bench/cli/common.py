@@ -21,6 +21,7 @@ from rich.text import Text
 
 from mae_bench.distributed import leave_process_group
 from mae_bench.errors import MaeBenchError, RunInterrupted, TrainingError
+from mae_bench.host_memory import keep_freed_memory
 
 try:  # recent typer releases vendor click; older ones use click itself
     from typer._click.exceptions import ClickException, UsageError
@@ -105,6 +106,7 @@ def run(app: typer.Typer) -> None:
     out.quiet = not main_rank()  # results and summaries: once per torchrun job, from rank 0
     _one_line_warnings()
     try:
+        keep_freed_memory()  # before the first step: every step after reuses warm pages
         code = app(standalone_mode=False)
     except UsageError as exc:  # a mistyped option or value, found by the parser
         if not exc.format_message().strip():  # bare `mae-bench`: the help was shown
