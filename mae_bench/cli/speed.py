@@ -56,6 +56,9 @@ def speed(
         Path, typer.Option(help="Also write the table, ratios, command, machine and date here "
                            "as Markdown.")
     ] = None,
+    progress: Annotated[
+        bool, typer.Option("--progress/--no-progress", help="Print a line as each part starts.")
+    ] = True,
 ) -> None:
     """Time every method's training and the evaluation protocols, side by side in one run.
 
@@ -78,7 +81,7 @@ def speed(
     validate_spec(spec)
     check_writable(results_dir)
 
-    outcome = run_speed(spec, log=log_line)
+    outcome = run_speed(spec, log=log_line if progress else lambda _: None)
     table = Table(title=f"training speed: {arch}, batch {batch_size} ({outcome.machine})")
     for col in ("configuration", "precision", "attention", "img/s", "spread", "GFLOP/img",
                 "TFLOP/s", "MFU %", "peak MiB", "loader x train"):
