@@ -20,6 +20,8 @@ from mae_bench.attention import set_attention
 from mae_bench.augment import BatchViews
 from mae_bench.config import RunConfig, peak_lr
 from mae_bench.engine import build_optimizer, build_train_step
+from mae_bench.host_memory import describe as host_allocator
+from mae_bench.host_memory import keep_freed_memory
 from mae_bench.methods import Batch, build_method, resolve_config
 from mae_bench.runtime import resolve_device, resolve_precision
 from mae_bench.step import grad_scaler
@@ -42,9 +44,16 @@ def main() -> None:
     ap.add_argument("--encoder-mask-tokens", action="store_true",
                     help="MAE with every token through the encoder")
     ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=2,
+                    help="untimed steps first: the first allocates everything")
+    ap.add_argument("--malloc", choices=("retain", "default"), default="retain",
+                    help="keep freed memory as the mae-bench command does (retain), or glibc's "
+                         "own (default: fresh pages each step)")
     ap.add_argument("--top", type=int, default=20)
     ap.add_argument("--trace", type=Path, default=None)
     args = ap.parse_args()
+    if args.malloc == "retain":
+        keep_freed_memory()
 
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
@@ -70,7 +79,8 @@ def main() -> None:
         batch = Batch([v(images, gen) for v in views], labels, gen, train_step.step, 100)
         train_step.micro_batch(lambda: method(batch))
 
-    step()  # warm-up
+    for _ in range(args.warmup):
+        step()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
                                            else [])
     with profile(activities=activities) as prof:
@@ -86,7 +96,9 @@ def main() -> None:
     matrix = sum(self_time(e) for e in events if e.key.startswith(MATRIX_OPS))
     print(f"{args.method} {args.arch} batch {args.batch_size} {precision} attention "
           f"{args.attention} on {device}: {total / 1e3 / args.steps:.0f} ms of op self time per "
-          f"step, {100 * matrix / total:.1f} % matrix work")
+          f"step, {100 * matrix / total:.1f} % matrix work; host allocator: {host_allocator()}")
+    top = max((e for e in events if not e.key.startswith(MATRIX_OPS)), key=self_time)
+    print(f"largest op other than matrix work: {top.key}, {100 * self_time(top) / total:.1f} %")
     print(events.table(sort_by="self_cuda_time_total" if use_cuda else "self_cpu_time_total",
                        row_limit=args.top))
     if args.trace:
