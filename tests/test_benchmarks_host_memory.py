@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = [pytest.mark.multiprocess]  # every check runs in a fresh interpreter
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "host_memory.py"
 
 

@@ -13,6 +13,8 @@ import textwrap
 
 import pytest
 
+pytestmark = [pytest.mark.multiprocess]  # every check runs in a fresh interpreter
+
 GLIBC = hasattr(ctypes.CDLL(None), "gnu_get_libc_version")
 needs_glibc = pytest.mark.skipif(not GLIBC, reason="the setting exists on glibc only")
 
