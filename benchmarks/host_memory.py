@@ -36,7 +36,6 @@ HERE = Path(__file__).resolve().parent
 IMPLS = {"mae-bench": "mae-bench", "engine": "mae-bench engine step",
          "lightly": "lightly 1.6.0 example"}  # --impls name -> peers.py case name
 MODES = ("retain", "default")
-BUSY_SPREAD = 1.25
 
 
 def load_peers():
@@ -80,18 +79,6 @@ def child(arch: str, batch: int, impl: str, task: str, precision: str, warmup: i
     return {"ips": statistics.median(ips), "applied": applied}
 
 
-def quantile(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    i = q * (len(xs) - 1)
-    lo = int(i)
-    return xs[lo] + (xs[min(lo + 1, len(xs) - 1)] - xs[lo]) * (i - lo)
-
-
-def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -115,6 +102,8 @@ def main() -> None:
                                args.steps)))
         return
 
+    peers = load_peers()  # its quantile, fail, busy threshold and CPU summary
+    fail, quantile = peers.fail, peers.quantile
     tasks, precisions, impls = (args.tasks.split(","), args.precisions.split(","),
                                 args.impls.split(","))
     bad = ([t for t in tasks if t not in ("mae", "simclr")]
@@ -148,7 +137,6 @@ def main() -> None:
             applied[mode] = res["applied"]
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
     elapsed = time.perf_counter() - started
-    peers = load_peers()
     med = {a: statistics.median(v) for a, v in got.items()}
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = ["# Keeping freed memory (`MAE_BENCH_MALLOC`): training speed, fresh processes", "",
@@ -186,14 +174,10 @@ def main() -> None:
                 lines.append(f"| {t} | {q} | {e['retain'] / ly['default']:.2f}x | "
                              f"{e['retain'] / ly['retain']:.2f}x | "
                              f"{e['default'] / ly['default']:.2f}x |")
-    if max(spreads) > BUSY_SPREAD:
+    if max(spreads) > peers.BUSY_SPREAD:
         lines += ["", f"**Warning: the machine was busy (spread up to {max(spreads):.2f}); "
                   "ratios within that scatter of 1.0 are ties.**"]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(text)
+    peers.publish("\n".join(lines) + "\n", args.markdown)
 
 
 if __name__ == "__main__":

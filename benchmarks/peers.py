@@ -600,6 +600,14 @@ def targets(cases: list[Case], missing: list[str]) -> list[str]:
     return out + [""]
 
 
+def publish(text: str, markdown: Path | None) -> None:
+    """Print the report, and write it to ``markdown`` when given."""
+    print(text)
+    if markdown:
+        markdown.parent.mkdir(parents=True, exist_ok=True)
+        markdown.write_text(text)
+
+
 def fail(message: str) -> None:
     """One line on stderr, exit 2 (bad arguments, a missing peer package)."""
     print(f"error: {message}", file=sys.stderr)
@@ -678,10 +686,7 @@ def main() -> None:
     run_rounds(cases, args.batch_size, args.rounds, args.warmup, args.steps)
     text = report(args, p, cases, checks, missing, ", ".join(versions),
                   time.perf_counter() - started)
-    print(text)
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(text)
+    publish(text, args.markdown)
 
 
 if __name__ == "__main__":
