@@ -189,14 +189,13 @@ def load_source(checkpoint: str | Path, *, arch: str | None = None, img_size: in
         return EncoderSource("random", "random", "random", arch, kwargs, None, digest,
                              {"seed": seed})
     path = Path(checkpoint)
-    if find_checkpoint(path) is None:
-        valid = "a run folder, a checkpoint file, 'pixels' or 'random'"
+    if find_checkpoint(path) is None:  # eval and export both land here: name the path only
         if path.is_dir():
-            raise CheckpointError(f"--checkpoint {path}: the folder holds no checkpoint.pt (a run "
-                                  "that has not saved one yet?); give a run folder written by "
-                                  "mae-bench pretrain, or a checkpoint file")
-        raise CheckpointError(f"--checkpoint {path}: no such run folder or file (expected "
-                              f"{valid})")
+            raise CheckpointError(f"{path}: the folder holds no checkpoint.pt (a run that has not "
+                                  "saved one yet?); give a run folder written by mae-bench "
+                                  "pretrain, or a checkpoint file")
+        raise CheckpointError(f"{path}: no such run folder or file (expected a run folder, a "
+                              "checkpoint file, 'pixels' or 'random'; the last two for eval only)")
     ckpt = load_checkpoint(path, trust=trust)
     if "format_version" in ckpt and "config" in ckpt:
         source = _from_run(path, ckpt)

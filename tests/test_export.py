@@ -147,7 +147,8 @@ def test_an_exported_run_evaluates_back_to_its_own_rows(monkeypatch, capsys, tmp
     (("RUN", "--to", "hf", "--out", "new", "--hf-class", "bert"), "unknown --hf-class 'bert'"),
     (("pixels", "--to", "timm", "--out", "new"), "export takes a run folder"),
     (("no-such-run", "--to", "timm", "--out", "new"), "error: no-such-run: no such run folder or "
-                                                      "checkpoint file (give a folder"),
+                                                      "file (expected a run folder"),
+    (("full", "--to", "timm", "--out", "new"), "error: full: the folder holds no checkpoint.pt"),
 ])
 def test_bad_exports_are_one_line_and_write_nothing(monkeypatch, capsys, tmp_path, mae_run,
                                                     args, message):

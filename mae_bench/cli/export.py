@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 
 from mae_bench.cli.common import TrustCheckpoint, out
-from mae_bench.errors import ConfigError
 
 
 def export(
@@ -41,10 +40,6 @@ def export(
     features compared with mae-bench's before the folder is put in place."""
     from mae_bench.app.export import export_encoder
 
-    if checkpoint.name not in ("pixels", "random") and not checkpoint.exists():
-        # checked here: the shared loader's message names eval's --checkpoint option
-        raise ConfigError(f"{checkpoint}: no such run folder or checkpoint file (give a folder "
-                          "`mae-bench pretrain` wrote, or a checkpoint file)")
     result = export_encoder(checkpoint, to, out_dir, pool=pool, hf_class=hf_class,
                             trust=trust_checkpoint)
     out.print(f"wrote {result.out}: {', '.join(result.files)} (features match mae-bench's to "
