@@ -7,7 +7,13 @@ A mae-bench checkpoint is a dict that ``torch.load(path, weights_only=True)`` re
 
 It is written to a temporary file in the same folder, flushed to disk and renamed into place, so
 a crash mid-save leaves the previous checkpoint intact and never a partial file under the final
-name. The previous checkpoint is kept as ``checkpoint.prev.pt`` as a fallback.
+name. The previous checkpoint is kept as ``checkpoint.prev.pt`` as a fallback. A save that fails
+(a full disk) raises ``CheckpointSaveError``, one line, with the previous files as they were.
+
+Loading checks the CRC-32 that torch's zip writer stores for every member (the pickle, each
+tensor's storage, the RNG state): one flipped bit anywhere in the data is a damaged checkpoint,
+never weights that load and silently give other numbers. This covers checkpoints written before
+the check existed and official ``.pth`` files alike, since every torch zip file carries them.
 
 Official MAE pretrain checkpoints (``{"model": state_dict}``, facebookresearch/mae) are recognised
 and load unchanged into ``MaskedAutoencoder``.
@@ -15,9 +21,11 @@ and load unchanged into ``MaskedAutoencoder``.
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import random
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -25,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mae_bench.errors import CheckpointError
+from mae_bench.errors import CheckpointError, TrainingError
 from mae_bench.files import CHECKPOINT_FILE, PREVIOUS_CHECKPOINT_FILE, atomic_file
 
 FORMAT_VERSION = 1
@@ -33,18 +41,61 @@ LATEST = CHECKPOINT_FILE
 PREVIOUS = PREVIOUS_CHECKPOINT_FILE
 
 
+class CheckpointSaveError(TrainingError):
+    """A checkpoint could not be written (a full disk, an I/O error). The run stops; the files
+    of earlier saves are left exactly as they were and the partial temporary file is removed.
+    The CLI prints it as one ``error:`` line and exits with code 1."""
+
+    label = "error: "
+
+
 def save_checkpoint(run_dir: str | Path, state: dict[str, Any]) -> Path:
     """Atomically write ``state`` as ``run_dir/checkpoint.pt``; the old one becomes
-    ``checkpoint.prev.pt``. Returns the final path."""
+    ``checkpoint.prev.pt``. Returns the final path.
+
+    Raises:
+        CheckpointSaveError: the file could not be written (e.g. no space left on the device).
+    """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / LATEST
-    with atomic_file(final, "wb", fsync=True) as fh:
-        torch.save(state, fh)
-        if final.exists():  # the new file is complete on disk when it is renamed into place
-            os.replace(final, run_dir / PREVIOUS)
+    try:
+        with atomic_file(final, "wb", fsync=True) as fh:
+            torch.save(state, fh)
+            fh.flush()  # a full disk fails here or in torch.save, before any rename
+            os.fsync(fh.fileno())
+            if final.exists():  # the new file is complete on disk when it is renamed into place
+                os.replace(final, run_dir / PREVIOUS)
+    except (OSError, RuntimeError) as exc:
+        failure = _write_failure(exc)
+        if failure is None:
+            raise
+        reason, code = failure
+        step = state.get("step")
+        at = f" at step {step}" if step is not None else ""
+        kept = ("the last saved checkpoint is kept"
+                if final.exists() or (run_dir / PREVIOUS).exists() else "no checkpoint was saved")
+        fix = "; free some space" if code in (errno.ENOSPC, errno.EDQUOT) else ""
+        raise CheckpointSaveError(f"could not save the checkpoint{at} in {run_dir} ({reason}); "
+                                  f"{kept}{fix}", step) from None
     _fsync_dir(run_dir)
     return final
+
+
+def _write_failure(exc: BaseException) -> tuple[str, int | None] | None:
+    """Why writing failed, in a few words ("No space left on device"), with the errno where
+    known, or None when ``exc`` is not a write failure. torch's zip writer reports a failed
+    write of the file object as a RuntimeError ("[enforce fail at inline_container.cc] ...
+    unexpected pos") raised while handling the OSError; the OSError says what went wrong."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen.strerror or str(seen) or type(seen).__name__, seen.errno
+        seen = seen.__cause__ or seen.__context__
+    text = str(exc)
+    if isinstance(exc, RuntimeError) and ("inline_container" in text or "write" in text):
+        return text.splitlines()[0][:120], None
+    return None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -94,6 +145,9 @@ def load_checkpoint(path: str | Path, *, trust: bool = False,
     if file is None:
         where = "has no checkpoint.pt" if given.is_dir() else "does not exist"
         raise CheckpointError(f"checkpoint {given} {where}")
+    if file.name == PREVIOUS and given.is_dir():
+        warnings.warn(f"{given / LATEST} is missing; using {file}, the checkpoint saved before "
+                      "it (an earlier step)", stacklevel=1)  # here: the CLI shows one line
     kind = _torch_save_kind(file)
     if kind is None:
         raise CheckpointError(f"{file} is not a checkpoint (not a file written by torch.save); "
@@ -101,6 +155,8 @@ def load_checkpoint(path: str | Path, *, trust: bool = False,
     if kind == "broken-zip":
         raise CheckpointError(f"checkpoint {file} is truncated or corrupted (an incomplete "
                               "archive); resume falls back to checkpoint.prev.pt if present")
+    if kind == "zip":
+        _check_crcs(file)
     try:
         obj = torch.load(file, map_location=map_location, weights_only=not trust)
     except pickle.UnpicklingError as exc:
@@ -131,6 +187,30 @@ def _torch_save_kind(file: Path) -> str | None:
     if head == b"PK\x03\x04":
         return "zip" if zipfile.is_zipfile(file) else "broken-zip"
     return "pickle" if head[:1] == b"\x80" else None
+
+
+def _check_crcs(file: Path) -> None:
+    """Read every member of a torch zip file, checking the CRC-32 stored for it.
+
+    Raises:
+        CheckpointError: a member's bytes do not match its CRC (a flipped bit, a torn write) or
+            the archive's directory is damaged.
+    """
+    damaged = "resume falls back to checkpoint.prev.pt if present"
+    try:
+        with zipfile.ZipFile(file) as archive:
+            for info in archive.infolist():
+                if info.CRC == 0 and info.file_size:
+                    continue  # written with torch's CRC computation switched off: no checksum
+                with archive.open(info) as member:  # raises BadZipFile on a CRC mismatch
+                    while member.read(1 << 24):
+                        pass
+    except zipfile.BadZipFile as exc:
+        raise CheckpointError(f"checkpoint {file} is damaged ({str(exc)[:120]}): its bytes are not "
+                              f"the ones that were saved; {damaged}") from None
+    except (OSError, EOFError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {file} is truncated or corrupted "
+                              f"({str(exc)[:120] or type(exc).__name__}); {damaged}") from None
 
 
 def is_official_mae(ckpt: dict[str, Any]) -> bool:

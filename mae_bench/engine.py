@@ -37,11 +37,15 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
+    Task,
     TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.table import Column
+from rich.text import Text
 from torch import Tensor, nn
 
 from mae_bench.attention import choose_attention
@@ -50,6 +54,7 @@ from mae_bench.checkpoint import (
     FORMAT_VERSION,
     LATEST,
     PREVIOUS,
+    CheckpointSaveError,
     find_checkpoint,
     load_checkpoint,
     rng_state,
@@ -68,6 +73,7 @@ from mae_bench.distributed import (
 from mae_bench.errors import CheckpointError, ConfigError, RunInterrupted, TrainingError
 from mae_bench.files import (
     CONFIG_FILE,
+    LOCK_FILE,
     METRICS_FILE,
     RUN_FILE,
     SUMMARY_FILE,
@@ -202,6 +208,7 @@ class _Pretraining:
 
     def _check_and_build(self, resume: bool) -> None:
         cfg, t, run_dir, console = self.cfg, self.cfg.train, self.run_dir, self.console
+        _check_out_folder(run_dir, console if self.is_main else None)
         self.ckpt = _checkpoint_to_resume(cfg, run_dir, resume, console)
         # Everything that can fail on user input happens before anything is written.
         # (A decoded image folder's cache file, too, is written only once the checks pass.)
@@ -308,6 +315,7 @@ class _Pretraining:
     def run(self, max_steps: int | None, progress: bool) -> PretrainResult:
         if self.is_main:
             self.lock.claim()
+            _remove_stale_temp_files(self.run_dir)  # the lock: no live writer made them
         try:
             return self._run(max_steps, progress)
         finally:
@@ -392,7 +400,11 @@ class _Pretraining:
         self.logger.flush(self.train_step, step / self.steps_per_epoch)
         if self.is_main:
             seconds = self.elapsed_before + time.perf_counter() - self.t_start
-            save_checkpoint(self.run_dir, self._state(step // self.steps_per_epoch, seconds))
+            try:
+                save_checkpoint(self.run_dir, self._state(step // self.steps_per_epoch, seconds))
+            except CheckpointSaveError as exc:  # a full disk: one line, not torch's tracebacks
+                raise CheckpointSaveError(f"{exc}, then resume with: mae-bench pretrain "
+                                          f"--resume {self.run_dir}", step) from None
 
     def _stop(self, signum: int) -> None:
         """A signal arrived: save at this step boundary and stop the run."""
@@ -451,6 +463,65 @@ def failed_pretrain_row(cfg: RunConfig, run_dir: str | Path, error: TrainingErro
     return make_row(run_id=Path(run_dir).name, method=cfg.train.method, arch=cfg.model.arch,
                     dataset=cfg.data.dataset, protocol="pretrain", metric="loss", value=None,
                     status="failed", error=str(error), **fields)
+
+
+# What a trainer leaves in its run folder when it dies mid-write: ``atomic_file``'s temporaries.
+_TRAINER_FILES = (LATEST, CONFIG_FILE, RUN_FILE, METRICS_FILE, SUMMARY_FILE)
+
+
+def _is_leftover(name: str) -> bool:
+    """A file a killed trainer can leave behind: its pid file or a partly written temporary."""
+    return name == LOCK_FILE or any(name.startswith(f".{f}-") and name.endswith(".tmp")
+                                    for f in _TRAINER_FILES)
+
+
+def _remove_stale_temp_files(run_dir: Path) -> None:
+    """Delete the partly written ``.checkpoint.pt-*.tmp`` (and other) temporaries of killed
+    saves: a SIGKILL mid-save leaves one, tens of MB each, that nothing else would ever remove.
+    Only called while this process holds the run-folder lock, so no live writer owns them."""
+    for path in run_dir.glob(".*.tmp"):
+        if _is_leftover(path.name):
+            path.unlink(missing_ok=True)
+
+
+def _is_run_folder(run_dir: Path) -> bool:
+    """True for a folder ``pretrain`` wrote: a checkpoint, or the ``run.json`` it writes before
+    its first step (a run killed before its first checkpoint)."""
+    if find_checkpoint(run_dir) is not None:
+        return True
+    try:
+        run = json.loads((run_dir / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(run, dict) and "mae_bench" in run and "config_hash" in run
+
+
+def _check_out_folder(run_dir: Path, console: Console | None) -> None:
+    """Refuse a run folder that would overwrite someone's files: an existing folder must be empty
+    (but for a killed trainer's leftovers) or a mae-bench run. A symbolic link is followed only
+    to a folder, and said so (on ``console``, None: silently, the other torchrun processes).
+
+    Raises:
+        ConfigError: a file, a link to nothing, or a non-empty folder that is not a run.
+    """
+    if run_dir.is_symlink():
+        target = run_dir.resolve()
+        if not target.is_dir():
+            raise ConfigError(f"{run_dir} is a symbolic link to {target}, which is not a folder; "
+                              "give a folder for the run")
+        if console is not None:
+            console.print(f"note: {run_dir} is a symbolic link: the run is in {target}",
+                          markup=False, highlight=False)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"{run_dir} is a file, not a run folder; give a new or empty folder")
+    if not run_dir.is_dir() or _is_run_folder(run_dir):
+        return
+    names = sorted(p.name for p in run_dir.iterdir() if not _is_leftover(p.name))
+    if names:
+        shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+        raise ConfigError(f"{run_dir} is not empty and is not a mae-bench run folder (it holds "
+                          f"{shown}, but no run.json or checkpoint); pretraining there would "
+                          "overwrite files: give a new or empty folder")
 
 
 def _checkpoint_to_resume(cfg: RunConfig, run_dir: Path, resume: bool,
@@ -605,12 +676,30 @@ def _truncate_metrics(path: Path, step: int) -> None:
     write_text_atomic(path, "".join(f"{k}\n" for k in kept))
 
 
+class FittedText(ProgressColumn):
+    """A text column that gives way first on a narrow terminal: one line, cut with an ellipsis,
+    so that the columns that must show in full (steps, elapsed, ETA: fixed, ``no_wrap``) keep
+    their width. Rich shrinks only wrapable table columns before it cuts every column evenly,
+    so this one is wrapable for the table and unwrapped in its own rendering."""
+
+    def __init__(self, text_format: str, style: str = "") -> None:
+        self.text_format, self.style = text_format, style
+        super().__init__(table_column=Column(no_wrap=False))
+
+    def render(self, task: Task) -> Text:
+        return Text(self.text_format.format(task=task), style=self.style, no_wrap=True,
+                    overflow="ellipsis")
+
+
 def _progress(console: Console, enabled: bool) -> Progress:
+    kept = Column(no_wrap=True)  # never shrunk: steps, elapsed and ETA show in full
     return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
-        TextColumn("{task.fields[ips]} img/s"), TimeElapsedColumn(), TextColumn("ETA"),
-        TimeRemainingColumn(), console=console, disable=not enabled, transient=False,
+        FittedText("{task.description}", style="bold"), BarColumn(),
+        MofNCompleteColumn(table_column=kept),
+        FittedText("loss {task.fields[loss]} lr {task.fields[lr]} {task.fields[ips]} img/s"),
+        TimeElapsedColumn(table_column=kept), TextColumn("ETA", table_column=kept),
+        TimeRemainingColumn(table_column=kept), console=console, disable=not enabled,
+        transient=False,
     )
 
 

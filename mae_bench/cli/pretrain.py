@@ -51,9 +51,9 @@ def pretrain(
     """Pretrain a method (MAE by default) and write a run folder: config.yaml, metrics.jsonl,
     checkpoint.pt, summary.json. With no options: MAE on the embedded digits data set.
 
-    Every config field is an option (grouped by section below) and can be set with --set
-    SECTION.KEY=VALUE or in a --config YAML file; later sources win: defaults, --config, the
-    options."""
+    Every config field is an option (grouped below, the everyday ones first; each panel names
+    the YAML sections of its fields) and can be set with --set SECTION.KEY=VALUE or in a
+    --config YAML file; later sources win: defaults, --config, the options."""
     from mae_bench.engine import pretrain as run_pretrain
 
     if resume is not None:
@@ -71,7 +71,9 @@ def pretrain(
         result = run_pretrain(cfg, run_dir, max_steps=max_steps, progress=progress,
                               console=console)
     except TrainingError as err:
-        if not main_rank():
+        from mae_bench.checkpoint import CheckpointSaveError
+
+        if not main_rank() or isinstance(err, CheckpointSaveError):  # a full disk: no row either
             raise
         from mae_bench.engine import failed_pretrain_row
         from mae_bench.methods import resolve_config
