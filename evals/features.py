@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from evals.encoders import MODEL_POOL, Embedder, EncoderSource, model_for
+from mae_bench.attention import rule_path
 from mae_bench.augment import eval_resize
 from mae_bench.data.datasets import AnyDataset, ArrayDataset
 from mae_bench.distributed import broadcast_from_main, gather_to_main, rank_and_world
@@ -173,7 +174,10 @@ def extract_features(encoder: VisionTransformer | Embedder | None, dataset: AnyD
 
 # --- cache -----------------------------------------------------------------------------------
 
-CACHE_VERSION = 1  # bump when extraction changes meaning; old entries are then never read
+# Bump when extraction changes meaning; old entries are then never read. 2: the precision and
+# the attention kernel joined the key (version 1 served bf16 features to an fp32 eval).
+CACHE_VERSION = 2
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def dataset_fingerprint(dataset: AnyDataset) -> str:
@@ -191,11 +195,28 @@ def dataset_fingerprint(dataset: AnyDataset) -> str:
 
 
 def feature_cache_key(*, encoder_fingerprint: str, dataset: str, split: str,
-                      data_fingerprint: str, pool: str, transform: str) -> str:
-    """The cache entry name: everything the features depend on, hashed."""
+                      data_fingerprint: str, pool: str, transform: str, precision: str | None,
+                      attention: str | None) -> str:
+    """The cache entry name: everything the features depend on, hashed. ``precision`` (the
+    encoder's autocast) and ``attention`` (its kernel) change the features' rounding, so
+    features of one are never served for the other; None where they do not apply (pixels,
+    an outside model's own kernel)."""
     blob = json.dumps([CACHE_VERSION, encoder_fingerprint, dataset, split, data_fingerprint, pool,
-                       transform])
+                       transform, precision, attention])
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def attention_kernel(source: EncoderSource, device: torch.device, precision: str) -> str | None:
+    """The attention kernel ("fused" or "math") a mae-bench ViT runs on whole images on
+    ``device`` in ``precision``; None for pixels and outside models (their kernel is their own).
+
+    Evaluation never forces a kernel, so ``mae_bench.attention.rule_path`` decides it from the
+    device, the precision and the sequence length: on a CPU, bf16 runs the explicit matmuls and
+    fp32 the fused kernel; on a GPU both run fused, in different rounding than a CPU's math."""
+    if source.kind not in ("run", "official", "random"):
+        return None
+    tokens = 1 + (source.vit_kwargs["img_size"] // source.vit_kwargs["patch_size"]) ** 2
+    return rule_path(device.type, _DTYPES[precision], tokens)
 
 
 def default_cache_dir() -> Path:
@@ -241,7 +262,8 @@ def features_for(source: EncoderSource, dataset: AnyDataset, *, dataset_name: st
                  cache_dir: Path | None = None, use_cache: bool = True, num_workers: int = 4,
                  progress: Callable[[int, int], None] | None = None) -> Features:
     """Features of ``dataset`` from ``source``, read from the cache when the same encoder
-    weights, data, split, pooling and transform were extracted before.
+    weights, data, split, pooling, transform, precision and attention kernel were extracted
+    before.
 
     Under torchrun every rank extracts its contiguous part of the data set and rank 0 gathers
     them, in order: rank 0 returns the features of the whole data set (the same as one process
@@ -256,11 +278,15 @@ def features_for(source: EncoderSource, dataset: AnyDataset, *, dataset_name: st
         transform += f"-replicate{channels}"
     data_fingerprint = dataset_fingerprint(dataset)
 
+    # Pixels pass through no encoder: their features are the same in every precision.
+    key_precision = precision if encoder is not None else None
+    kernel = attention_kernel(source, device, precision)
+
     def key(pool_name: str) -> str:
         return feature_cache_key(encoder_fingerprint=source.fingerprint, dataset=dataset_name,
                                  split=split, data_fingerprint=data_fingerprint,
                                  pool=pool_name if encoder is not None else "pixels",
-                                 transform=transform)
+                                 transform=transform, precision=key_precision, attention=kernel)
 
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     rank, world = rank_and_world()

@@ -3,12 +3,17 @@
 Every file mae-bench writes that another process (or a later run) reads is written to a
 temporary file in the same folder, flushed, and renamed into place: a reader sees the old file or
 the new one, never half of one, and a killed process leaves at most a hidden ``.*.tmp`` file.
+The append-only files (the results store, the sweep manifest) go through :func:`append_whole`:
+all of an append or none of it. Files get the mode a plain ``open()`` would give them (the umask
+applies), so a group can share a store, a run folder or a cache.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -41,6 +46,10 @@ def atomic_file(path: str | Path, mode: str = "w", *, fsync: bool = False) -> It
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp makes the file 0600; give it the mode a plain open() would: the old file's,
+        # else what the umask allows, so that a group can share runs, stores and caches.
+        if hasattr(os, "fchmod"):  # POSIX
+            os.fchmod(fd, _mode_of(path))
         with os.fdopen(fd, mode) as fh:
             yield fh
             fh.flush()
@@ -50,6 +59,86 @@ def atomic_file(path: str | Path, mode: str = "w", *, fsync: bool = False) -> It
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _mode_of(path: Path) -> int:
+    """The permission bits ``open(path, "w")`` would leave: those of the file it replaces, else
+    ``0o666`` less the umask."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return 0o666 & ~current_umask()
+
+
+def current_umask() -> int:
+    """The process's umask. Read from ``/proc`` where it can be (setting the umask to read it
+    back would briefly change it for every thread of the process)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def append_whole(path: str | Path, data: bytes) -> None:
+    """Append ``data`` to ``path`` (created with the umask's mode if needed): all of it or none.
+
+    The one writer of the append-only files (the results store, the sweep manifest): one
+    ``O_APPEND`` write under an exclusive ``flock``, then ``fsync``, so concurrent writers never
+    interleave. A torn last line (a writer killed mid-write) is closed with a newline first. A
+    write that fails part-way (a full disk) is undone, truncating the file back to its old size
+    while the lock is still held, and the error is raised: a failed append leaves the file
+    byte-identical to before, never a torn line or part of the lines.
+
+    Raises:
+        OSError: the file cannot be opened or written (nothing was added).
+    """
+    flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0)
+    fd = os.open(path, flags, 0o666)
+    try:
+        locked = _lock(fd)
+        size = os.fstat(fd).st_size
+        if size > 0:
+            os.lseek(fd, size - 1, os.SEEK_SET)
+            if os.read(fd, 1) != b"\n":
+                data = b"\n" + data
+        try:
+            view = memoryview(data)
+            while view:  # one write in practice; a short write (disk nearly full) continues it
+                written = os.write(fd, view)
+                if written <= 0:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+                view = view[written:]
+            os.fsync(fd)
+        except BaseException:
+            # Undo only under the lock: without it another writer's lines may follow ours.
+            if locked:
+                try:
+                    os.ftruncate(fd, size)
+                except OSError:
+                    pass  # readers skip a torn line; the first error is the one to report
+            raise
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _lock(fd: int) -> bool:
+    """Take an exclusive ``flock`` on ``fd``; False where there is none (Windows, or a network
+    file system that refuses it: one ``O_APPEND`` write is then the only guard)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:
+        return False
+    return True
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

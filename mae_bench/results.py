@@ -16,6 +16,16 @@ Aggregation rule: rows fall into one group when they agree on every column excep
 columns (``run_id``, ``checkpoint``, ``seed`` and any ``*_seed`` such as ``eval_seed``), the
 result columns (``value``, ``status``, ``error``), cost and provenance. Extra fields a caller
 adds are knobs, so they split groups: rows measured differently are never averaged together.
+``precision`` (the autocast an evaluation ran under) is such a knob: a bf16 and an fp32 number
+are two measurements, never two seeds.
+
+Replacing without rewriting: ``mae-bench eval`` gives each row an ``eval_key``, a hash of the
+evaluation's identity (the encoder, the data, the protocol and its options, the seed, the
+precision). An evaluation already in the store is skipped; ``--force`` runs it again and appends
+its rows, which supersede the older ones: :func:`read_results` and :func:`aggregate` keep only the
+latest append of each (``eval_key``, ``metric``, ``k``) (:func:`drop_superseded`), so a repeat
+is never counted as another seed. Rows without an ``eval_key`` (older stores, failure records,
+the Python API's callables, whose code no hash sees) are all kept, as before.
 """
 
 from __future__ import annotations
@@ -37,18 +47,13 @@ import numpy as np
 import pandas as pd
 
 from mae_bench.errors import ConfigError
-from mae_bench.files import RESULTS_FILE
-
-try:  # POSIX only; elsewhere a single O_APPEND write is the only guard against interleaving
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None
-
+from mae_bench.files import RESULTS_FILE, append_whole
 
 IDENTITY = ("run_id", "method", "arch", "dataset", "protocol", "metric", "checkpoint")
 RESULT = ("value", "status", "error")
 # How a protocol was run (they tell table columns apart) and how the encoder was pretrained.
-EVAL_KNOBS = ("k", "temperature", "pool", "probe", "label_fraction", "init", "blocks", "epochs")
+EVAL_KNOBS = ("k", "temperature", "pool", "probe", "label_fraction", "init", "blocks", "epochs",
+              "precision")
 PRETRAIN_KNOBS = ("mask_ratio", "pretrain_epochs", "seed")
 KNOBS = EVAL_KNOBS + PRETRAIN_KNOBS
 COST = ("pretrain_seconds", "eval_seconds", "gflops_per_image", "pretrain_gflops")
@@ -58,8 +63,13 @@ COLUMNS = IDENTITY + RESULT + KNOBS + COST + PROVENANCE
 REQUIRED = ("run_id", "method", "arch", "dataset", "protocol", "metric")
 STATUSES = ("ok", "failed")
 # Averaged over (they differ between seeds of one configuration) or not a description of it.
-NOT_GROUPED = frozenset(("run_id", "checkpoint", "seed", "command", "pretrain_command", "weights")
-                        + RESULT + COST + PROVENANCE)
+# ``skipped_images`` describes how the data were read, not what was measured: a streamed data
+# set counts its unreadable files only when it reads them, so a row from cached features lacks it.
+NOT_GROUPED = frozenset(("run_id", "checkpoint", "seed", "command", "pretrain_command", "weights",
+                         "eval_key", "skipped_images") + RESULT + COST + PROVENANCE)
+# One measured number: a later row with the same values replaces an earlier one (a --force
+# re-run). ``k`` tells apart the rows of one k-NN evaluation.
+MEASUREMENT = ("eval_key", "metric", "k")
 STAT_COLUMNS = ("mean", "std", "n", "ci95_low", "ci95_high", "failed")
 # Shown bare in table labels ("knn top1"); every other key column as "name=value" ("k=20").
 _BARE_LABELS = frozenset(("method", "arch", "dataset", "protocol", "metric"))
@@ -202,13 +212,14 @@ def check_writable(results_dir: str | Path) -> Path:
 def append_rows(results_dir: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
     """Append rows to ``results_dir/results.jsonl`` (created if needed); returns the file.
 
-    All rows go out in one ``write`` on a file opened with ``O_APPEND`` under an exclusive
-    ``flock``, then ``fsync``: concurrent writers never interleave and existing bytes are never
-    touched. A torn last line (a crash mid-write) is closed with a newline first, so the new rows
-    stay readable.
+    All rows go out in one locked, all-or-nothing append (:func:`mae_bench.files.append_whole`):
+    concurrent writers never interleave, existing bytes are never touched, and a write that
+    fails part-way (a full disk) is undone, so the store holds all of the rows or none of them.
+    The file is created with the umask's mode, so a group can share a store.
 
     Raises:
         ValueError: A row lacks a required field or holds a value JSON cannot carry.
+        OSError: The rows could not be written (none were).
     """
     lines = []
     for row in rows:
@@ -219,46 +230,33 @@ def append_rows(results_dir: str | Path, rows: Iterable[dict[str, Any]]) -> Path
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     path = results_dir / RESULTS_FILE
-    if not lines:
-        return path
-    payload = "".join(lines).encode("utf-8")
-    flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0)
-    fd = os.open(path, flags, 0o644)
-    try:
-        _lock(fd)
-        size = os.fstat(fd).st_size
-        if size > 0:
-            os.lseek(fd, size - 1, os.SEEK_SET)
-            if os.read(fd, 1) != b"\n":
-                payload = b"\n" + payload
-        view = memoryview(payload)
-        while view:  # one write in practice; a short write (disk nearly full) continues it
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)  # releases the lock
+    if lines:
+        append_whole(path, "".join(lines).encode("utf-8"))
     return path
-
-
-def _lock(fd: int) -> None:
-    if fcntl is None:
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-    except OSError:
-        # Some network file systems refuse flock; one O_APPEND write is still atomic locally.
-        pass
 
 
 # ------------------------------------------------------------------------------------- reading
 
 
-def read_results(path: str | Path) -> pd.DataFrame:
+def _no_store(path: Path) -> str:
+    """The error for a store that is not there, with the --results-dir that would make it
+    (the folder asked for, not its parent)."""
+    if path.suffix == ".jsonl":
+        return (f"no results at {path}; run `mae-bench eval ...` with --results-dir "
+                f"{path.parent} first")
+    where = "" if path.is_dir() else f" (there is no folder {path})"
+    return (f"no results at {path / RESULTS_FILE}{where}; run `mae-bench eval ...` with "
+            f"--results-dir {path} first")
+
+
+def read_results(path: str | Path, *, superseded: bool = False) -> pd.DataFrame:
     """Load a store (its folder or the ``.jsonl`` file) as one row per result.
 
     The frame has every column of :data:`COLUMNS` (NaN where a row lacks it) followed by any
     extra fields. Blank lines are skipped; unreadable lines (a torn last line, garbage, JSON
     that is not a result row) are skipped with one warning naming the file and line numbers.
+    Rows a later ``--force`` re-run replaced are left out (:func:`drop_superseded`) unless
+    ``superseded`` is True.
 
     Raises:
         ConfigError: There is no store at ``path``.
@@ -266,9 +264,7 @@ def read_results(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     file = path / RESULTS_FILE if path.is_dir() else path
     if not file.is_file():
-        raise ConfigError(
-            f"no results at {file}; run `mae-bench eval ...` with --results-dir {file.parent} first"
-        )
+        raise ConfigError(_no_store(path))
     records, bad = [], []
     for number, raw in enumerate(file.read_bytes().split(b"\n"), start=1):
         if not raw.strip():
@@ -288,7 +284,31 @@ def read_results(path: str | Path) -> pd.DataFrame:
         )
     frame = pd.DataFrame.from_records(records)
     extra = [name for name in frame.columns if name not in COLUMNS]
-    return frame.reindex(columns=list(COLUMNS) + extra)
+    frame = frame.reindex(columns=list(COLUMNS) + extra)
+    return frame if superseded else drop_superseded(frame)
+
+
+def drop_superseded(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` without the rows a later row of the same measurement (:data:`MEASUREMENT`)
+    replaced: of each (``eval_key``, ``metric``, ``k``) the last in file order stays. Rows
+    without an ``eval_key`` all stay."""
+    if "eval_key" not in df.columns or df.empty:
+        return df
+    subset = [name for name in MEASUREMENT if name in df.columns]
+    keyed = df["eval_key"].notna()
+    replaced = keyed & df.duplicated(subset=subset, keep="last")
+    return df[~replaced].reset_index(drop=True) if replaced.any() else df
+
+
+def stored_evaluation(path: str | Path, eval_key: str) -> pd.DataFrame:
+    """The current ``ok`` rows of one evaluation (by ``eval_key``) in the store at ``path``;
+    empty when there is no store or no such row."""
+    file = Path(path) / RESULTS_FILE if Path(path).is_dir() else Path(path)
+    if not file.is_file():
+        return pd.DataFrame(columns=list(COLUMNS))
+    df = read_results(file)
+    return df[(df["eval_key"] == eval_key) & (df["status"] == "ok")] if "eval_key" in df \
+        else df.iloc[:0]
 
 
 # --------------------------------------------------------------------------------- aggregation
@@ -312,8 +332,9 @@ def aggregate(df: pd.DataFrame, by: Sequence[str] | None = None) -> pd.DataFrame
     """Mean, sample std, n and Student-t 95% interval of ``value`` per group of rows.
 
     Only rows with ``status == "ok"`` enter the statistics; failed rows are counted in
-    ``failed``. ``std`` uses ddof=1 and, like the interval, is NaN for n < 2; all statistics are
-    NaN for n = 0 (a group where every run failed). Groups keep their first-appearance order.
+    ``failed``; rows a later re-run superseded are left out (:func:`drop_superseded`).
+    ``std`` uses ddof=1 and, like the interval, is NaN for n < 2; all statistics are NaN for
+    n = 0 (a group where every run failed). Groups keep their first-appearance order.
 
     Args:
         df: Rows as returned by :func:`read_results`.
@@ -322,6 +343,7 @@ def aggregate(df: pd.DataFrame, by: Sequence[str] | None = None) -> pd.DataFrame
     Returns:
         One row per group: the key columns, then mean, std, n, ci95_low, ci95_high, failed.
     """
+    df = drop_superseded(df)  # a frame read some other way (pd.read_json) counts repeats once
     key = list(by) if by is not None else group_columns(df)
     absent = [name for name in key if name not in df.columns]
     if absent:

@@ -176,3 +176,30 @@ def test_streamed_image_folder_features(tmp_path):
                                     num_workers=2)
     assert one["mean"].shape == (10, 32) and torch.equal(labels, ds.labels)
     assert torch.equal(labels, labels2) and torch.allclose(one["mean"], two["mean"], atol=1e-5)
+
+
+def test_precision_and_attention_kernel_are_in_the_cache_key(tmp_path, digits, run_dir):
+    """bf16 features are never served to an fp32 evaluation (issue 28, item 1): the precision
+    and the attention kernel it makes the rule pick are part of the cache key."""
+    train, _ = digits
+    source = load_source(run_dir)
+    kw = {"dataset_name": "digits", "split": "train", "cache_dir": tmp_path, "pool": "cls",
+          "device": torch.device("cpu")}
+    bf16 = features_for(source, train, precision="bf16", **kw)
+    fp32 = features_for(source, train, precision="fp32", **kw)
+    assert not bf16.cached and not fp32.cached
+    assert not torch.allclose(bf16.features, fp32.features, atol=1e-4)  # bf16's rounding
+    again = features_for(source, train, precision="fp32", **kw)
+    assert again.cached and torch.equal(again.features, fp32.features)
+    assert len(list(tmp_path.glob("*.npz"))) == 4  # (cls, mean) x (bf16, fp32)
+    from evals.features import attention_kernel
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert [attention_kernel(source, d, p) for d, p in (
+        (cpu, "fp32"), (cpu, "bf16"), (cuda, "bf16"), (cuda, "fp16"))] == [
+        "fused", "math", "fused", "fused"]  # mae_bench.attention.rule_path's table
+    # Pixels pass through no encoder: one entry serves every precision.
+    pixels = load_source("pixels")
+    assert attention_kernel(pixels, cpu, "bf16") is None
+    assert not features_for(pixels, train, precision="fp32", **kw).cached
+    assert features_for(pixels, train, precision="bf16", **kw).cached

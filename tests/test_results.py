@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import multiprocessing
+import os
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
@@ -110,6 +112,56 @@ def test_append_rejects_rows_not_from_make_row(tmp_path):
     with pytest.raises(ValueError, match="result row lacks metric, value, status"):
         append_rows(tmp_path, [hand_made])
     assert not (tmp_path / RESULTS_FILE).exists()
+
+
+def full_disk(monkeypatch, path: Path) -> list[int]:
+    """Fill the disk under ``path`` (an existing file): the first ``os.write`` to it writes half
+    of its bytes (a short write), the next raises ENOSPC. Returns the list of write sizes."""
+    real, inode, sizes = os.write, path.stat().st_ino, []
+
+    def write(fd: int, data) -> int:
+        if os.fstat(fd).st_ino != inode:
+            return real(fd, data)
+        sizes.append(len(data))
+        if len(sizes) > 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, bytes(data[: len(data) // 2]))
+
+    monkeypatch.setattr(os, "write", write)
+    return sizes
+
+
+@pytest.mark.parametrize("torn", [False, True])
+def test_a_failed_append_leaves_the_store_byte_identical_and_raises(tmp_path, monkeypatch, torn):
+    path = append_rows(tmp_path, [row(70.0), row(71.0, metric="top5")])
+    if torn:  # a writer killed mid-line: the append would close the line first
+        with open(path, "ab") as fh:
+            fh.write(b'{"run_id": "torn')
+    before = path.read_bytes()
+    sizes = full_disk(monkeypatch, path)
+    with pytest.raises(OSError) as err:
+        append_rows(tmp_path, [row(72.0 + i, k=i + 1) for i in range(12)])
+    assert err.value.errno == errno.ENOSPC and len(sizes) == 2  # a short write, then the error
+    assert path.read_bytes() == before  # all rows or none: no part of them, no torn line
+    monkeypatch.undo()
+    append_rows(tmp_path, [row(90.0, metric="recall@1")])  # the store still takes appends
+    assert read_results_quietly(tmp_path)["value"].tolist() == [70.0, 71.0, 90.0]
+
+
+def read_results_quietly(store: Path) -> pd.DataFrame:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the torn line of the parametrized case
+        return read_results(store)
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o002, 0o664), (0o077, 0o600)])
+def test_the_store_follows_the_umask(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        path = append_rows(tmp_path, [row(70.0)])
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == mode
 
 
 def test_torn_and_garbage_lines_are_skipped_with_one_warning(tmp_path):
@@ -254,3 +306,51 @@ def test_export_table_md_csv_tex(tmp_path):
     assert "| simclr | vit_micro | 60.12 |  |" in export_table(means, tmp_path / "m.md").read_text()
     with pytest.raises(ConfigError, match=r"unknown table format '\.xlsx' .* \.md, \.csv, \.tex"):
         export_table(table, Path(tmp_path / "table.xlsx"))
+
+
+# ------------------------------------------------------------------- one evaluation, one number
+
+
+def test_a_forced_rerun_supersedes_and_is_not_another_seed(tmp_path):
+    """Issue 28, item 2: a row appended later with the same (eval_key, metric, k) replaces the
+    earlier one when read and aggregated; rows without an eval_key (older stores) all count."""
+    append_rows(tmp_path, [
+        row(70.0, eval_key="e1", k=20), row(90.0, eval_key="e1", metric="top5", k=20),
+        row(50.0, eval_key="e1", k=5), row(66.0, eval_key="e1", metric="map@r"),
+        *seeds([60.0, 62.0], method="old-store", k=20),
+    ])
+    append_rows(tmp_path, [row(72.0, eval_key="e1", k=20), row(67.0, eval_key="e1",
+                                                                metric="map@r")])
+    assert len(read_results(tmp_path, superseded=True)) == 8
+    df = read_results(tmp_path)
+    assert len(df) == 6
+    for frame in (df, read_results(tmp_path, superseded=True),
+                  pd.read_json(tmp_path / RESULTS_FILE, lines=True)):
+        agg = aggregate(frame).set_index(["method", "metric", "k"], drop=False)
+        assert agg.loc[("mae", "top1", 20), ["mean", "n"]].tolist() == [72.0, 1]
+        assert agg.loc[("mae", "top1", 5), ["mean", "n"]].tolist() == [50.0, 1]
+        assert agg.loc[("mae", "top5", 20), ["mean", "n"]].tolist() == [90.0, 1]
+        assert agg.loc[("old-store", "top1", 20), ["mean", "n"]].tolist() == [61.0, 2]
+        map_r = agg[agg["metric"] == "map@r"]
+        assert map_r[["mean", "n"]].values.tolist() == [[67.0, 1]]
+
+
+def test_precision_splits_groups_and_old_rows_group_among_themselves(tmp_path):
+    """Issue 28, item 1: a bf16 and an fp32 number of one seed are two groups of n=1; rows
+    from before precision was recorded still load and average among themselves."""
+    append_rows(tmp_path, [*seeds([49.0, 51.0]), row(50.2, precision="bf16"),
+                           row(51.1, precision="fp32")])
+    frame = read_results(tmp_path)
+    agg = aggregate(frame)
+    assert "precision" in results.group_columns(frame)
+    assert agg[["precision", "mean", "n"]].fillna("-").values.tolist() == [
+        ["-", 50.0, 2], ["bf16", 50.2, 1], ["fp32", 51.1, 1]]
+
+
+def test_the_count_of_skipped_images_does_not_split_seeds(tmp_path):
+    """How many unreadable files a data set skipped describes how it was read; a row from cached
+    features of a streamed set lacks it, and must still average with the row that has it."""
+    append_rows(tmp_path, [row(70.0, seed=0, run_id="a", skipped_images=2),
+                           row(72.0, seed=1, run_id="b")])
+    agg = aggregate(read_results(tmp_path))
+    assert agg[["mean", "n"]].values.tolist() == [[71.0, 2]]

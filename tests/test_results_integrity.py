@@ -228,7 +228,8 @@ def test_datasets_shows_what_it_found_in_a_folder(monkeypatch, capsys, tmp_path)
     monkeypatch.setenv("MAE_BENCH_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("COLUMNS", "250")
     code, out, _ = run_cli(monkeypatch, capsys, "datasets", "--data-dir", str(data))
-    line = next(ln for ln in out.splitlines() if ln.strip("│ ").startswith("imagefolder"))
+    line = next(ln for ln in out.splitlines()
+                if [c.strip() for c in ln.split("│")[1:2]] == ["imagefolder"])
     cells = [c.strip() for c in line.split("│")]
     assert code in (0, None) and cells[4:7] == ["12", "1", "2"], line
 
