@@ -12,7 +12,8 @@ Each loader returns an ``EncoderSource`` of kind "outside": an ``Embedder`` arou
 model, the input size, channels and normalisation the model declares (timm's
 ``pretrained_cfg``, a Hugging Face ``preprocessor_config.json``), and a fingerprint of its
 source, name and weights, which the feature cache key and every result row carry. Nothing here
-downloads unless the user asked for a hub model or ``--pretrained``.
+downloads unless the user asked for a hub model or ``--pretrained``. ``hub:`` and ``python:`` run
+the code they name; a GitHub repository that torch.hub does not trust yet needs ``--trust-repo``.
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ class SourceOptions:
         img_size: evaluate at this input size instead of the model's own.
         seed: seeds the random initialisation of a model without weights.
         trust: allow unsafe unpickling of a ``--weights`` file.
+        trust_repo: run a ``hub:`` repository's code although torch.hub does not trust it yet
+            (``torch.hub.load(trust_repo=True)``, which adds it to torch's trusted list).
     """
 
     weights: str | None = None
@@ -70,6 +73,7 @@ class SourceOptions:
     img_size: int | None = None
     seed: int = 0
     trust: bool = False
+    trust_repo: bool = False
 
 
 # --- embedders: a loaded model -> {pool: [N, D]} -------------------------------------------
@@ -236,13 +240,11 @@ def hf_source(name: str, options: SourceOptions) -> EncoderSource:
     if folder.exists() and not folder.is_dir():
         raise CheckpointError(f"hf:{name}: not a folder; give a save_pretrained folder or a "
                               "hub id")
-    progress_bars = transformers.utils.logging.is_progress_bar_enabled()
-    transformers.utils.logging.disable_progress_bar()
     try:
         # Weights the folder lacks (ViTModel's pooler, under AutoModel, for a folder saved
         # without one) are initialised at random: seeded, so the same folder gives the same
         # model, weights hash and feature cache key every time.
-        with _quiet(), torch.random.fork_rng(devices=[]):
+        with _quiet(), hf_bars_off(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(options.seed)
             model = transformers.AutoModel.from_pretrained(str(folder) if folder.is_dir()
                                                            else name)
@@ -253,9 +255,6 @@ def hf_source(name: str, options: SourceOptions) -> EncoderSource:
         raise CheckpointError(f"hf:{name}: no such folder, and the hub id could not be loaded "
                               f"(no network, and not in the Hugging Face cache?): "
                               f"{_reason(exc)}") from None
-    finally:
-        if progress_bars:
-            transformers.utils.logging.enable_progress_bar()
     model = model.float().eval()
     cfg = model.config
     processor = _hf_processor(folder if folder.is_dir() else None, name)
@@ -284,11 +283,17 @@ def hub_source(name: str, options: SourceOptions) -> EncoderSource:
                           "hub:facebookresearch/dino:dino_vits16), hub:OWNER/REPO:REF:ENTRY or "
                           "hub:DIR:ENTRY for a folder with a hubconf.py")
     hub_dir = Path(torch.hub.get_dir())
+    if not local and not options.trust_repo and not _hub_trusts(repo, hub_dir):
+        owner_repo = repo.split(":")[0]
+        raise ConfigError(f"hub:{name} runs the code of github.com/{owner_repo}, which torch.hub "
+                          "does not trust yet; pass --trust-repo if you trust that repository")
     new = _first_missing(hub_dir)  # what torch.hub creates on the way (removed on failure)
     try:
         with _quiet():
+            # "check": torch's own rule (its trusted owners and list); True only when asked
             model = torch.hub.load(repo, entry, source="local" if local else "github",
-                                   trust_repo=True, verbose=False)
+                                   trust_repo=True if options.trust_repo else "check",
+                                   verbose=False)
     except Exception as exc:  # the edge: no network, no cache, no such entry
         _remove_empty(new)
         if local:
@@ -298,6 +303,21 @@ def hub_source(name: str, options: SourceOptions) -> EncoderSource:
                               f"copy in {hub_dir}?): {_reason(exc)}") from None
     return _module_source(model, f"hub:{name}", "hub", name, options,
                           default=(224, 3, IMAGENET_MEAN, IMAGENET_STD))
+
+
+def _hub_trusts(repo: str, hub_dir: Path) -> bool:
+    """Whether ``torch.hub.load(repo, trust_repo="check")`` loads without asking: the owner is
+    one torch trusts, or the repository is in torch's trusted list. Asked first, so that an
+    untrusted one is a one-line error and never torch's prompt (which waits on stdin).
+    Repositories torch.hub downloaded before it kept a trusted list are not counted (they need
+    the network to name their branch): ``--trust-repo`` lists them once."""
+    owner, _, rest = repo.split(":")[0].partition("/")
+    owners = getattr(torch.hub, "_TRUSTED_REPO_OWNERS", ())
+    try:
+        trusted = (hub_dir / "trusted_list").read_text().split()
+    except OSError:  # no list yet
+        trusted = []
+    return owner in owners or f"{owner}_{rest}" in trusted
 
 
 def python_source(name: str, options: SourceOptions) -> EncoderSource:
@@ -620,6 +640,21 @@ def _remove_empty(folder: Path | None) -> None:
         folder.rmdir()
     except OSError:
         pass
+
+
+@contextmanager
+def hf_bars_off() -> Iterator[None]:
+    """transformers' own progress bars ("Loading weights" on every ``from_pretrained``) off for
+    a while: tqdm lines on stderr between mae-bench's own, and after them in a log file."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 @contextmanager

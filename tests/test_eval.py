@@ -52,10 +52,10 @@ def test_knn_on_a_run_then_the_references(monkeypatch, capsys, tmp_path, run_dir
     assert (first["method"], first["arch"], first["dataset"], first["pool"]) == (
         "mae", "vit_micro_patch2", "digits", "cls")
     assert first["mask_ratio"] == 0.75 and first["status"] == "ok"
-    # Same features again: read from the cache, same numbers, rows appended (never rewritten).
+    # Forced again: features read from the cache, same numbers, rows appended (never rewritten).
     before = (tmp_path / "res" / "results.jsonl").read_bytes()
     _, err = evaluate(monkeypatch, capsys, tmp_path, "--protocol", "knn",
-                      "--checkpoint", str(run_dir), "--k", "5,20")
+                      "--checkpoint", str(run_dir), "--k", "5,20", "--force")
     assert "cache" in err
     after = (tmp_path / "res" / "results.jsonl").read_bytes()
     assert after.startswith(before) and len(rows(tmp_path / "res")) == 16
@@ -213,3 +213,58 @@ def test_results_command_tables_and_exports(monkeypatch, capsys, tmp_path):
     code, _, err = run_cli(monkeypatch, capsys, "results", "--results-dir",
                            str(tmp_path / "empty"))
     assert code == 2 and "no results at" in err
+
+
+def test_precision_is_part_of_an_evaluations_identity(monkeypatch, capsys, tmp_path, run_dir):
+    """The same run in bf16, then fp32 (issue 28, item 1): the fp32 eval extracts its own
+    features, and the two rows carry their precision and never average as two seeds."""
+    from mae_bench.results import aggregate, read_results
+
+    common = ("--protocol", "knn", "--checkpoint", str(run_dir), "--k", "5", "--device", "cpu")
+    _, err = evaluate(monkeypatch, capsys, tmp_path, *common, "--precision", "bf16")
+    assert err.count("extracted") == 2
+    _, err = evaluate(monkeypatch, capsys, tmp_path, *common, "--precision", "fp32")
+    assert err.count("extracted") == 2 and "cache" not in err
+    got = rows(tmp_path / "res")
+    assert [(r["precision"], r["attention"]) for r in got[::6]] == [("bf16", "math"),
+                                                                    ("fp32", "fused")]
+    agg = aggregate(read_results(tmp_path / "res"))
+    top1 = agg[(agg["metric"] == "top1") & (agg["k"] == 5)]
+    assert sorted(top1["precision"]) == ["bf16", "fp32"] and list(top1["n"]) == [1, 1]
+
+
+def test_an_identical_eval_is_skipped_and_force_replaces_it(monkeypatch, capsys, tmp_path,
+                                                           run_dir):
+    """Issue 28, item 2: the same eval again is skipped with one line (no work, nothing
+    written); --force runs it and its rows replace the old ones: still n=1, the newer value."""
+    from mae_bench.results import aggregate, read_results
+
+    common = ("--protocol", "knn", "--checkpoint", str(run_dir), "--k", "5", "--device", "cpu",
+              "--precision", "fp32")
+    evaluate(monkeypatch, capsys, tmp_path, *common)
+    store = tmp_path / "res" / "results.jsonl"
+    first = rows(tmp_path / "res")
+    assert len(first) == 6 and len({r["eval_key"] for r in first}) == 1
+    # Mark the stored numbers, so that the replacement is visible.
+    store.write_text("".join(json.dumps(r | {"value": 1.0}) + "\n" for r in first))
+    before = store.read_bytes()
+    out, err = evaluate(monkeypatch, capsys, tmp_path, *common)
+    assert out.strip() == (f"already in {store}: knn of {run_dir.name} on digits (seed 0, "
+                           "fp32); --force re-runs it")
+    assert "features" not in err and store.read_bytes() == before
+
+    def top1(k: int) -> pd.DataFrame:
+        agg = aggregate(read_results(tmp_path / "res"))
+        return agg[(agg["metric"] == "top1") & (agg["k"] == k)]
+
+    assert list(top1(5)["n"]) == [1] and list(top1(5)["mean"]) == [1.0]
+    evaluate(monkeypatch, capsys, tmp_path, *common, "--force")
+    again = rows(tmp_path / "res")
+    assert len(again) == 12 and {r["eval_key"] for r in again} == {first[0]["eval_key"]}
+    assert len(read_results(tmp_path / "res")) == 6  # the forced rows replace the marked ones
+    assert list(top1(5)["n"]) == [1] and list(top1(5)["mean"]) == [first[0]["value"]]
+    # More neighbour counts than stored: it runs; k=5 is replaced again, not counted twice.
+    out, _ = evaluate(monkeypatch, capsys, tmp_path, *common[:4], "--k", "5,20",
+                      *common[6:])
+    assert "rows appended" in out
+    assert list(top1(5)["n"]) == [1] and list(top1(20)["n"]) == [1]

@@ -105,6 +105,25 @@ def test_hf_export_loads_in_transformers_with_the_same_features(monkeypatch, cap
     assert processor["image_mean"] == [0.3054] and processor["size"]["height"] == 8
 
 
+def test_hf_export_prints_no_progress_bar_of_transformers(monkeypatch, capsys, tmp_path,
+                                                         simclr_run):
+    """Loading the export back in transformers draws its "Loading weights" bar unless told not
+    to: export's output is its own two lines, and the user's setting is left as it was."""
+    hf_logging = transformers.utils.logging
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()
+    try:
+        code, out, err = run_cli(monkeypatch, capsys, "export", str(simclr_run), "--to", "hf",
+                                 "--out", str(tmp_path / "hf"))
+        assert hf_logging.is_progress_bar_enabled()
+    finally:
+        (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    assert code == 0 and err == ""
+    assert out.splitlines()[0].startswith(f"wrote {tmp_path / 'hf'}: README.md, config.json")
+    assert out.splitlines()[1] == (f'load: transformers.ViTModel.from_pretrained("{tmp_path / "hf"}'
+                                   '", add_pooling_layer=False)')  # one line, to copy
+
+
 def test_an_official_checkpoint_exports(monkeypatch, capsys, tmp_path):
     mae = build_mae("vit_micro_patch4", img_size=16, in_chans=3)
     torch.save({"model": mae.state_dict()}, tmp_path / "mae_pretrain.pth")

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from evals.sources import SourceOptions, check_output, load_weights, resolve_source
 from mae_bench.data import load_dataset
-from mae_bench.errors import CheckpointError
+from mae_bench.errors import CheckpointError, ConfigError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 transformers = pytest.importorskip("transformers")
@@ -282,6 +282,39 @@ def test_torch_hub_folder_and_python_callable(monkeypatch, capsys, tmp_path):
     assert "its output for 2 images is [2, 4, 16], not one vector per image" in line
 
 
+class Pixels(torch.nn.Flatten):
+    """A hub model that declares 8-px grayscale input: its embedding is the pixels."""
+
+    pretrained_cfg = {"input_size": (1, 8, 8), "mean": (0.5,), "std": (0.5,)}
+
+
+def test_hub_trust_is_explicit(monkeypatch, capsys, tmp_path):
+    """torch.hub runs a repository's code: trust_repo=True only with --trust-repo; else torch's
+    own "check", and a repository torch does not trust is refused before torch would prompt."""
+    calls = []
+
+    def load(repo, entry, **kwargs):
+        calls.append((repo, kwargs["trust_repo"]))
+        return Pixels()
+
+    monkeypatch.setattr(torch.hub, "load", load)
+    resolve_source("hub:facebookresearch/dino:dino_vits16")  # an owner torch trusts
+    assert calls == [("facebookresearch/dino", "check")]
+    resolve_source("hub:someone/models:tiny", SourceOptions(trust_repo=True))
+    code, _, err = eval_cli(monkeypatch, capsys, tmp_path, "--protocol", "knn", "--checkpoint",
+                            "hub:someone/models:tiny", "--trust-repo", "--k", "5")
+    assert code == 0, err
+    hub = Path(torch.hub.get_dir())
+    hub.mkdir(parents=True)
+    (hub / "trusted_list").write_text("other_repo\nsomeone_listed\n")  # trusted before
+    resolve_source("hub:someone/listed:tiny")
+    assert calls == [("facebookresearch/dino", "check"), ("someone/models", True),
+                     ("someone/models", True), ("someone/listed", "check")]
+    with pytest.raises(ConfigError, match="pass --trust-repo if you trust that repository"):
+        resolve_source("hub:someone/models:tiny")
+    assert len(calls) == 4  # refused before torch.hub.load, which would wait for a "y"
+
+
 def test_a_weights_file_that_does_not_fit(tmp_path):
     model = random_timm("test_vit")
     state = model.state_dict()
@@ -312,8 +345,11 @@ def _save(state: dict, path: Path) -> str:
      "timm:test_vit --pretrained: the weights could not be fetched (no network"),
     (("--checkpoint", "hf:nobody/no-such-model"),
      "hf:nobody/no-such-model: no such folder, and the hub id could not be loaded"),
-    (("--checkpoint", "hub:nobody/nothing:entry"),
+    (("--checkpoint", "hub:nobody/nothing:entry", "--trust-repo"),
      "hub:nobody/nothing:entry: torch.hub could not load it (no network, and no copy in"),
+    (("--checkpoint", "hub:nobody/nothing:entry"),
+     "hub:nobody/nothing:entry runs the code of github.com/nobody/nothing, which torch.hub does "
+     "not trust yet; pass --trust-repo if you trust that repository"),
     (("--checkpoint", "hub:nothing"), "expected hub:OWNER/REPO:ENTRY"),
     (("--checkpoint", "python:no_such_module:build"), "no module 'no_such_module' on the path"),
     (("--checkpoint", "timm:test_vit", "--protocol", "finetune"),

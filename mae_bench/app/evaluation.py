@@ -9,6 +9,8 @@ once, calls the protocol, and turns the returned numbers into result rows (one p
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,17 +21,34 @@ import numpy as np
 import torch
 
 from evals.encoders import FROZEN_PROTOCOLS, REFERENCES, EncoderSource
-from evals.features import ALL_POOLS, features_for, input_transform
+from evals.features import (
+    ALL_POOLS,
+    attention_kernel,
+    dataset_fingerprint,
+    features_for,
+    input_transform,
+)
 from evals.recipes import RECIPES, FinetuneRecipe, finetune_recipe, probe_recipe
 from evals.sources import SourceOptions, check_output, is_outside, object_source, resolve_source
 from evals.splits import stratified_subset
 from mae_bench.data import cache_writes_held, get_dataset_info, load_dataset
 from mae_bench.data.datasets import AnyDataset, ArrayDataset
 from mae_bench.data.info import DatasetInfo
-from mae_bench.distributed import is_main_process, join_process_group, wait_for_main
+from mae_bench.distributed import (
+    broadcast_from_main,
+    is_main_process,
+    join_process_group,
+    wait_for_main,
+)
 from mae_bench.errors import ConfigError, DataError
 from mae_bench.randaugment import RandAugmentSpec
-from mae_bench.results import RESULTS_FILE, append_rows, check_writable, make_row
+from mae_bench.results import (
+    RESULTS_FILE,
+    append_rows,
+    check_writable,
+    make_row,
+    stored_evaluation,
+)
 from mae_bench.runtime import resolve_device, resolve_precision
 
 PROTOCOLS = ("knn", "linear", "fewshot", "finetune", "partial-finetune")
@@ -92,7 +111,10 @@ class EvalSpec:
     cache_dir: str | None = None
     use_cache: bool = True
     trust_checkpoint: bool = False
+    trust_repo: bool = False  # hub: run a repository's code that torch.hub does not trust yet
     results_dir: str | None = "results"  # None: return the rows without writing them
+    # Run an evaluation already in the store again; its rows supersede the old ones.
+    force: bool = False
     extra: dict[str, Any] = field(default_factory=dict)  # more fields for every row (sweeps)
 
 
@@ -272,7 +294,8 @@ def source_of(spec: EvalSpec, info: DatasetInfo | None = None) -> EncoderSource:
     and channels of ``info`` (the data as loaded; None: the registry's description of
     ``spec.dataset``)."""
     options = SourceOptions(weights=spec.weights, pretrained=spec.pretrained,
-                            img_size=spec.img_size, seed=spec.seed, trust=spec.trust_checkpoint)
+                            img_size=spec.img_size, seed=spec.seed, trust=spec.trust_checkpoint,
+                            trust_repo=spec.trust_repo)
     if spec.encoder is not None:
         return object_source(spec.encoder, options)
     if is_outside(spec.checkpoint):
@@ -304,6 +327,61 @@ class EvalOutcome:
     results_file: Path | None  # None: the spec wrote no rows (the Python API's default)
     seconds: float
     notes: list[str]
+    # Set when the same evaluation was already in the store: the one line saying so; ``rows``
+    # are then the stored ones and nothing was run or written.
+    skipped: str | None = None
+
+
+# EvalSpec fields that are not part of what an evaluation measures: where things are, how they
+# are shown, or what the identity records in resolved form (the source's fingerprint, the data's
+# content, the resolved precision; ``ks`` are told apart per row by ``k``).
+_NOT_IDENTITY = frozenset(("checkpoint", "features_dir", "encoder", "weights", "pretrained",
+                           "arch", "dataset", "data_dir", "ks", "command", "device", "precision",
+                           "cache_dir", "use_cache", "trust_checkpoint", "trust_repo",
+                           "results_dir", "force"))
+
+
+def eval_identity(spec: EvalSpec, inputs: Inputs, precision: str, attention: str | None
+                  ) -> str | None:
+    """``eval_key``: a short hash of what makes two evaluations the same measurement: the
+    encoder (kind, run id, label, weights fingerprint), the data (name, folder, content of both
+    splits), every option that changes the numbers (protocol, pool, seed, recipe knobs, ...),
+    the precision and the attention kernel. None for a plain callable, whose code no
+    fingerprint sees: its evaluations are never taken for one another."""
+    src = inputs.source
+    if src is not None and not src.cacheable:
+        return None
+    if src is not None:
+        source = [src.kind, src.run_id, src.label, src.fingerprint]
+        data = [inputs.dataset, inputs.data_dir, dataset_fingerprint(inputs.train),
+                dataset_fingerprint(inputs.test)]
+    else:  # --features: the embeddings are the source and the data
+        h = hashlib.blake2b(digest_size=16)
+        for name in sorted(inputs.features):
+            h.update(inputs.features[name].numpy().tobytes())
+        source, data = ["features", inputs.label, h.hexdigest()], [inputs.dataset]
+    options = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)
+               if f.name not in _NOT_IDENTITY}
+    blob = json.dumps([source, data, options, precision, attention], sort_keys=True,
+                      default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _already_stored(spec: EvalSpec, key: str | None) -> list[dict[str, Any]]:
+    """The stored ok rows of this evaluation when they cover it (for k-NN: every ``--k``);
+    [] when it must run (no store, not there, ``--force``, or no key)."""
+    if spec.force or key is None or spec.results_dir is None:
+        return []
+    rows = stored_evaluation(spec.results_dir, key)
+    if rows.empty:
+        return []
+    if spec.protocol == "knn" and not set(spec.ks) <= set(rows["k"].dropna().astype(int)):
+        return []  # more neighbour counts asked for: run it; the repeated ks supersede
+    return [{k: v for k, v in r.items() if not _missing(v)} for r in rows.to_dict("records")]
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and value != value)
 
 
 def run_eval(spec: EvalSpec, progress: Progress | None = None,
@@ -327,6 +405,17 @@ def run_eval(spec: EvalSpec, progress: Progress | None = None,
         check_writable(spec.results_dir)
     device = join_process_group(resolve_device(spec.device))  # torchrun: gloo / NCCL
     precision = resolve_precision(spec.precision, device)
+    attention = attention_kernel(inputs.source, device, precision) if inputs.source else None
+    key = eval_identity(spec, inputs, precision, attention)
+    # Rank 0 reads the store and decides for every rank.
+    stored = broadcast_from_main(_already_stored(spec, key) if is_main_process() else None)
+    if stored:
+        store = Path(spec.results_dir) / RESULTS_FILE
+        message = (f"already in {store}: {spec.protocol} of {inputs.label} on {inputs.dataset} "
+                   f"(seed {spec.seed}, {precision}); --force re-runs it")
+        return EvalOutcome(stored if is_main_process() else [], store, 0.0, [message],
+                           skipped=message)
+    identity = {"precision": precision, "attention": attention, "eval_key": key}
     notes: list[str] = []
     protocol = spec.protocol
     if protocol in ("knn", "linear", "fewshot") and (spec.probe == "fast" or protocol == "knn"):
@@ -336,7 +425,7 @@ def run_eval(spec: EvalSpec, progress: Progress | None = None,
     else:
         numbers = _finetune(spec, inputs, device, precision, notes, progress)
     seconds = time.perf_counter() - start
-    rows = _rows(spec, inputs, numbers, seconds)
+    rows = _rows(spec, inputs, numbers, seconds, identity)
     outcome = EvalOutcome(rows, Path(spec.results_dir) / RESULTS_FILE if writes else None,
                           seconds, notes)
     if is_main_process():  # under torchrun rank 0 alone holds the numbers and writes them
@@ -357,6 +446,29 @@ def run_eval(spec: EvalSpec, progress: Progress | None = None,
 
 # A protocol's numbers: (metric, value, knobs for this number only).
 Numbers = list[tuple[str, float, dict[str, Any]]]
+
+
+def _check_fraction_leaves_two(spec: EvalSpec, labels: torch.Tensor,
+                               subset: torch.Tensor) -> None:
+    """The fast probe chooses its weight decay on a validation split, 2 samples per class at
+    least: name --label-fraction when it is what leaves a class one (not the class's size)."""
+    full = torch.bincount(labels)  # [C]
+    kept = torch.bincount(labels[subset], minlength=len(full))  # [C]
+    cut = torch.nonzero((kept == 1) & (full >= 2)).flatten()
+    if len(cut):
+        c = int(cut[torch.argmin(full[cut])])  # the smallest such class needs the most
+        raise ConfigError(
+            f"--label-fraction {spec.label_fraction:g} leaves 1 training sample of class {c} "
+            f"(of its {int(full[c])}), but the fast probe picks its weight decay on a "
+            f"validation split that needs 2 per class; use --label-fraction "
+            f"{2 / int(full[c]):.2g} or more")
+
+
+def _fast_probe_bar(progress: Progress | None) -> Callable[[int, int], None] | None:
+    """The fast probe's L-BFGS fits (the weight-decay search, then the refit) as one bar."""
+    if progress is None:
+        return None
+    return lambda done, total: progress("fast probe fits", done, total)
 
 
 def _train_subset(spec: EvalSpec, labels: torch.Tensor) -> torch.Tensor | None:
@@ -398,6 +510,8 @@ def _frozen_feature_protocol(spec: EvalSpec, inputs: Inputs, device: torch.devic
         test_x, test_y = got["test"].features, got["test"].labels
     subset = _train_subset(spec, train_y)
     if subset is not None:
+        if spec.protocol != "knn":
+            _check_fraction_leaves_two(spec, torch.as_tensor(train_y), subset)
         train_x, train_y = train_x[subset], train_y[subset]
         notes.append(f"label fraction {spec.label_fraction}: {len(subset)} training samples")
     num_classes = int(max(train_y.max(), test_y.max())) + 1
@@ -425,7 +539,8 @@ def _frozen_feature_protocol(spec: EvalSpec, inputs: Inputs, device: torch.devic
                      f"{res.search_seconds:.2f} s")
         return numbers
     res = fast_linear_probe(train_x, train_y, test_x, test_y, num_classes=num_classes,
-                            seed=spec.seed, device=device)
+                            seed=spec.seed, device=device,
+                            progress=_fast_probe_bar(progress))
     notes.append(f"fast probe: lr {res['lr']:g}, weight decay {res['weight_decay']:g} chosen on a "
                  f"validation split of the training set (val top-1 {res['val_top1']:.2f})")
     knobs = {"probe": "fast", "chosen_lr": res["lr"], "chosen_weight_decay": res["weight_decay"]}
@@ -538,8 +653,10 @@ def _bar(progress: Progress | None, what: str) -> Callable[[int, int], None] | N
     return lambda done, total: progress(what, done, total)
 
 
-def _rows(spec: EvalSpec, inputs: Inputs, numbers: Numbers, seconds: float
-          ) -> list[dict[str, Any]]:
+def _rows(spec: EvalSpec, inputs: Inputs, numbers: Numbers, seconds: float,
+          identity: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per number. ``identity``: the resolved precision, attention kernel and
+    ``eval_key`` (``eval_identity``); the ones that do not apply (None) are left out."""
     src = inputs.source
     common: dict[str, Any] = {
         "run_id": src.run_id if src is not None else f"features-{inputs.label}",
@@ -576,6 +693,10 @@ def _rows(spec: EvalSpec, inputs: Inputs, numbers: Numbers, seconds: float
     data_px = inputs.train.info.img_size if inputs.train is not None else None
     if src is not None and src.img_size and data_px and src.img_size != data_px:
         common["img_size"] = src.img_size  # the images were resized to the encoder's input
+    unreadable = sum(d.bad_images for d in (inputs.train, inputs.test) if d is not None)
+    if unreadable:  # files the loader left out: the numbers are on fewer images
+        common["skipped_images"] = unreadable
+    common |= {name: value for name, value in identity.items() if value is not None}
     common |= spec.extra
     return [make_row(metric=metric, value=float(value), **(common | knobs))
             for metric, value, knobs in numbers]

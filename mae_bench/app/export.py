@@ -29,7 +29,7 @@ from torch import Tensor
 
 from evals.encoders import EncoderSource, load_source
 from evals.features import pool_tokens
-from evals.sources import INSTALL_HF, HFEmbedder, is_outside
+from evals.sources import INSTALL_HF, HFEmbedder, hf_bars_off, is_outside
 from mae_bench.data import get_dataset_info
 from mae_bench.errors import ConfigError
 
@@ -162,10 +162,9 @@ def timm_config(source: EncoderSource, pool: str, mean: tuple[float, ...],
 
 def _write_timm(source: EncoderSource, folder: Path, pool: str, mean: tuple[float, ...],
                 std: tuple[float, ...]) -> float:
-    from safetensors.torch import save_file
 
     config = timm_config(source, pool, mean, std)
-    save_file(_plain(source.state), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    _save_file(_plain(source.state), str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     import timm
 
@@ -204,7 +203,6 @@ def hf_state(state: dict[str, Tensor], depth: int) -> dict[str, Tensor]:
 def _write_hf(source: EncoderSource, folder: Path, hf_class: str, mean: tuple[float, ...],
               std: tuple[float, ...]) -> float:
     import transformers
-    from safetensors.torch import save_file
 
     kw = source.vit_kwargs
     common = dict(hidden_size=kw["embed_dim"], num_hidden_layers=kw["depth"],
@@ -219,7 +217,7 @@ def _write_hf(source: EncoderSource, folder: Path, hf_class: str, mean: tuple[fl
     else:
         config = transformers.ViTConfig(**common)
     config.save_pretrained(str(folder))
-    save_file(_plain(hf_state(source.state, kw["depth"])), str(folder / "model.safetensors"),
+    _save_file(_plain(hf_state(source.state, kw["depth"])), str(folder / "model.safetensors"),
               metadata={"format": "pt"})
     size = kw["img_size"]
     processor = {"image_processor_type": "ViTImageProcessor", "do_resize": True,
@@ -229,7 +227,8 @@ def _write_hf(source: EncoderSource, folder: Path, hf_class: str, mean: tuple[fl
     (folder / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
     cls = getattr(transformers, HF_CLASSES[hf_class])
     extra = {"add_pooling_layer": False} if hf_class == "vit" else {}
-    model = HFEmbedder(cls.from_pretrained(str(folder), **extra).float().eval())
+    with hf_bars_off():  # its "Loading weights" bar would print among export's own lines
+        model = HFEmbedder(cls.from_pretrained(str(folder), **extra).float().eval())
     return max(_max_diff(source, pool, lambda x, p=pool: model.embed(x)[p])
                for pool in EXPORT_POOLS)
 
@@ -335,3 +334,12 @@ def _readme(source: EncoderSource, to: str, out: Path, pool: str, hf_class: str,
 
 def _pool_words(pool: str) -> str:
     return "normed cls token" if pool == "cls" else "mean of the normed patch tokens"
+
+
+def _save_file(state: dict[str, Tensor], filename: str, metadata: dict[str, str]) -> None:
+    """``safetensors.torch.save_file``, but the file gets the mode a plain ``open()`` gives
+    (the umask applies; safetensors' own writer makes it 0600), like every other file
+    mae-bench writes, so that a group can share an export."""
+    from safetensors.torch import save
+
+    Path(filename).write_bytes(save(state, metadata=metadata))

@@ -67,7 +67,13 @@ def reconstruction_grid(checkpoint: str | Path, out_path: str | Path | None = No
     validate_mask_ratio(mae.num_patches, ratio)
     if num_images < 1:
         raise ConfigError(f"--num-images must be >= 1, got {num_images}")
-    data = load_dataset(cfg.data.dataset, split, data_dir or cfg.data.data_dir)
+    folder = data_dir or cfg.data.data_dir
+    data = load_dataset(cfg.data.dataset, split, folder)
+    if data.info.channels != mae.in_chans:  # the encoder's patch projection could not take them
+        where = f" in {folder}" if folder else ""
+        raise ConfigError(f"{checkpoint} takes {mae.in_chans}-channel images but "
+                          f"{cfg.data.dataset}{where} has {data.info.channels}; draw from "
+                          f"{mae.in_chans}-channel images (--data-dir)")
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(data), generator=g)[:num_images]
     if hasattr(data, "images"):

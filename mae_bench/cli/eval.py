@@ -11,7 +11,15 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from mae_bench.cli.common import Progress, TrustCheckpoint, console, main_rank, out, task_progress
+from mae_bench.cli.common import (
+    Progress,
+    TrustCheckpoint,
+    close_progress,
+    console,
+    main_rank,
+    out,
+    task_progress,
+)
 from mae_bench.errors import MaeBenchError
 
 
@@ -178,7 +186,17 @@ def eval_(
     cache: Annotated[
         bool, typer.Option("--cache/--no-cache", help="Reuse cached features.")
     ] = True,
+    force: Annotated[
+        bool, typer.Option("--force", help="Run an evaluation that is already in the results "
+                           "store again (same encoder, data, options, seed and precision; "
+                           "otherwise it is skipped); its new rows replace the old ones.")
+    ] = False,
     trust_checkpoint: TrustCheckpoint = False,
+    trust_repo: Annotated[
+        bool, typer.Option("--trust-repo", help="hub: models: run the code of a GitHub "
+                           "repository that torch.hub does not trust yet (torch then adds it to "
+                           "its trusted list). hub: and python: sources run their code.")
+    ] = False,
     progress: Progress = True,
 ) -> None:
     """Evaluate an encoder (or precomputed features) with one protocol; print a table and append
@@ -198,11 +216,13 @@ def eval_(
         erase=erase, rand_augment=rand_augment, seed=seed,
         device=device, precision=precision,
         cache_dir=str(cache_dir) if cache_dir is not None else None, use_cache=cache,
-        trust_checkpoint=trust_checkpoint, results_dir=str(results_dir),
+        trust_checkpoint=trust_checkpoint, trust_repo=trust_repo, results_dir=str(results_dir),
         command=shlex.join(["mae-bench", *sys.argv[1:]]),
+        force=force,
     )
 
     def show(outcome: EvalOutcome) -> None:  # before the rows are written: never lost
+        close_progress(report)  # erased first: a live bar would be redrawn into the table
         for note in outcome.notes:
             console.print(note, highlight=False)
         out.print(_rows_table(outcome.rows))
@@ -210,6 +230,9 @@ def eval_(
     with task_progress(progress and main_rank()) as report:
         outcome = run_eval(spec, report, show=show)
     if not main_rank():  # rank 0 holds the numbers and reports them
+        return
+    if outcome.skipped:
+        out.print(outcome.skipped, highlight=False, soft_wrap=True)  # one line
         return
     out.print(f"{len(outcome.rows)} rows appended to {outcome.results_file} "
               f"({outcome.seconds:.1f} s)")

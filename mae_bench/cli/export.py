@@ -42,6 +42,7 @@ def export(
 
     result = export_encoder(checkpoint, to, out_dir, pool=pool, hf_class=hf_class,
                             trust=trust_checkpoint)
+    # soft_wrap: no newline inserted at the terminal's width into a path or the line to copy
     out.print(f"wrote {result.out}: {', '.join(result.files)} (features match mae-bench's to "
-              f"{result.max_abs_diff:.2g})", highlight=False)
-    out.print(f"load: {result.load}", highlight=False, markup=False)
+              f"{result.max_abs_diff:.2g})", highlight=False, soft_wrap=True)
+    out.print(f"load: {result.load}", highlight=False, markup=False, soft_wrap=True)
