@@ -186,10 +186,12 @@ def test_torchrun_sweep_runs_each_point_once_on_every_rank(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     rows = _rows(tmp_path / "results")
     counts: dict[tuple, int] = {}
-    for r in rows:
-        key = (r["mask_ratio"], r["metric"], r.get("k"))
+    for r in rows:  # the points' rows, then the random and pixels references' (no mask ratio)
+        key = (r["method"], r.get("mask_ratio"), r["metric"], r.get("k"))
         counts[key] = counts.get(key, 0) + 1
-    assert {k[0] for k in counts} == {0.5, 0.75} and set(counts.values()) == {1}
+    assert {k[:2] for k in counts} == {("mae", 0.5), ("mae", 0.75), ("random", None),
+                                       ("pixels", None)}
+    assert set(counts.values()) == {1}
     assert all(r["status"] == "ok" for r in rows)
     manifest = (tmp_path / "results" / "sweeps.jsonl").read_text().splitlines()
     assert len(manifest) == 2

@@ -232,3 +232,119 @@ def test_a_store_of_eval_rows_alone_gets_a_report(tmp_path):
     md = out.markdown.read_text()
     assert "## Results" in md and "Other results" not in md
     assert "52.00 ± 2.83 (n=2)" in md
+
+
+# --- figures, commands and references (issue 28, item 17) -------------------------------------
+
+
+@pytest.fixture
+def drawn(tmp_path, monkeypatch):
+    """Build the sweep report with every figure's axes recorded as the report saved them:
+    {file name: [(title, y-limits, error bars [(x, low, high)], legend labels, point labels
+    that run out of their axes)]}."""
+    import mae_bench.app.report as report_module
+
+    real_save, seen = report_module._save, {}
+
+    def save(fig, name, caption, w):
+        fig.tight_layout()  # as _save lays it out, before it closes the figure
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        panels = []
+        for ax in fig.axes:
+            bars = [(float(seg[0][0]), float(seg[0][1]), float(seg[1][1]))
+                    for c in ax.containers if hasattr(c, "has_yerr") and c.has_yerr
+                    for seg in c.lines[2][0].get_segments()]
+            legend = ax.get_legend()
+            box = ax.get_window_extent(renderer)
+            outside = [t.get_text() for t in ax.texts
+                       if not box.contains(*t.get_window_extent(renderer).min)
+                       or not box.contains(*t.get_window_extent(renderer).max)]
+            panels.append((ax.get_title(), ax.get_ylim(), bars,
+                           [t.get_text() for t in legend.get_texts()] if legend else [],
+                           outside))
+        seen[name] = panels
+        return real_save(fig, name, caption, w)
+
+    monkeypatch.setattr(report_module, "_save", save)
+    store = tmp_path / "store"
+    append_rows(store, _sweep_rows())
+    entries = []
+    for ratio in SWEEP:
+        for seed in range(3):
+            run_dir = tmp_path / "runs" / f"mr{ratio}-s{seed}"
+            run_dir.mkdir(parents=True)
+            (run_dir / "metrics.jsonl").write_text("".join(
+                json.dumps({"step": 10 * j, "loss": 1.0 - ratio / 2 - 0.01 * (j + seed)}) + "\n"
+                for j in range(3)))
+            entries.append(_entry(ratio, seed, run_dir))
+    _write_manifest(store, entries)
+    build_report(store, tmp_path / "out", grids=False)
+    return seen
+
+
+def test_cost_figure_shows_every_protocol_with_its_intervals(drawn):
+    """k-NN and linear, against time and compute: one panel each, every value's 95 % interval
+    as an error bar, a y-range that holds all of them, and point labels inside the axes."""
+    panels = drawn["mask-ratio-cost.png"]
+    assert [p[0] for p in panels] == ["knn top-1 (k=20) vs. cost"] * 2 + \
+        ["linear top-1 vs. cost"] * 2
+    # hand-computed t intervals: mean ± T_975_DF2 * std / sqrt(3)
+    half = {std: T_975_DF2 * std / math.sqrt(3) for std in (1.0, 2.0, 3.0)}
+    knn = [(61.0, half[1.0]), (72.0, half[2.0]), (74.0, half[3.0])]
+    linear = [(49.0, half[1.0]), (56.0, half[1.0]), (55.0, half[2.0])]
+    for (_, (y_low, y_high), bars, _, outside), expected in zip(
+            panels, [knn, knn, linear, linear], strict=True):
+        assert [(round(lo, 6), round(hi, 6)) for _, lo, hi in bars] == \
+            [(round(m - h, 6), round(m + h, 6)) for m, h in expected]
+        assert y_low <= min(lo for _, lo, _ in bars) and y_high >= max(hi for _, _, hi in bars)
+        assert outside == []
+    seconds = [x for x, _, _ in panels[0][2]]
+    # mean pretraining seconds per value (0.5 also counts its failed run's 200 s)
+    assert seconds == pytest.approx([101.0, 200.75, 301.0])
+
+
+def test_loss_figure_has_one_legend_entry_per_run(drawn):
+    (panel,) = drawn["mask-ratio-loss.png"]
+    legend = panel[3]
+    assert len(legend) == 9 and len(set(legend)) == 9  # 3 values x 3 seeds
+    assert "mask_ratio=0.5, seed 2" in legend
+
+
+def test_commands_are_listed_once_whatever_program_path_recorded_them(tmp_path):
+    """The sweep's manifest says ``mae-bench sweep ...``; its runs' run.json (``sys.argv``)
+    said ``/venv/bin/mae-bench sweep ...`` or ``.../mae_bench/__main__.py sweep ...``."""
+    store = tmp_path / "store"
+    paths = ["/opt/venv/bin/mae-bench", "/src/mae_bench/__main__.py", "python3 -m mae_bench"]
+    append_rows(store, [_row(50.0 + i, protocol="knn", k=20, run_id=f"mr0.5-s{i}",
+                             sweep="mask-ratio", mask_ratio=0.5, seed=i,
+                             pretrain_command=COMMAND.replace("mae-bench", prog))
+                        for i, prog in enumerate(paths)])
+    _write_manifest(store, [_entry(0.5, 0, tmp_path / "run")])
+    md = build_report(store, tmp_path / "out", grids=False).markdown.read_text()
+    assert md.count("```\nmae-bench sweep") == 1 and f"```\n{COMMAND}\n```" in md
+    assert "/opt/venv" not in md and "__main__" not in md
+
+
+def test_sweep_reference_rows_are_shown_beside_the_values(tmp_path):
+    """Random-encoder and pixels rows of a sweep: a row of each table (not a value of the knob,
+    not a subsection of their own), compared with the best value, and lines in the figures."""
+    store = tmp_path / "store"
+    rows = _sweep_rows()
+    for seed, value in enumerate([55.0, 56.5, 58.0]):  # random: 56.5 ± 1.5
+        rows.append(_row(value, method="random", protocol="linear", run_id=f"random-{seed}",
+                         sweep="mask-ratio", seed=seed, pool="cls"))
+    rows.append(_row(45.0, method="pixels", arch="pixels", protocol="linear", run_id="pixels",
+                     sweep="mask-ratio", seed=0))
+    append_rows(store, rows)
+    md = build_report(store, tmp_path / "out", grids=False).markdown.read_text()
+    assert _line(md, "| random encoder (reference) |") == \
+        "| random encoder (reference) |  | 56.50 ± 1.50 (n=3) |  |  |"
+    assert _line(md, "| pixels (reference) |") == "| pixels (reference) |  | 45.00 (n=1) |  |  |"
+    half = T_975_DF2 * 1.5 / math.sqrt(3)
+    ci = [line for line in md.splitlines() if line.startswith("| random encoder")][1]
+    assert ci == f"| random encoder (reference) | – | [{56.5 - half:.2f}, {56.5 + half:.2f}] |"
+    text = _line(md, "Uncertainty, linear top-1:")
+    assert "not distinguishable from the random encoder reference at 56.50" in text
+    assert "pixels" not in md.split("## Other results")[0].split("### ")[1].split("\n")[0]
+    assert md.count("### ") == 2  # mask-ratio and warmup: no subsection for pixels

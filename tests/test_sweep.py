@@ -3,6 +3,7 @@ kill, a failing point recorded as failed while the others finish, bad input reje
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -29,7 +30,8 @@ from mae_bench.results import read_results
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # A micro ViT on digits for 2 optimizer steps: a point takes about a second.
-TINY = {"arch": "vit_micro_patch2", "epochs": 0.1, "batch_size": 64, "protocols": ("knn",)}
+TINY = {"arch": "vit_micro_patch2", "epochs": 0.1, "batch_size": 64, "protocols": ("knn",),
+        "references": False}  # the reference rows have their own test
 
 
 def _spec(tmp_path: Path, **kw) -> SweepSpec:
@@ -195,6 +197,95 @@ def test_failing_point_is_recorded_and_the_others_finish(tmp_path, monkeypatch):
     assert 0.5 in set(df.loc[df["status"] == "ok", "mask_ratio"])
 
 
+def _fill_disk_under(monkeypatch, path: Path) -> None:
+    """From now on ``path`` (an existing file) is on a disk that fills up: the first
+    ``os.write`` to it writes half of its bytes (a short write), every later one raises
+    ENOSPC."""
+    real, inode, calls = os.write, path.stat().st_ino, []
+
+    def write(fd: int, data) -> int:
+        if os.fstat(fd).st_ino != inode:
+            return real(fd, data)
+        calls.append(len(data))
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, bytes(data[: len(data) // 2]))
+
+    monkeypatch.setattr(os, "write", write)
+
+
+def test_a_full_store_stops_the_sweep_in_one_line_and_the_rerun_finishes(tmp_path, monkeypatch):
+    spec = _spec(tmp_path)
+    store = tmp_path / "results" / "results.jsonl"
+    before: list[bytes] = []
+
+    def log(line: str) -> None:
+        if line.startswith("[2/2]"):  # the first point's rows are in: now the disk fills up
+            before.append(store.read_bytes())
+            _fill_disk_under(monkeypatch, store)
+
+    with pytest.raises(ConfigError) as err:
+        run_sweep(spec, log=log, progress=False)
+    message = str(err.value)
+    assert message == (f"--results-dir {spec.results_dir}: the rows could not be written (No "
+                       "space left on device); the sweep stopped at mask-ratio=0.75 seed 0: "
+                       "re-run it once the store can be written (finished points are skipped)")
+    assert store.read_bytes() == before[0]  # none of the second point's rows, no torn line
+    monkeypatch.undo()
+    assert [s.status for s in point_states(spec, plan_points(spec))] == ["done", "trained"]
+    again = run_sweep(spec, log=lambda _: None, progress=False)
+    assert again.ran == ["0.75/0"] and again.failed == []
+    counts = _point_counts(tmp_path / "results")
+    assert len({key[0] for key in counts}) == 2 and set(counts.values()) == {1}
+    manifest = [json.loads(line) for line in
+                (tmp_path / "results" / MANIFEST).read_text().splitlines()]
+    assert [(m["value"], m["status"]) for m in manifest] == [(0.5, "ok"), (0.75, "ok")]
+
+
+def test_a_lost_manifest_line_is_written_again_without_rerunning_the_point(tmp_path):
+    spec = _spec(tmp_path)
+    run_sweep(spec, log=lambda _: None, progress=False)
+    manifest = tmp_path / "results" / MANIFEST
+    first, second = manifest.read_text().splitlines()
+    manifest.write_text(second + "\n")  # killed between the first point's rows and its line
+    rows = (tmp_path / "results" / "results.jsonl").read_bytes()
+    stamp = (plan_points(spec)[0].run_dir / "checkpoint.pt").stat().st_mtime_ns
+    said: list[str] = []
+    again = run_sweep(spec, log=said.append, progress=False)
+    assert again.ran == [] and (tmp_path / "results" / "results.jsonl").read_bytes() == rows
+    assert (plan_points(spec)[0].run_dir / "checkpoint.pt").stat().st_mtime_ns == stamp
+    assert said[0] == (f"[1/2] mask-ratio=0.5 seed 0: done, skipped (its {MANIFEST} line was "
+                       "missing: written now)")
+    assert said[1] == "[2/2] mask-ratio=0.75 seed 0: done, skipped"
+    lines = [json.loads(line) for line in manifest.read_text().splitlines()]
+    old = json.loads(first)
+    assert [(m["run_id"], m["value"], m["status"]) for m in lines] == [
+        (json.loads(second)["run_id"], 0.75, "ok"), (old["run_id"], 0.5, "ok")]
+    assert lines[1]["run_dir"] == old["run_dir"] and lines[1]["versions"]["torch"]
+    run_sweep(spec, log=lambda _: None, progress=False)  # repaired once, not on every re-run
+    assert len(manifest.read_text().splitlines()) == 2
+
+
+def test_a_manifest_write_on_a_full_disk_is_one_line_and_repaired_later(tmp_path, monkeypatch):
+    spec = _spec(tmp_path, values=("0.5",))
+    manifest = tmp_path / "results" / MANIFEST
+    manifest.parent.mkdir(parents=True)
+    manifest.write_bytes(b"")
+    _fill_disk_under(monkeypatch, manifest)
+    with pytest.raises(ConfigError) as err:
+        run_sweep(spec, log=lambda _: None, progress=False)
+    assert str(err.value) == (f"--results-dir {spec.results_dir}: the rows could not be written "
+                              "(No space left on device); the sweep stopped at mask-ratio=0.5 "
+                              "seed 0: re-run it once the store can be written (finished points "
+                              "are skipped)")
+    assert manifest.read_bytes() == b""  # no torn line
+    monkeypatch.undo()
+    again = run_sweep(spec, log=lambda _: None, progress=False)
+    assert again.ran == []  # its rows were written: only the line was missing
+    (line,) = manifest.read_text().splitlines()
+    assert json.loads(line)["status"] == "ok"
+
+
 @pytest.mark.multiprocess
 def test_killed_sweep_resumes_without_duplicates(tmp_path):
     """Kill a real `mae-bench sweep` process once its first point's rows are written, re-run
@@ -202,7 +293,7 @@ def test_killed_sweep_resumes_without_duplicates(tmp_path):
     args = ["sweep", "mask-ratio", "--values", "0.25,0.5,0.75", "--arch", "vit_micro_patch2",
             "--epochs", "0.1", "--batch-size", "64", "--protocols", "knn", "--no-progress",
             "--runs-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path / "results"),
-            "--cache-dir", str(tmp_path / "cache")]
+            "--cache-dir", str(tmp_path / "cache"), "--no-references"]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "mae_bench", *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -278,3 +369,49 @@ def test_report_counts_a_retried_failure_once(tmp_path, monkeypatch):
     out = build_report(tmp_path / "results", tmp_path / "report", grids=False)
     text = out.markdown.read_text()
     assert "(n=1)" in text and "failed)" not in text and "Failed runs" not in text
+
+
+# --- references and provenance (issue 28, item 17) ---------------------------------------------
+
+
+def test_versions_name_the_processor_from_cpuinfo():
+    """platform.processor() is empty on Linux: the manifest names the CPU model instead."""
+    from mae_bench.app.sweep import versions
+
+    shown = versions()["processor"]
+    assert shown not in ("", "?")
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        model = next(line.split(":", 1)[1].strip() for line in
+                     cpuinfo.read_text().splitlines() if line.startswith("model name"))
+        assert shown.startswith(model)
+
+
+def test_sweep_evaluates_the_references_once_and_shows_them(tmp_path):
+    """A random encoder of the sweep's architecture (per seed) and pixels (once), with the same
+    protocol; a re-run adds nothing; the summary and the report show them as reference rows."""
+    from mae_bench.app.report import build_report
+
+    spec = _spec(tmp_path, values=("0.5",), seeds=(0, 1), references=True)
+    run_sweep(spec, log=lambda _: None, progress=False)
+    df = read_results(tmp_path / "results")
+    refs = df[df["method"].isin(["random", "pixels"])]
+    assert set(refs["sweep"]) == {"mask-ratio"} and set(refs["protocol"]) == {"knn"}
+    top1 = refs[(refs["metric"] == "top1") & (refs["k"] == 20)]
+    assert sorted(zip(top1["method"], top1["seed"], strict=True)) == [("pixels", 0), ("random", 0),
+                                                          ("random", 1)]
+    assert set(top1.loc[top1["method"] == "random", "arch"]) == {"vit_micro_patch2"}
+
+    again = run_sweep(spec, log=lambda _: None, progress=False)
+    assert again.ran == [] and len(read_results(tmp_path / "results")) == len(df)
+
+    summary = sweep_summary(spec, plan_points(spec))
+    assert list(summary.index) == ["0.5", "pixels (reference)", "random encoder (reference)"]
+    random = top1[top1["method"] == "random"]["value"]
+    assert summary.loc["random encoder (reference)", "knn top-1 (k=20)"] == (
+        f"{random.mean():.2f} ± {random.std(ddof=1):.2f} (2)")
+    md = build_report(tmp_path / "results", tmp_path / "report", grids=False
+                      ).markdown.read_text()
+    assert f"| random encoder (reference) | {random.mean():.2f} ± {random.std(ddof=1):.2f} " \
+           "(n=2) |" in md
+    assert md.count("### ") == 1  # the pixels rows make no subsection of their own

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,10 @@ from mae_bench.results import (
 )
 
 PROTOCOL_ORDER = ("knn", "linear", "fewshot", "finetune", "partial-finetune")
+# A sweep's reference rows (``mae-bench sweep`` evaluates them as ``compare`` does): what the
+# knob's values must beat to mean anything.
+REFERENCE_LABELS = {"random": "random encoder (reference)", "pixels": "pixels (reference)"}
+REFERENCE_COLORS = {"random": "tab:red", "pixels": "0.4"}
 # ---------------------------------------------------------------------------------- public API
 
 
@@ -147,6 +152,8 @@ def _sweep_section(rows: pd.DataFrame, sweep: str, entries: list[dict], w: _Writ
         w.notes.append(f"sweep {sweep}: the store has no column {column!r}; runs shown by run_id")
         column, numeric = "run_id", False
     blocks: list[Block] = [Heading(f"Sweep: {sweep}")]
+    is_reference = rows["method"].isin(list(REFERENCE_LABELS))
+    references, rows = rows[is_reference], rows[~is_reference]
     pairs = list(dict.fromkeys(zip(rows["dataset"], rows["arch"], strict=True)))
     for dataset, arch in pairs:
         slug = _slug(sweep if len(pairs) == 1 else f"{sweep}-{dataset}-{arch}")
@@ -154,13 +161,16 @@ def _sweep_section(rows: pd.DataFrame, sweep: str, entries: list[dict], w: _Writ
         sub = rows[(rows["dataset"] == dataset) & (rows["arch"] == arch)]
         mine = [e for e in entries if e.get("dataset", dataset) == dataset
                 and e.get("arch", arch) == arch]
-        blocks += _group_section(sub, g, mine, w)
+        refs = references[(references["dataset"] == dataset) & (
+            (references["arch"] == arch) | (references["method"] == "pixels"))]
+        blocks += _group_section(sub, g, mine, w, refs)
     return blocks
 
 
-def _group_section(rows: pd.DataFrame, g: _Group, entries: list[dict], w: _Writer
-                   ) -> list[Block]:
-    """Tables, uncertainty, failures, figures and grids of one sweep on one data set / arch."""
+def _group_section(rows: pd.DataFrame, g: _Group, entries: list[dict], w: _Writer,
+                   references: pd.DataFrame | None = None) -> list[Block]:
+    """Tables, uncertainty, failures, figures and grids of one sweep on one data set / arch;
+    the reference rows (random encoder, pixels) are shown beside the knob's values."""
     rows = rows.assign(_label=rows[g.column].map(_fmt_value))  # the knob value as text
     raw: dict[str, Any] = {}  # label -> a raw value, for sorting and the numeric axis
     for value, label in zip(rows[g.column].tolist(), rows["_label"].tolist(), strict=True):
@@ -169,6 +179,9 @@ def _group_section(rows: pd.DataFrame, g: _Group, entries: list[dict], w: _Write
     columns = _table_columns(rows)
     stats = {name: {r["_label"]: r for r in aggregate(part, by=["_label"]).to_dict("records")}
              for name, part in columns}
+    if references is not None and len(references):
+        for name, by_label in _reference_stats(references, columns).items():
+            stats[name] |= by_label
     methods = ", ".join(dict.fromkeys(rows["method"].astype(str)))
     costs = _costs(rows, values)
     blocks: list[Block] = [
@@ -205,6 +218,32 @@ def _table_columns(rows: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     return out
 
 
+def _reference_stats(references: pd.DataFrame, columns: list[tuple[str, pd.DataFrame]]
+                     ) -> dict[str, dict[str, dict]]:
+    """Top-1 statistics of the reference rows per table column, keyed by reference label. A
+    reference row counts in a column when it has the column's protocol and, for every
+    evaluation knob the column fixes (k=20, pool=cls), that value or none (pixels have no
+    pool)."""
+    top1 = references[references["metric"] == "top1"]
+    out: dict[str, dict[str, dict]] = {}
+    for name, part in columns:
+        sel = top1[top1["protocol"] == part["protocol"].iloc[0]]
+        for c in EVAL_KNOBS:
+            fixed = part[c].dropna().unique() if c in part.columns else []
+            if len(fixed) == 1 and c in sel.columns:
+                sel = sel[sel[c].isna() | (sel[c] == fixed[0])]
+        if len(sel):
+            sel = sel.assign(_label=sel["method"].map(REFERENCE_LABELS))
+            out[name] = {r["_label"]: r for r in aggregate(sel, by=["_label"]).to_dict("records")}
+    return out
+
+
+def _references_in(stats: dict[str, dict[str, dict]]) -> list[str]:
+    """The reference labels with a number in some column, in REFERENCE_LABELS order."""
+    return [label for label in REFERENCE_LABELS.values()
+            if any(label in by_value for by_value in stats.values())]
+
+
 def _costs(rows: pd.DataFrame, values: list[str]) -> dict[str, dict[str, float]]:
     """Mean pretraining seconds / GFLOPs per knob value, over distinct runs (each row of a run
     repeats its run's cost)."""
@@ -227,12 +266,19 @@ def _tables(values: list[str], g: _Group, stats: dict[str, dict[str, dict]],
         means = [stats[name][v]["mean"] if v in stats[name] else math.nan for v in values]
         best = max((m for m in means if not math.isnan(m)), default=math.nan)
         bold |= {(i, j) for i, m in enumerate(means) if m == best}
+    refs = _references_in(stats)
     body = [[v, *(format_cell(stats[n].get(v)) for n in names),
              *(_fmt_number(costs[c][v]) for c in costs)] for v in values]
-    ci = [[v, *(_interval(stats[n].get(v)) for n in names)] for v in values]
+    body += [[r, *(format_cell(stats[n].get(r)) for n in names), *("" for _ in costs)]
+             for r in refs]
+    ci = [[v, *(_interval(stats[n].get(v)) for n in names)] for v in [*values, *refs]]
+    note = (" The reference rows are the same protocols on the same data with a randomly "
+            "initialised encoder of the same architecture (one per seed) and on raw pixels: "
+            "a value is only worth its pretraining where it beats them.") if refs else ""
     return [
         Paragraph("Top-1 accuracy (%) per value: mean ± sample std over seeds (n = ok runs); "
-                  "best mean per column in bold. Costs are means over the value's runs."),
+                  "best mean per column in bold. Costs are means over the value's runs."
+                  + note),
         Table([g.column, *names, *costs], body, bold),
         Paragraph("95 % Student-t interval of the mean (none for n = 1):"),
         Table([g.column, *(f"{n} 95% CI" for n in names)], ci),
@@ -245,24 +291,28 @@ def _uncertainty(values: list[str], g: _Group, stats: dict[str, dict[str, dict]]
     out: list[Block] = []
     for name, by_value in stats.items():
         shown = [v for v in values if v in by_value and by_value[v]["n"] > 0]
-        if len(shown) < 2:
+        refs = [r for r in REFERENCE_LABELS.values() if r in by_value and by_value[r]["n"] > 0]
+        if len(shown) < 2 and not (shown and refs):
             continue
         best = max(shown, key=lambda v: by_value[v]["mean"])
-        b, parts = by_value[best], []
-        for v in (v for v in shown if v != best):
-            o = by_value[v]
-            verdict = compare_intervals(b["ci95_low"], b["ci95_high"],
-                                        o["ci95_low"], o["ci95_high"])
-            if verdict in ("higher", "lower"):
-                parts.append(f"{verdict} than {v} (the 95 % intervals do not overlap)")
-            elif verdict == "overlap":
-                parts.append(f"not distinguishable from {v} at this number of seeds "
-                             f"(n={b['n']} vs n={o['n']}; the 95 % intervals overlap)")
-            else:
-                parts.append(f"not comparable with {v}: no interval can be given with n=1")
+        b = by_value[best]
+        parts = [_verdict(b, by_value[v], v) for v in shown if v != best]
+        parts += [_verdict(b, by_value[r], f"the {r.replace(' (reference)', '')} reference "
+                           f"at {by_value[r]['mean']:.2f}") for r in refs]
         out.append(Paragraph(f"Uncertainty, {name}: the best {g.column} = {best} "
                              f"({b['mean']:.2f}) is " + "; ".join(parts) + "."))
     return out
+
+
+def _verdict(b: dict, o: dict, other: str) -> str:
+    """How statistics ``b`` compare with ``o`` (named ``other``), from their 95 % intervals."""
+    verdict = compare_intervals(b["ci95_low"], b["ci95_high"], o["ci95_low"], o["ci95_high"])
+    if verdict in ("higher", "lower"):
+        return f"{verdict} than {other} (the 95 % intervals do not overlap)"
+    if verdict == "overlap":
+        return (f"not distinguishable from {other} at this number of seeds "
+                f"(n={b['n']} vs n={o['n']}; the 95 % intervals overlap)")
+    return f"not comparable with {other}: no interval can be given with n=1"
 
 
 def _failures(rows: pd.DataFrame, entries: list[dict]) -> list[Block]:
@@ -283,7 +333,8 @@ def _failures(rows: pd.DataFrame, entries: list[dict]) -> list[Block]:
 def _accuracy_figure(values: list[str], raw: dict[str, Any], g: _Group,
                      columns: list[tuple[str, pd.DataFrame]], stats: dict, w: _Writer
                      ) -> Figure | None:
-    """Accuracy vs. knob value, one panel per column: mean ± 95 % interval, seeds as dots."""
+    """Accuracy vs. knob value, one panel per column: mean ± 95 % interval, seeds as dots, the
+    references as horizontal lines."""
     if not columns:
         return None
     plt = _pyplot()
@@ -294,8 +345,7 @@ def _accuracy_figure(values: list[str], raw: dict[str, Any], g: _Group,
         s = [stats[name][v] for v in values if v in stats[name] and stats[name][v]["n"] > 0]
         x = [xs[r["_label"]] for r in s]
         means = [r["mean"] for r in s]
-        err = [[r["mean"] - r["ci95_low"] if r["n"] > 1 else 0.0 for r in s],
-               [r["ci95_high"] - r["mean"] if r["n"] > 1 else 0.0 for r in s]]
+        err = _errors(s)
         repeated = any(r["n"] > 1 for r in s)  # an interval exists somewhere
         label = "mean ± 95% CI" if repeated else "one run each (no interval)"
         if numeric:
@@ -307,12 +357,40 @@ def _accuracy_figure(values: list[str], raw: dict[str, Any], g: _Group,
         if repeated:
             ax.scatter([xs[v] for v in ok["_label"]], ok["value"], s=12, alpha=0.35,
                        color="k", label="seeds")
-        ax.set_ylim(*_y_range(means, err, bars=not numeric))
+        ref_means, ref_err = _reference_lines(ax, stats[name])
+        ax.set_ylim(*_y_range(means + ref_means, [err[0] + ref_err[0], err[1] + ref_err[1]],
+                              bars=not numeric))
         ax.set(title=name, xlabel=g.column, ylabel="top-1 accuracy (%)")
         ax.legend(fontsize=7)
     fig.suptitle(f"{g.sweep}: accuracy vs. {g.column},\n{g.arch} on "
                  f"{_dataset_label(g.dataset)}", fontsize=10)
     return _save(fig, f"{g.slug}-accuracy.png", f"Top-1 accuracy vs. {g.column}", w)
+
+
+def _errors(s: list[dict]) -> list[list[float]]:
+    """Error bar lengths [below, above] of each statistic: its 95 % interval (0 when n = 1)."""
+    return [[r["mean"] - r["ci95_low"] if r["n"] > 1 else 0.0 for r in s],
+            [r["ci95_high"] - r["mean"] if r["n"] > 1 else 0.0 for r in s]]
+
+
+def _reference_lines(ax: Any, by_value: dict[str, dict]
+                     ) -> tuple[list[float], list[list[float]]]:
+    """Draw each reference of a column as a dashed line with its 95 % band; return its means
+    and error lengths, for the y-range."""
+    means: list[float] = []
+    s = []
+    for method, label in REFERENCE_LABELS.items():
+        r = by_value.get(label)
+        if r is None or r["n"] == 0:
+            continue
+        color = REFERENCE_COLORS[method]
+        ax.axhline(r["mean"], color=color, linestyle="--", linewidth=1,
+                   label=f"{label}, {r['mean']:.2f}")
+        if r["n"] > 1:
+            ax.axhspan(r["ci95_low"], r["ci95_high"], color=color, alpha=0.12, linewidth=0)
+        means.append(r["mean"])
+        s.append(r)
+    return means, _errors(s)
 
 
 MIN_Y_SPAN = 5.0  # accuracy axes span at least this many points: no cliffs out of noise
@@ -333,43 +411,77 @@ def _y_range(means: list[float], err: list[list[float]], bars: bool) -> tuple[fl
 
 def _cost_figure(values: list[str], g: _Group, columns: list[tuple[str, pd.DataFrame]],
                  stats: dict, costs: dict[str, dict[str, float]], w: _Writer) -> Figure | None:
-    """Accuracy of the first column vs. pretraining time and compute, one point per value."""
+    """Accuracy vs. pretraining time and compute: one row of panels per table column (every
+    protocol, since their order can differ), each value's mean ± 95 % interval, the references
+    as lines, and a y-axis that holds every interval (so noise never looks like a trend)."""
     if not columns or not costs:
         w.notes.append(f"{g.sweep}: no cost figure (no pretrain_seconds / pretrain_gflops)")
         return None
     plt = _pyplot()
-    main = columns[0][0]
-    fig, axes = plt.subplots(1, len(costs), figsize=(4.5 * len(costs), 3.4), squeeze=False)
-    for ax, (cost_name, cost) in zip(axes[0], costs.items(), strict=True):
-        pts = [(cost[v], stats[main][v]["mean"], v) for v in values
-               if v in stats[main] and stats[main][v]["n"] > 0 and not math.isnan(cost[v])]
-        xlabel = "pretraining wall time (s)"
-        if cost_name == "pretrain GFLOPs":
-            peta = bool(pts) and max(p[0] for p in pts) >= 1e6
-            pts = [(x / 1e6 if peta else x, y, v) for x, y, v in pts]
-            xlabel = f"pretraining compute ({'PFLOPs' if peta else 'GFLOPs'})"
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o")
-        for x, y, v in pts:
-            ax.annotate(v, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        if pts and min(p[0] for p in pts) > 0 and max(p[0] for p in pts) > 10 * min(
-                p[0] for p in pts):
-            ax.set_xscale("log")
-        ax.set(xlabel=xlabel, ylabel=f"{main} (%)", title=f"{main} vs. cost ({g.column})")
-    fig.suptitle(f"{g.sweep}: accuracy vs. pretraining cost, {_dataset_label(g.dataset)}",
-                 fontsize=10)
-    return _save(fig, f"{g.slug}-cost.png", f"{main} vs. pretraining cost", w)
+    fig, axes = plt.subplots(len(columns), len(costs),
+                             figsize=(4.6 * len(costs), 3.3 * len(columns)), squeeze=False)
+    for row, (name, _) in zip(axes, columns, strict=True):
+        by_value = stats[name]
+        for ax, (cost_name, cost) in zip(row, costs.items(), strict=True):
+            shown = [v for v in values if v in by_value and by_value[v]["n"] > 0
+                     and not math.isnan(cost[v])]
+            xs = [cost[v] for v in shown]
+            xlabel = "pretraining wall time (s)"
+            if cost_name == "pretrain GFLOPs":
+                peta = bool(xs) and max(xs) >= 1e6
+                xs = [x / 1e6 if peta else x for x in xs]
+                xlabel = f"pretraining compute ({'PFLOPs' if peta else 'GFLOPs'})"
+            s = [by_value[v] for v in shown]
+            means, err = [r["mean"] for r in s], _errors(s)
+            ax.errorbar(xs, means, yerr=err, fmt="o", capsize=3,
+                        label="mean ± 95% CI" if any(r["n"] > 1 for r in s) else "one run")
+            if xs and min(xs) > 0 and max(xs) > 10 * min(xs):
+                ax.set_xscale("log")
+            else:
+                ax.locator_params(axis="x", nbins=5)  # tick labels that do not run together
+            ax.margins(x=0.12)
+            _label_points(ax, xs, means, shown)
+            ref_means, ref_err = _reference_lines(ax, by_value)
+            ax.set_ylim(*_y_range(means + ref_means, [err[0] + ref_err[0], err[1] + ref_err[1]],
+                                  bars=False))
+            ax.set(xlabel=xlabel, ylabel=f"{name} (%)", title=f"{name} vs. cost")
+            ax.title.set_fontsize(9)
+            ax.legend(fontsize=6)
+    fig.suptitle(f"{g.sweep}: accuracy vs. pretraining cost ({g.column}), "
+                 f"{_dataset_label(g.dataset)}", fontsize=10)
+    names = ", ".join(name for name, _ in columns)
+    return _save(fig, f"{g.slug}-cost.png", f"{names} vs. pretraining cost", w)
+
+
+def _label_points(ax: Any, xs: list[float], ys: list[float], labels: list[str]) -> None:
+    """Name each point, written towards the middle of the axes so that no label runs past its
+    edge: points in the right half get their label on their left."""
+    if not xs:
+        return
+    scale = (lambda x: math.log10(x)) if ax.get_xscale() == "log" else (lambda x: x)
+    middle = (scale(min(xs)) + scale(max(xs))) / 2
+    for x, y, label in zip(xs, ys, labels, strict=True):
+        right = len(xs) > 1 and scale(x) > middle
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(-5 if right else 5, 5),
+                    ha="right" if right else "left", fontsize=8)
+
+
+LINE_STYLES = ("-", "--", ":", "-.")
 
 
 def _loss_figure(values: list[str], g: _Group, entries: list[dict], w: _Writer
                  ) -> Figure | None:
-    """Pretraining loss per manifest run: one colour per knob value, its seeds alike."""
+    """Pretraining loss per manifest run: one colour per knob value, one line style per seed,
+    one legend entry per run."""
     if not entries:
         return None
     plt = _pyplot()
     labels = values + sorted({_fmt_value(e.get("value")) for e in entries} - set(values))
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    seen: set[str] = set()
-    for e in sorted(entries, key=lambda e: (_sort_key(e.get("value")), str(e.get("seed")))):
+    runs = sorted(entries, key=lambda e: (_sort_key(e.get("value")), str(e.get("seed"))))
+    seeds = list(dict.fromkeys(str(e.get("seed")) for e in runs))
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    drawn: set[str] = set()
+    for e in runs:
         label = _fmt_value(e.get("value"))
         steps, losses = _read_curve(Path(str(e["run_dir"])) / METRICS_FILE) \
             if e.get("run_dir") else ([], [])
@@ -377,15 +489,20 @@ def _loss_figure(values: list[str], g: _Group, entries: list[dict], w: _Writer
             w.notes.append(f"{g.sweep} {g.column}={label} seed {e.get('seed')}: no loss curve "
                            f"({METRICS_FILE} missing or empty in {e.get('run_dir')})")
             continue
+        name = f"{g.column}={label}, seed {_fmt_value(e.get('seed'))}"
+        if name in drawn:  # two runs of one point (e.g. another setting): name the run too
+            name += f" ({e.get('run_id', Path(str(e['run_dir'])).name)})"
+        drawn.add(name)
         ax.plot(steps, losses, color=plt.get_cmap("tab10")(labels.index(label) % 10),
-                alpha=0.8, label=None if label in seen else f"{g.column}={label}")
-        seen.add(label)
-    if not seen:
+                linestyle=LINE_STYLES[seeds.index(str(e.get("seed"))) % len(LINE_STYLES)],
+                alpha=0.8, label=name)
+    if not drawn:
         plt.close(fig)
         return None
     ax.set(xlabel="optimizer step", ylabel="pretraining loss",
            title=f"{g.sweep}: pretraining loss, {_dataset_label(g.dataset)}")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0),
+              ncol=1 if len(drawn) <= 16 else 2)
     return _save(fig, f"{g.slug}-loss.png", "Pretraining loss curves", w)
 
 
@@ -462,10 +579,10 @@ def _provenance_section(df: pd.DataFrame, manifest: list[dict]) -> list[Block]:
     """Commands, commits, software versions, time span and wall time per sweep."""
     blocks: list[Block] = [Heading("How this was made")]
     # the sweeps' commands, then every pretraining and evaluation command a row records
-    commands = list(dict.fromkeys(
-        [str(e["command"]) for e in manifest if e.get("command")]
-        + [str(c) for col in ("pretrain_command", "command") if col in df.columns
-           for c in df[col].dropna().tolist() if c]))
+    commands = list(dict.fromkeys(_as_typed(str(c)) for c in (
+        [e["command"] for e in manifest if e.get("command")]
+        + [c for col in ("pretrain_command", "command") if col in df.columns
+           for c in df[col].dropna().tolist() if c])))
     if commands:
         blocks += [Paragraph("Commands:"), *(Code(c) for c in commands)]
     shas = dict.fromkeys(s for s in [*df["git_sha"].tolist(), *(e.get("git_sha") for e in manifest)]
@@ -555,6 +672,23 @@ def _read_curve(path: Path) -> tuple[list[float], list[float]]:
             steps.append(step)
             losses.append(loss)
     return steps, losses
+
+
+def _as_typed(command: str) -> str:
+    """A recorded command as the user typed it: ``mae-bench ...`` whether it was recorded from
+    ``sys.argv`` (``/path/to/venv/bin/mae-bench``, ``.../mae_bench/__main__.py``, ``python -m
+    mae_bench``) or written as ``mae-bench``, so one command is listed once."""
+    try:
+        words = shlex.split(command)
+    except ValueError:  # unbalanced quotes: keep it as it is
+        return command.strip()
+    if len(words) >= 3 and re.fullmatch(r"python[0-9.]*", Path(words[0]).name) \
+            and words[1:3] == ["-m", "mae_bench"]:
+        words = ["mae-bench", *words[3:]]
+    elif words and (Path(words[0]).name == "mae-bench" or words[0].replace("\\", "/").endswith(
+            "mae_bench/__main__.py")):
+        words = ["mae-bench", *words[1:]]
+    return shlex.join(words)
 
 
 def _interval(s: dict | None) -> str:

@@ -16,25 +16,43 @@ Failures: a point that raises (a non-finite loss, a damaged checkpoint, out of m
 knob, a value out of range, a setting the model cannot build) is found before anything runs.
 
 Every finished point attempt appends one line to ``results_dir/sweeps.jsonl`` (the manifest the
-report reads: run folder, command, versions).
+report reads: run folder, command, versions), through the store's own locked, all-or-nothing
+appender. A point whose rows are complete but whose line is missing (the sweep was killed between
+the two) gets its line on the re-run. A store that cannot be written (a full disk) ends the sweep
+with one error; the point it stopped at has no rows (appends are all or none), so a re-run
+evaluates it again.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import platform
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from mae_bench.app.compare import read_json, read_store, run_finished, silent
-from mae_bench.app.evaluation import PROTOCOLS, EvalSpec, run_eval, validate_spec
+from mae_bench.app.compare import (
+    PIXEL_PROTOCOLS,
+    REFERENCES,
+    read_json,
+    read_store,
+    run_finished,
+    silent,
+)
+from mae_bench.app.evaluation import (
+    FOLDER_DATASETS,
+    PROTOCOLS,
+    EvalSpec,
+    run_eval,
+    source_of,
+    validate_spec,
+)
 from mae_bench.app.sweep_knobs import SweepKnob, get_knob
 from mae_bench.config import RunConfig, validate
 from mae_bench.data import load_dataset
@@ -45,7 +63,13 @@ from mae_bench.distributed import (
     local_only,
 )
 from mae_bench.errors import ConfigError
-from mae_bench.files import MANIFEST_FILE, RUN_FILE, SUMMARY_FILE, write_json_atomic
+from mae_bench.files import (
+    MANIFEST_FILE,
+    RUN_FILE,
+    SUMMARY_FILE,
+    append_whole,
+    write_json_atomic,
+)
 from mae_bench.methods import build_method, resolve_config
 from mae_bench.results import append_rows, check_writable, git_sha, make_row
 from mae_bench.runtime import resolve_device
@@ -91,6 +115,7 @@ class SweepSpec:
     cache_dir: str | None = None
     use_cache: bool = True
     retry_failed: bool = False
+    references: bool = True  # also evaluate the random encoder (per seed) and pixels (once)
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # more config (YAML)
     command: str = ""  # the command line, for the manifest and the report
 
@@ -240,12 +265,17 @@ def run_sweep(spec: SweepSpec, log: Log = print, progress: bool = True, console=
     states = broadcast_from_main(point_states(spec, points) if main else None)
     ran: list[str] = []
     failed: list[str] = []
+    listed = _manifest_runs(Path(spec.results_dir) / MANIFEST) if main else set()
     for i, state in enumerate(states, 1):
         p = state.point
         label = f"{knob.name}={_fmt(p.value)} seed {p.seed}"
         retry = spec.retry_failed and state.failed
         if state.complete and not retry:
-            log(f"[{i}/{len(states)}] {label}: {state.status}, skipped")
+            note = ""
+            if main and state.point.run_dir.name not in listed:
+                _repair_manifest(spec, knob, state)
+                note = f" (its {MANIFEST} line was missing: written now)"
+            log(f"[{i}/{len(states)}] {label}: {state.status}, skipped{note}")
             continue
         todo = [pr for pr in spec.protocols
                 if pr not in state.done or (retry and pr in state.failed)]
@@ -257,18 +287,45 @@ def run_sweep(spec: SweepSpec, log: Log = print, progress: bool = True, console=
                 log(f"  evaluating {protocol}")
                 run_eval(_eval_spec(spec, protocol, p.run_dir, extra), eval_progress)
         except Exception as err:  # noqa: BLE001 - any failure of one point is recorded
+            if _is_store_error(err, spec.results_dir):  # not the point's fault: stop here
+                said = str(err).removesuffix("; the numbers are only on the screen")
+                raise ConfigError(f"{said}; the sweep stopped at {label}: re-run it once the "
+                                  "store can be written (finished points are skipped)"
+                                  ) from None
             message = _one_line(err)
             log(f"  failed: {message}")
             failed.append(f"{label}: {message}")
             if main:
                 remaining = [pr for pr in todo if pr not in set(
                     _rows_of(read_store(spec.results_dir), spec, p, ok_only=True)["protocol"])]
-                _record_failure(spec, knob, p, remaining, message)
-                _append_manifest(spec, knob, p, "failed", message)
+                with _store_writes(spec, label):
+                    _record_failure(spec, knob, p, remaining, message)
+                    _append_manifest(spec, knob, p, "failed", message)
             continue
         if main:
-            _append_manifest(spec, knob, p, "ok", None)
+            with _store_writes(spec, label):
+                _append_manifest(spec, knob, p, "ok", None)
+    if spec.references:
+        _run_references(spec, knob, log, eval_progress)
     return SweepOutcome(states, ran, failed, time.perf_counter() - start)
+
+
+def _is_store_error(err: Exception, results_dir: str) -> bool:
+    """run_eval's own refusal to write the store (it names ``--results-dir DIR:`` first)."""
+    return isinstance(err, ConfigError) and str(err).startswith(f"--results-dir {results_dir}:")
+
+
+@contextmanager
+def _store_writes(spec: SweepSpec, label: str) -> Iterator[None]:
+    """A store or manifest write that fails (a full disk) ends the sweep with one error line,
+    not a traceback; the append wrote nothing, so the re-run sees the point as not done."""
+    try:
+        yield
+    except OSError as exc:
+        raise ConfigError(f"--results-dir {spec.results_dir}: the rows could not be written "
+                          f"({exc.strerror or exc}); the sweep stopped at {label}: re-run it "
+                          "once the store can be written (finished points are skipped)"
+                          ) from None
 
 
 def _pretrain_point(spec: SweepSpec, knob: SweepKnob, p: SweepPoint, progress: bool,
@@ -344,6 +401,7 @@ def sweep_summary(spec: SweepSpec, points: list[SweepPoint]) -> pd.DataFrame:
     if rows.empty:
         return pd.DataFrame()
     rows = rows.assign(value_of_knob=rows["checkpoint"].map(names))
+    rows = pd.concat([rows, _reference_rows(store, spec)])
     stats = aggregate(rows, by=["value_of_knob", "protocol"])
     table = {}
     for r in stats.to_dict("records"):
@@ -351,9 +409,72 @@ def sweep_summary(spec: SweepSpec, points: list[SweepPoint]) -> pd.DataFrame:
         std = "-" if r["n"] < 2 else f"{r['std']:.2f}"
         cell = f"{r['mean']:.2f} ± {std} ({r['n']})" if r["n"] else "failed"
         table.setdefault(r["value_of_knob"], {})[label] = cell
-    order = list(dict.fromkeys(names.values()))
+    order = list(dict.fromkeys([*names.values(), *rows["value_of_knob"]]))  # references last
     return pd.DataFrame.from_dict(table, orient="index").reindex(
         [v for v in order if v in table]).rename_axis(spec.knob)
+
+
+# --- references ------------------------------------------------------------------------------
+
+def _reference_rows(store: pd.DataFrame, spec: SweepSpec) -> pd.DataFrame:
+    """The store's top-1 reference rows of this sweep (k-NN at ``spec.k``), labelled for its
+    table."""
+    from mae_bench.app.report import REFERENCE_LABELS
+
+    if "sweep" not in store or "method" not in store:
+        return store.iloc[:0]
+    rows = store[(store["sweep"] == get_knob(spec.knob).name) & (store["metric"] == "top1")
+                 & store["method"].isin(list(REFERENCE_LABELS))
+                 & (store["dataset"] == spec.dataset)
+                 & ((store["arch"] == spec.arch) | (store["method"] == "pixels"))]
+    if "k" in rows:
+        rows = rows[(rows["protocol"] != "knn") | (rows["k"] == spec.k)]
+    return rows.assign(value_of_knob=rows["method"].map(REFERENCE_LABELS))
+
+
+def reference_specs(spec: SweepSpec, knob: SweepKnob) -> list[EvalSpec]:
+    """The reference evaluations of a sweep, made as ``compare`` makes them: a randomly
+    initialised encoder of the sweep's architecture (once per seed, so that it gets an interval
+    like the points) and raw pixels (once; frozen protocols only), on the same data with the
+    same protocols. Their rows carry the sweep's name: its table and report show them beside
+    the knob's values."""
+    out = []
+    for name in REFERENCES:
+        for seed in spec.seeds if name == "random" else spec.seeds[:1]:
+            for protocol in spec.protocols:
+                if name == "pixels" and protocol not in PIXEL_PROTOCOLS:
+                    continue
+                base = _eval_spec(spec, protocol, Path(name), {"sweep": knob.name})
+                out.append(replace(base, checkpoint=name, seed=seed,
+                                   arch=spec.arch if name == "random" else None,
+                                   img_size=spec.img_size if name == "random" else None))
+    return out
+
+
+def _run_references(spec: SweepSpec, knob: SweepKnob, log: Log, eval_progress) -> None:
+    """Evaluate the references the store does not hold yet (after the points: a reference
+    that fails writes no row, and the re-run, skipping the points, tries it again)."""
+    todo = None
+    if is_main_process():
+        store = read_store(spec.results_dir)
+        todo = [e for e in reference_specs(spec, knob) if not _has_reference(store, spec, e)]
+    for e in broadcast_from_main(todo):
+        log(f"reference {e.checkpoint} (seed {e.seed}): evaluating {e.protocol}")
+        run_eval(e, eval_progress)
+
+
+def _has_reference(store: pd.DataFrame, spec: SweepSpec, e: EvalSpec) -> bool:
+    """Whether the store holds ok rows of this reference evaluation for this sweep."""
+    if store.empty or "sweep" not in store:
+        return False
+    sel = store[(store["run_id"] == source_of(e).run_id) & (store["sweep"] == e.extra["sweep"])
+                & (store["dataset"] == spec.dataset) & (store["protocol"] == e.protocol)
+                & (store["status"] == "ok")]
+    if "pool" in sel and e.checkpoint != "pixels":
+        sel = sel[sel["pool"].isna() | (sel["pool"] == spec.pool)]
+    if spec.dataset in FOLDER_DATASETS and spec.data_dir and "data_dir" in sel:
+        sel = sel[sel["data_dir"] == str(Path(spec.data_dir).resolve())]
+    return len(sel) > 0
 
 
 # --- the manifest ----------------------------------------------------------------------------
@@ -365,10 +486,14 @@ def versions(device: str = "") -> dict[str, str]:
     import torch
 
     import mae_bench
+    from mae_bench.runtime import cpu_has_fast_bf16, device_name
 
+    # platform.processor() is empty on Linux: the CPU model comes from /proc/cpuinfo, with
+    # whether it has bf16 matrix instructions (without them bf16 is emulated, and slow).
     return {"python": platform.python_version(), "torch": torch.__version__,
             "numpy": numpy.__version__, "mae_bench": getattr(mae_bench, "__version__", "?"),
-            "platform": platform.platform(), "processor": platform.processor() or "?",
+            "platform": platform.platform(), "processor": device_name(torch.device("cpu")),
+            "cpu_bf16": "yes" if cpu_has_fast_bf16() else "no (emulated)",
             "device": device or ("cuda" if torch.cuda.is_available() else "cpu")}
 
 
@@ -384,12 +509,37 @@ def _append_manifest(spec: SweepSpec, knob: SweepKnob, p: SweepPoint, status: st
             "git_sha": git_sha(), "versions": versions(device)}
     path = Path(spec.results_dir) / MANIFEST
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = (json.dumps(line, sort_keys=True) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:  # one write of a whole line: concurrent sweeps never interleave within a line
-        os.write(fd, data)
-    finally:
-        os.close(fd)
+    append_whole(path, (json.dumps(line, sort_keys=True) + "\n").encode())
+
+
+def _repair_manifest(spec: SweepSpec, knob: SweepKnob, state: PointState) -> None:
+    """Write the manifest line of a point whose rows are all in the store but which has none
+    (the sweep was killed between its rows and its line)."""
+    p = state.point
+    error = None
+    if state.failed:
+        rows = _rows_of(read_store(spec.results_dir), spec, p)
+        errors = rows.loc[rows["status"] == "failed"].get("error", pd.Series(dtype=object))
+        error = next((str(e) for e in errors.tolist() if isinstance(e, str) and e), None)
+    with _store_writes(spec, f"{knob.name}={_fmt(p.value)} seed {p.seed}"):
+        _append_manifest(spec, knob, p, "failed" if state.failed else "ok", error)
+
+
+def _manifest_runs(path: Path) -> set[str]:
+    """The run ids the manifest has a line for (unreadable lines are skipped)."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return set()
+    runs = set()
+    for line in raw.splitlines():
+        try:
+            entry = json.loads(line)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if isinstance(entry, dict) and isinstance(entry.get("run_id"), str):
+            runs.add(entry["run_id"])
+    return runs
 
 
 # --- helpers ---------------------------------------------------------------------------------

@@ -50,34 +50,63 @@ def results(
         out.print(f"no results in {results_dir}" + (" match --where" if where else ""))
         return
     table = pivot_table(df, rows=names(rows), columns=names(columns), decimals=decimals)
-    out.print(_pivot_for_terminal(table, f"{results_dir} ({len(df)} rows; mean ± std (n) over "
-                                         "seeds)"))
+    for part in _pivot_for_terminal(table, f"{results_dir} ({len(df)} rows; mean ± std (n) "
+                                           "over seeds)"):
+        out.print(part)
     for path in export or []:
         # CSV is for programs: one row per group, mean / std / n / interval as numbers.
         data = aggregate(df) if path.suffix.lower() == ".csv" else table
         out.print(f"wrote {export_table(data, path, decimals=decimals)}")
 
 
-def _pivot_for_terminal(table, title: str) -> Table:
-    """A rich table of a pivot table; turned on its side when its columns would not fit the
-    terminal (then each result column is a row and each table row a column)."""
+def _pivot_for_terminal(table, title: str, width: int | None = None) -> list[Table]:
+    """A pivot table as rich tables that fit ``width`` (default: the terminal's) without cutting
+    a word: every column is at least as wide as its longest word (so ``knn recall@1`` and
+    ``knn recall@10`` never both read ``knn recall…``), and the result columns go into as
+    many tables as needed, each repeating the row labels. Turned on its side when it has fewer
+    rows than result columns (then each result column is a row)."""
+    width = width or out.width
     names = [str(n) for n in table.index.names]
-    keys = [k if isinstance(k, tuple) else (k,) for k in table.index]
+    keys = [tuple(map(str, k)) if isinstance(k, tuple) else (str(k),) for k in table.index]
     cells = [[str(v) for v in row] for row in table.to_numpy().tolist()]
-    width = sum(max(len(str(c)), *(len(r[i]) for r in cells)) + 3
-                for i, c in enumerate(table.columns)) + sum(len(n) + 8 for n in names)
-    shown = Table(title=title)
-    if width <= out.width or len(keys) > len(table.columns):
-        for name in names:
-            shown.add_column(name)
-        for col in table.columns:
-            shown.add_column(str(col), justify="right")
+    labels = [str(c) for c in table.columns]
+    if len(keys) < len(labels):  # on its side: a column per table row
+        names, keys, labels, cells = (
+            [" / ".join(names)], [(label,) for label in labels],
+            ["\n".join(key) for key in keys], [list(col) for col in zip(*cells, strict=True)])
+    columns = [[name, *(k[i] for k in keys)] for i, name in enumerate(names)] + [
+        [label, *(row[j] for row in cells)] for j, label in enumerate(labels)]
+    least = [max(len(w) for text in col for w in text.split() or [""]) for col in columns]
+    most = [max(len(line) for text in col for line in text.splitlines() or [""])
+            for col in columns]
+    n_keys = len(names)
+    room = width - 1 - sum(w + 3 for w in least[:n_keys])  # a column takes 3 more: │ and padding
+    chunks: list[list[int]] = [[]]
+    for j in range(n_keys, len(columns)):
+        if chunks[-1] and sum(least[i] + 3 for i in chunks[-1]) + least[j] + 3 > room:
+            chunks.append([])
+        chunks[-1].append(j)
+    shown = []
+    for n, chunk in enumerate(chunks, 1):
+        picked = [*range(n_keys), *chunk]
+        widths = _share(width - 1 - 3 * len(picked), [least[i] for i in picked],
+                        [most[i] for i in picked])
+        part = Table(title=title if len(chunks) == 1 else f"{title} [{n}/{len(chunks)}]")
+        for i, w in zip(picked, widths, strict=True):
+            part.add_column(columns[i][0], width=w, justify="left" if i < n_keys else "right")
         for key, row in zip(keys, cells, strict=True):
-            shown.add_row(*map(str, key), *row)
-        return shown
-    shown.add_column(" / ".join(names))
-    for key in keys:
-        shown.add_column("\n".join(map(str, key)), justify="right")
-    for i, col in enumerate(table.columns):
-        shown.add_row(str(col), *(row[i] for row in cells))
+            part.add_row(*key, *(row[j - n_keys] for j in chunk))
+        shown.append(part)
     return shown
+
+
+def _share(room: int, least: list[int], most: list[int]) -> list[int]:
+    """Column widths from ``least`` (the longest word) towards ``most`` (the longest line) that
+    add up to at most ``room``: the spare room goes to the columns that need least first."""
+    widths, spare = list(least), room - sum(least)
+    order = sorted(range(len(least)), key=lambda i: most[i] - least[i])
+    for n, i in enumerate(order):
+        give = max(0, min(most[i] - least[i], spare // (len(order) - n)))
+        widths[i] += give
+        spare -= give
+    return widths

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from mae_bench.cli.common import Progress, console, log_line, names, out, task_progress
+from mae_bench.cli.common import Progress, console, log_between_bars, names, out, task_progress
 from mae_bench.cli.config_options import SetOption, field_option, overrides
 from mae_bench.errors import ConfigError
 
@@ -79,6 +79,13 @@ def sweep(
     retry_failed: Annotated[
         bool, typer.Option("--retry-failed", help="Run points recorded as failed again.")
     ] = False,
+    references: Annotated[
+        bool,
+        typer.Option("--references/--no-references",
+                     help="Also evaluate a random encoder of the same architecture (once per "
+                     "seed) and raw pixels (once) with the same protocols: the floor the "
+                     "values must beat, shown in the table and the report."),
+    ] = True,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="List the points and what is already done; run "
                            "nothing, write nothing.")
@@ -109,7 +116,7 @@ def sweep(
         label_fraction=label_fraction, pool=pool, device=device, precision=precision,
         num_workers=num_workers, runs_dir=str(runs_dir), results_dir=str(results_dir),
         cache_dir=str(cache_dir) if cache_dir is not None else None,
-        retry_failed=retry_failed, overrides=overrides(config, sets, own),
+        retry_failed=retry_failed, references=references, overrides=overrides(config, sets, own),
         command=shlex.join(["mae-bench", *sys.argv[1:]]),
     )
     if dry_run:
@@ -128,8 +135,8 @@ def sweep(
         return
 
     with task_progress(progress) as report:
-        outcome = run_sweep(spec, log=log_line, progress=progress, console=console,
-                            eval_progress=report)
+        outcome = run_sweep(spec, log=log_between_bars(report), progress=progress,
+                            console=console, eval_progress=report)
     summary = sweep_summary(spec, [s.point for s in outcome.states])
     if not summary.empty:
         shown = Table(title=f"sweep {knob} on {dataset}, {arch}: top-1 mean ± std (n seeds)")
