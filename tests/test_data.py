@@ -854,3 +854,122 @@ def test_dataset_status_found_missing_and_cheap(tmp_path: Path, monkeypatch) -> 
     assert not ok and "does not hold svhn: expected train_32x32.mat" in detail
     ok, detail = dataset_status("mnist", None)
     assert not ok and "home/.cache/mae-bench/data/mnist for mnist does not exist" in detail
+
+
+# --------------------------------------------------------------- issue 28: 15, 16, 18
+
+
+def unreadable_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.levelno == logging.WARNING and "unreadable image" in r.getMessage()]
+
+
+def test_a_second_decode_pass_does_not_warn_again(tmp_path: Path, caplog) -> None:
+    """A wrong size guess costs a second pass over the files; the unreadable one is named once."""
+    write_with_bad(tmp_path / "train", 100, ["text"])
+    index = data.index._classify(tmp_path / "train", data.index._walk(tmp_path / "train")[0],
+                                 strip_prefix=False)
+    blobs = index.read_all()
+    with caplog.at_level(logging.WARNING, logger="mae_bench.data"):
+        images, labels, *_ = data.images._decode(index, blobs, [0] * len(blobs), (5, 5), 2**30)
+    assert images.shape == (100, 3, 2, 2) and len(labels) == 100  # the 2x2 of the files
+    assert len(unreadable_warnings(caplog)) == 1
+
+
+def test_loading_both_splits_in_one_command_warns_once(tmp_path: Path, caplog) -> None:
+    """imagefolder's test split reads the train split (classes, channels, statistics); inside
+    one command (``cache_writes_held``, as eval and pretrain run) that is not a second decode."""
+    write_with_bad(tmp_path / "train", 100, ["truncated"])
+    write_with_bad(tmp_path / "test", 10, [])
+    with caplog.at_level(logging.WARNING, logger="mae_bench.data"), data.cache_writes_held():
+        train = load_dataset("imagefolder", "train", tmp_path)
+        test = load_dataset("imagefolder", "test", tmp_path)
+    assert (train.bad_images, test.bad_images, len(test)) == (1, 0, 10)
+    warned = unreadable_warnings(caplog)
+    assert len(warned) == 1 and "bad-truncated.jpg" in warned[0]
+
+
+def gray_folder(split_dir: Path, n: int) -> None:
+    for i in range(n):
+        save_png(split_dir / f"c{i % 2}" / f"{i:02d}.png", RNG.integers(0, 256, (8, 8), np.uint8))
+
+
+def test_colour_files_in_a_gray_folder_are_named(tmp_path: Path, caplog) -> None:
+    gray_folder(tmp_path / "train", 10)
+    rgba = RNG.integers(0, 256, (8, 8, 4), np.uint8)
+    save_png(tmp_path / "train/c1/stray.png", rgba)
+    for attempt in ("decoded", "from the cache"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="mae_bench.data"):
+            ds = load_dataset("imagefolder", "train", tmp_path)
+        assert ds.info.channels == 3 and ds.images.shape == (11, 3, 8, 8), attempt
+        assert np.array_equal(ds.images[10].numpy().transpose(1, 2, 0), rgba[..., :3])
+        warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert warned == [
+            f"{tmp_path}/train: 1 of 11 images are colour ({tmp_path}/train/c1/stray.png), so "
+            "every image is read as 3 channels; convert those to grayscale (or remove them) to "
+            "read the folder as 1 channel"
+        ], attempt
+
+
+def test_gray_images_in_a_colour_folder_are_not_worth_a_warning(tmp_path: Path, caplog) -> None:
+    write_image_split(tmp_path / "train", ["a", "b"], 3)
+    gray_folder(tmp_path / "train", 1)
+    with caplog.at_level(logging.WARNING, logger="mae_bench.data"):
+        ds = load_dataset("imagefolder", "train", tmp_path)
+    assert ds.info.channels == 3 and len(ds) == 7 and not caplog.records
+
+
+def test_colour_test_images_read_as_gray_are_named(tmp_path: Path, caplog) -> None:
+    gray_folder(tmp_path / "train", 6)
+    gray_folder(tmp_path / "test", 4)
+    rgb = RNG.integers(0, 256, (8, 8, 3), np.uint8)
+    save_png(tmp_path / "test/c0/colour.png", rgb)
+    with caplog.at_level(logging.WARNING, logger="mae_bench.data"):
+        test = load_dataset("imagefolder", "test", tmp_path)
+    assert test.images.shape == (5, 1, 8, 8)
+    luma = np.round(rgb.astype(float) @ [0.299, 0.587, 0.114])
+    assert np.abs(test.images[2, 0].numpy() - luma).max() <= 1  # c0: 00, 02, colour
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warned == [f"{tmp_path}/test: 1 of 5 images are colour ({tmp_path}/test/c0/colour.png);"
+                      " they are read as grayscale, like the train split"]
+
+
+def test_mnist_given_an_image_folder_suggests_imagefolder(tmp_path: Path) -> None:
+    gray_folder(tmp_path / "train", 4)
+    gray_folder(tmp_path / "test", 2)
+    with pytest.raises(DataError) as err:
+        load_dataset("mnist", "train", tmp_path)
+    message = str(err.value)
+    assert message.startswith(f"{tmp_path} does not hold mnist: expected train-images-idx3-ubyte")
+    assert "; it holds imagefolder data (--dataset imagefolder); get it: " in message
+    write_cifar10(tmp_path / "batches")  # a fixed data set's files are named as such
+    with pytest.raises(DataError, match=r"; it holds cifar10 data \(--dataset cifar10\); get"):
+        load_dataset("svhn", "train", tmp_path / "batches")
+
+
+def test_check_dataset_loads_what_the_layout_promises(tmp_path: Path) -> None:
+    """An image folder of 28-px gray digits has the layout CIFAR image folders have; only
+    loading tells that it is not CIFAR, and that a folder of too many bad files is unusable."""
+    digits = tmp_path / "digits"
+    for split, n in (("train", 3), ("test", 1)):
+        for c in "0123456789":
+            for i in range(n):
+                save_png(digits / split / c / f"{i}.png", RNG.integers(0, 256, (28, 28), np.uint8))
+    for name in ("cifar10", "cifar100"):
+        assert dataset_status(name, digits)[0]  # the cheap look is fooled...
+        check = data.check_dataset(name, digits)  # ...loading is not
+        assert not check.usable and "(0, 1, 2, 3, 4, 5, 6, 7, 8, 9) are not the" in check.detail
+        assert check.info is DATASETS[name]
+    check = data.check_dataset("imagefolder", digits)
+    assert check.usable and check.detail == f"{digits}: found train, test"
+    assert (check.info.img_size, check.info.channels, check.info.num_classes) == (28, 1, 10)
+    mnist = data.check_dataset("mnist", digits)
+    assert not mnist.usable and "(--dataset imagefolder)" in mnist.detail
+
+    write_with_bad(tmp_path / "bad/train", 100, ["empty", "text"])
+    check = data.check_dataset("imagefolder", tmp_path / "bad")
+    assert not check.usable and "2 of 102 images" in check.detail
+    write_with_bad(tmp_path / "one/train", 100, ["text"])
+    check = data.check_dataset("imagefolder", tmp_path / "one")
+    assert check.usable and check.detail.endswith("; 1 unreadable image(s) in train skipped")

@@ -8,7 +8,8 @@ Every problem with the user's data is a one-line ``DataError`` naming the path a
 
 Modules, one concept each:
     info, classes       ``DatasetInfo``; class names of the built-in sets.
-    registry            register a format; look a name up; ``dataset_status``, ``load_dataset``.
+    registry            register a format; look a name up; ``dataset_status`` (cheap),
+                        ``check_dataset`` (loads a split), ``load_dataset``.
     datasets            ``ArrayDataset`` (in memory) and ``StreamingDataset`` (decoded per item).
     index, images       where a split's images are (folders, tars); decoding them (bad images).
     cache               decoded image splits stored as .npz.
@@ -37,8 +38,10 @@ from mae_bench.data.info import DatasetInfo
 from mae_bench.data.registry import _SYSTEM_DIRS as _SYSTEM_DIRS  # private; tests patch it
 from mae_bench.data.registry import (
     DATASETS,
+    DatasetCheck,
     Finder,
     Loader,
+    check_dataset,
     dataset_status,
     default_data_dir,
     get_dataset_info,
@@ -62,10 +65,12 @@ __all__ = [
     "STL10_CLASSES",
     "AnyDataset",
     "ArrayDataset",
+    "DatasetCheck",
     "DatasetInfo",
     "Finder",
     "Loader",
     "StreamingDataset",
+    "check_dataset",
     "dataset_status",
     "default_data_dir",
     "get_dataset_info",

@@ -24,7 +24,7 @@ from mae_bench.files import atomic_file
 
 log = logging.getLogger("mae_bench.data")  # one logger name for the whole package
 
-CACHE_FORMAT = 1  # bump when the cached arrays change meaning; old cache files are then ignored
+CACHE_FORMAT = 2  # bump when the cached arrays change meaning; old cache files are then ignored
 
 
 @dataclass
@@ -35,6 +35,8 @@ class _Decoded:
     bad_images: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    gray_images: int  # images with three equal channels (grayscale files)
+    colour_examples: list[str]  # where the first few of the other (colour) images are
 
 
 def _cache_path(info: DatasetInfo, source: Path, stamp: str, opts: _Options) -> Path:
@@ -44,6 +46,14 @@ def _cache_path(info: DatasetInfo, source: Path, stamp: str, opts: _Options) -> 
 
 
 def _read_cache(path: Path, budget: int) -> _Decoded | None:
+    """The decoded split stored at ``path``, or one decoded earlier in the same
+    ``cache_writes_held`` block and not written yet (so a command that reads a split twice,
+    as imagefolder's test split reads the train split, decodes and warns once); None if
+    neither exists or its pixels exceed ``budget``."""
+    for pending in _HELD:
+        for held_path, decoded in pending:
+            if held_path == path:
+                return None if decoded.images.numel() > budget else decoded
     if not path.is_file():
         return None
     try:
@@ -57,6 +67,8 @@ def _read_cache(path: Path, budget: int) -> _Decoded | None:
                 int(z["bad_images"]),
                 tuple(float(m) for m in z["mean"]),
                 tuple(float(s) for s in z["std"]),
+                int(z["gray_images"]),
+                [str(w) for w in z["colour_examples"]],
             )
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         log.warning("ignoring unreadable cache file %s (%s)", path, e)
@@ -99,6 +111,8 @@ def _write_cache(path: Path, decoded: _Decoded) -> None:
                 bad_images=decoded.bad_images,
                 mean=decoded.mean,
                 std=decoded.std,
+                gray_images=decoded.gray_images,
+                colour_examples=np.array(decoded.colour_examples, dtype=str),
             )
     except OSError as e:
         log.warning("could not write cache file %s (%s); decoding again next time", path, e)

@@ -15,7 +15,7 @@ import torch
 
 from mae_bench.data.cache import _cache_path, _Decoded, _read_cache, _write_cache
 from mae_bench.data.datasets import StreamingDataset
-from mae_bench.data.images import _channel_stats, _common_size, _decode, _sample
+from mae_bench.data.images import _channel_stats, _common_size, _decode, _gray_mask, _sample
 from mae_bench.data.index import (
     IMAGE_SUFFIXES,
     _classify,
@@ -35,6 +35,7 @@ log = logging.getLogger("mae_bench.data")  # one logger name for the whole packa
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 _SPLIT_NAMES = {"train": ("train",), "test": ("test", "val")}
+_EXAMPLES = 3  # colour images a warning names (and the decode cache keeps the names of)
 
 
 def _find_image_splits(root: Path) -> dict[str, Path]:
@@ -66,7 +67,9 @@ def _labels(
     if class_order is not None and set(found) != set(class_order):
         raise DataError(
             f"class folders in {index.root} ({', '.join(found[:12])}{', ...' * (len(found) > 12)}) "
-            f"are not the {len(class_order)} {info.name} classes ({', '.join(class_order[:10])}...)"
+            f"are not the {len(class_order)} {info.name} classes "
+            f"({', '.join(class_order[:10])}...); read your own classes with the imagefolder "
+            "data set (--dataset imagefolder)"
         )
     classes = list(class_order or found)
     ids = {c: i for i, c in enumerate(classes)}
@@ -111,10 +114,13 @@ def _load_image_split(
         log.info("%s: %d images exceed %d bytes in memory; streaming", source, len(labels), budget)
         info = replace(info, num_classes=len(classes))
         return StreamingDataset(index.root, index.members, labels, classes, info, index.offsets)
-    images, kept_labels, bad = decoded
+    images, kept_labels, kept = decoded
     mean, std = _channel_stats(images)
+    gray = _gray_mask(images)
+    colour_examples = [index.where(kept[i]) for i in np.flatnonzero(~gray)[:_EXAMPLES]]
     result = _Decoded(
-        torch.from_numpy(images), torch.from_numpy(kept_labels), classes, bad, mean, std
+        torch.from_numpy(images), torch.from_numpy(kept_labels), classes,
+        len(index.members) - len(kept), mean, std, int(gray.sum()), colour_examples,
     )
     _write_cache(cache, result)
     return result

@@ -6,6 +6,7 @@ classes and is normalised like train.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -19,15 +20,9 @@ from mae_bench.data.info import DatasetInfo
 from mae_bench.data.registry import _Options, register_dataset
 from mae_bench.errors import DataError
 
+log = logging.getLogger("mae_bench.data")  # one logger name for the whole package
+
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-def _is_gray(images: torch.Tensor) -> bool:
-    """Every image of uint8 [N, 3, H, W] has three equal channels (grayscale files decode to
-    RGB with the gray value repeated)."""
-    step = 4096
-    return all(bool((chunk[:, 0] == chunk[:, 1]).all() and (chunk[:, 1] == chunk[:, 2]).all())
-               for chunk in images.split(step))
 
 
 def _to_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
@@ -40,16 +35,33 @@ def _to_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
 
 
 def _imagefolder_split(info: DatasetInfo, source: Path, opts: _Options,
-                       channels: int | None = None) -> AnyDataset:
-    """One split in memory (or streamed when too big). A folder of grayscale images stays one
-    channel (``channels`` None: decided from the images; the test split takes the train
-    split's); a streamed split stays RGB."""
+                       channels: int | None = None, warn: bool = True) -> AnyDataset:
+    """One split in memory (or streamed when too big; a streamed split stays RGB).
+
+    ``channels`` None: decided from the images. One channel only when every image is gray, so
+    no pixel is ever lost: a colour file among grayscale ones makes the whole split RGB (the
+    gray images repeated). That changes the model's input and its statistics, so when most
+    images are gray it is said, naming the colour files: convert or remove them to get one
+    channel. The test split takes the train split's channels; its colour images, if the train
+    split is gray, are reduced to luma, also with a warning naming them. ``warn`` False: the
+    train split read again only for the test split's sake stays quiet (it warned when loaded).
+    """
     result = _load_image_split(info, source, None, opts)
     if isinstance(result, StreamingDataset):
         return result
     images = result.images
+    n, colour = len(images), len(images) - result.gray_images
+    examples = ", ".join(result.colour_examples)
+    examples += ", ..." if colour > len(result.colour_examples) else ""
     if channels is None:
-        channels = 1 if _is_gray(images) else 3
+        channels = 1 if colour == 0 else 3
+        if warn and 0 < colour < result.gray_images:
+            log.warning("%s: %d of %d images are colour (%s), so every image is read as 3 "
+                        "channels; convert those to grayscale (or remove them) to read the "
+                        "folder as 1 channel", source, colour, n, examples)
+    elif warn and channels == 1 and colour:
+        log.warning("%s: %d of %d images are colour (%s); they are read as grayscale, like the "
+                    "train split", source, colour, n, examples)
     images = _to_channels(images, channels)
     h, w = images.shape[2:]
     mean, std = result.mean, result.std
@@ -68,7 +80,7 @@ def _load_imagefolder(
             f"{found[split].parent} has {found[split].name} but no train/ (or train.tar[.gz]): "
             "imagefolder takes its class names and normalisation stats from the train split"
         )
-    train = _imagefolder_split(info, found["train"], opts)
+    train = _imagefolder_split(info, found["train"], opts, warn=split == "train")
     if split == "train":
         return train
     test = _imagefolder_split(info, found[split], opts, channels=train.info.channels)

@@ -72,19 +72,26 @@ def _sample(n: int) -> list[int]:
 
 def _decode(
     index: _Index, blobs: list[bytes], labels: list[int], size: tuple[int, int], budget: int
-) -> tuple[np.ndarray, np.ndarray, int] | None:
+) -> tuple[np.ndarray, np.ndarray, list[int]] | None:
     """Decodes every image to uint8 [N, 3, h, w] at the most frequent size (``size`` is a guess
-    from a sample; a wrong guess costs one more pass). None if that size exceeds ``budget``."""
+    from a sample; a wrong guess costs one more pass). Returns the images, their labels and the
+    positions in ``blobs`` of the images kept; None if that size exceeds ``budget``.
+
+    An unreadable image is warned about once: a later pass skips the ones the first found bad.
+    """
+    bad_seen: set[int] = set()
     while len(blobs) * 3 * size[0] * size[1] <= budget:
         images = np.empty((len(blobs), 3, size[1], size[0]), dtype=np.uint8)
         kept: list[int] = []
         native: Counter[tuple[int, int]] = Counter()
         for i, blob in enumerate(blobs):
-            image = _open_rgb(blob, index.where(i))
-            if image is not None:
-                native[image.size] += 1
-                images[len(kept)] = np.asarray(_resize_crop(image, size)).transpose(2, 0, 1)
-                kept.append(i)
+            image = None if i in bad_seen else _open_rgb(blob, index.where(i))
+            if image is None:
+                bad_seen.add(i)
+                continue
+            native[image.size] += 1
+            images[len(kept)] = np.asarray(_resize_crop(image, size)).transpose(2, 0, 1)
+            kept.append(i)
         bad = len(blobs) - len(kept)
         if bad > BAD_IMAGE_LIMIT * len(blobs):
             raise DataError(
@@ -92,9 +99,20 @@ def _decode(
                 "fix or remove the files named in the warnings above"
             )
         if native.most_common(1)[0][0] == size:
-            return images[: len(kept)], np.asarray(labels, dtype=np.int64)[kept], bad
+            return images[: len(kept)], np.asarray(labels, dtype=np.int64)[kept], kept
         size = native.most_common(1)[0][0]
     return None
+
+
+def _gray_mask(images: np.ndarray) -> np.ndarray:
+    """bool [N]: which images of uint8 [N, 3, H, W] have three equal channels (grayscale files
+    decode to RGB with the gray value repeated)."""
+    step = 4096
+    return np.concatenate([
+        ((chunk[:, 0] == chunk[:, 1]) & (chunk[:, 1] == chunk[:, 2])).reshape(len(chunk), -1)
+        .all(axis=1)
+        for chunk in (images[i : i + step] for i in range(0, len(images), step))
+    ] or [np.zeros(0, bool)])
 
 
 def _channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:

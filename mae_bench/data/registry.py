@@ -10,13 +10,13 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from mae_bench.data.datasets import AnyDataset, ArrayDataset, StreamingDataset
 from mae_bench.data.info import DatasetInfo
-from mae_bench.errors import DataError
+from mae_bench.errors import DataError, MaeBenchError
 
 log = logging.getLogger("mae_bench.data")  # one logger name for the whole package
 
@@ -112,11 +112,24 @@ def _checked_root(info: DatasetInfo, data_dir: str | Path | None) -> Path:
 def _find(info: DatasetInfo, root: Path) -> dict[str, Any]:
     found = _FORMATS[info.name].find(root)
     if not found:
+        others = _read_by_others(info.name, root)
+        hint = f"it holds {' or '.join(others)} data (--dataset {others[0]}); " if others else ""
         raise DataError(
             f"{root} does not hold {info.name}: expected {_FORMATS[info.name].expected}; "
-            f"get it: {info.how_to_get}"
+            f"{hint}get it: {info.how_to_get}"
         )
     return found
+
+
+def _read_by_others(name: str, root: Path) -> list[str]:
+    """The other data sets whose files are in ``root`` (an image folder given as mnist is
+    imagefolder data). When a generic format (classes known only from the data) reads the
+    folder, the fixed data sets that also accept image folders (cifar) are left out: their
+    classes are checked only when loading."""
+    others = [o for o, i in DATASETS.items()
+              if o != name and i.needs_data_dir and _FORMATS[o].find(root)]
+    generic = [o for o in others if DATASETS[o].num_classes is None]
+    return generic or others
 
 
 def dataset_status(name: str, data_dir: str | Path | None) -> tuple[bool, str]:
@@ -175,3 +188,47 @@ def load_dataset(
             f"expected {_FORMATS[name].expected}"
         )
     return _FORMATS[name].load(info, split, found, options)
+
+
+@dataclass(frozen=True)
+class DatasetCheck:
+    """What ``check_dataset`` found.
+
+    Attributes:
+        usable: the files are there and a split loads.
+        detail: one line: the folder and the splits found (and images skipped), or the problem.
+        info: the data set as loaded (an image folder's own size, channels and classes); the
+            registry's entry when it could not be loaded.
+    """
+
+    usable: bool
+    detail: str
+    info: DatasetInfo
+
+
+def check_dataset(name: str, data_dir: str | Path | None) -> DatasetCheck:
+    """Whether ``name`` can be used from ``data_dir``: ``dataset_status``, then its train split
+    (or the first split found) is loaded, so that a folder with the right layout but the wrong
+    content is not usable: image folders of other classes than CIFAR's, too many unreadable
+    images, truncated files. Decoded image folders are cached, so only the first check costs a
+    decode."""
+    info = get_dataset_info(name)
+    found, detail = dataset_status(name, data_dir)
+    if not found or not info.needs_data_dir:
+        return DatasetCheck(found, detail, info)
+    root = _checked_root(info, data_dir)
+    splits = _find(info, root)
+    split = "train" if "train" in splits else next(s for s in info.splits if s in splits)
+    try:
+        dataset = load_dataset(name, split, root)
+    except (MaeBenchError, OSError) as e:  # a DataError above all
+        return DatasetCheck(False, str(e), info)
+    loaded = dataset.info
+    if isinstance(dataset, ArrayDataset):  # the size and channels of the images themselves
+        channels, h, w = dataset.images.shape[1:]
+        loaded = replace(loaded, channels=channels, img_size=min(h, w))
+    if dataset.bad_images:
+        detail += f"; {dataset.bad_images} unreadable image(s) in {split} skipped"
+    if info.num_classes is not None and loaded.img_size != info.img_size:  # e.g. CIFAR as files
+        detail += f"; its images are {loaded.img_size} px, not {name}'s {info.img_size}"
+    return DatasetCheck(True, detail, loaded)
