@@ -335,6 +335,7 @@ def fast_linear_probe(
     max_iter: int = 300,
     seed: int = 0,
     device: torch.device = torch.device("cpu"),
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, float]:
     """Softmax regression on cached features, hyper-parameters chosen on a training split.
 
@@ -366,6 +367,9 @@ def fast_linear_probe(
         max_iter: L-BFGS iterations per fit.
         seed: chooses the validation split.
         device: where to fit.
+        progress: called with (fits done, fits in all) after each L-BFGS fit: one per grid
+            pair, then the refit. The search takes tens of seconds on large sets, so a user
+            sees it move.
 
     Returns:
         top1, top5 (percent on test), val_top1 (percent, of the chosen pair), lr and
@@ -383,12 +387,16 @@ def fast_linear_probe(
     if x_test.shape[1] != x_train.shape[1]:
         raise ConfigError(f"test features have {x_test.shape[1]} dims but training features "
                           f"have {x_train.shape[1]}; extract both with the same encoder and pool")
+    searched = len(lrs) * len(weight_decays) if len(lrs) * len(weight_decays) > 1 else 0
     chosen = select_probe_hyperparameters(
         x_train, y_train, num_classes=num_classes, val_fraction=val_fraction, lrs=lrs,
-        weight_decays=weight_decays, max_iter=max_iter, seed=seed, device=device)
+        weight_decays=weight_decays, max_iter=max_iter, seed=seed, device=device,
+        progress=None if progress is None else lambda done, _: progress(done, searched + 1))
     basis = _Basis(x_train.to(device))
     weight, bias = _fit_softmax(basis, basis.apply(x_train.to(device)), y_train.to(device),
                                 num_classes, chosen["weight_decay"], chosen["lr"], max_iter)
+    if progress is not None:
+        progress(searched + 1, searched + 1)
     with torch.no_grad():
         logits = basis.apply(x_test.to(device)) @ weight.T + bias  # [M, C]
         top1, top5 = topk_correct(logits, y_test.to(device))
@@ -413,6 +421,7 @@ def select_probe_hyperparameters(
     max_iter: int = 300,
     seed: int = 0,
     device: torch.device = torch.device("cpu"),
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, float]:
     """Choose (lr, weight decay) for softmax regression on a validation split of the TRAINING
     features: fit on the rest, score on it. It takes no test data, by design.
@@ -422,6 +431,7 @@ def select_probe_hyperparameters(
         labels: [N] int64 training labels in [0, num_classes).
         num_classes: width of the classifier.
         val_fraction, lrs, weight_decays, max_iter, seed, device: as in ``fast_linear_probe``.
+        progress: called with (fits done, grid size) after each fit.
 
     Returns:
         lr, weight_decay (the best pair), val_top1 (its validation top-1, percent),
@@ -444,10 +454,14 @@ def select_probe_hyperparameters(
     x_val, y_val = basis.apply(features[val_idx].to(device)), labels[val_idx].to(device)
 
     best: dict[str, float] | None = None
+    fits = 0
     for lr in lrs:
         init = None
         for wd in sorted(weight_decays, reverse=True):  # strong -> weak: good warm starts
             init = _fit_softmax(basis, x_fit, y_fit, num_classes, wd, lr, max_iter, init)
+            fits += 1
+            if progress is not None:
+                progress(fits, len(lrs) * len(weight_decays))
             with torch.no_grad():
                 logits = x_val @ init[0].T + init[1]  # [V, C]
                 score = {"lr": float(lr), "weight_decay": float(wd),

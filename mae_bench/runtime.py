@@ -69,8 +69,10 @@ def resolve_precision(name: str, device: torch.device) -> str:
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return "bf16" if cpu_has_fast_bf16() else "fp32"
     if name == "fp16" and device.type != "cuda":
-        raise ConfigError("--precision fp16 needs a CUDA device (it uses a grad scaler); "
-                          "use bf16 or fp32 on CPU")
+        # No reason given: a grad scaler is one for training only, and this serves every
+        # command (k-NN features too).
+        raise ConfigError(f"--precision fp16 needs a CUDA device; on {device.type} use bf16 or "
+                          "fp32")
     return name
 
 

@@ -571,7 +571,8 @@ def test_cli_pretrains_on_a_folder_with_odd_images_and_one_bad_file(monkeypatch,
     assert code == 0, err
     assert (tmp_path / "run/checkpoint.pt").is_file() and "imagefolder" in out
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warned) == 1 and "broken.jpg" in warned[0]
+    unreadable = [w for w in warned if "unreadable" in w]  # the other: 4 colour files in gray
+    assert len(unreadable) == 1 and "broken.jpg" in unreadable[0] and len(warned) == 2
 
 
 @pytest.mark.parametrize("command", ["pretrain", "eval"])
@@ -653,3 +654,76 @@ def test_set_on_compare_and_sweep(monkeypatch, capsys, tmp_path, args, fix):
     line = refused(monkeypatch, capsys, [tmp_path], *args, "--runs-dir", str(tmp_path / "runs"),
                    "--results-dir", str(tmp_path / "res"), "--no-progress")
     names(line, fix)
+
+
+# ----------------------------------------------------------------- issue 28: the data side, told
+
+
+def test_mnist_on_an_image_folder_suggests_imagefolder(monkeypatch, capsys, tmp_path):
+    small_images(tmp_path / "data/train", ["0", "1"], 2)
+    small_images(tmp_path / "data/test", ["0", "1"], 1)
+    line = refused(monkeypatch, capsys, [tmp_path], *pretrain_args(
+        tmp_path, "--dataset", "mnist", "--data-dir", str(tmp_path / "data")))
+    names(line, f"{tmp_path / 'data'} does not hold mnist: expected train-images-idx3-ubyte",
+          "it holds imagefolder data (--dataset imagefolder)")
+
+
+def test_eval_rows_count_skipped_images_and_each_is_warned_once(monkeypatch, capsys, tmp_path,
+                                                               caplog):
+    good_split(tmp_path / "data/train", 100)
+    good_split(tmp_path / "data/test", 10)
+    (tmp_path / "data/train/c0/broken.jpg").write_bytes(UNREADABLE["truncated.jpg"])
+    with caplog.at_level(logging.WARNING, logger="mae_bench.data"):
+        code, _, err = cli(monkeypatch, capsys, *eval_args(
+            tmp_path, "--protocol", "knn", "--k", "5", "--checkpoint", "pixels", "--dataset",
+            "imagefolder", "--data-dir", str(tmp_path / "data")))
+    assert code in (0, None), err
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "broken.jpg" in warned[0]  # train is read again for test
+    rows = [json.loads(line) for line in (tmp_path / "res/results.jsonl").read_text().splitlines()]
+    assert rows and {r.get("skipped_images") for r in rows} == {1}
+    good_split(tmp_path / "clean/train", 20)
+    good_split(tmp_path / "clean/test", 4)
+    code, _, err = cli(monkeypatch, capsys, *eval_args(
+        tmp_path, "--protocol", "knn", "--k", "5", "--checkpoint", "pixels", "--dataset",
+        "imagefolder", "--data-dir", str(tmp_path / "clean")))
+    clean = [r for r in map(json.loads, (tmp_path / "res/results.jsonl").read_text().splitlines())
+             if r.get("data_dir", "").endswith("clean")]
+    assert code in (0, None) and clean and all("skipped_images" not in r for r in clean), err
+
+
+# --- messages that name the real cause (issue 28, item 16) ------------------------------------
+
+def test_results_of_a_missing_folder_names_that_folder(monkeypatch, capsys, tmp_path):
+    store = tmp_path / "nope"
+    line = refused(monkeypatch, capsys, [tmp_path], "results", "--results-dir", str(store))
+    assert line == (f"error: no results at {store / 'results.jsonl'} (there is no folder "
+                    f"{store}); run `mae-bench eval ...` with --results-dir {store} first")
+
+
+def test_fewshot_names_the_label_fraction_that_leaves_one_sample(monkeypatch, capsys,
+                                                                 tmp_path):
+    feats = tmp_path / "feats"
+    feats.mkdir()
+    rng = np.random.default_rng(0)
+    np.save(feats / "train_features.npy", rng.normal(size=(1600, 4)).astype(np.float32))
+    np.save(feats / "train_labels.npy", np.repeat([0, 1], [900, 700]))
+    np.save(feats / "test_features.npy", rng.normal(size=(10, 4)).astype(np.float32))
+    np.save(feats / "test_labels.npy", np.arange(10) % 2)
+    line = refused(monkeypatch, capsys, [tmp_path], *eval_args(
+        tmp_path, "--protocol", "fewshot", "--features", str(feats), "--label-fraction",
+        "0.001"))
+    assert line == ("error: --label-fraction 0.001 leaves 1 training sample of class 1 (of its "
+                    "700), but the fast probe picks its weight decay on a validation split that "
+                    "needs 2 per class; use --label-fraction 0.0029 or more")
+    code, _, err = cli(monkeypatch, capsys, *eval_args(
+        tmp_path, "--protocol", "fewshot", "--features", str(feats), "--label-fraction",
+        "0.0029"))
+    assert code in (0, None), err  # the fraction it suggests works
+
+
+def test_fp16_on_a_cpu_gives_no_training_reason_for_knn(monkeypatch, capsys, tmp_path):
+    line = refused(monkeypatch, capsys, [tmp_path], *eval_args(
+        tmp_path, "--protocol", "knn", "--checkpoint", "pixels", "--precision", "fp16",
+        "--device", "cpu"))
+    assert line == "error: --precision fp16 needs a CUDA device; on cpu use bf16 or fp32"

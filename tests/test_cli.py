@@ -165,8 +165,11 @@ def test_pretrain_help_lists_every_field():
     for knob in KNOBS:
         for flag in knob.flags:
             assert flag in res.stdout, flag
-    for section in ("model", "data", "train", "mae", "ssl"):
-        assert f"Config: {section} (YAML section '{section}:'" in res.stdout
+    from mae_bench.cli.config_options import PANELS
+
+    for title in PANELS:  # each names the YAML sections of its fields
+        assert f"─ {title} ─" in res.stdout
+    assert {k.name for k in KNOBS} == {name for names in PANELS.values() for name in names}
     assert "--set" in res.stdout and "[default: 0.75]" in res.stdout
 
 
@@ -244,3 +247,127 @@ def test_sweep_set_reaches_every_point(monkeypatch, capsys, tmp_path):
         folders.append(next(w for w in out.split() if w.startswith("mask-ratio=0.5-seed0-")))
     assert folders[0] == folders[1] != folders[2]
     assert not (tmp_path / "runs").exists()
+
+
+# --- help, version, progress layout, Ctrl-C (issue 28, items 13, 14, 16) ---------------------
+
+HELP_COMMANDS = ["", "pretrain", "datasets", "visualize", "eval", "export", "compare", "results",
+                 "sweep", "report", "speed"]
+
+
+@pytest.mark.parametrize("command", HELP_COMMANDS)
+def test_help_shows_no_type_after_a_flag(monkeypatch, capsys, command):
+    monkeypatch.setenv("COLUMNS", "200")
+    code, out, _ = run_cli(monkeypatch, capsys, *command.split(), "--help")
+    assert code == 0 and "--help" in out
+    assert "<bool>" not in out  # --help, --progress, --pretrained... take no value
+
+
+def test_help_text_is_not_read_as_markup(monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "300")
+    code, out, _ = run_cli(monkeypatch, capsys, "eval", "--help")
+    assert code == 0 and "pip install 'mae-bench[hf]')" in out
+
+
+def test_version(monkeypatch, capsys):
+    from mae_bench.version import __version__
+
+    code, out, err = run_cli(monkeypatch, capsys, "--version")
+    assert (code, out, err) == (0, f"mae-bench {__version__}\n", "")
+
+
+@pytest.mark.parametrize("command, usage", [
+    ("export", "Usage: mae-bench export [OPTIONS] CHECKPOINT"),
+    ("sweep", "Usage: mae-bench sweep [OPTIONS] KNOB"),
+])
+def test_usage_line_names_the_argument(monkeypatch, capsys, command, usage):
+    monkeypatch.setenv("COLUMNS", "120")
+    code, out, _ = run_cli(monkeypatch, capsys, command, "--help")
+    assert code == 0 and out.splitlines()[1].strip() == usage
+
+
+def test_pretrain_help_at_80_columns_is_grouped_and_short(monkeypatch, capsys):
+    from mae_bench.config import KNOBS
+
+    monkeypatch.setenv("COLUMNS", "80")
+    code, out, _ = run_cli(monkeypatch, capsys, "pretrain", "--help")
+    lines = out.splitlines()
+    options = sum(line.startswith("│ --") for line in lines)
+    assert code == 0 and options >= len(KNOBS) + 7
+    # Before the panels were regrouped, the --no- column of a few switches squeezed every help
+    # text of their section into ~20 columns: 299 lines, 5.2 an option. At most 4 an option
+    # keeps each help text at a readable width.
+    assert len(lines) <= 4 * options, len(lines)
+    titles = [line.split("─ ", 1)[1].split(" ─")[0] for line in lines if line.startswith("╭─ ")]
+    assert titles[:3] == ["Options", "Everyday (train., data., model.)", "MAE (mae., model.)"]
+    assert titles[-1] == "Switches (mae., ssl., train.)"
+    assert out.index("--method") < out.index("--mask-ratio") < out.index("--blr")
+
+
+def _rendered(progress, width: int) -> str:
+    import io
+
+    from rich.console import Console
+
+    console = Console(width=width, record=True, file=io.StringIO(), force_terminal=True)
+    console.print(progress.get_renderable())
+    return console.export_text()
+
+
+@pytest.mark.parametrize("width", [80, 160])
+def test_pretrain_progress_line_keeps_counts_elapsed_and_eta(width):
+    from mae_bench.engine import _progress
+
+    bar = _progress(None, True)
+    bar.add_task("mae imagefolder", total=35616, completed=47, loss="0.4021", lr="1.50e-04",
+                 ips="1234")
+    line = _rendered(bar, width).rstrip("\n")
+    assert "\n" not in line and len(line) <= width
+    assert "   47/35616 " in line and line.endswith(" 0:00:00 ETA -:--:--"), line
+    assert "loss 0.4" in line  # the rest gives way: cut with an ellipsis, never wrapped
+
+
+def test_eval_bars_keep_counts_and_eta_at_80_columns():
+    from rich.progress import Progress as Bars
+
+    from mae_bench.cli.common import TaskBars
+
+    bars = Bars(*TaskBars().bars.columns)
+    bars.add_task("fast probe fits on the training features of a long name", total=10000,
+                  completed=12)
+    line = _rendered(bars, 80).rstrip("\n")
+    assert "\n" not in line and line.endswith("   12/10000 -:--:--"), line
+
+
+def test_compare_log_rounds_budget_sized_epochs():
+    from mae_bench.app.compare import epochs_shown
+
+    assert [epochs_shown(13.2709, 20.0), epochs_shown(0.0123456, 5.0),
+            epochs_shown(1234.56, 60.0), epochs_shown(2.5, None)] == [
+        "~13.3", "~0.0123", "~1235", "2.5"]
+
+
+def test_fast_probe_reports_each_fit():
+    import torch
+
+    from evals.linear import fast_linear_probe
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 4, generator=gen), torch.arange(40) % 2
+    calls = []
+    fast_linear_probe(x, y, x[:6], y[:6], weight_decays=(1e-2, 1e-3, 1e-4),
+                      progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]  # 3 searched, then the refit
+
+
+def test_ctrl_c_says_interrupted_and_exits_130(monkeypatch, capsys, tmp_path):
+    import mae_bench.app.evaluation as evaluation
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluation, "run_eval", interrupted)
+    code, out, err = run_cli(monkeypatch, capsys, "eval", "--protocol", "knn", "--checkpoint",
+                             "pixels", "--results-dir", str(tmp_path / "res"))
+    assert (code, out, err) == (130, "", "interrupted\n")
+    assert not (tmp_path / "res").exists()

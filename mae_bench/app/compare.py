@@ -170,7 +170,7 @@ def run_compare(spec: CompareSpec, log: Log = print, progress: bool = True,
         cfg, cost, done = broadcast_from_main(
             _plan_run(spec, cfg, run_dir, n_train, world) if is_main_process() else None)
         what = "reusing the finished run" if done else (
-            f"training {cfg.train.epochs:g} epochs" + (
+            f"training {epochs_shown(cfg.train.epochs, spec.budget_seconds)} epochs" + (
                 f" ({spec.budget_seconds:g} s budget)" if spec.budget_seconds else ""))
         log(f"[{i}/{len(plans)}] {name}: {what} in {run_dir}")
         if not done:  # a finished run folder is left exactly as it is (its run.json included)
@@ -218,6 +218,14 @@ def run_compare(spec: CompareSpec, log: Log = print, progress: bool = True,
     table = compare_table(read_store(spec.results_dir), spec, run_ids, run_dirs)
     return CompareOutcome(table, run_dirs, trained, evaluated, time.perf_counter() - start,
                           failed)
+
+
+def epochs_shown(epochs: float, budget_seconds: float | None) -> str:
+    """Epochs as a log line gives them: as asked (``2.5``), or, sized to a time budget, to 3
+    significant figures with a ``~`` (``~13.3``: the digits past those mean nothing)."""
+    if not budget_seconds:
+        return f"{epochs:g}"
+    return f"~{epochs:.3g}" if epochs < 1000 else f"~{epochs:.0f}"
 
 
 def _plan_run(spec: CompareSpec, cfg: RunConfig, run_dir: Path, n_train: int,

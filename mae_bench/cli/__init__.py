@@ -9,6 +9,8 @@ share is in ``common`` (consoles, shared options, errors -> exit codes) and ``co
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
 from mae_bench.cli import (
@@ -23,10 +25,11 @@ from mae_bench.cli import (
     visualize,
 )
 from mae_bench.cli import eval as evaluate
-from mae_bench.cli.common import run
+from mae_bench.cli.common import Command, Group, run, show_version
 
 app = typer.Typer(
     name="mae-bench",
+    cls=Group,
     help="Benchmark self-supervised ViT representations: pretrain MAE and contrastive / "
     "self-distillation baselines (SimCLR, MoCo v3, BYOL, DINO) on one shared ViT, evaluate, "
     "compare. Runs on a laptop CPU or GPUs.",
@@ -48,7 +51,17 @@ COMMANDS = {
     "speed": speed.speed,
 }
 for _name, _command in COMMANDS.items():
-    app.command(name=_name)(_command)
+    app.command(name=_name, cls=Command)(_command)
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool, typer.Option("--version", is_eager=True, callback=show_version,
+                           help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """The group's own options (the commands have theirs)."""
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ from mae_bench.cli.common import (
     Progress,
     check_exports,
     console,
-    log_line,
+    log_between_bars,
     names,
     out,
     task_progress,
@@ -117,8 +117,8 @@ def compare(
         overrides=overrides(config, sets, OWN_OPTIONS),
     )
     with task_progress(progress) as report:
-        outcome = run_compare(spec, log=log_line, progress=progress, console=console,
-                              eval_progress=report)
+        outcome = run_compare(spec, log=log_between_bars(report), progress=progress,
+                              console=console, eval_progress=report)
     table = Table(title=f"compare on {dataset}, {arch} "
                   f"({'same epochs' if epochs is not None else 'same training time'})")
     table.add_column("method")

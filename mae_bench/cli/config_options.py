@@ -24,7 +24,7 @@ SetOption = Annotated[
     list[str],
     typer.Option(
         "--set",
-        metavar="SECTION.KEY=VALUE",
+        metavar="KEY=VALUE",
         help="Set any config field, e.g. --set ssl.teacher_temp=0.07 --set "
         "mae.norm_pix_loss=false (repeatable). VALUE is a YAML scalar (5, 1e-3, true, null); "
         "the keys are the fields of a run's config.yaml.",
@@ -37,8 +37,42 @@ def param_name(knob: Knob) -> str:
     return f"{knob.section}{_PARAM_SEP}{knob.key}"
 
 
-def _panel(section: str) -> str:
-    return f"Config: {section} (YAML section '{section}:', or --set {section}.KEY=VALUE)"
+# The help panels of the generated options, in the order ``--help`` shows them: the everyday
+# knobs first, then by what they tune; the on / off switches last and together, since their
+# --no- column would narrow the help text of every other option of their panel (at 80 columns,
+# to a few words a line). Each title names the config sections its fields come from
+# (``--mask-ratio`` is ``mae.mask_ratio`` in a YAML file or ``--set``).
+PANELS: dict[str, tuple[str, ...]] = {
+    "Everyday (train., data., model.)": (
+        "train.method", "data.dataset", "data.data_dir", "model.arch", "train.epochs",
+        "train.batch_size", "train.device", "train.precision", "train.seed", "model.img_size"),
+    "MAE (mae., model.)": (
+        "mae.mask_ratio", "mae.mask_strategy", "model.decoder_embed_dim", "model.decoder_depth",
+        "model.decoder_num_heads"),
+    "Optimiser and schedule (train.)": (
+        "train.blr", "train.lr", "train.lr_scaling", "train.lr_ref_batch", "train.min_lr",
+        "train.weight_decay", "train.warmup_epochs", "train.warmup_min_steps",
+        "train.accum_iter", "train.clip_grad"),
+    "SimCLR, MoCo v3, BYOL, DINO (ssl.)": (
+        "ssl.temperature", "ssl.proj_hidden_dim", "ssl.proj_dim", "ssl.momentum",
+        "ssl.out_dim", "ssl.teacher_temp", "ssl.warmup_teacher_temp",
+        "ssl.teacher_temp_warmup_epochs", "ssl.student_temp", "ssl.center_momentum",
+        "ssl.center_init", "ssl.freeze_last_layer_epochs", "ssl.local_crops",
+        "ssl.local_crop_size"),
+    "Loading, logging, kernels (data., train.)": (
+        "data.split", "data.num_workers", "train.log_every", "train.save_every",
+        "train.attention"),
+    "Switches (mae., ssl., train.)": (
+        "mae.norm_pix_loss", "mae.encoder_mask_tokens", "ssl.norm_last_layer",
+        "ssl.freeze_patch_embed", "train.deterministic"),
+}
+_PANEL_OF = {name: panel for panel, fields in PANELS.items() for name in fields}
+_ORDER = {name: i for i, name in enumerate(_PANEL_OF)}
+
+
+def _panel(knob: Knob) -> str:
+    """A field's panel; a field added to config.py but not to ``PANELS`` still gets one."""
+    return _PANEL_OF.get(knob.name, f"More ({knob.section}.)")
 
 
 def _shown(knob: Knob) -> str:
@@ -67,7 +101,7 @@ def _parameter(knob: Knob) -> inspect.Parameter:
     return inspect.Parameter(param_name(knob), inspect.Parameter.KEYWORD_ONLY,
                              default=knob.default,
                              annotation=Annotated[knob.value_type,
-                                                  field_option(knob.name, _panel(knob.section))])
+                                                  field_option(knob.name, _panel(knob))])
 
 
 _CONTEXT = "cli_context"  # the typer.Context parameter the wrapper adds
@@ -78,7 +112,7 @@ def with_config_options(command: Callable[..., None]) -> Callable[..., None]:
     ``**knobs`` (``{"train__epochs": 5.0, ...}``), None where not given on the command line."""
     sig = inspect.signature(command, eval_str=True)
     own = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-    generated = [_parameter(k) for k in KNOBS]
+    generated = [_parameter(k) for k in sorted(KNOBS, key=lambda k: _ORDER.get(k.name, 1 << 30))]
     clash = {p.name for p in own} & {p.name for p in generated} or (
         {f for p in own for f in _flags(p)} & {f for k in KNOBS for f in k.flags})
     if clash:
