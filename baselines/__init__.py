@@ -1,7 +1,8 @@
 """Contrastive and self-distillation baselines (SimCLR, MoCo v3, BYOL, DINO): one Method per file.
 
-They implement the Method contract (``mae_bench.method``) and plug into the same engine as MAE;
-``mae_bench.methods.METHODS`` is the one place that registers them. Shared pieces: ``heads``
+They implement the Method contract (``mae_bench.methods.method``) and plug into the same
+engine as MAE; ``mae_bench.methods.registry.METHODS`` is the one place that registers them.
+Shared pieces: ``heads``
 (MLP / DINO heads), ``losses``, ``ema`` (teacher momentum), ``views`` (the augmentation recipes).
 
 Learning rate: each recipe was made at a large batch (MoCo v3's ViT recipe, used by SimCLR, MoCo

@@ -7,8 +7,8 @@ from torch import nn
 
 from baselines.ema import cosine_momentum, ema_update, frozen_copy
 from mae_bench.config import RunConfig
-from mae_bench.method import Method
-from mae_bench.vit import VisionTransformer, build_vit
+from mae_bench.methods.method import Method
+from mae_bench.models.vit import VisionTransformer, build_vit
 
 
 class BackboneMethod(Method):

@@ -44,9 +44,9 @@ from baselines.base import BackboneMethod
 from baselines.heads import DINOHead, cls_features
 from baselines.losses import DINOLoss
 from baselines.views import dino_views
-from mae_bench.augment import ViewSpec
 from mae_bench.config import RunConfig
-from mae_bench.method import Batch
+from mae_bench.data.augment import ViewSpec
+from mae_bench.methods.method import Batch
 
 
 def teacher_temperature(epoch: float, start: float, end: float, warmup_epochs: float) -> float:

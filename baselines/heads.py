@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from mae_bench.vit import VisionTransformer
+from mae_bench.models.vit import VisionTransformer
 
 
 def mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2,

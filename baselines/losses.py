@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mae_bench.distributed import (
+from mae_bench.training.distributed import (
     all_gather_no_grad,
     all_gather_with_grad,
     all_reduce_mean,

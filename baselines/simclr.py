@@ -19,9 +19,9 @@ from baselines.base import BackboneMethod
 from baselines.heads import cls_features, mlp
 from baselines.losses import nt_xent
 from baselines.views import simclr_views
-from mae_bench.augment import ViewSpec
 from mae_bench.config import RunConfig
-from mae_bench.method import Batch
+from mae_bench.data.augment import ViewSpec
+from mae_bench.methods.method import Batch
 
 
 class SimCLR(BackboneMethod):

@@ -1,4 +1,4 @@
-"""The baselines' augmentation recipes as ViewSpecs (applied batched by mae_bench.augment).
+"""The baselines' augmentation recipes as ViewSpecs (applied batched by mae_bench.data.augment).
 
 - ``simclr_views``: SimCLR (Chen et al. 2020, App. A): random resized crop (scale 0.08-1), flip,
   colour jitter with strength 1 (0.8, 0.8, 0.8, 0.2) applied with p 0.8, grayscale p 0.2, blur
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from mae_bench.augment import ViewSpec
+from mae_bench.data.augment import ViewSpec
 
 BLUR_MIN_SIZE = 64
 TINY_SIZE = 32

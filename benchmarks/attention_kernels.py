@@ -1,6 +1,6 @@
-"""The measurements behind the attention rule (``mae_bench.attention.rule_path``): one attention
-layer's forward + backward on each path, fused (``F.scaled_dot_product_attention``) and math
-(two batched matmuls), per precision and sequence length, side by side in one process.
+"""The measurements behind the attention rule (``mae_bench.models.attention.rule_path``): one
+attention layer's forward + backward on each path, fused (``F.scaled_dot_product_attention``)
+and math (two batched matmuls), per precision and sequence length, side by side in one process.
 
     OMP_NUM_THREADS=1 python benchmarks/attention_kernels.py              # this CPU, Markdown
     python benchmarks/attention_kernels.py --device cuda --precisions fp32,bf16
@@ -20,8 +20,8 @@ import time
 import torch
 from timm.layers import Attention
 
-from mae_bench.attention import rule_path
-from mae_bench.runtime import resolve_device
+from mae_bench.models.attention import rule_path
+from mae_bench.training.runtime import resolve_device
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

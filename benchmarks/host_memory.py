@@ -1,4 +1,4 @@
-"""What keeping freed memory (``mae_bench/host_memory.py``) buys, side by side in one run.
+"""What keeping freed memory (``mae_bench/training/host_memory.py``) buys, side by side in one run.
 
     OMP_NUM_THREADS=1 python benchmarks/host_memory.py --rounds 4 \
         --markdown results/speed/host-memory-zen5-cpu.md
@@ -49,7 +49,7 @@ def load_peers():
 def child(arch: str, batch: int, impl: str, task: str, precision: str, warmup: int,
           steps: int) -> dict:
     """One arm in this (fresh) process: its median img/s over ``steps`` timed steps."""
-    from mae_bench.host_memory import keep_freed_memory
+    from mae_bench.training.host_memory import keep_freed_memory
 
     applied = keep_freed_memory()  # MAE_BENCH_MALLOC decides, before anything is allocated
     import torch

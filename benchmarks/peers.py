@@ -57,16 +57,16 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from mae_bench.attention import rule_path
 from mae_bench.config import RunConfig
-from mae_bench.engine import build_optimizer, build_train_step
-from mae_bench.host_memory import describe as host_allocator
-from mae_bench.host_memory import keep_freed_memory
-from mae_bench.mae import build_mae
-from mae_bench.masking import len_keep
-from mae_bench.method import Batch
-from mae_bench.methods import build_method, resolve_config
-from mae_bench.vit import ArchPreset, get_preset
+from mae_bench.methods.engine import build_optimizer, build_train_step
+from mae_bench.methods.method import Batch
+from mae_bench.methods.registry import build_method, resolve_config
+from mae_bench.models.attention import rule_path
+from mae_bench.models.mae import build_mae
+from mae_bench.models.masking import len_keep
+from mae_bench.models.vit import ArchPreset, get_preset
+from mae_bench.training.host_memory import describe as host_allocator
+from mae_bench.training.host_memory import keep_freed_memory
 
 PEERS = {"lightly": "pip install lightly==1.6.0", "transformers": "pip install transformers"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -1,9 +1,9 @@
 """MAE pretraining throughput per precision, measured side by side in one run.
 
-Runs the real training loop (``mae_bench.engine.pretrain``: data, batched augmentation, masking,
-forward, backward, AdamW) for a few optimizer steps per precision, interleaving the precisions
-round by round so that machine noise hits them alike, and prints images/s per precision and the
-ratio to fp32.
+Runs the real training loop (``mae_bench.methods.engine.pretrain``: data, batched augmentation,
+masking, forward, backward, AdamW) for a few optimizer steps per precision, interleaving the
+precisions round by round so that machine noise hits them alike, and prints images/s per
+precision and the ratio to fp32.
 
     python benchmarks/pretrain_throughput.py --dataset cifar10 \
         --data-dir ../shared/data/cifar10-jpeg75 --arch vit_tiny_patch4 --batch-size 256 \
@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 from mae_bench.config import RunConfig
-from mae_bench.engine import pretrain
 from mae_bench.files import METRICS_FILE
-from mae_bench.runtime import cpu_has_fast_bf16, device_name, resolve_device
+from mae_bench.methods.engine import pretrain
+from mae_bench.training.runtime import cpu_has_fast_bf16, device_name, resolve_device
 
 
 def measure(cfg: RunConfig, steps: int, warmup: int) -> tuple[list[float], float]:

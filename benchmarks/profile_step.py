@@ -16,16 +16,16 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from mae_bench.attention import set_attention
-from mae_bench.augment import BatchViews
 from mae_bench.config import RunConfig, peak_lr
-from mae_bench.engine import build_optimizer, build_train_step
-from mae_bench.host_memory import describe as host_allocator
-from mae_bench.host_memory import keep_freed_memory
-from mae_bench.methods import Batch, build_method, resolve_config
-from mae_bench.runtime import resolve_device, resolve_precision
-from mae_bench.step import grad_scaler
-from mae_bench.vit import get_preset
+from mae_bench.data.augment import BatchViews
+from mae_bench.methods.engine import build_optimizer, build_train_step
+from mae_bench.methods.registry import Batch, build_method, resolve_config
+from mae_bench.models.attention import set_attention
+from mae_bench.models.vit import get_preset
+from mae_bench.training.host_memory import describe as host_allocator
+from mae_bench.training.host_memory import keep_freed_memory
+from mae_bench.training.runtime import resolve_device, resolve_precision
+from mae_bench.training.step import grad_scaler
 
 MATRIX_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::linear",
               "aten::_scaled_dot_product", "aten::convolution", "aten::mkldnn_convolution",

@@ -26,10 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from mae_bench.checkpoint import find_checkpoint, is_official_mae, load_checkpoint
 from mae_bench.errors import CheckpointError, ConfigError
 from mae_bench.files import RUN_FILE
-from mae_bench.vit import PRESETS, VisionTransformer, vit_kwargs
+from mae_bench.models.vit import PRESETS, VisionTransformer, vit_kwargs
+from mae_bench.training.checkpoint import find_checkpoint, is_official_mae, load_checkpoint
 
 REFERENCES = ("pixels", "random")
 # What an outside model (or the pixels reference) supports: protocols on frozen features.
@@ -217,7 +217,7 @@ def load_source(checkpoint: str | Path, *, arch: str | None = None, img_size: in
 
 
 def _from_run(path: Path, ckpt: dict[str, Any]) -> EncoderSource:
-    from mae_bench.methods import method_from_checkpoint
+    from mae_bench.methods.registry import method_from_checkpoint
 
     cfg, method = method_from_checkpoint(ckpt, str(path))
     extra = ckpt.get("extra", {})

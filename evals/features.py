@@ -23,17 +23,17 @@ import torch
 from torch import Tensor
 
 from evals.encoders import MODEL_POOL, Embedder, EncoderSource, model_for
-from mae_bench.attention import rule_path
-from mae_bench.augment import eval_resize
+from mae_bench.data.augment import eval_resize
 from mae_bench.data.datasets import AnyDataset, ArrayDataset
-from mae_bench.distributed import broadcast_from_main, gather_to_main, rank_and_world
 from mae_bench.errors import ConfigError
 from mae_bench.files import atomic_file
-from mae_bench.runtime import autocast
-from mae_bench.vit import POOLS as VIT_POOLS
-from mae_bench.vit import VisionTransformer, pool_name
+from mae_bench.models.attention import rule_path
+from mae_bench.models.vit import POOLS as VIT_POOLS
+from mae_bench.models.vit import VisionTransformer, pool_name
+from mae_bench.training.distributed import broadcast_from_main, gather_to_main, rank_and_world
+from mae_bench.training.runtime import autocast
 
-POOLS = tuple(VIT_POOLS)  # "cls", "mean": the names of mae_bench.vit, one home
+POOLS = tuple(VIT_POOLS)  # "cls", "mean": the names of mae_bench.models.vit, one home
 ALL_POOLS = (*POOLS, MODEL_POOL)  # with an outside model's own pooled output
 
 
@@ -210,8 +210,8 @@ def attention_kernel(source: EncoderSource, device: torch.device, precision: str
     """The attention kernel ("fused" or "math") a mae-bench ViT runs on whole images on
     ``device`` in ``precision``; None for pixels and outside models (their kernel is their own).
 
-    Evaluation never forces a kernel, so ``mae_bench.attention.rule_path`` decides it from the
-    device, the precision and the sequence length: on a CPU, bf16 runs the explicit matmuls and
+    Evaluation never forces a kernel, so ``mae_bench.models.attention.rule_path`` decides it from
+    the device, the precision and the sequence length: on a CPU, bf16 runs the explicit matmuls and
     fp32 the fused kernel; on a GPU both run fused, in different rounding than a CPU's math."""
     if source.kind not in ("run", "official", "random"):
         return None

@@ -26,20 +26,20 @@ from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from torch import Tensor, nn
 
-from mae_bench.augment import BatchViews, ViewSpec, eval_resize, random_erasing
 from mae_bench.data import ArrayDataset
-from mae_bench.distributed import rank_and_world
+from mae_bench.data.augment import BatchViews, ViewSpec, eval_resize, random_erasing
+from mae_bench.data.randaugment import RandAugmentSpec
 from mae_bench.errors import ConfigError, DataError
-from mae_bench.randaugment import RandAugmentSpec
-from mae_bench.runtime import (
+from mae_bench.models.vit import VisionTransformer
+from mae_bench.training.distributed import rank_and_world
+from mae_bench.training.runtime import (
     autocast,
     exempt_from_weight_decay,
     lr_at,
     resolve_precision,
     seed_everything,
 )
-from mae_bench.step import TrainStep, grad_scaler
-from mae_bench.vit import VisionTransformer
+from mae_bench.training.step import TrainStep, grad_scaler
 
 # Parameters that are never trained: the fixed 2-D sin-cos position embedding.
 FIXED_PARAMS = frozenset({"pos_embed"})
@@ -73,7 +73,7 @@ def param_groups_lrd(
     Args:
         model: the ViT to fine-tune.
         weight_decay: decay of weight matrices; biases, norm parameters and the names in
-            ``no_weight_decay`` get none (``mae_bench.runtime.exempt_from_weight_decay``:
+            ``no_weight_decay`` get none (``mae_bench.training.runtime.exempt_from_weight_decay``:
             the rule pretraining uses too).
         layer_decay: lr ratio between a layer and the one above it (1 = no decay).
         no_weight_decay: parameter names without weight decay; None: ``model.no_weight_decay()``.
@@ -213,10 +213,10 @@ def finetune(
             features barely vary between images compared with their spread across dimensions
             (MAE on digits: 0.05 against 1.0), which leaves a head trained by AdamW for a few
             hundred steps far from converged; standardising each dimension fixes that.
-        erase: random erasing probability (``mae_bench.augment.random_erasing``; the paper:
+        erase: random erasing probability (``mae_bench.data.augment.random_erasing``; the paper:
             0.25), applied after normalisation and before Mixup / CutMix, as timm orders them.
         rand_augment: timm's RandAugment policy string (the paper: ``rand-m9-mstd0.5-inc1``;
-            ``mae_bench.randaugment``), applied per image after the crop and flip, on pixel
+            ``mae_bench.data.randaugment``), applied per image after the crop and flip, on pixel
             values, as timm orders it; None: off.
         head_init_std: re-initialise the head's weight from a truncated normal of this std and
             its bias at zero (official fine-tuning: 2e-5); None: keep the model's head.

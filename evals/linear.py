@@ -27,13 +27,13 @@ from torch import Tensor, nn
 from evals.features import POOLS, encode
 from evals.lars import LARS
 from evals.splits import train_val_split
-from mae_bench.augment import BatchViews, ViewSpec, eval_resize
 from mae_bench.data import ArrayDataset
-from mae_bench.distributed import rank_and_world, sync_batchnorm
+from mae_bench.data.augment import BatchViews, ViewSpec, eval_resize
 from mae_bench.errors import ConfigError
-from mae_bench.runtime import autocast, lr_at, resolve_precision
-from mae_bench.step import TrainStep
-from mae_bench.vit import VisionTransformer
+from mae_bench.models.vit import VisionTransformer
+from mae_bench.training.distributed import rank_and_world, sync_batchnorm
+from mae_bench.training.runtime import autocast, lr_at, resolve_precision
+from mae_bench.training.step import TrainStep
 
 # MAE's linear probe crops harder than its pretraining (0.2-1): torchvision's default range.
 PROBE_CROP_SCALE = (0.08, 1.0)

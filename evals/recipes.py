@@ -22,8 +22,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from mae_bench.data.randaugment import PAPER_POLICY
 from mae_bench.errors import ConfigError
-from mae_bench.randaugment import PAPER_POLICY
 
 RECIPES = ("auto", "paper")
 

@@ -2,9 +2,10 @@
 
 This package root is the public facade, in the application layer (``tests/test_layers.py``):
 ``mae_bench.evaluate(encoder, dataset=..., protocols=...)`` is the Python API
-(``mae_bench/app/api.py``) and ``mae_bench.keep_freed_memory()`` the host-allocator setting the
-``mae-bench`` command makes at start (``mae_bench/host_memory.py``), both imported on first use,
-so that ``import mae_bench.vit`` and every other core import stay free of the application layer.
+(``mae_bench/app/api.py``) and ``mae_bench.keep_freed_memory()`` the host-allocator setting
+the ``mae-bench`` command makes at start (``mae_bench/training/host_memory.py``), both imported
+on first use, so that ``import mae_bench.models.vit`` and every other core import stay free of
+the application layer.
 No module of the package imports the root.
 """
 
@@ -21,7 +22,7 @@ def __getattr__(name: str) -> Any:
 
         return evaluate
     if name == "keep_freed_memory":
-        from mae_bench.host_memory import keep_freed_memory
+        from mae_bench.training.host_memory import keep_freed_memory
 
         return keep_freed_memory
     raise AttributeError(f"module 'mae_bench' has no attribute {name!r}")

@@ -26,7 +26,7 @@ import yaml
 
 from mae_bench.errors import ConfigError
 
-ATTENTION_PATHS = ("auto", "fused", "math")  # mae_bench.attention
+ATTENTION_PATHS = ("auto", "fused", "math")  # mae_bench.models.attention
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -39,7 +39,8 @@ def _knob(default: Any, help: str, flag: str | None = None) -> Any:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The ViT architecture (a preset name from ``mae_bench.vit.PRESETS``) and its overrides."""
+    """The ViT architecture (a preset name from ``mae_bench.models.vit.PRESETS``) and its
+    overrides."""
 
     arch: str = _knob("vit_tiny_patch2", "ViT preset, the same for every method: e.g. "
                       "vit_tiny_patch4 for 32-px images, vit_base_patch16 for 224 px.")
@@ -147,7 +148,7 @@ class TrainConfig:
     clip_grad: float | None = _knob(None, "Clip the gradient norm at this value (default: no "
                                     "clipping, as in MAE).")
     # Attention kernel: fused (scaled_dot_product_attention) | math (explicit softmax) | auto
-    # (None: a rule per call on the device, autocast dtype and length; mae_bench.attention).
+    # (None: a rule per call on the device, autocast dtype and length; mae_bench.models.attention).
     attention: str | None = _knob(None, "Attention kernel: auto (a rule per call: math under "
                                   "bf16 / fp16 on CPUs, where the flash kernel's backward is "
                                   "slow; fused elsewhere; results/speed-cpu.md) | fused | math.")
@@ -487,7 +488,7 @@ def peak_lr(t: TrainConfig, eff_batch: int) -> float:
 
 def validate(cfg: RunConfig) -> None:
     """Check values that do not depend on the data set or the model (those are checked when the
-    run is built, see ``mae_bench.methods.build_method``). Raises ConfigError."""
+    run is built, see ``mae_bench.methods.registry.build_method``). Raises ConfigError."""
     t = cfg.train
     checks = [
         (t.epochs > 0, f"--epochs must be > 0, got {t.epochs}"),

@@ -16,8 +16,8 @@ from PIL import Image
 
 import mae_bench
 from mae_bench.config import RunConfig
-from mae_bench.engine import pretrain
 from mae_bench.errors import ConfigError, DataError
+from mae_bench.methods.engine import pretrain
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = RunConfig().replace(model={"arch": "vit_micro_patch2", "img_size": 8},

@@ -8,16 +8,16 @@ import torch
 import torch.nn.functional as F
 from timm.layers import Attention
 
-from mae_bench.attention import (
+from mae_bench.errors import ConfigError
+from mae_bench.models.attention import (
     MATH_MAX_TOKENS,
     RuleAttention,
     attention_layers,
     rule_path,
     set_attention,
 )
-from mae_bench.errors import ConfigError
-from mae_bench.mae import MaskedAutoencoder
-from mae_bench.vit import VisionTransformer
+from mae_bench.models.mae import MaskedAutoencoder
+from mae_bench.models.vit import VisionTransformer
 
 
 @pytest.mark.parametrize(("device", "dtype", "tokens", "expected"), [

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from torchvision.transforms import RandomResizedCrop
 
-from mae_bench import augment
-from mae_bench.augment import (
+from mae_bench.data import augment
+from mae_bench.data.augment import (
     BatchViews,
     ViewSpec,
     color_jitter,

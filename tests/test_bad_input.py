@@ -24,8 +24,8 @@ from PIL import Image
 
 from mae_bench.config import RunConfig
 from mae_bench.data import load_dataset
-from mae_bench.engine import pretrain
-from mae_bench.mae import MaskedAutoencoder
+from mae_bench.methods.engine import pretrain
+from mae_bench.models.mae import MaskedAutoencoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mae_bench.mae import build_mae, masking_indices
-from mae_bench.vit import get_preset
+from mae_bench.models.mae import build_mae, masking_indices
+from mae_bench.models.vit import get_preset
 
 ARCH = "vit_micro_patch4"
 

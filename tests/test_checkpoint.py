@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from mae_bench import checkpoint as ck
 from mae_bench.errors import CheckpointError
+from mae_bench.training import checkpoint as ck
 
 
 def _state(v: float) -> dict:

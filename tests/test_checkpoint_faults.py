@@ -1,6 +1,6 @@
-"""Faults around checkpoints and run folders (mae_bench/checkpoint.py, the start-up checks and
-saves of mae_bench/engine.py): a flipped bit, a missing latest checkpoint, a full disk mid-save,
-a save killed mid-write, and an --out folder that is not a run."""
+"""Faults around checkpoints and run folders (mae_bench/training/checkpoint.py, the start-up
+checks and saves of mae_bench/methods/engine.py): a flipped bit, a missing latest checkpoint, a
+full disk mid-save, a save killed mid-write, and an --out folder that is not a run."""
 
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ from cli_helpers import run_cli
 from rich.console import Console
 
 from evals.encoders import load_source
-from mae_bench import checkpoint as ck
 from mae_bench.config import RunConfig
-from mae_bench.engine import pretrain
 from mae_bench.errors import CheckpointError, ConfigError
+from mae_bench.methods.engine import pretrain
+from mae_bench.training import checkpoint as ck
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 # digits at its native 8 px, 22 steps of 64 per epoch; a few steps take well under a second
@@ -258,7 +258,7 @@ def test_cli_full_disk_during_save_is_one_error_line_and_exit_1(tmp_path, monkey
 _KILLED_SAVE = textwrap.dedent("""
     import os, signal, sys
     import torch
-    from mae_bench import checkpoint
+    from mae_bench.training import checkpoint
 
     def killed_mid_write(obj, fh):
         fh.write(b"PK\\x03\\x04" + bytes(100_000))  # part of a checkpoint, then SIGKILL

@@ -107,7 +107,7 @@ def test_python_dash_m_is_the_same_cli():
 
 def pretrain_config(monkeypatch, capsys, *args):
     """The RunConfig ``mae-bench pretrain ARGS`` would train (the engine is replaced)."""
-    import mae_bench.engine
+    import mae_bench.methods.engine
 
     seen = []
 
@@ -117,7 +117,7 @@ def pretrain_config(monkeypatch, capsys, *args):
                                images_per_second=None, train_seconds=0.0, device="cpu",
                                precision="fp32")
 
-    monkeypatch.setattr(mae_bench.engine, "pretrain", fake_pretrain)
+    monkeypatch.setattr(mae_bench.methods.engine, "pretrain", fake_pretrain)
     code, _, err = run_cli(monkeypatch, capsys, "pretrain", *args)
     assert code in (0, None), err
     return seen[0]
@@ -316,7 +316,7 @@ def _rendered(progress, width: int) -> str:
 
 @pytest.mark.parametrize("width", [80, 160])
 def test_pretrain_progress_line_keeps_counts_elapsed_and_eta(width):
-    from mae_bench.engine import _progress
+    from mae_bench.methods.engine import _progress
 
     bar = _progress(None, True)
     bar.add_task("mae imagefolder", total=35616, completed=47, loss="0.4021", lr="1.50e-04",

@@ -13,9 +13,9 @@ from evals.encoders import load_source
 from mae_bench.app.compare import CompareSpec, run_compare, run_config, run_dir_for
 from mae_bench.config import RunConfig
 from mae_bench.errors import MaeBenchError
-from mae_bench.methods import METHODS, build_method
+from mae_bench.methods.registry import METHODS, build_method
 from mae_bench.results import read_results
-from mae_bench.runtime import seed_everything
+from mae_bench.training.runtime import seed_everything
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -97,7 +97,7 @@ def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
 
 def test_a_method_with_a_non_finite_loss_is_recorded_and_the_others_finish(tmp_path,
                                                                             monkeypatch):
-    from mae_bench.methods import MAE, METHODS
+    from mae_bench.methods.registry import MAE, METHODS
 
     class NanMAE(MAE):
         def forward(self, batch):

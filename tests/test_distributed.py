@@ -17,8 +17,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from mae_bench.config import RunConfig
-from mae_bench.distributed import CPUSyncBatchNorm, sync_batchnorm
-from mae_bench.methods import Batch, build_method
+from mae_bench.methods.registry import Batch, build_method
+from mae_bench.training.distributed import CPUSyncBatchNorm, sync_batchnorm
 
 WORLD = 2
 PER_RANK = 4

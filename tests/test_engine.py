@@ -11,12 +11,12 @@ import pytest
 import torch
 from rich.console import Console
 
-from mae_bench.checkpoint import load_checkpoint
 from mae_bench.config import RunConfig, warmup_epochs
-from mae_bench.engine import pretrain
 from mae_bench.errors import ConfigError, TrainingError
-from mae_bench.methods import MAE, METHODS, build_method, resolve_config
-from mae_bench.runtime import cpu_has_fast_bf16, lr_at, param_groups, resolve_precision
+from mae_bench.methods.engine import pretrain
+from mae_bench.methods.registry import MAE, METHODS, build_method, resolve_config
+from mae_bench.training.checkpoint import load_checkpoint
+from mae_bench.training.runtime import cpu_has_fast_bf16, lr_at, param_groups, resolve_precision
 
 # digits at its native 8 px: 1437 training images -> 22 steps of 64 per epoch
 TINY = RunConfig().replace(
@@ -289,8 +289,8 @@ def test_streamed_image_folder_trains_through_workers(tmp_path, monkeypatch):
     import numpy as np
     from PIL import Image
 
-    from mae_bench import engine
     from mae_bench.data import StreamingDataset, load_dataset
+    from mae_bench.methods import engine
 
     rng = np.random.default_rng(0)
     for split, n in (("train", 12), ("test", 4)):

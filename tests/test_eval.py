@@ -11,7 +11,7 @@ import pytest
 from cli_helpers import run_cli
 
 from mae_bench.config import RunConfig
-from mae_bench.engine import pretrain
+from mae_bench.methods.engine import pretrain
 
 TINY = RunConfig().replace(model={"arch": "vit_micro_patch2", "img_size": 8},
                            train={"epochs": 1, "batch_size": 64})

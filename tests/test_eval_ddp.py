@@ -19,7 +19,7 @@ from evals.finetune import finetune
 from evals.linear import linear_probe, probe_head
 from mae_bench.data import load_dataset
 from mae_bench.errors import ConfigError
-from mae_bench.vit import build_vit
+from mae_bench.models.vit import build_vit
 
 WORLD = 2
 BATCH = 32  # global: 16 images per process and step

@@ -15,8 +15,8 @@ from cli_helpers import run_cli
 from evals.encoders import load_source
 from evals.features import pool_tokens
 from mae_bench.config import RunConfig
-from mae_bench.engine import pretrain
-from mae_bench.mae import build_mae
+from mae_bench.methods.engine import pretrain
+from mae_bench.models.mae import build_mae
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 transformers = pytest.importorskip("transformers")

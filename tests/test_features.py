@@ -18,9 +18,9 @@ from evals.features import (
 )
 from mae_bench.config import RunConfig
 from mae_bench.data import load_dataset
-from mae_bench.engine import pretrain
 from mae_bench.errors import CheckpointError, ConfigError
-from mae_bench.mae import build_mae
+from mae_bench.methods.engine import pretrain
+from mae_bench.models.mae import build_mae
 
 TINY = RunConfig().replace(model={"arch": "vit_micro_patch2", "img_size": 8},
                            train={"epochs": 1, "batch_size": 64})
@@ -49,7 +49,7 @@ def test_pool_tokens():
 
 
 def test_run_source_holds_the_trained_encoder(run_dir):
-    from mae_bench.checkpoint import load_checkpoint
+    from mae_bench.training.checkpoint import load_checkpoint
 
     source = load_source(run_dir)
     assert (source.kind, source.method, source.arch) == ("run", "mae", "vit_micro_patch2")
@@ -197,7 +197,7 @@ def test_precision_and_attention_kernel_are_in_the_cache_key(tmp_path, digits, r
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert [attention_kernel(source, d, p) for d, p in (
         (cpu, "fp32"), (cpu, "bf16"), (cuda, "bf16"), (cuda, "fp16"))] == [
-        "fused", "math", "fused", "fused"]  # mae_bench.attention.rule_path's table
+        "fused", "math", "fused", "fused"]  # mae_bench.models.attention.rule_path's table
     # Pixels pass through no encoder: one entry serves every precision.
     pixels = load_source("pixels")
     assert attention_kernel(pixels, cpu, "bf16") is None

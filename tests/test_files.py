@@ -65,7 +65,7 @@ def test_the_feature_cache_follows_the_umask(tmp_path, umask, mask, expected):
 
 def test_a_run_folder_follows_the_umask_also_after_a_resume(tmp_path, umask):
     from mae_bench.config import RunConfig
-    from mae_bench.engine import pretrain
+    from mae_bench.methods.engine import pretrain
 
     umask(0o002)
     cfg = RunConfig().replace(model={"arch": "vit_micro_patch2"},
@@ -84,7 +84,7 @@ def test_an_export_follows_the_umask(tmp_path, umask):
     """safetensors' own writer makes model.safetensors 0600; an export is shared like a run."""
     from mae_bench.app.export import export_encoder
     from mae_bench.config import RunConfig
-    from mae_bench.engine import pretrain
+    from mae_bench.methods.engine import pretrain
 
     cfg = RunConfig().replace(model={"arch": "vit_micro_patch2"},
                               train={"batch_size": 8, "epochs": 1, "device": "cpu"})

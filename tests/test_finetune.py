@@ -12,8 +12,8 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from evals.finetune import finetune, freeze_for_partial, layer_id, param_groups_lrd
 from mae_bench.data import load_dataset
 from mae_bench.errors import ConfigError, DataError, TrainingError
-from mae_bench.runtime import exempt_from_weight_decay, lr_at, param_groups
-from mae_bench.vit import build_vit
+from mae_bench.models.vit import build_vit
+from mae_bench.training.runtime import exempt_from_weight_decay, lr_at, param_groups
 
 DEPTH = 2  # vit_micro_patch2
 
@@ -247,7 +247,7 @@ def test_random_erasing_reaches_the_training_batches(digits, monkeypatch):
 
 
 def test_rand_augment_reaches_the_training_batches(digits, monkeypatch):
-    import mae_bench.augment as augment
+    import mae_bench.data.augment as augment
 
     seen = []
     real = augment.rand_augment

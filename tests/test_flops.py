@@ -21,9 +21,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mae_bench.app.speed import train_step_flops
 from mae_bench.config import RunConfig
-from mae_bench.mae import build_mae
-from mae_bench.methods import Batch, Method, build_method
-from mae_bench.vit import build_vit
+from mae_bench.methods.registry import Batch, Method, build_method
+from mae_bench.models.mae import build_mae
+from mae_bench.models.vit import build_vit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

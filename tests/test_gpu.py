@@ -26,10 +26,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from mae_bench.attention import set_attention
-from mae_bench.augment import BatchViews
 from mae_bench.config import RunConfig
-from mae_bench.methods import METHODS, Batch, build_method
+from mae_bench.data.augment import BatchViews
+from mae_bench.methods.registry import METHODS, Batch, build_method
+from mae_bench.models.attention import set_attention
 from mae_bench.results import read_results
 
 pytestmark = [pytest.mark.gpu,

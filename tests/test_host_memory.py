@@ -1,4 +1,4 @@
-"""mae_bench/host_memory.py: glibc keeps freed blocks for reuse once the setting is made.
+"""mae_bench/training/host_memory.py: glibc keeps freed blocks for reuse once the setting is made.
 
 Each check runs in a fresh interpreter: mallopt changes the whole process, for good.
 """
@@ -23,7 +23,7 @@ needs_glibc = pytest.mark.skipif(not GLIBC, reason="the setting exists on glibc 
 # stayed in the heap (mallinfo2's free bytes).
 PROBE = textwrap.dedent("""
     import ctypes
-    from mae_bench.host_memory import describe, keep_freed_memory
+    from mae_bench.training.host_memory import describe, keep_freed_memory
     applied = keep_freed_memory() if CALL else None
     libc = ctypes.CDLL(None)
     names = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
@@ -87,7 +87,7 @@ def test_an_unknown_mode_is_a_one_line_usage_error():
 def test_the_command_line_makes_the_setting_before_any_command():
     code = textwrap.dedent("""
         import atexit, sys
-        from mae_bench import host_memory
+        from mae_bench.training import host_memory
         atexit.register(lambda: print("applied", host_memory._state.get("applied")))
         sys.argv = ["mae-bench", "datasets"]
         from mae_bench.cli import main
@@ -101,6 +101,6 @@ def test_the_command_line_makes_the_setting_before_any_command():
 
 def test_the_package_root_exports_it():
     import mae_bench
-    from mae_bench.host_memory import keep_freed_memory
+    from mae_bench.training.host_memory import keep_freed_memory
 
     assert mae_bench.keep_freed_memory is keep_freed_memory

@@ -14,10 +14,10 @@ from evals.features import encode
 from evals.lars import LARS
 from evals.linear import fast_linear_probe, linear_probe
 from evals.splits import stratified_subset
-from mae_bench.augment import BatchViews, ViewSpec, eval_resize
 from mae_bench.data import load_dataset
+from mae_bench.data.augment import BatchViews, ViewSpec, eval_resize
 from mae_bench.errors import ConfigError
-from mae_bench.vit import build_vit
+from mae_bench.models.vit import build_vit
 
 SMALL_GRID = (1e-2, 1e-3, 1e-4)
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from mae_bench.augment import ViewSpec, sample_transform
 from mae_bench.data import ArrayDataset, StreamingDataset, get_dataset_info, load_dataset
-from mae_bench.loader import TrainBatches, epoch_order
+from mae_bench.data.augment import ViewSpec, sample_transform
+from mae_bench.data.loader import TrainBatches, epoch_order
 
 GLOBAL, LOCAL = ViewSpec(8), ViewSpec(4, scale=(0.05, 0.4))
 

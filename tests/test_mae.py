@@ -1,4 +1,4 @@
-"""Tests for mae_bench/mae.py: masking, the loss, the official layout, and agreement with the
+"""Tests for mae_bench/models/mae.py: masking, the loss, the official layout, and agreement with the
 independent reference in tests/reference_mae.py."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from reference_mae import ReferenceMAE, patch_loss, patchify_loops
 from torch import nn
 
 from mae_bench.errors import ConfigError
-from mae_bench.mae import (
+from mae_bench.models.mae import (
     MASK_STRATEGIES,
     MaskedAutoencoder,
     build_mae,
@@ -22,7 +22,7 @@ from mae_bench.mae import (
     random_masking,
     validate_mask_ratio,
 )
-from mae_bench.vit import PRESETS, VisionTransformer
+from mae_bench.models.vit import PRESETS, VisionTransformer
 
 BLOCK_KEYS = [
     f"{m}.{t}"

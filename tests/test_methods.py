@@ -12,10 +12,16 @@ import torch
 
 from baselines.dino import teacher_temperature
 from baselines.ema import cosine_momentum
-from mae_bench.augment import BatchViews
 from mae_bench.config import RunConfig
-from mae_bench.engine import pretrain
-from mae_bench.methods import METHODS, Batch, build_method, method_from_checkpoint, resolve_config
+from mae_bench.data.augment import BatchViews
+from mae_bench.methods.engine import pretrain
+from mae_bench.methods.registry import (
+    METHODS,
+    Batch,
+    build_method,
+    method_from_checkpoint,
+    resolve_config,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -214,7 +220,7 @@ def test_engine_trains_each_baseline_and_its_checkpoint_loads(tmp_path, name):
     assert result.step == 3 and math.isfinite(result.final_loss)
     saved = RunConfig.from_yaml(tmp_path / name / "config.yaml")
     assert saved.train.blr is not None and saved.ssl.proj_dim == 16  # resolved, recorded
-    from mae_bench.checkpoint import load_checkpoint
+    from mae_bench.training.checkpoint import load_checkpoint
 
     loaded_cfg, method = method_from_checkpoint(load_checkpoint(tmp_path / name), name)
     assert loaded_cfg.train.method == name and method.encoder.embed_dim == 32

@@ -8,15 +8,15 @@ import torch
 from PIL import Image
 from timm.data import auto_augment as aa
 
-from mae_bench.augment import BatchViews, ViewSpec, crop_boxes
-from mae_bench.errors import ConfigError
-from mae_bench.randaugment import (
+from mae_bench.data.augment import BatchViews, ViewSpec, crop_boxes
+from mae_bench.data.randaugment import (
     _OPS,
     INCREASING_OPS,
     PAPER_POLICY,
     RandAugmentSpec,
     rand_augment,
 )
+from mae_bench.errors import ConfigError
 
 PAPER = RandAugmentSpec.parse(PAPER_POLICY)
 ORIGINAL = RandAugmentSpec(increasing=False)

@@ -19,7 +19,7 @@ from evals.recipes import (
 )
 from mae_bench.data import ArrayDataset, DatasetInfo
 from mae_bench.errors import ConfigError
-from mae_bench.vit import build_vit
+from mae_bench.models.vit import build_vit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -190,7 +190,7 @@ def test_missing_or_empty_store_is_a_config_error(tmp_path):
 
 def test_real_reconstruction_grid(tmp_path, one_thread):
     from mae_bench.config import RunConfig
-    from mae_bench.engine import pretrain
+    from mae_bench.methods.engine import pretrain
 
     cfg = RunConfig().replace(model={"arch": "vit_micro_patch2"}, data={"dataset": "digits"},
                               train={"epochs": 1, "batch_size": 64})

@@ -354,3 +354,16 @@ def test_the_count_of_skipped_images_does_not_split_seeds(tmp_path):
                            row(72.0, seed=1, run_id="b")])
     agg = aggregate(read_results(tmp_path))
     assert agg[["mean", "n"]].values.tolist() == [[71.0, 2]]
+
+
+@pytest.mark.multiprocess  # runs git
+def test_git_sha_names_the_commit_of_this_checkout():
+    """Rows carry the commit of the checkout the package lies in (found from the module's own
+    path, which moved into mae_bench/results/); None outside a checkout."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
+    expected = done.stdout.strip() if done.returncode == 0 else None
+    results.git_sha.cache_clear()
+    assert results.git_sha() == expected

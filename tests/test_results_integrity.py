@@ -11,8 +11,8 @@ import pytest
 from cli_helpers import run_cli
 
 from mae_bench.config import RunConfig
-from mae_bench.engine import pretrain
 from mae_bench.errors import ConfigError
+from mae_bench.methods.engine import pretrain
 
 MICRO = RunConfig().replace(model={"arch": "vit_micro_patch2"},
                             train={"batch_size": 8, "epochs": 1, "device": "cpu"})

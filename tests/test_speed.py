@@ -13,10 +13,10 @@ from cli_helpers import run_cli
 from mae_bench.app.speed import matmul_peak, measure_side_by_side
 from mae_bench.app.speed_eval import knn_speed, synthetic_features
 from mae_bench.app.speed_run import MASK_TOKENS, SpeedSpec, cases, run_speed
-from mae_bench.attention import attention_layers, choose_attention, set_attention
 from mae_bench.config import RunConfig
 from mae_bench.errors import ConfigError
-from mae_bench.methods import build_method
+from mae_bench.methods.registry import build_method
+from mae_bench.models.attention import attention_layers, choose_attention, set_attention
 from mae_bench.results import read_results
 
 TINY = dict(arch="vit_micro_patch4", batch_size=4, steps=1, warmup=0, rounds=1,
@@ -127,7 +127,7 @@ def test_attention_choice_sets_every_layer_and_keeps_the_result():
 
 def test_attention_config_is_validated_and_recorded(tmp_path):
     from mae_bench.config import validate
-    from mae_bench.engine import pretrain
+    from mae_bench.methods.engine import pretrain
 
     with pytest.raises(ConfigError, match="unknown attention path 'flash'; valid: auto, fused"):
         validate(RunConfig().replace(train={"attention": "flash"}))
@@ -174,7 +174,7 @@ def test_resume_keeps_the_attention_path_the_run_started_with(tmp_path):
     """A run records its attention setting; "auto" is the rule, a pure function of the run's
     settings, so a resume replays the same kernels. A checkpoint from before the rule recorded
     the kernel its start-up timing picked: a resume under auto must keep that kernel."""
-    from mae_bench.engine import pretrain
+    from mae_bench.methods.engine import pretrain
 
     cfg = RunConfig().replace(model={"arch": "vit_micro_patch2"},
                               train={"batch_size": 8, "epochs": 1, "device": "cpu",

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mae_bench.errors import TrainingError
-from mae_bench.step import TrainStep, grad_scaler
+from mae_bench.training.step import TrainStep, grad_scaler
 
 CPU = torch.device("cpu")
 

@@ -162,7 +162,7 @@ def test_sweep_runs_every_point_once_and_reuses_on_rerun(tmp_path):
 
 
 def test_failing_point_is_recorded_and_the_others_finish(tmp_path, monkeypatch):
-    import mae_bench.engine as engine
+    import mae_bench.methods.engine as engine
 
     real = engine.pretrain
 
@@ -350,7 +350,7 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, monkeypatch, capsys, args, mes
 def test_report_counts_a_retried_failure_once(tmp_path, monkeypatch):
     """After --retry-failed succeeds, the store keeps the old failed row but the report's
     table shows the point as ok, without "1 failed"."""
-    import mae_bench.engine as engine
+    import mae_bench.methods.engine as engine
     from mae_bench.app.report import build_report
 
     real = engine.pretrain

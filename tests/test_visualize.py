@@ -11,7 +11,7 @@ from cli_helpers import run_cli
 from PIL import Image
 
 from mae_bench.config import RunConfig
-from mae_bench.engine import pretrain
+from mae_bench.methods.engine import pretrain
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 RNG = np.random.default_rng(0)

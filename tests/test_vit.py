@@ -1,4 +1,4 @@
-"""Tests for mae_bench/vit.py: sin-cos tables, patchify, the ViT encoder and the presets."""
+"""Tests for mae_bench/models/vit.py: sin-cos tables, patchify, the ViT encoder and the presets."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from timm.layers import Attention
 from torch import nn
 
 from mae_bench.errors import ConfigError
-from mae_bench.vit import (
+from mae_bench.models.vit import (
     PRESETS,
     ArchPreset,
     VisionTransformer,

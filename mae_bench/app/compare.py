@@ -26,14 +26,6 @@ import pandas as pd
 from mae_bench.app.evaluation import EvalSpec, run_eval, source_of, validate_spec
 from mae_bench.config import RunConfig, validate
 from mae_bench.data import load_dataset
-from mae_bench.distributed import (
-    broadcast_from_main,
-    is_main_process,
-    join_process_group,
-    local_only,
-    rank_and_world,
-)
-from mae_bench.engine import failed_pretrain_row
 from mae_bench.errors import ConfigError, TrainingError
 from mae_bench.files import (
     CONFIG_FILE,
@@ -41,9 +33,17 @@ from mae_bench.files import (
     SUMMARY_FILE,
     write_json_atomic,
 )
-from mae_bench.methods import method_class, resolve_config
+from mae_bench.methods.engine import failed_pretrain_row
+from mae_bench.methods.registry import method_class, resolve_config
 from mae_bench.results import append_rows, check_writable, git_sha, read_results
-from mae_bench.runtime import resolve_device
+from mae_bench.training.distributed import (
+    broadcast_from_main,
+    is_main_process,
+    join_process_group,
+    local_only,
+    rank_and_world,
+)
+from mae_bench.training.runtime import resolve_device
 
 DEFAULT_METHODS = ("mae", "simclr", "mocov3", "byol", "dino")
 DEFAULT_BUDGET_SECONDS = 20.0  # per method, when neither epochs nor a budget is given
@@ -143,7 +143,7 @@ def run_dir_for(spec: CompareSpec, cfg: RunConfig) -> Path:
 def run_compare(spec: CompareSpec, log: Log = print, progress: bool = True,
                 console=None, eval_progress=None) -> CompareOutcome:
     """Pretrain (or reuse) every method, evaluate (or reuse) every protocol, build the table."""
-    from mae_bench.engine import pretrain
+    from mae_bench.methods.engine import pretrain
 
     start = time.perf_counter()
     git_sha()  # the commit this process started from, for every row

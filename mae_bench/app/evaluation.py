@@ -34,14 +34,8 @@ from evals.splits import stratified_subset
 from mae_bench.data import cache_writes_held, get_dataset_info, load_dataset
 from mae_bench.data.datasets import AnyDataset, ArrayDataset
 from mae_bench.data.info import DatasetInfo
-from mae_bench.distributed import (
-    broadcast_from_main,
-    is_main_process,
-    join_process_group,
-    wait_for_main,
-)
+from mae_bench.data.randaugment import RandAugmentSpec
 from mae_bench.errors import ConfigError, DataError
-from mae_bench.randaugment import RandAugmentSpec
 from mae_bench.results import (
     RESULTS_FILE,
     append_rows,
@@ -49,7 +43,13 @@ from mae_bench.results import (
     make_row,
     stored_evaluation,
 )
-from mae_bench.runtime import resolve_device, resolve_precision
+from mae_bench.training.distributed import (
+    broadcast_from_main,
+    is_main_process,
+    join_process_group,
+    wait_for_main,
+)
+from mae_bench.training.runtime import resolve_device, resolve_precision
 
 PROTOCOLS = ("knn", "linear", "fewshot", "finetune", "partial-finetune")
 # Data sets whose classes change under a horizontal flip (digits, house numbers): their training
@@ -306,7 +306,7 @@ def source_of(spec: EvalSpec, info: DatasetInfo | None = None) -> EncoderSource:
         info = info or get_dataset_info(spec.dataset or "digits")
         img_size, channels = spec.img_size or info.img_size, info.channels
         if spec.arch is not None:
-            from mae_bench.vit import get_preset
+            from mae_bench.models.vit import get_preset
 
             patch = get_preset(spec.arch).patch_size
             if img_size % patch:

@@ -6,8 +6,8 @@ machine, peak memory, and how fast the in-memory data path alone delivers batche
 ``mae-bench speed`` measures several configurations side by side with
 :func:`measure_side_by_side`: round-robin rounds, so that machine noise hits them alike.
 
-Every measured step is the engine's own step (``mae_bench.engine.build_train_step``, the one
-``mae_bench.step.TrainStep``) after batched augmentation of uint8 images already in memory:
+Every measured step is the engine's own step (``mae_bench.methods.engine.build_train_step``, the one
+``mae_bench.training.step.TrainStep``) after batched augmentation of uint8 images already in memory:
 forward under autocast, backward (through the grad scaler in fp16), the method's
 ``before_optimizer_step`` hook, gradient clipping when the config asks for it, AdamW (foreach on
 CPU, fused on GPU), the method's step-end hook (EMA teachers). One measured step is one
@@ -28,14 +28,14 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from mae_bench.attention import attention_layers, choose_attention, set_attention
-from mae_bench.augment import BatchViews
 from mae_bench.config import RunConfig, peak_lr, validate
 from mae_bench.data import DatasetInfo, load_dataset
-from mae_bench.engine import build_optimizer, build_train_step
-from mae_bench.methods import Batch, Method, build_method, resolve_config
-from mae_bench.runtime import resolve_device, resolve_precision, seed_everything
-from mae_bench.step import grad_scaler
+from mae_bench.data.augment import BatchViews
+from mae_bench.methods.engine import build_optimizer, build_train_step
+from mae_bench.methods.registry import Batch, Method, build_method, resolve_config
+from mae_bench.models.attention import attention_layers, choose_attention, set_attention
+from mae_bench.training.runtime import resolve_device, resolve_precision, seed_everything
+from mae_bench.training.step import grad_scaler
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -53,7 +53,7 @@ class TrainSpeed:
         device: where it ran.
         precision: fp32 | bf16 | fp16.
         attention: the kernel the encoder ran on the whole image ("fused" or "math"): the
-            rule's (``mae_bench.attention.rule_path``) unless the configuration forced one.
+            rule's (``mae_bench.models.attention.rule_path``) unless the configuration forced one.
         peak_memory_mb: memory the configuration added at its peak (model, optimizer state,
             activations): on CUDA the allocator's peak, on Linux CPUs the rise of the process's
             peak resident set; None where neither can be read.
@@ -300,7 +300,7 @@ def _measure(cfgs: dict[str, RunConfig], info: DatasetInfo,
 
 
 def _patch(cfg: RunConfig) -> int:
-    from mae_bench.vit import get_preset
+    from mae_bench.models.vit import get_preset
 
     return get_preset(cfg.model.arch).patch_size
 
@@ -308,7 +308,7 @@ def _patch(cfg: RunConfig) -> int:
 def _images(dataset, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if hasattr(dataset, "images"):  # in memory
         return dataset.images.index_select(0, idx), dataset.labels.index_select(0, idx)
-    from mae_bench.augment import eval_resize
+    from mae_bench.data.augment import eval_resize
 
     size = dataset.info.img_size
     pairs = [dataset[int(i)] for i in idx]

@@ -17,9 +17,9 @@ import torch
 from evals.features import pool_tokens
 from evals.knn import DEFAULT_KS, knn_evaluate, knn_torch
 from evals.linear import fast_linear_probe
-from mae_bench.augment import BatchViews, ViewSpec
-from mae_bench.runtime import autocast
-from mae_bench.vit import VisionTransformer
+from mae_bench.data.augment import BatchViews, ViewSpec
+from mae_bench.models.vit import VisionTransformer
+from mae_bench.training.runtime import autocast
 
 
 @dataclass(frozen=True)

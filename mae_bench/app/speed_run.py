@@ -4,7 +4,7 @@ measured side by side in one process and reported as absolute numbers and ratios
 Configurations measured (``SpeedSpec.methods`` chooses the methods):
 
 * each method at the main precision, attention kernel by the rule (``auto``,
-  ``mae_bench.attention.rule_path``);
+  ``mae_bench.models.attention.rule_path``);
 * ``mae [M]``: MAE with mask tokens in the encoder (every token encoded, the paper's Table 1c):
   its time against MAE's is the speedup MAE exists for, shown beside the FLOP ratio;
 * ``mae attn=<other>``: MAE forced onto the kernel the rule did not choose, to check the rule;
@@ -31,11 +31,16 @@ from mae_bench.app.speed import TrainSpeed, matmul_peak, measure_side_by_side
 from mae_bench.config import RunConfig
 from mae_bench.data import DatasetInfo
 from mae_bench.errors import ConfigError
-from mae_bench.host_memory import describe as host_allocator
-from mae_bench.methods import METHODS
+from mae_bench.methods.registry import METHODS
+from mae_bench.models.vit import get_preset
 from mae_bench.results import make_row
-from mae_bench.runtime import cpu_has_fast_bf16, device_name, resolve_device, resolve_precision
-from mae_bench.vit import get_preset
+from mae_bench.training.host_memory import describe as host_allocator
+from mae_bench.training.runtime import (
+    cpu_has_fast_bf16,
+    device_name,
+    resolve_device,
+    resolve_precision,
+)
 
 MASK_TOKENS = "mae [M]"  # the case name of MAE with mask tokens in the encoder
 
@@ -158,7 +163,7 @@ def run_speed(spec: SpeedSpec, log: Callable[[str], None] = lambda _: None) -> S
 
 def _with_other_attention(configs: dict[str, RunConfig], img_size: int, patch: int,
                           device: torch.device) -> dict[str, RunConfig]:
-    from mae_bench.attention import choose_attention
+    from mae_bench.models.attention import choose_attention
 
     cfg = configs["mae"]
     chosen = choose_attention(nn.Identity(), cfg.train.attention or "auto",
@@ -197,7 +202,7 @@ def _measure_evals(spec: SpeedSpec, configs: dict[str, RunConfig], info: Dataset
         probe_seconds,
         synthetic_features,
     )
-    from mae_bench.vit import build_vit
+    from mae_bench.models.vit import build_vit
 
     out: dict[str, float] = {}
     main = resolve_precision(next(iter(configs.values())).train.precision, device)

@@ -56,12 +56,6 @@ from mae_bench.app.evaluation import (
 from mae_bench.app.sweep_knobs import SweepKnob, get_knob
 from mae_bench.config import RunConfig, validate
 from mae_bench.data import load_dataset
-from mae_bench.distributed import (
-    broadcast_from_main,
-    is_main_process,
-    join_process_group,
-    local_only,
-)
 from mae_bench.errors import ConfigError
 from mae_bench.files import (
     MANIFEST_FILE,
@@ -70,9 +64,15 @@ from mae_bench.files import (
     append_whole,
     write_json_atomic,
 )
-from mae_bench.methods import build_method, resolve_config
+from mae_bench.methods.registry import build_method, resolve_config
 from mae_bench.results import append_rows, check_writable, git_sha, make_row
-from mae_bench.runtime import resolve_device
+from mae_bench.training.distributed import (
+    broadcast_from_main,
+    is_main_process,
+    join_process_group,
+    local_only,
+)
+from mae_bench.training.runtime import resolve_device
 
 MANIFEST = MANIFEST_FILE  # kept: tests and callers import it by this name
 COST_FILE = "sweep.json"
@@ -331,7 +331,7 @@ def _store_writes(spec: SweepSpec, label: str) -> Iterator[None]:
 def _pretrain_point(spec: SweepSpec, knob: SweepKnob, p: SweepPoint, progress: bool,
                     console) -> dict[str, Any]:
     """Train (or resume, or reuse) the point's run; the extra fields its rows carry."""
-    from mae_bench.engine import pretrain
+    from mae_bench.methods.engine import pretrain
 
     if not broadcast_from_main(run_finished(p.run_dir) if is_main_process() else None):
         pretrain(p.cfg, p.run_dir, progress=progress, console=console)
@@ -486,7 +486,7 @@ def versions(device: str = "") -> dict[str, str]:
     import torch
 
     import mae_bench
-    from mae_bench.runtime import cpu_has_fast_bf16, device_name
+    from mae_bench.training.runtime import cpu_has_fast_bf16, device_name
 
     # platform.processor() is empty on Linux: the CPU model comes from /proc/cpuinfo, with
     # whether it has bf16 matrix instructions (without them bf16 is emulated, and slow).

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mae_bench.errors import ConfigError
-from mae_bench.masking import MASK_STRATEGIES
+from mae_bench.models.masking import MASK_STRATEGIES
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ def _bool(what: str) -> Callable[[str], bool]:
 
 
 def _method(text: str) -> str:
-    from mae_bench.methods import method_class
+    from mae_bench.methods.registry import method_class
 
     method_class(text)  # raises ConfigError listing the valid names
     return text

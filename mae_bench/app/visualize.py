@@ -8,13 +8,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from mae_bench.augment import BatchViews, ViewSpec, eval_resize
-from mae_bench.checkpoint import load_checkpoint
 from mae_bench.config import RunConfig
 from mae_bench.data import load_dataset
+from mae_bench.data.augment import BatchViews, ViewSpec, eval_resize
 from mae_bench.errors import CheckpointError, ConfigError
-from mae_bench.mae import MaskedAutoencoder, masking_noise, validate_mask_ratio
-from mae_bench.methods import MAE, method_from_checkpoint
+from mae_bench.methods.registry import MAE, method_from_checkpoint
+from mae_bench.models.mae import MaskedAutoencoder, masking_noise, validate_mask_ratio
+from mae_bench.training.checkpoint import load_checkpoint
 
 
 def load_mae_run(checkpoint: str | Path, trust: bool = False) -> tuple[RunConfig, MAE]:

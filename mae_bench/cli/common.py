@@ -21,9 +21,9 @@ from rich.console import Console
 from rich.text import Text
 from typer.core import TyperCommand, TyperGroup
 
-from mae_bench.distributed import leave_process_group
 from mae_bench.errors import MaeBenchError, RunInterrupted, TrainingError
-from mae_bench.host_memory import keep_freed_memory
+from mae_bench.training.distributed import leave_process_group
+from mae_bench.training.host_memory import keep_freed_memory
 
 try:  # recent typer releases vendor click; older ones use click itself
     from typer._click.exceptions import ClickException, UsageError
@@ -85,7 +85,7 @@ class TaskBars:
         from rich.progress import Progress as Bars
         from rich.table import Column
 
-        from mae_bench.engine import FittedText
+        from mae_bench.methods.engine import FittedText
 
         kept = Column(no_wrap=True)  # the counts and the ETA show in full at any width
         self.bars = Bars(FittedText("{task.description}"), BarColumn(),

@@ -54,7 +54,7 @@ def pretrain(
     Every config field is an option (grouped below, the everyday ones first; each panel names
     the YAML sections of its fields) and can be set with --set SECTION.KEY=VALUE or in a
     --config YAML file; later sources win: defaults, --config, the options."""
-    from mae_bench.engine import pretrain as run_pretrain
+    from mae_bench.methods.engine import pretrain as run_pretrain
 
     if resume is not None:
         if config is not None or out_dir is not None:
@@ -71,12 +71,12 @@ def pretrain(
         result = run_pretrain(cfg, run_dir, max_steps=max_steps, progress=progress,
                               console=console)
     except TrainingError as err:
-        from mae_bench.checkpoint import CheckpointSaveError
+        from mae_bench.training.checkpoint import CheckpointSaveError
 
         if not main_rank() or isinstance(err, CheckpointSaveError):  # a full disk: no row either
             raise
-        from mae_bench.engine import failed_pretrain_row
-        from mae_bench.methods import resolve_config
+        from mae_bench.methods.engine import failed_pretrain_row
+        from mae_bench.methods.registry import resolve_config
         from mae_bench.results import append_rows
 
         path = append_rows(results_dir, [failed_pretrain_row(resolve_config(cfg), run_dir, err)])

@@ -19,8 +19,8 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from mae_bench.attention import RuleAttention, set_attention
 from mae_bench.errors import ConfigError
+from mae_bench.models.attention import RuleAttention, set_attention
 
 # ---------------------------------------------------------------------------------------------
 # Fixed sin-cos position embedding (values and layout of the official util/pos_embed.py)
@@ -322,7 +322,7 @@ class VisionTransformer(nn.Module):
 
     def set_fused_attention(self, enabled: bool | None) -> None:
         """Force F.scaled_dot_product_attention (True) or the explicit softmax path (False);
-        None: back to the per-call rule (``mae_bench.attention.rule_path``)."""
+        None: back to the per-call rule (``mae_bench.models.attention.rule_path``)."""
         set_attention(self, "auto" if enabled is None else "fused" if enabled else "math")
 
     def pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor:

@@ -4,7 +4,7 @@ Because the order is a pure function of the seed and the epoch, a run resumed mi
 exactly the batches it already saw and continues with the same ones as an uninterrupted run.
 
 - In-memory data sets (``ArrayDataset``): a batch is one index-select from the uint8 tensor; the
-  crop / flip / normalisation then run batched on the training device (``mae_bench.augment``).
+  crop / flip / normalisation then run batched on the training device (``mae_bench.data.augment``).
 - Streamed data sets (``StreamingDataset``): a DataLoader with worker processes decodes and crops
   each image, once per view (``augment.sample_transform``); the photometric ops and normalisation
   run on the device (``augment.BatchViews.finish``).
@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from mae_bench.augment import ViewSpec, sample_transform
 from mae_bench.data import ArrayDataset, StreamingDataset
+from mae_bench.data.augment import ViewSpec, sample_transform
 
 
 def epoch_order(n: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1) -> Tensor:

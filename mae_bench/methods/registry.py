@@ -1,6 +1,6 @@
 """The methods layer: MAE's Method and the registry of every method (MAE and the baselines).
 
-The contract a method fulfils (``Method``, ``Batch``) is in ``mae_bench.method`` (core); the
+The contract a method fulfils (``Method``, ``Batch``) is in ``mae_bench.methods.method`` (core); the
 baselines live in ``baselines/``, one file each. ``METHODS`` at the bottom of this file is the one
 place they are registered; ``build_method`` / ``resolve_config`` look names up there.
 """
@@ -16,12 +16,12 @@ from baselines.byol import BYOL
 from baselines.dino import DINO
 from baselines.mocov3 import MoCoV3
 from baselines.simclr import SimCLR
-from mae_bench.augment import ViewSpec
 from mae_bench.config import RunConfig
+from mae_bench.data.augment import ViewSpec
 from mae_bench.errors import CheckpointError, ConfigError
-from mae_bench.mae import build_mae, masking_noise, validate_mask_ratio
-from mae_bench.method import Batch, Method
-from mae_bench.vit import VisionTransformer, get_preset
+from mae_bench.methods.method import Batch, Method
+from mae_bench.models.mae import build_mae, masking_noise, validate_mask_ratio
+from mae_bench.models.vit import VisionTransformer, get_preset
 
 __all__ = ["METHODS", "Batch", "Method", "build_method", "method_class", "method_from_checkpoint",
            "register_method", "resolve_config"]

@@ -8,7 +8,7 @@ step (the last good checkpoint stays); JSONL metrics (and TensorBoard when insta
 checkpoints; automatic resume.
 
 The step itself (autocast, accumulation, scaler, clipping, hooks, update) is
-``mae_bench.step.TrainStep``; this module builds a run around it (``_Pretraining``: build,
+``mae_bench.training.step.TrainStep``; this module builds a run around it (``_Pretraining``: build,
 restore, step, log, save, stop, finish).
 
 Everything random in a step (crops, flips, masking) comes from a generator seeded by the global
@@ -48,28 +48,11 @@ from rich.table import Column
 from rich.text import Text
 from torch import Tensor, nn
 
-from mae_bench.attention import choose_attention
-from mae_bench.augment import BatchViews
-from mae_bench.checkpoint import (
-    FORMAT_VERSION,
-    LATEST,
-    PREVIOUS,
-    CheckpointSaveError,
-    find_checkpoint,
-    load_checkpoint,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
 from mae_bench.config import RunConfig, validate, warmup_epochs
 from mae_bench.config import peak_lr as config_peak_lr
 from mae_bench.data import cache_writes_held, load_dataset
-from mae_bench.distributed import (
-    join_process_group,
-    rank_and_world,
-    sync_batchnorm,
-    wait_for_main,
-)
+from mae_bench.data.augment import BatchViews
+from mae_bench.data.loader import TrainBatches
 from mae_bench.errors import CheckpointError, ConfigError, RunInterrupted, TrainingError
 from mae_bench.files import (
     CONFIG_FILE,
@@ -80,10 +63,28 @@ from mae_bench.files import (
     FolderLock,
     write_text_atomic,
 )
-from mae_bench.loader import TrainBatches
-from mae_bench.methods import Batch, Method, build_method, resolve_config
+from mae_bench.methods.registry import Batch, Method, build_method, resolve_config
+from mae_bench.models.attention import choose_attention
+from mae_bench.models.vit import get_preset
 from mae_bench.results import git_sha, make_row
-from mae_bench.runtime import (
+from mae_bench.training.checkpoint import (
+    FORMAT_VERSION,
+    LATEST,
+    PREVIOUS,
+    CheckpointSaveError,
+    find_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from mae_bench.training.distributed import (
+    join_process_group,
+    rank_and_world,
+    sync_batchnorm,
+    wait_for_main,
+)
+from mae_bench.training.runtime import (
     device_name,
     lr_at,
     param_groups,
@@ -91,9 +92,8 @@ from mae_bench.runtime import (
     resolve_precision,
     seed_everything,
 )
-from mae_bench.step import TrainStep, grad_scaler
+from mae_bench.training.step import TrainStep, grad_scaler
 from mae_bench.version import __version__
-from mae_bench.vit import get_preset
 
 METRICS = METRICS_FILE  # the old name, still importable
 # What a non-finite loss tells the user (the run stops; its last checkpoint is kept).
@@ -129,7 +129,7 @@ def build_train_step(cfg: RunConfig, method: Method, optimizer: torch.optim.Opti
         device, precision: where and how the forward runs (precision resolved).
         total_steps: the run's optimizer steps (passed to the hooks).
         module: what the forward runs: the method or its DDP wrapper (default: the method).
-        scaler: the fp16 grad scaler (``mae_bench.step.grad_scaler``), or None.
+        scaler: the fp16 grad scaler (``mae_bench.training.step.grad_scaler``), or None.
         step: optimizer steps already done (a resumed run).
         accum_iter: micro-batches per step; None: ``cfg.train.accum_iter``.
     """

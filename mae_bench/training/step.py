@@ -1,5 +1,5 @@
-"""THE training step, shared by pretraining (``mae_bench.engine``), fine-tuning, MAE's linear probe
-and ``mae-bench speed``.
+"""THE training step, shared by pretraining (``mae_bench.methods.engine``), fine-tuning, MAE's
+linear probe and ``mae-bench speed``.
 
 One optimizer step is ``accum_iter`` micro-batches. Each runs its forward under autocast (and its
 loss, when given apart, in fp32 outside it), divides the loss by ``accum_iter`` and backpropagates
@@ -28,9 +28,9 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from mae_bench.distributed import all_reduce_mean
 from mae_bench.errors import TrainingError
-from mae_bench.runtime import autocast, set_lr
+from mae_bench.training.distributed import all_reduce_mean
+from mae_bench.training.runtime import autocast, set_lr
 
 # What a forward (or its loss function) returns: the loss, or a dict with "loss" and any other
 # 0-d tensors to log (a method's extra metrics).
@@ -38,7 +38,8 @@ StepOutput = Tensor | Mapping[str, Tensor]
 
 
 class StepHooks(Protocol):
-    """What a training step calls around the update (``mae_bench.method.Method`` has both)."""
+    """What a training step calls around the update (``mae_bench.methods.method.Method`` has
+    both)."""
 
     def before_optimizer_step(self, step: int, total_steps: int) -> None:
         """Gradients of step ``step`` (0-based) are complete; nothing is clipped or updated."""

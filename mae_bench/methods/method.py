@@ -1,9 +1,9 @@
 """The Method contract (core): what the one training loop drives and the protocols evaluate.
 
 Methods themselves (MAE and the baselines) and their registry live one layer up, in
-``mae_bench.methods``.
+``mae_bench.methods.registry``.
 
-A Method is an ``nn.Module`` that the one training loop (``mae_bench.engine``) drives:
+A Method is an ``nn.Module`` that the one training loop (``mae_bench.methods.engine``) drives:
 
 - ``view_specs()``: the train-time views it needs (MAE: one random resized crop + flip).
 - ``forward(batch) -> {"loss": ..., other scalars}``.
@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mae_bench.augment import ViewSpec
-from mae_bench.vit import VisionTransformer
+from mae_bench.data.augment import ViewSpec
+from mae_bench.models.vit import VisionTransformer
 
 
 @dataclass

@@ -5,7 +5,7 @@
 (paper Table 1c, "encoder w/ [M]": every token goes through the encoder, a learnt mask token in
 place of each masked patch; the cost MAE avoids, for ablations and ``mae-bench speed``).
 
-Masking lives in ``mae_bench.masking`` (pure functions); its names are re-exported here.
+Masking lives in ``mae_bench.models.masking`` (pure functions); its names are re-exported here.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from mae_bench.attention import RuleAttention
 from mae_bench.errors import ConfigError
-from mae_bench.masking import (
+from mae_bench.models.attention import RuleAttention
+from mae_bench.models.masking import (
     MASK_STRATEGIES,
     get_mask_strategy,
     grid_step,
@@ -30,7 +30,7 @@ from mae_bench.masking import (
     random_masking,
     validate_mask_ratio,
 )
-from mae_bench.vit import (
+from mae_bench.models.vit import (
     VisionTransformer,
     get_2d_sincos_pos_embed,
     get_preset,
@@ -290,7 +290,7 @@ def build_mae(
     """Build the MAE of a named preset (LayerNorm eps 1e-6 as the official presets).
 
     Args:
-        preset_name: a key of mae_bench.vit.PRESETS.
+        preset_name: a key of mae_bench.models.vit.PRESETS.
         img_size: image side; None uses the preset's native size.
         in_chans: image channels.
         **kwargs: further MaskedAutoencoder arguments (norm_pix_loss, mask_strategy, ...);

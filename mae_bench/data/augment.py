@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mae_bench.randaugment import RandAugmentSpec, rand_augment
+from mae_bench.data.randaugment import RandAugmentSpec, rand_augment
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class ViewSpec:
     blur: float = 0.0  # probability of a Gaussian blur
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     solarize: float = 0.0  # probability; inverts values >= 0.5 of the range (128 of 255)
-    # RandAugment after the crop and flip (fine-tuning; timm's order): mae_bench.randaugment
+    # RandAugment after the crop and flip (fine-tuning; timm's order): mae_bench.data.randaugment
     rand_augment: RandAugmentSpec | None = None
 
     def __post_init__(self) -> None:

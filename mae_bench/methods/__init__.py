@@ -1,0 +1,6 @@
+"""Methods (methods layer): the ``Method`` contract (``method``), the registry that builds any
+registered method from a config (``registry``; MAE here, every other method in ``baselines/``),
+and the one pretraining loop they all share (``engine``).
+
+This file imports nothing, so that ``baselines/`` can import the contract without importing the
+registry, which imports them."""
