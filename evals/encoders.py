@@ -21,7 +21,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -65,12 +65,14 @@ class Embedder(nn.Module, metaclass=abc.ABCMeta):
 
 @dataclass
 class EncoderSource:
-    """An encoder to evaluate.
+    """An encoder to evaluate. One subclass per kind of source (a run folder, an official
+    checkpoint, the two references here; timm, Hugging Face, torch.hub, Python models and the
+    API's objects in ``evals/sources.py``): what differs between kinds is a method or a class
+    attribute of the subclass, never a comparison of ``kind``.
 
     Attributes:
-        kind: "run" (a mae-bench checkpoint), "official" (facebookresearch/mae), "random",
-            "pixels" (no encoder: flattened normalised pixels are the features), or "outside"
-            (a timm / Hugging Face / torch.hub / Python model in ``encoder``).
+        kind: the identity's name of the kind: "run", "official", "random", "pixels" or
+            "outside" (part of every evaluation's ``eval_key``, so it stays as it was).
         label: how the source is named in tables (run folder name, file name, "pixels", ...).
         method: pretraining method ("mae", "simclr", ...; "official-mae"; "pixels"; "random");
             for outside models the source that made them ("timm", "hf", "hub", "python").
@@ -89,7 +91,17 @@ class EncoderSource:
         cacheable: False for a plain callable, whose code the fingerprint cannot see.
     """
 
-    kind: str
+    kind: ClassVar[str] = ""
+    # Class facts, overridden by the kinds they differ for:
+    pooled: ClassVar[bool] = True  # features are a pooling of tokens (pixels: no pool)
+    random_weights: ClassVar[bool] = False  # the weights are a seeded random init
+    reference: ClassVar[bool] = False  # a reference row (pixels, random): seeded by --seed
+    own_weights: ClassVar[bool] = False  # mae-bench ViT weights: rows carry their hash
+    vit: ClassVar[bool] = True  # a mae-bench ViT (it has an attention kernel, it can train)
+    sized_by_data: ClassVar[bool] = False  # its input size and channels follow the data
+    takes_weights: ClassVar[bool] = False  # accepts --weights FILE
+    takes_pretrained: ClassVar[bool] = False  # accepts --pretrained (a library's download)
+
     label: str
     method: str
     arch: str
@@ -139,11 +151,6 @@ class EncoderSource:
             init_seed: seeds the random initialisation (random encoder, new heads).
             pretrained: load this source's weights; False gives the from-scratch baseline.
         """
-        if self.kind == "pixels":
-            raise ConfigError("the pixels reference has no encoder; use it with knn or linear")
-        if self.kind == "outside":
-            raise ConfigError(f"{self.label} is an outside model, evaluated on frozen features "
-                              f"only: {', '.join(FROZEN_PROTOCOLS)}")
         with torch.random.fork_rng(devices=[]):
             if init_seed is not None:
                 torch.manual_seed(init_seed)
@@ -163,6 +170,109 @@ class EncoderSource:
         return vit
 
 
+    def frozen_model(self) -> VisionTransformer | Embedder | None:
+        """The frozen feature extractor in eval mode (a ViT in the cls-pool layout; an outside
+        model's ``Embedder``; None for pixels)."""
+        return self.build().eval()
+
+    def takes_channels(self, channels: int) -> bool:
+        """Whether it evaluates images of ``channels`` channels (None: any)."""
+        return self.channels is None or self.channels == channels
+
+
+@dataclass
+class RunSource(EncoderSource):
+    """A mae-bench run folder or checkpoint file."""
+
+    kind: ClassVar[str] = "run"
+    own_weights: ClassVar[bool] = True
+
+
+@dataclass
+class OfficialSource(EncoderSource):
+    """An official MAE pretrain checkpoint (facebookresearch/mae)."""
+
+    kind: ClassVar[str] = "official"
+    own_weights: ClassVar[bool] = True
+
+
+@dataclass
+class RandomSource(EncoderSource):
+    """The random reference: a ViT of ``--arch`` at a seeded random init, built for the data
+    as loaded (their size and channels) unless ``--img-size`` says otherwise."""
+
+    kind: ClassVar[str] = "random"
+    sized_by_data: ClassVar[bool] = True
+    random_weights: ClassVar[bool] = True
+    reference: ClassVar[bool] = True
+
+    def frozen_model(self) -> VisionTransformer:
+        return self.build(init_seed=self.pretrain.get("seed", 0)).eval()
+
+    @classmethod
+    def create(cls, *, arch: str | None, img_size: int | None, channels: int | None,
+               seed: int) -> RandomSource:
+        """``--checkpoint random``: ``arch`` at ``img_size`` (default: the preset's) with
+        ``channels`` (default 3), initialised from ``seed``."""
+        if arch is None:
+            raise ConfigError("--checkpoint random needs --arch (the architecture to initialise "
+                              "at random, e.g. the one of the run it is compared with)")
+        kwargs = vit_kwargs(arch, img_size, channels or 3)
+        digest = hash_text(f"random:{arch}:{kwargs}:{seed}")
+        return cls("random", "random", arch, kwargs, None, digest, {"seed": seed})
+
+
+@dataclass
+class PixelsSource(EncoderSource):
+    """The pixels reference: no encoder, flattened normalised pixels are the features."""
+
+    kind: ClassVar[str] = "pixels"
+    pooled: ClassVar[bool] = False
+    reference: ClassVar[bool] = True
+    vit: ClassVar[bool] = False
+
+    def build(self, *args: Any, **kwargs: Any) -> VisionTransformer:
+        raise ConfigError("the pixels reference has no encoder; use it with knn or linear")
+
+    def frozen_model(self) -> None:
+        return None
+
+    @classmethod
+    def create(cls, **_: Any) -> PixelsSource:
+        """``--checkpoint pixels``: nothing to build or load."""
+        return cls("pixels", "pixels", "pixels", {}, None, "pixels")
+
+
+@dataclass
+class OutsideSource(EncoderSource):
+    """A model from outside mae-bench (timm, Hugging Face, torch.hub, Python; subclasses in
+    ``evals/sources.py``) in ``encoder``: frozen features only."""
+
+    kind: ClassVar[str] = "outside"
+    vit: ClassVar[bool] = False
+    takes_weights: ClassVar[bool] = True
+
+    def build(self, *args: Any, **kwargs: Any) -> VisionTransformer:
+        raise ConfigError(f"{self.label} is an outside model, evaluated on frozen features "
+                          f"only: {', '.join(FROZEN_PROTOCOLS)}")
+
+    def frozen_model(self) -> Embedder:
+        return self.encoder.eval()
+
+    def takes_channels(self, channels: int) -> bool:
+        # An RGB model sees grayscale images replicated to three channels.
+        return super().takes_channels(channels) or (self.channels, channels) == (3, 1)
+
+
+def reference_kind(checkpoint: str | Path | None) -> type[EncoderSource] | None:
+    """The class of a reference named by ``--checkpoint`` ("pixels", "random"), else None."""
+    return REFERENCE_KINDS.get(str(checkpoint)) if checkpoint is not None else None
+
+
+REFERENCE_KINDS: dict[str, type[EncoderSource]] = {"pixels": PixelsSource,
+                                                   "random": RandomSource}
+
+
 def load_source(checkpoint: str | Path, *, arch: str | None = None, img_size: int | None = None,
                 channels: int | None = None, seed: int = 0, trust: bool = False) -> EncoderSource:
     """Resolve ``--checkpoint``: "pixels", "random" (needs ``arch``), a mae-bench run folder or
@@ -177,17 +287,9 @@ def load_source(checkpoint: str | Path, *, arch: str | None = None, img_size: in
         seed: initialisation seed of the random encoder.
         trust: allow unsafe unpickling (official checkpoints that pickled their arguments).
     """
-    name = str(checkpoint)
-    if name == "pixels":
-        return EncoderSource("pixels", "pixels", "pixels", "pixels", {}, None, "pixels")
-    if name == "random":
-        if arch is None:
-            raise ConfigError("--checkpoint random needs --arch (the architecture to initialise "
-                              "at random, e.g. the one of the run it is compared with)")
-        kwargs = vit_kwargs(arch, img_size, channels or 3)
-        digest = hash_text(f"random:{arch}:{kwargs}:{seed}")
-        return EncoderSource("random", "random", "random", arch, kwargs, None, digest,
-                             {"seed": seed})
+    reference = reference_kind(checkpoint)
+    if reference is not None:
+        return reference.create(arch=arch, img_size=img_size, channels=channels, seed=seed)
     path = Path(checkpoint)
     if find_checkpoint(path) is None:  # eval and export both land here: name the path only
         if path.is_dir():
@@ -249,7 +351,7 @@ def _from_run(path: Path, ckpt: dict[str, Any]) -> EncoderSource:
                      "norm_pix_loss": cfg.mae.norm_pix_loss}
         if cfg.mae.encoder_mask_tokens:  # only when set, so MAE rows keep their columns
             pretrain["encoder_mask_tokens"] = True
-    return EncoderSource("run", run_dir.name, cfg.train.method, cfg.model.arch, kwargs, state,
+    return RunSource(run_dir.name, cfg.train.method, cfg.model.arch, kwargs, state,
                          hash_state(state), pretrain)
 
 
@@ -276,7 +378,7 @@ def _from_official(path: Path, ckpt: dict[str, Any]) -> EncoderSource:
         raise CheckpointError(f"{path}: official checkpoint lacks encoder keys {missing[:3]}")
     state = {k: sd[k].float() for k in wanted}
     label = arch or f"vit(d={embed_dim}, depth={depth}, p={patch})"
-    return EncoderSource("official", path.stem, "official-mae", label, kwargs, state,
+    return OfficialSource(path.stem, "official-mae", label, kwargs, state,
                          hash_state(state), {"checkpoint": str(path)})
 
 
@@ -300,10 +402,4 @@ def hash_text(text: str) -> str:
 def model_for(source: EncoderSource) -> VisionTransformer | Embedder | None:
     """The frozen feature extractor in eval mode: a ViT (cls-pool layout), an outside model's
     ``Embedder``, or None for pixels."""
-    if source.kind == "pixels":
-        return None
-    if source.encoder is not None:
-        return source.encoder.eval()
-    seed = source.pretrain.get("seed", 0) if source.kind == "random" else None
-    return source.build(init_seed=seed).eval()
-
+    return source.frozen_model()

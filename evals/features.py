@@ -213,7 +213,7 @@ def attention_kernel(source: EncoderSource, device: torch.device, precision: str
     Evaluation never forces a kernel, so ``mae_bench.models.attention.rule_path`` decides it from
     the device, the precision and the sequence length: on a CPU, bf16 runs the explicit matmuls and
     fp32 the fused kernel; on a GPU both run fused, in different rounding than a CPU's math."""
-    if source.kind not in ("run", "official", "random"):
+    if not source.vit:
         return None
     tokens = 1 + (source.vit_kwargs["img_size"] // source.vit_kwargs["patch_size"]) ** 2
     return rule_path(device.type, _DTYPES[precision], tokens)

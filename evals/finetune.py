@@ -21,13 +21,14 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from torch import Tensor, nn
 
+from evals.distributed_eval import rank_rows, topk_accuracy
+from evals.recipes import FinetuneRecipe
 from mae_bench.data import ArrayDataset
-from mae_bench.data.augment import BatchViews, ViewSpec, eval_resize, random_erasing
+from mae_bench.data.augment import BatchViews, ViewSpec, random_erasing
 from mae_bench.data.randaugment import RandAugmentSpec
 from mae_bench.errors import ConfigError, DataError
 from mae_bench.models.vit import VisionTransformer
@@ -125,19 +126,9 @@ def finetune(
     model: VisionTransformer,
     train: ArrayDataset,
     test: ArrayDataset,
+    recipe: FinetuneRecipe = FinetuneRecipe(),
     *,
-    epochs: int = 100,
-    batch_size: int = 128,
-    blr: float = 1e-3,
     lr: float | None = None,
-    layer_decay: float = 0.75,
-    weight_decay: float = 0.05,
-    warmup_epochs: float | None = None,
-    min_lr: float = 1e-6,
-    mixup: float = 0.8,
-    cutmix: float = 1.0,
-    label_smoothing: float = 0.1,
-    crop_scale: tuple[float, float] = (0.08, 1.0),
     hflip: float = 0.5,
     partial_blocks: int | None = None,
     img_size: int | None = None,
@@ -145,22 +136,19 @@ def finetune(
     seed: int = 0,
     device: torch.device | str = "cpu",
     precision: str = "fp32",
-    clip_grad: float | None = None,
-    head_init_std: float | None = None,
-    head_bn: bool = False,
-    erase: float = 0.0,
-    rand_augment: str | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, float]:
-    """Fine-tune ``model`` (in place, moved to ``device``) on ``train``; evaluate on ``test``.
+    """Fine-tune ``model`` (in place, moved to ``device``) on ``train`` with ``recipe``;
+    evaluate on ``test``.
 
-    Train-time view: RandomResizedCrop (scale 0.08-1) + horizontal flip, then RandAugment
-    (``rand_augment``), normalisation, random erasing (``erase``), then Mixup / CutMix, all
-    batched on the device, in timm's order. Test-time view: resize to ``img_size`` and
-    normalise.
+    Train-time view: RandomResizedCrop (``recipe.crop_scale``) + horizontal flip, then
+    RandAugment (``recipe.rand_augment``), normalisation, random erasing (``recipe.erase``),
+    then Mixup / CutMix, all batched on the device, in timm's order. Test-time view: resize to
+    ``img_size`` and normalise.
 
-    Batches are drop-last: every step sees exactly ``batch_size`` images. Mixup / CutMix pair
-    each image with the flipped batch, so with either on, ``batch_size`` must be even.
+    Batches are drop-last: every step sees exactly ``recipe.batch_size`` images. Mixup / CutMix
+    pair each image with the flipped batch, so with either on the batch must be even (the
+    recipe checks it).
 
     Reproducibility: the global ``random``, numpy and torch generators are seeded with ``seed``
     (timm's Mixup draws from numpy and random, drop path from torch); crops come from a seeded
@@ -168,7 +156,7 @@ def finetune(
 
     Under torch.distributed (W > 1 processes; every process calls this with the same
     arguments): each trains on rows [rank * B/W, (rank + 1) * B/W) of the global batch of B =
-    ``batch_size`` images, with DistributedDataParallel (rank 0's initial weights), and
+    ``recipe.batch_size`` images, with DistributedDataParallel (rank 0's initial weights), and
     evaluates a share of the test set; every process returns the same accuracies and loss,
     equal to one process's up to float rounding. Drop path is drawn per process, so with
     ``drop_path_rate`` > 0 the run is an equally valid but different sample. Only rank 0 calls
@@ -176,26 +164,19 @@ def finetune(
 
     Args:
         model: a ``VisionTransformer`` with a head (``num_classes`` = the data set's classes),
-            built with ``global_pool="avg"`` and the wanted ``drop_path_rate`` (MAE: 0.1 for
-            ViT-B); pretrained weights loaded, or random ones for a from-scratch baseline.
+            built with ``global_pool="avg"`` and the recipe's ``drop_path_rate``; pretrained
+            weights loaded, or random ones for a from-scratch baseline.
         train: training images and labels.
         test: evaluation images and labels.
-        epochs: training epochs (MAE: 100 for ViT-B, 50 for ViT-L/H).
-        batch_size: images per optimizer step, over all processes (a multiple of their number).
-        blr: base lr, scaled by batch_size / 256. 1e-3 (MAE's ViT-L/H value; ViT-B uses 5e-4
-            at batch 1024): small data sets with small batches already get a small absolute
-            lr from the linear scaling (batch 128 -> 5e-4), and short runs have few steps.
-        lr: absolute peak lr; overrides ``blr``.
-        layer_decay: layer-wise lr decay (MAE: 0.75 for ViT-B).
-        weight_decay: AdamW weight decay on weight matrices.
-        warmup_epochs: linear warmup length; None: 5 % of ``epochs`` (MAE: 5 of 100), at least
-            one optimizer step.
-        min_lr: lr at the end of the cosine.
-        mixup: Mixup alpha (0 turns it off).
-        cutmix: CutMix alpha (0 turns it off).
-        label_smoothing: label smoothing of the (mixed) targets.
-        crop_scale: area range of the RandomResizedCrop (MAE / timm: 0.08-1). Tiny images
-            (8 px digits) may want a milder lower bound.
+        recipe: every training knob (``evals.recipes.FinetuneRecipe``, checked when built):
+            epochs, batch, blr (scaled by batch / 256), layer decay, weight decay, warmup
+            (None: 5 % of the epochs, at least one step), min lr, Mixup / CutMix / label
+            smoothing, crops, head BatchNorm (a BatchNorm without affine parameters between the
+            pooled, normed features and the head, as MAE's linear probe: pooled features of a
+            pretrained encoder barely vary between images compared with their spread across
+            dimensions, which leaves a head trained by AdamW for a few hundred steps far from
+            converged), head init, erasing, RandAugment, gradient clipping.
+        lr: absolute peak lr; overrides ``recipe.blr``.
         hflip: probability of a horizontal flip (0 for digits and text, which flips change).
         partial_blocks: train only the last k blocks + fc_norm + head (see
             ``freeze_for_partial``); None: full fine-tuning. Frozen blocks run in eval mode
@@ -207,19 +188,6 @@ def finetune(
         device: where to train.
         precision: "auto" | "bf16" | "fp16" (grad scaler; CUDA only) | "fp32"
             (``mae_bench.config.PRECISIONS``).
-        clip_grad: clip the gradient norm to this; None: no clipping (as MAE).
-        head_bn: put a BatchNorm without affine parameters between the pooled, normed
-            features and the head (as MAE's linear probe does). A pretrained encoder's pooled
-            features barely vary between images compared with their spread across dimensions
-            (MAE on digits: 0.05 against 1.0), which leaves a head trained by AdamW for a few
-            hundred steps far from converged; standardising each dimension fixes that.
-        erase: random erasing probability (``mae_bench.data.augment.random_erasing``; the paper:
-            0.25), applied after normalisation and before Mixup / CutMix, as timm orders them.
-        rand_augment: timm's RandAugment policy string (the paper: ``rand-m9-mstd0.5-inc1``;
-            ``mae_bench.data.randaugment``), applied per image after the crop and flip, on pixel
-            values, as timm orders it; None: off.
-        head_init_std: re-initialise the head's weight from a truncated normal of this std and
-            its bias at zero (official fine-tuning: 2e-5); None: keep the model's head.
         progress: called with (steps done, total steps) after each optimizer step.
 
     Returns:
@@ -237,65 +205,82 @@ def finetune(
     native = model.grid_size * model.patch_size
     img_size = native if img_size is None else img_size
     indices = _training_indices(train, train_indices)
-    mixing = mixup > 0 or cutmix > 0
-    _validate(model, train, test, indices, epochs=epochs, batch_size=batch_size, blr=blr, lr=lr,
-              layer_decay=layer_decay, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
-              min_lr=min_lr, mixup=mixup, cutmix=cutmix, label_smoothing=label_smoothing,
-              crop_scale=crop_scale, hflip=hflip, erase=erase,
-              img_size=img_size, native=native, clip_grad=clip_grad, mixing=mixing)
-    policy = RandAugmentSpec.parse(rand_augment) if rand_augment else None  # ConfigError
-    rank, world = rank_and_world()
-    per_rank = _per_rank_batch(batch_size, world)
-    rows = slice(rank * per_rank, (rank + 1) * per_rank)  # this process's share of a batch
-
+    _validate(model, train, test, indices, recipe, lr=lr, hflip=hflip, img_size=img_size,
+              native=native)
+    rows = rank_rows(recipe.batch_size)  # this process's share of a batch
     seed_everything(seed)
-    if head_bn:  # pooled [B, D] -> fc_norm -> standardised per dimension -> head
+    train_module = _prepare_model(model, recipe, partial_blocks, device)
+    t_start = time.perf_counter()
+    train_loss = _train(model, train_module, train, indices, recipe, rows, lr=lr, hflip=hflip,
+                        img_size=img_size, seed=seed, device=device, precision=precision,
+                        progress=progress)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    train_seconds = time.perf_counter() - t_start
+    top1, top5 = evaluate(model, test, img_size=img_size, batch_size=recipe.batch_size,
+                          device=device, precision=precision)
+    return {"top1": top1, "top5": top5, "train_loss": train_loss,
+            "train_seconds": train_seconds, "epochs": float(recipe.epochs)}
+
+
+def _prepare_model(model: VisionTransformer, recipe: FinetuneRecipe,
+                   partial_blocks: int | None, device: torch.device) -> nn.Module:
+    """The recipe's head (BatchNorm, init), the frozen blocks, the device; returns the module
+    that trains (the model, or its DistributedDataParallel wrapper under torchrun)."""
+    if recipe.head_bn:  # pooled [B, D] -> fc_norm -> standardised per dimension -> head
         model.fc_norm = nn.Sequential(model.fc_norm, nn.BatchNorm1d(model.embed_dim,
                                                                     affine=False))
-    if head_init_std is not None:
-        nn.init.trunc_normal_(model.head.weight, std=head_init_std)
+    if recipe.head_init_std is not None:
+        nn.init.trunc_normal_(model.head.weight, std=recipe.head_init_std)
         nn.init.zeros_(model.head.bias)
     depth = len(model.blocks)
     freeze_for_partial(model, depth if partial_blocks is None else partial_blocks)
-    frozen_blocks = [b for b in model.blocks if not any(p.requires_grad for p in b.parameters())]
     model.to(device)
-    num_classes = model.head.out_features
-    train_module: nn.Module = model
-    if world > 1:
-        if head_bn:  # the head's statistics over the global batch, as in one process
-            model.fc_norm = nn.SyncBatchNorm.convert_sync_batchnorm(model.fc_norm)
-        # Frozen parameters (requires_grad False) are left out of DDP's gradient buckets, so
-        # partial fine-tuning needs no find_unused_parameters. DDP also broadcasts rank 0's
-        # weights (frozen ones included) to every process here.
-        train_module = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if rank_and_world()[1] == 1:
+        return model
+    if recipe.head_bn:  # the head's statistics over the global batch, as in one process
+        model.fc_norm = nn.SyncBatchNorm.convert_sync_batchnorm(model.fc_norm)
+    # Frozen parameters (requires_grad False) are left out of DDP's gradient buckets, so
+    # partial fine-tuning needs no find_unused_parameters. DDP also broadcasts rank 0's
+    # weights (frozen ones included) to every process here.
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
 
+
+def _train(model: VisionTransformer, train_module: nn.Module, train: ArrayDataset,
+           indices: Tensor, recipe: FinetuneRecipe, rows: slice, *, lr: float | None,
+           hflip: float, img_size: int, seed: int, device: torch.device, precision: str,
+           progress: Callable[[int, int], None] | None) -> float:
+    """The training epochs; returns the mean loss of the last one."""
+    frozen_blocks = [b for b in model.blocks if not any(p.requires_grad for p in b.parameters())]
+    batch_size, epochs = recipe.batch_size, recipe.epochs
     steps_per_epoch = len(indices) // batch_size  # drop-last
     total_steps = steps_per_epoch * epochs
-    peak_lr = lr if lr is not None else blr * batch_size / 256
-    if warmup_epochs is None:
-        warmup_epochs = max(0.05 * epochs, 1 / steps_per_epoch)
-
-    groups = param_groups_lrd(model, weight_decay, layer_decay)
+    peak_lr = lr if lr is not None else recipe.blr * batch_size / 256
+    warmup = recipe.warmup_epochs
+    if warmup is None:
+        warmup = max(0.05 * epochs, 1 / steps_per_epoch)
+    groups = param_groups_lrd(model, recipe.weight_decay, recipe.layer_decay)
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
     optimizer = torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999), **fast)
     train_step = TrainStep(
         train_module, optimizer,
-        lambda s: lr_at(s, steps_per_epoch, epochs, warmup_epochs, peak_lr, min_lr),
-        device=device, precision=precision, scaler=grad_scaler(precision), clip_grad=clip_grad,
-        loss_name="fine-tuning loss", advice="lower the lr or use fp32")
-
-    spec = ViewSpec(img_size, scale=crop_scale, hflip=hflip, rand_augment=policy)
+        lambda s: lr_at(s, steps_per_epoch, epochs, warmup, peak_lr, recipe.min_lr),
+        device=device, precision=precision, scaler=grad_scaler(precision),
+        clip_grad=recipe.clip_grad, loss_name="fine-tuning loss",
+        advice="lower the lr or use fp32")
+    policy = RandAugmentSpec.parse(recipe.rand_augment) if recipe.rand_augment else None
+    spec = ViewSpec(img_size, scale=recipe.crop_scale, hflip=hflip, rand_augment=policy)
     views = BatchViews(spec, train.info.mean, train.info.std)
     crop_gen = torch.Generator(device=device)
     crop_gen.manual_seed(seed)
-    mixer = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=label_smoothing,
-                  num_classes=num_classes) if mixing else None
-    criterion: nn.Module = (SoftTargetCrossEntropy() if mixing
-                            else nn.CrossEntropyLoss(label_smoothing=label_smoothing))
-
+    mixer = Mixup(mixup_alpha=recipe.mixup, cutmix_alpha=recipe.cutmix,
+                  label_smoothing=recipe.label_smoothing,
+                  num_classes=model.head.out_features) if recipe.mixing else None
+    criterion: nn.Module = (SoftTargetCrossEntropy() if recipe.mixing
+                            else nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing))
+    rank = rank_and_world()[0]
     epoch_losses = torch.zeros(0)
-    t_start = time.perf_counter()
     for epoch in range(epochs):
         train_module.train()
         for block in frozen_blocks:
@@ -305,7 +290,7 @@ def finetune(
         for i in range(steps_per_epoch):
             idx = order[i * batch_size:(i + 1) * batch_size]  # [B]
             x = views(train.images[idx].to(device, non_blocking=True), crop_gen)  # [B, C, S, S]
-            random_erasing(x, erase, crop_gen)  # in place; no random draws when erase is 0
+            random_erasing(x, recipe.erase, crop_gen)  # in place; no draws when erase is 0
             y = train.labels[idx].to(device, non_blocking=True)  # [B]
             if mixer is not None:
                 x, y = mixer(x, y)  # y: [B, num_classes] soft targets
@@ -320,55 +305,25 @@ def finetune(
         # One device sync per epoch, not per step. The mean over processes of their equal shares
         # is the global batch's loss, the same on every process: all stop at the same step.
         epoch_losses = train_step.flush()["loss"]  # [steps_per_epoch]; non-finite: raises
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    train_seconds = time.perf_counter() - t_start
-
-    top1, top5 = evaluate(model, test, img_size=img_size, batch_size=batch_size, device=device,
-                          precision=precision)
-    return {"top1": top1, "top5": top5, "train_loss": float(epoch_losses.mean()),
-            "train_seconds": train_seconds, "epochs": float(epochs)}
+    return float(epoch_losses.mean())
 
 
-@torch.no_grad()
 def evaluate(model: VisionTransformer, data: ArrayDataset, *, img_size: int, batch_size: int,
              device: torch.device, precision: str = "fp32") -> tuple[float, float]:
     """Top-1 and top-5 accuracy (percent) of ``model`` on ``data`` (top-5 is top-C with fewer
-    than 5 classes), on resized and normalised images, in eval mode.
-
-    Under torch.distributed every process must call it: each evaluates every W-th batch of
-    ``batch_size`` images and the hit counts are summed, so all return the same accuracies.
-    """
+    than 5 classes), on resized and normalised images, in eval mode; under torch.distributed
+    every process must call it (``evals.distributed_eval.topk_accuracy``)."""
     model.eval()
-    rank, world = rank_and_world()
-    views = BatchViews(ViewSpec(img_size), data.info.mean, data.info.std)
-    k = min(5, model.head.out_features)
-    hits = torch.zeros(2, dtype=torch.long, device=device)  # [top-1, top-k]
-    # Whole batches, the same ones as in one process: the same logits, not just close ones.
-    for start in range(rank * batch_size, len(data), world * batch_size):
-        x = eval_resize(data.images[start:start + batch_size].to(device), img_size)  # [B, C, S, S]
-        y = data.labels[start:start + batch_size].to(device)  # [B]
+
+    def logits_of(x: Tensor) -> Tensor:
         with autocast(device, precision):
-            logits = model(views.normalize(x))  # [B, num_classes]
-        topk = logits.float().topk(k, dim=1).indices  # [B, k]
-        correct = topk == y[:, None]  # [B, k]
-        hits += torch.stack([correct[:, 0].sum(), correct.any(dim=1).sum()])
-    if world > 1:
-        dist.all_reduce(hits)
-    hits1, hits5 = hits.tolist()
-    return 100.0 * hits1 / len(data), 100.0 * hits5 / len(data)
+            return model(x)  # [B, num_classes]
+
+    return topk_accuracy(logits_of, data, img_size=img_size, batch_size=batch_size,
+                         device=device)
 
 
 # --- input checks ----------------------------------------------------------------------------
-
-
-def _per_rank_batch(batch_size: int, world: int) -> int:
-    """Images each of ``world`` processes trains on per step (``batch_size`` is global)."""
-    if batch_size % world:
-        raise ConfigError(f"batch_size {batch_size} cannot be split equally between {world} "
-                          f"processes (it is the global batch of a step); use a multiple of "
-                          f"{world}")
-    return batch_size // world
 
 
 def _training_indices(train: ArrayDataset, train_indices: Tensor | None) -> Tensor:
@@ -385,39 +340,21 @@ def _training_indices(train: ArrayDataset, train_indices: Tensor | None) -> Tens
 
 
 def _validate(model: VisionTransformer, train: ArrayDataset, test: ArrayDataset, indices: Tensor,
-              *, mixing: bool, native: int, **v: Any) -> None:
+              recipe: FinetuneRecipe, *, lr: float | None, hflip: float, img_size: int,
+              native: int) -> None:
+    """What the recipe cannot check: the model, the data and this run's arguments."""
     if not isinstance(model.head, nn.Linear):
         raise ConfigError("the model has no classification head; build it with num_classes = "
                           "the data set's number of classes")
     checks = [
-        (v["epochs"] >= 1, f"epochs must be >= 1, got {v['epochs']}"),
-        (v["batch_size"] >= 2, f"batch_size must be >= 2, got {v['batch_size']}"),
-        (not mixing or v["batch_size"] % 2 == 0,
-         f"batch_size {v['batch_size']} is odd, but Mixup / CutMix mix each image with the "
-         "reversed batch and need an even one: use an even batch_size or mixup=cutmix=0"),
-        (len(indices) >= v["batch_size"],
-         f"{len(indices)} training images are fewer than one batch of {v['batch_size']}; "
+        (len(indices) >= recipe.batch_size,
+         f"{len(indices)} training images are fewer than one batch of {recipe.batch_size}; "
          "lower batch_size"),
-        (v["blr"] > 0, f"blr must be > 0, got {v['blr']}"),
-        (v["lr"] is None or v["lr"] > 0, f"lr must be > 0, got {v['lr']}"),
-        (0 < v["layer_decay"] <= 1, f"layer_decay must be in (0, 1], got {v['layer_decay']}"),
-        (v["weight_decay"] >= 0, f"weight_decay must be >= 0, got {v['weight_decay']}"),
-        (v["warmup_epochs"] is None or 0 <= v["warmup_epochs"] <= v["epochs"],
-         f"warmup_epochs must be in 0..epochs ({v['epochs']}), got {v['warmup_epochs']}"),
-        (v["min_lr"] >= 0, f"min_lr must be >= 0, got {v['min_lr']}"),
-        (v["mixup"] >= 0, f"mixup must be >= 0 (0 = off), got {v['mixup']}"),
-        (v["cutmix"] >= 0, f"cutmix must be >= 0 (0 = off), got {v['cutmix']}"),
-        (0 <= v["label_smoothing"] < 1,
-         f"label_smoothing must be in [0, 1), got {v['label_smoothing']}"),
-        (0 < v["crop_scale"][0] <= v["crop_scale"][1] <= 1,
-         f"crop_scale must be (low, high) with 0 < low <= high <= 1, got {v['crop_scale']}"),
-        (0 <= v["hflip"] <= 1, f"hflip must be a probability in [0, 1], got {v['hflip']}"),
-        (0 <= v["erase"] <= 1, f"erase must be a probability in [0, 1], got {v['erase']}"),
-        (v["clip_grad"] is None or v["clip_grad"] > 0,
-         f"clip_grad must be > 0 or None, got {v['clip_grad']}"),
-        (v["img_size"] == native,
-         f"img_size {v['img_size']} differs from the model's {native} (its position embedding "
-         f"is fixed to that grid); build the model with img_size={v['img_size']} or omit it"),
+        (lr is None or lr > 0, f"lr must be > 0, got {lr}"),
+        (0 <= hflip <= 1, f"hflip must be a probability in [0, 1], got {hflip}"),
+        (img_size == native,
+         f"img_size {img_size} differs from the model's {native} (its position embedding "
+         f"is fixed to that grid); build the model with img_size={img_size} or omit it"),
         (train.images.shape[1] == model.in_chans,
          f"the data has {train.images.shape[1]} channels but the model takes {model.in_chans}; "
          "build it with in_chans to match"),

@@ -22,10 +22,11 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from mae_bench.data.randaugment import PAPER_POLICY
+from mae_bench.data.randaugment import PAPER_POLICY, RandAugmentSpec
 from mae_bench.errors import ConfigError
 
 RECIPES = ("auto", "paper")
+PROBE_OPTIMIZERS = ("lars", "sgd")
 
 # What the auto rules look at. Below these, Mixup / CutMix and the 8 %-area crops of ImageNet
 # training cost more accuracy than they give (results/finetune-recipes.md).
@@ -42,29 +43,66 @@ SMALL_DATA_LAYER_DECAY = 0.75  # auto, pretrained, small images or data
 
 @dataclass(frozen=True)
 class FinetuneRecipe:
-    """Every knob of a fine-tuning run (see ``evals.finetune.finetune`` for each one's meaning).
+    """Every knob of a fine-tuning run (see ``evals.finetune.finetune`` for each one's meaning),
+    checked once when built (also by ``dataclasses.replace``). The defaults are a plain AdamW
+    run with the paper's augmentation; the named recipes below are what evaluations use.
 
     ``why`` holds one sentence per choice that differs from the paper's recipe."""
 
-    name: str
-    epochs: int
-    batch_size: int
-    blr: float  # lr = blr x batch / 256
-    layer_decay: float
-    weight_decay: float
-    warmup_epochs: float
-    min_lr: float
-    mixup: float
-    cutmix: float
-    label_smoothing: float
-    crop_scale: tuple[float, float]
-    drop_path: float
-    head_init_std: float | None  # None: the model's own init (xavier), else trunc-normal std
+    name: str = "custom"
+    epochs: int = 100
+    batch_size: int = 128
+    blr: float = 1e-3  # lr = blr x batch / 256
+    layer_decay: float = 0.75
+    weight_decay: float = 0.05
+    warmup_epochs: float | None = None  # None: 5 % of the epochs, at least one step
+    min_lr: float = 1e-6
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    label_smoothing: float = 0.1
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    drop_path: float = 0.0
+    head_init_std: float | None = None  # None: the model's own init (xavier), else trunc-normal
     clip_grad: float | None = None
     head_bn: bool = False  # BatchNorm (no affine) before the head, as MAE's linear probe
     erase: float = 0.0  # random erasing probability (the paper: 0.25)
     rand_augment: str | None = None  # timm's RandAugment policy (the paper: rand-m9-mstd0.5-inc1)
     why: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (self.batch_size >= 2, f"batch_size must be >= 2, got {self.batch_size}"),
+            (not self.mixing or self.batch_size % 2 == 0,
+             f"batch_size {self.batch_size} is odd, but Mixup / CutMix mix each image with the "
+             "reversed batch and need an even one: use an even batch_size or mixup=cutmix=0"),
+            (self.blr > 0, f"blr must be > 0, got {self.blr}"),
+            (0 < self.layer_decay <= 1, f"layer_decay must be in (0, 1], got {self.layer_decay}"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (self.warmup_epochs is None or 0 <= self.warmup_epochs <= self.epochs,
+             f"warmup_epochs must be in 0..epochs ({self.epochs}), got {self.warmup_epochs}"),
+            (self.min_lr >= 0, f"min_lr must be >= 0, got {self.min_lr}"),
+            (self.mixup >= 0, f"mixup must be >= 0 (0 = off), got {self.mixup}"),
+            (self.cutmix >= 0, f"cutmix must be >= 0 (0 = off), got {self.cutmix}"),
+            (0 <= self.label_smoothing < 1,
+             f"label_smoothing must be in [0, 1), got {self.label_smoothing}"),
+            (0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,
+             f"crop_scale must be (low, high) with 0 < low <= high <= 1, got {self.crop_scale}"),
+            (0 <= self.drop_path < 1, f"drop_path must be in [0, 1), got {self.drop_path}"),
+            (0 <= self.erase <= 1, f"erase must be a probability in [0, 1], got {self.erase}"),
+            (self.clip_grad is None or self.clip_grad > 0,
+             f"clip_grad must be > 0 or None, got {self.clip_grad}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        if self.rand_augment:
+            RandAugmentSpec.parse(self.rand_augment)  # a bad policy: ConfigError naming the part
+
+    @property
+    def mixing(self) -> bool:
+        """Mixup or CutMix is on: the targets are soft and the batch must be even."""
+        return self.mixup > 0 or self.cutmix > 0
 
     def knobs(self) -> dict[str, object]:
         """The recipe as flat result-row fields: ``recipe`` (the name), ``epochs``,
@@ -82,17 +120,33 @@ class FinetuneRecipe:
 
 @dataclass(frozen=True)
 class ProbeRecipe:
-    """Every knob of MAE's linear probe (``evals.linear.linear_probe``)."""
+    """Every knob of MAE's linear probe (``evals.mae_probe.linear_probe``), checked once when
+    built. The defaults are the paper's protocol at a batch one machine holds."""
 
-    name: str
-    optimizer: str  # "lars" (the paper) | "sgd" (momentum 0.9, no trust ratio)
-    epochs: int
-    batch_size: int
-    blr: float  # lr = blr x batch / 256
-    weight_decay: float
-    warmup_epochs: float
-    crop_scale: tuple[float, float]
+    name: str = "custom"
+    optimizer: str = "lars"  # "lars" (the paper) | "sgd" (momentum 0.9, no trust ratio)
+    epochs: int = 90
+    batch_size: int = 256
+    blr: float = 0.1  # lr = blr x batch / 256
+    weight_decay: float = 0.0
+    warmup_epochs: float | None = None  # None: 10 % of the epochs (the paper: 10 of 90)
+    crop_scale: tuple[float, float] = (0.08, 1.0)
     why: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 2 or self.blr <= 0:
+            raise ConfigError(f"need epochs >= 1, batch_size >= 2 and blr > 0, got "
+                              f"epochs={self.epochs}, batch_size={self.batch_size}, "
+                              f"blr={self.blr}")
+        if self.warmup_epochs is not None and not 0 <= self.warmup_epochs <= self.epochs:
+            raise ConfigError(f"warmup_epochs must be in [0, epochs={self.epochs}], got "
+                              f"{self.warmup_epochs}")
+        if self.optimizer not in PROBE_OPTIMIZERS:
+            raise ConfigError(f"unknown probe optimizer {self.optimizer!r}; valid: "
+                              f"{', '.join(PROBE_OPTIMIZERS)}")
+        if self.weight_decay < 0 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ConfigError(f"need weight_decay >= 0 and 0 < crop_scale[0] <= crop_scale[1] "
+                              f"<= 1, got {self.weight_decay} and {self.crop_scale}")
 
 
 def paper_finetune(arch: str, epochs: int | None = None) -> FinetuneRecipe:

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -41,6 +41,7 @@ from evals.encoders import (
     MODEL_POOL,
     Embedder,
     EncoderSource,
+    OutsideSource,
     hash_state,
     hash_text,
     load_source,
@@ -74,6 +75,42 @@ class SourceOptions:
     seed: int = 0
     trust: bool = False
     trust_repo: bool = False
+
+
+# --- the kinds: one class each, all "outside" in the identity ------------------------------
+
+
+@dataclass
+class TimmSource(OutsideSource):
+    """``timm:NAME``: a timm model (registered name, exported folder, ``hf-hub:``)."""
+
+    takes_pretrained: ClassVar[bool] = True
+
+
+@dataclass
+class HFSource(OutsideSource):
+    """``hf:ID_OR_DIR``: a transformers vision backbone (the weights of its folder or id)."""
+
+    takes_weights: ClassVar[bool] = False
+
+
+@dataclass
+class HubSource(OutsideSource):
+    """``hub:OWNER/REPO:ENTRY``: a torch.hub entry point."""
+
+
+@dataclass
+class PythonSource(OutsideSource):
+    """``python:MODULE:CALLABLE``, or an ``nn.Module`` given to ``mae_bench.evaluate``."""
+
+
+@dataclass
+class CallableSource(OutsideSource):
+    """A plain callable given to ``mae_bench.evaluate``: its code may change under the same
+    name, so its features are never cached and its evaluations never taken for one another."""
+
+    def __post_init__(self) -> None:
+        self.cacheable = False
 
 
 # --- embedders: a loaded model -> {pool: [N, D]} -------------------------------------------
@@ -221,7 +258,8 @@ def timm_source(name: str, options: SourceOptions) -> EncoderSource:
         extra = {"exported_from": saved["run_id"]} if "run_id" in saved else {}
     elif options.pretrained:
         extra = {"pretrained_weights": cfg.get("hf_hub_id") or cfg.get("tag") or "timm"}
-    return _outside(HooksEmbedder(model), label=f"timm:{name}", method="timm", arch=arch,
+    return _outside(TimmSource, HooksEmbedder(model), label=f"timm:{name}", method="timm",
+                    arch=arch,
                     size=size, channels=channels, mean=cfg.get("mean"), std=cfg.get("std"),
                     options=options, extra=extra, weights=weights)
 
@@ -267,7 +305,7 @@ def hf_source(name: str, options: SourceOptions) -> EncoderSource:
         raise ConfigError(f"hf:{name} takes only {size}-px images; drop --img-size")
     norm = "processor" if processor.get("image_mean") else "imagenet (no preprocessor_config)"
     arch = folder.name if folder.is_dir() else name
-    return _outside(embedder, label=f"hf:{name}", method="hf",
+    return _outside(HFSource, embedder, label=f"hf:{name}", method="hf",
                     arch=f"{getattr(cfg, 'model_type', 'hf')}:{arch}",
                     size=size, channels=int(getattr(cfg, "num_channels", 3)), mean=mean,
                     std=std, options=options, extra={"input_norm": norm})
@@ -301,7 +339,7 @@ def hub_source(name: str, options: SourceOptions) -> EncoderSource:
                                   f"({_reason(exc)})") from None
         raise CheckpointError(f"hub:{name}: torch.hub could not load it (no network, and no "
                               f"copy in {hub_dir}?): {_reason(exc)}") from None
-    return _module_source(model, f"hub:{name}", "hub", name, options,
+    return _module_source(HubSource, model, f"hub:{name}", "hub", name, options,
                           default=(224, 3, IMAGENET_MEAN, IMAGENET_STD))
 
 
@@ -351,10 +389,13 @@ def python_source(name: str, options: SourceOptions) -> EncoderSource:
     if not isinstance(model, nn.Module):
         raise ConfigError(f"python:{name}: {attr}() returned a {type(model).__name__}, not an "
                           "nn.Module")
-    return _module_source(model, f"python:{name}", "python", name, options)
+    return _module_source(PythonSource, model, f"python:{name}", "python", name, options)
 
 
 Loader = Callable[[str, SourceOptions], EncoderSource]
+# The class each loader returns, by prefix: what options it takes.
+SOURCE_CLASSES: dict[str, type[OutsideSource]] = {
+    "timm": TimmSource, "hf": HFSource, "hub": HubSource, "python": PythonSource}
 SOURCES: dict[str, Loader] = {
     "timm": timm_source,
     "hf": hf_source,
@@ -397,9 +438,10 @@ def resolve_source(checkpoint: str | Path, options: SourceOptions = SourceOption
                           f"(e.g. {EXAMPLES[prefix]})")
     if arch is not None:
         raise ConfigError(f"--arch names a mae-bench preset; {checkpoint} brings its own")
-    if options.pretrained and prefix != "timm":
+    kind = SOURCE_CLASSES[prefix]
+    if options.pretrained and not kind.takes_pretrained:
         raise ConfigError(f"--pretrained is timm's download; {checkpoint} loads its own weights")
-    if options.weights and prefix == "hf":
+    if options.weights and not kind.takes_weights:
         raise ConfigError(f"--weights is for timm:, hub: and python: models; {checkpoint} "
                           "loads the weights of its folder or hub id")
     return SOURCES[prefix](name, options)
@@ -419,18 +461,16 @@ def object_source(encoder: Any, options: SourceOptions = SourceOptions(),
         return encoder
     if isinstance(encoder, nn.Module):
         qualname = f"{type(encoder).__module__}.{type(encoder).__qualname__}"
-        return _module_source(encoder, name or f"python:{qualname}", "python",
+        return _module_source(PythonSource, encoder, name or f"python:{qualname}", "python",
                               name or type(encoder).__name__, options)
     if not callable(encoder):
         raise ConfigError(f"encoder must be an nn.Module, a callable from images to features "
                           f"or a source string, got a {type(encoder).__name__}")
     qualname = getattr(encoder, "__qualname__", type(encoder).__qualname__)
-    source = _outside(CallEmbedder(encoder), label=name or f"python:{qualname}",
-                      method="python", arch=name or qualname, size=options.img_size,
-                      channels=None, mean=None, std=None, options=options,
-                      code=_code_digest(encoder))
-    source.cacheable = False  # its code may change under the same name: always extract
-    return source
+    return _outside(CallableSource, CallEmbedder(encoder), label=name or f"python:{qualname}",
+                    method="python", arch=name or qualname, size=options.img_size,
+                    channels=None, mean=None, std=None, options=options,
+                    code=_code_digest(encoder))
 
 
 def check_output(source: EncoderSource, img_size: int, channels: int) -> None:
@@ -529,7 +569,8 @@ def _read_weights(file: Path, trust: bool) -> dict[str, Tensor]:
 # --- helpers ---------------------------------------------------------------------------------
 
 
-def _module_source(model: nn.Module, label: str, method: str, arch: str,
+def _module_source(kind: type[OutsideSource], model: nn.Module, label: str, method: str,
+                   arch: str,
                    options: SourceOptions,
                    default: tuple[int | None, int | None, Any, Any] = (None, None, None, None)
                    ) -> EncoderSource:
@@ -546,12 +587,13 @@ def _module_source(model: nn.Module, label: str, method: str, arch: str,
     hooks = callable(getattr(model, "forward_features", None)) and \
         callable(getattr(model, "forward_head", None))
     embedder = HooksEmbedder(model) if hooks else CallEmbedder(model)
-    return _outside(embedder, label=label, method=method, arch=arch,
+    return _outside(kind, embedder, label=label, method=method, arch=arch,
                     size=options.img_size or size, channels=channels, mean=mean, std=std,
                     options=options, code=_code_digest(model))
 
 
-def _outside(embedder: Embedder, *, label: str, method: str, arch: str, size: int | None,
+def _outside(kind: type[OutsideSource], embedder: Embedder, *, label: str, method: str,
+             arch: str, size: int | None,
              channels: int | None, mean: Any, std: Any, options: SourceOptions,
              extra: dict[str, Any] | None = None, code: str = "",
              weights: str | None = None) -> EncoderSource:
@@ -564,7 +606,7 @@ def _outside(embedder: Embedder, *, label: str, method: str, arch: str, size: in
     facts: dict[str, Any] = {"weights": weights[:12], **(extra or {})}
     if options.weights:
         facts["weights_file"] = str(options.weights)
-    return EncoderSource("outside", label, method, arch, {}, None, fingerprint, facts,
+    return kind(label, method, arch, {}, None, fingerprint, facts,
                          encoder=embedder, input_size=options.img_size or size,
                          input_channels=channels,
                          mean=tuple(float(v) for v in mean) if mean is not None else None,

@@ -350,7 +350,7 @@ def test_compare_log_rounds_budget_sized_epochs():
 def test_fast_probe_reports_each_fit():
     import torch
 
-    from evals.linear import fast_linear_probe
+    from evals.fast_probe import fast_linear_probe
 
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(40, 4, generator=gen), torch.arange(40) % 2

@@ -14,9 +14,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from recipe_helpers import run_finetune as finetune
+from recipe_helpers import run_probe as linear_probe
 
-from evals.finetune import finetune
-from evals.linear import linear_probe, probe_head
+from evals.mae_probe import probe_head
 from mae_bench.data import load_dataset
 from mae_bench.errors import ConfigError
 from mae_bench.models.vit import build_vit
@@ -87,7 +88,7 @@ def _run(protocol: str, kwargs: dict[str, Any], seed: int) -> dict[str, Any]:
     prefix = "" if protocol == "finetune" else "encoder."
     initial = _state(model, prefix)
     fn = finetune if protocol == "finetune" else linear_probe
-    with mock.patch("evals.linear.probe_head", recording_head):
+    with mock.patch("evals.mae_probe.probe_head", recording_head):
         result = fn(model, *_digits(), progress=lambda *a: calls.append(a), **kwargs)
     final = _state(model, prefix)
     for head, head_initial in heads:

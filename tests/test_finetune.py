@@ -7,9 +7,10 @@ import math
 
 import pytest
 import torch
+from recipe_helpers import run_finetune as finetune
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from evals.finetune import finetune, freeze_for_partial, layer_id, param_groups_lrd
+from evals.finetune import freeze_for_partial, layer_id, param_groups_lrd
 from mae_bench.data import load_dataset
 from mae_bench.errors import ConfigError, DataError, TrainingError
 from mae_bench.models.vit import build_vit

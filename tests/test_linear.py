@@ -7,12 +7,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from recipe_helpers import run_probe as linear_probe
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
+from evals.fast_probe import fast_linear_probe
 from evals.features import encode
 from evals.lars import LARS
-from evals.linear import fast_linear_probe, linear_probe
 from evals.splits import stratified_subset
 from mae_bench.data import load_dataset
 from mae_bench.data.augment import BatchViews, ViewSpec, eval_resize

@@ -320,22 +320,3 @@ def pd_frame(rows):
     import pandas as pd
 
     return pd.DataFrame.from_records(rows)
-
-
-def test_one_rule_says_what_is_fine_tuned_from_scratch():
-    from types import SimpleNamespace
-
-    from mae_bench.app.evaluation import EvalSpec, _from_scratch
-
-    run, rnd = SimpleNamespace(kind="run"), SimpleNamespace(kind="random")
-    official = SimpleNamespace(kind="official")
-
-    def spec(protocol="finetune", init="pretrained"):
-        return EvalSpec(protocol=protocol, checkpoint="x", init=init)
-
-    assert not _from_scratch(spec(), run) and not _from_scratch(spec(), official)
-    assert _from_scratch(spec(init="random"), run)
-    assert _from_scratch(spec(init="random"), official)
-    assert _from_scratch(spec("partial-finetune", init="random"), run)
-    assert _from_scratch(spec(), rnd)  # the random reference, whatever --init says
-    assert not _from_scratch(spec("knn", init="random"), run)  # frozen features: no training

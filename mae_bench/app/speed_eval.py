@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
+from evals.fast_probe import fast_linear_probe
 from evals.features import pool_tokens
 from evals.knn import DEFAULT_KS, knn_evaluate, knn_torch
-from evals.linear import fast_linear_probe
 from mae_bench.data.augment import BatchViews, ViewSpec
 from mae_bench.models.vit import VisionTransformer
 from mae_bench.training.runtime import autocast

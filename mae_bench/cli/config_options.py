@@ -178,3 +178,66 @@ def overrides(config: Path | None, sets: Sequence[str] | None,
         return {}
     base = RunConfig.from_yaml(config) if config is not None else RunConfig()
     return config_from_options(base, {}, sets).to_dict()
+
+
+# --- options from any dataclass's fields (``mae-bench eval``: EvalSpec) ------------------------
+
+
+def field_parameter(f: Any) -> inspect.Parameter:
+    """The typer parameter of a dataclass field that carries ``metadata["help"]``: named after
+    the field (``--batch-size``) or ``metadata["flags"]``; typed and defaulted as the field, or
+    as ``metadata["cli_type"]`` / ``["cli_default"]`` where the command line takes another form
+    (a path, ``--k 10,20``). A field without a default is a required option."""
+    import dataclasses
+
+    meta = f.metadata
+    value_type = meta.get("cli_type") or _plain_type(f.type)
+    decls = list(meta.get("flags") or ()) or ["--" + f.name.replace("_", "-")]
+    if value_type is bool and "/" not in decls[0] and f.default is None:
+        decls = [f"{decls[0]}/--no-{decls[0][2:]}"]
+    default = meta.get("cli_default")
+    if default is None:
+        default = f.default if f.default is not dataclasses.MISSING else ...
+    if meta.get("required"):
+        default = ...
+    option = typer.Option(*decls, help=meta.get("help") or None)
+    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                             annotation=Annotated[value_type, option])
+
+
+_TYPES = {"str": str, "int": int, "float": float, "bool": bool}
+
+
+def _plain_type(annotation: Any) -> type:
+    """``int | None`` (as a string under ``from __future__ import annotations``) -> int."""
+    if isinstance(annotation, type):
+        return annotation
+    first = str(annotation).split("|")[0].strip()
+    return _TYPES.get(first, str)
+
+
+Command = Callable[..., None]
+
+
+def with_field_options(fields: Sequence[Any]) -> Callable[[Command], Command]:
+    """Give a command one option per field (those whose ``metadata.get("cli", True)``); it
+    receives them in its ``**options`` as typed (before any ``metadata["parse"]``)."""
+    generated = [field_parameter(f) for f in fields if f.metadata.get("cli", True)]
+
+    def wrap(command: Callable[..., None]) -> Callable[..., None]:
+        sig = inspect.signature(command, eval_str=True)
+        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in sig.parameters.values()
+               if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        clash = {p.name for p in own} & {p.name for p in generated}
+        if clash:
+            raise TypeError(f"{command.__name__}: options {sorted(clash)} are also fields")
+
+        @functools.wraps(command)
+        def wrapper(**kwargs: Any) -> None:
+            return command(**kwargs)
+
+        required = [p for p in generated if p.default is ...]
+        rest = [p for p in generated if p.default is not ...]
+        wrapper.__signature__ = sig.replace(parameters=[*required, *own, *rest])  # for typer
+        return wrapper
+    return wrap

@@ -1,225 +1,57 @@
 """``mae-bench eval``: one protocol on an encoder (or precomputed features); a table, and one
-result row per number."""
+result row per number.
+
+Its options are generated from ``EvalSpec``'s fields (``mae_bench/cli/config_options.py``): the
+encoder, data and run options of ``EvalTarget`` and every registered protocol's knobs, with the
+help, names and defaults their fields carry. ``--set PROTOCOL.KNOB=VALUE`` sets any knob too.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+import yaml
 from rich.table import Table
 
+from mae_bench.app.eval_spec import EvalSpec
 from mae_bench.cli.common import (
     Progress,
-    TrustCheckpoint,
     close_progress,
     console,
     main_rank,
     out,
     task_progress,
 )
-from mae_bench.errors import MaeBenchError
+from mae_bench.cli.config_options import with_field_options
+from mae_bench.errors import ConfigError
+
+if TYPE_CHECKING:
+    from mae_bench.app.evaluation import EvalOutcome
+
+_FIELDS = {f.name: f for f in dataclasses.fields(EvalSpec)}
+
+SetKnob = Annotated[
+    list[str],
+    typer.Option(
+        "--set", metavar="PROTOCOL.KNOB=VALUE",
+        help="Set any knob of a protocol, e.g. --set finetune.mixup=0.8 --set "
+        "knn.temperature=0.1 (repeatable; the protocol must be the one run). VALUE is a YAML "
+        "scalar (5, 1e-3, true, null); the knobs are the protocols' options, with underscores."),
+]
 
 
-def eval_(
-    protocol: Annotated[
-        str,
-        typer.Option(help="knn | linear | fewshot | finetune | partial-finetune."),
-    ],
-    checkpoint: Annotated[
-        str,
-        typer.Option(
-            help="What to evaluate: a run folder or checkpoint file (mae-bench or an official "
-            "MAE pretrain checkpoint), a reference: 'pixels' (raw pixels as features) or "
-            "'random' (a random encoder of --arch), or an outside model on frozen features: "
-            "timm:NAME (or a folder from mae-bench export --to timm), hf:ID_OR_DIR "
-            "(transformers; pip install 'mae-bench[hf]'), hub:OWNER/REPO:ENTRY (torch.hub), "
-            "python:MODULE:CALLABLE (returns an nn.Module). Outside models are resized, "
-            "channel-matched and normalised as they declare."
-        ),
-    ] = None,
-    weights: Annotated[
-        Path,
-        typer.Option(help="timm: / hub: / python: models: load this state dict (.safetensors, "
-                     ".pth, .bin; or one under a 'model' / 'state_dict' key); every key must "
-                     "fit."),
-    ] = None,
-    pretrained: Annotated[
-        bool,
-        typer.Option("--pretrained", help="timm: models: timm's own pretrained weights (needs "
-                     "a network or timm's cache; without it the model is randomly initialised, "
-                     "seeded by --seed)."),
-    ] = False,
-    features: Annotated[
-        Path,
-        typer.Option(
-            help="Instead of --checkpoint: a folder of precomputed embeddings "
-            "(train_features.npy, train_labels.npy, test_features.npy, test_labels.npy)."
-        ),
-    ] = None,
-    arch: Annotated[
-        str,
-        typer.Option(help="Preset of the 'random' encoder; for a checkpoint, the expected one."),
-    ] = None,
-    dataset: Annotated[
-        str, typer.Option(help="Evaluation data set (default: the run's, else digits).")
-    ] = None,
-    data_dir: Annotated[Path, typer.Option(help="Where the data set lives.")] = None,
-    pool: Annotated[
-        str, typer.Option(help="Frozen features: cls (normed cls token) | mean (patch tokens) | "
-                          "model (an outside model's own pooled output). Default: cls for "
-                          "mae-bench encoders, model for outside ones that have it.")
-    ] = None,
-    k: Annotated[
-        str, typer.Option("--k", help="k-NN: neighbour counts, one search for all.")
-    ] = "10,20,100,200",
-    temperature: Annotated[
-        float, typer.Option(help="k-NN: vote weight exp(sim / T) (DINO: 0.07).")
-    ] = 0.07,
-    probe: Annotated[
-        str,
-        typer.Option(
-            help="linear / fewshot: fast (softmax regression on cached features, its weight "
-            "decay chosen on a validation split of the training set) | mae (the MAE paper's "
-            "protocol: BatchNorm + linear head, LARS, crops and flips through the frozen "
-            "encoder; made for large batches: at small ones raise --blr)."
-        ),
-    ] = "fast",
-    label_fraction: Annotated[
-        float,
-        typer.Option(help="Train on a stratified, seeded fraction of the labels (few-shot)."),
-    ] = 1.0,
-    blocks: Annotated[
-        int, typer.Option(help="partial-finetune: train the last N blocks and the head.")
-    ] = None,
-    init: Annotated[
-        str,
-        typer.Option(help="finetune: pretrained | random (the same recipe from scratch)."),
-    ] = "pretrained",
-    recipe: Annotated[
-        str,
-        typer.Option(
-            help="Trained protocols (finetune, partial-finetune, linear --probe mae): paper (the "
-            "official MAE recipe exactly: made for ImageNet, batches of 1,024 / 16,384) | auto "
-            "(the paper's where data and schedule are ImageNet-like; on small images or data "
-            "sets: no Mixup / CutMix / RandAugment / random erasing, crops from 35 % (none up "
-            "to 28 px), a BatchNorm before the head, a batch that leaves >= 40 steps per epoch "
-            "with the lr carried by the square-root rule, no layer decay from random init; "
-            "short runs warm up for 10 % of their epochs; the probe: SGD instead of "
-            "LARS, whose trust ratio barely moves the head at "
-            "small batches). The chosen recipe is printed and recorded in every row; the "
-            "options below override single knobs."),
-    ] = "auto",
-    epochs: Annotated[
-        int,
-        typer.Option(help="Training epochs (default: the recipe's: the paper's probe 90, "
-                     "fine-tuning 100 for ViT-B and smaller, 50 for ViT-L / H)."),
-    ] = None,
-    batch_size: Annotated[
-        int, typer.Option(help="Training batch size (default: the recipe's).")
-    ] = None,
-    blr: Annotated[
-        float, typer.Option(help="Base lr, x batch / 256 (default: the recipe's).")
-    ] = None,
-    lr: Annotated[float, typer.Option(help="finetune: absolute lr, overrides --blr.")] = None,
-    weight_decay: Annotated[
-        float, typer.Option(help="finetune: AdamW weight decay (default: the recipe's, 0.05).")
-    ] = None,
-    layer_decay: Annotated[
-        float, typer.Option(help="finetune: layer-wise lr decay (default: the recipe's).")
-    ] = None,
-    drop_path: Annotated[
-        float, typer.Option(help="finetune: stochastic depth (default: the recipe's).")
-    ] = None,
-    mixup: Annotated[
-        float, typer.Option(help="finetune: Mixup alpha, 0 = off (default: the recipe's).")
-    ] = None,
-    cutmix: Annotated[
-        float, typer.Option(help="finetune: CutMix alpha, 0 = off (default: the recipe's).")
-    ] = None,
-    img_size: Annotated[
-        int, typer.Option(help="Input size in pixels of the random reference (default: the "
-                               "data's own, e.g. an image folder's detected size) or of an "
-                               "outside model (default: its own; a timm ViT's position "
-                               "embedding is resampled); images are resized to it.")
-    ] = None,
-    head_bn: Annotated[
-        bool, typer.Option("--head-bn/--no-head-bn",
-                           help="finetune: a BatchNorm without affine parameters before the head, "
-                                "as MAE's linear probe (default: the recipe's).")
-    ] = None,
-    crop_min: Annotated[
-        float, typer.Option(help="finetune: random-resized crops from this share of the image "
-                                 "area to all of it; 1 = no crops (default: the recipe's).")
-    ] = None,
-    smoothing: Annotated[
-        float, typer.Option(help="finetune: label smoothing (default: the recipe's, 0.1).")
-    ] = None,
-    erase: Annotated[
-        float, typer.Option(help="finetune: random erasing probability: a rectangle of 2-33 % "
-                                 "of the image filled with noise, after normalisation (the "
-                                 "paper's recipe: 0.25; default: the recipe's).")
-    ] = None,
-    rand_augment: Annotated[
-        str, typer.Option(help="finetune: RandAugment policy in timm's form, per image after "
-                               "the crop and flip (the paper's recipe: rand-m9-mstd0.5-inc1: 2 "
-                               "of 15 ops, magnitude 9 +- 0.5, each at p 0.5), or none "
-                               "(default: the recipe's; the auto recipe has none on small "
-                               "images or data).")
-    ] = None,
-    seed: Annotated[
-        int, typer.Option(help="Seeds probes, subsets, and the 'random' encoder.")
-    ] = 0,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
-    precision: Annotated[
-        str, typer.Option(help="auto | bf16 | fp16 | fp32 (auto: bf16 where it is fast).")
-    ] = "auto",
-    results_dir: Annotated[
-        Path, typer.Option(help="Results store: rows are appended to DIR/results.jsonl.")
-    ] = Path("results"),
-    cache_dir: Annotated[
-        Path,
-        typer.Option(help="Feature cache (default $MAE_BENCH_CACHE or ~/.cache/mae-bench)."),
-    ] = None,
-    cache: Annotated[
-        bool, typer.Option("--cache/--no-cache", help="Reuse cached features.")
-    ] = True,
-    force: Annotated[
-        bool, typer.Option("--force", help="Run an evaluation that is already in the results "
-                           "store again (same encoder, data, options, seed and precision; "
-                           "otherwise it is skipped); its new rows replace the old ones.")
-    ] = False,
-    trust_checkpoint: TrustCheckpoint = False,
-    trust_repo: Annotated[
-        bool, typer.Option("--trust-repo", help="hub: models: run the code of a GitHub "
-                           "repository that torch.hub does not trust yet (torch then adds it to "
-                           "its trusted list). hub: and python: sources run their code.")
-    ] = False,
-    progress: Progress = True,
-) -> None:
+@with_field_options(list(_FIELDS.values()))
+def eval_(set_: SetKnob = None, progress: Progress = True, **options: Any) -> None:
     """Evaluate an encoder (or precomputed features) with one protocol; print a table and append
     one row per number to the results store."""
-    from mae_bench.app.evaluation import EvalOutcome, EvalSpec, run_eval
+    from mae_bench.app import evaluation  # torch and the protocols' code: only when run
 
-    spec = EvalSpec(
-        protocol=protocol, checkpoint=checkpoint,
-        features_dir=str(features) if features is not None else None,
-        weights=str(weights) if weights is not None else None, pretrained=pretrained, arch=arch,
-        dataset=dataset, data_dir=str(data_dir) if data_dir is not None else None, pool=pool,
-        ks=_int_list(k, "--k"), temperature=temperature, probe=probe,
-        label_fraction=label_fraction, blocks=blocks, init=init, recipe=recipe, epochs=epochs,
-        batch_size=batch_size, blr=blr, lr=lr, weight_decay=weight_decay,
-        layer_decay=layer_decay, drop_path=drop_path, mixup=mixup, cutmix=cutmix,
-        label_smoothing=smoothing, crop_min=crop_min, img_size=img_size, head_bn=head_bn,
-        erase=erase, rand_augment=rand_augment, seed=seed,
-        device=device, precision=precision,
-        cache_dir=str(cache_dir) if cache_dir is not None else None, use_cache=cache,
-        trust_checkpoint=trust_checkpoint, trust_repo=trust_repo, results_dir=str(results_dir),
-        command=shlex.join(["mae-bench", *sys.argv[1:]]),
-        force=force,
-    )
+    spec = spec_from_options(options, set_ or [])
 
     def show(outcome: EvalOutcome) -> None:  # before the rows are written: never lost
         close_progress(report)  # erased first: a live bar would be redrawn into the table
@@ -228,7 +60,7 @@ def eval_(
         out.print(_rows_table(outcome.rows))
 
     with task_progress(progress and main_rank()) as report:
-        outcome = run_eval(spec, report, show=show)
+        outcome = evaluation.run_eval(spec, report, show=show)  # looked up now: tests stub it
     if not main_rank():  # rank 0 holds the numbers and reports them
         return
     if outcome.skipped:
@@ -238,11 +70,48 @@ def eval_(
               f"({outcome.seconds:.1f} s)")
 
 
-def _int_list(text: str, option: str) -> tuple[int, ...]:
+def spec_from_options(options: dict[str, Any], sets: list[str]) -> Any:
+    """The EvalSpec of the command line: each option converted to its field's form (paths as
+    strings, ``--k 10,20`` as a tuple), then every ``--set``."""
+    values: dict[str, Any] = {}
+    for name, value in options.items():
+        parse = _FIELDS[name].metadata.get("parse")
+        if parse is not None and value is not None:
+            value = parse(value)
+        values[name] = str(value) if isinstance(value, Path) else value
+    for text in sets:
+        name, value = _assignment(text, values["protocol"])
+        default = _FIELDS[name].default
+        if values.get(name, default) not in (default, value):
+            raise ConfigError(f"{name} is given twice (its option and --set {text}); give it "
+                              "once")
+        values[name] = value
+    values["command"] = shlex.join(["mae-bench", *sys.argv[1:]])
+    return EvalSpec(**values)
+
+
+def _assignment(text: str, protocol: str) -> tuple[str, Any]:
+    """``finetune.mixup=0.8`` -> ("mixup", 0.8), for a knob of the protocol that runs."""
+    from evals.protocols import get_protocol
+
+    key, sep, raw = text.partition("=")
+    name, dot, knob = key.strip().partition(".")
+    if not sep or not dot:
+        raise ConfigError(f"--set {text}: expected PROTOCOL.KNOB=VALUE, e.g. "
+                          "--set finetune.mixup=0.8")
+    if name != protocol:
+        raise ConfigError(f"--set {text}: {name} is not the protocol run (--protocol "
+                          f"{protocol}); set {protocol}.KNOB")
+    knobs = [f.name for f in dataclasses.fields(get_protocol(protocol).Options)]
+    if knob not in knobs:
+        raise ConfigError(f"--set {text}: {protocol} has no knob {knob!r}; valid: "
+                          f"{', '.join(knobs)}")
     try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise MaeBenchError(f"{option} takes comma-separated integers, got {text!r}") from None
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {text}: VALUE must be a YAML scalar") from None
+    parse = _FIELDS[knob].metadata.get("parse")
+    return knob, parse(value) if parse is not None and value is not None else value
 
 
 def _rows_table(rows: list[dict]) -> Table:
