@@ -343,3 +343,19 @@ def test_signal_saves_at_a_step_boundary_and_resume_continues(tmp_path, sig, cod
                    capture_output=True)
     assert [r["step"] for r in _metrics(run)] == list(range(1, stopped + 3))
     assert load_checkpoint(run)["step"] == stopped + 2
+
+
+def test_the_plan_is_a_function_of_the_config_and_the_data_size():
+    from mae_bench.methods.engine import plan_run
+
+    cfg = resolve_config(TINY.replace(train={"accum_iter": 2, "batch_size": 32}))
+    plan = plan_run(cfg, 1437, world_size=2)
+    # 1437 images / 2 processes / 32 = 22 micro-batches (a multiple of 2): 11 steps per epoch
+    assert (plan.micro_per_epoch, plan.steps_per_epoch, plan.total_steps, plan.eff_batch) == \
+        (22, 11, 22, 128)
+    assert plan.warm_epochs == warmup_epochs(cfg.train, 11)
+    assert [plan.lr(s) for s in (0, 5, 21)] == [
+        lr_at(s, 11, 2, plan.warm_epochs, plan.peak_lr, cfg.train.min_lr) for s in (0, 5, 21)]
+    with pytest.raises(ConfigError, match=r"digits/train has 100 images, fewer than one "
+                       r"optimizer step needs \(32 x 2 accumulation x 2 processes\)"):
+        plan_run(cfg, 100, world_size=2)

@@ -14,6 +14,7 @@ from baselines.dino import teacher_temperature
 from baselines.ema import cosine_momentum
 from mae_bench.config import RunConfig
 from mae_bench.data.augment import BatchViews
+from mae_bench.errors import ConfigError
 from mae_bench.methods.engine import pretrain
 from mae_bench.methods.registry import (
     METHODS,
@@ -224,3 +225,53 @@ def test_engine_trains_each_baseline_and_its_checkpoint_loads(tmp_path, name):
 
     loaded_cfg, method = method_from_checkpoint(load_checkpoint(tmp_path / name), name)
     assert loaded_cfg.train.method == name and method.encoder.embed_dim == 32
+
+
+# --- what is particular to a method lives in its class ---------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_own_knobs_name_real_config_fields(name):
+    """A misspelt field would switch the sweep's check off without a word."""
+    fields = RunConfig().to_dict()
+    for knob in METHODS[name].own_knobs:
+        section, key = knob.split(".")
+        assert key in fields[section], f"{name}: {knob}"
+
+
+def test_only_mae_owns_the_mae_knobs_and_carries_the_mask_ratio():
+    from mae_bench.app.sweep_knobs import SWEEP_KNOBS, check_method_has
+
+    owned = {k.name for k in SWEEP_KNOBS.values()
+             if any(k.field in METHODS[m].own_knobs for m in METHODS)}
+    assert owned == {"mask-ratio", "decoder-depth", "decoder-dim", "mask-strategy",
+                     "norm-pix-loss", "encoder-mask-tokens"}
+    for knob in owned:
+        check_method_has(SWEEP_KNOBS[knob], "mae")
+        with pytest.raises(ConfigError, match=f"^{knob} is an MAE knob; --method byol does"):
+            check_method_has(SWEEP_KNOBS[knob], "byol")
+    check_method_has(SWEEP_KNOBS["epochs"], "byol")  # every method has the common knobs
+    cfg = _cfg("mae").replace(mae={"mask_ratio": 0.6})
+    assert METHODS["mae"].row_fields(cfg) == {"mask_ratio": 0.6}
+    assert all(METHODS[m].row_fields(cfg.replace(train={"method": m})) == {}
+               for m in METHODS if m != "mae")
+
+
+def test_mae_checks_its_mask_ratio_once_when_built_not_every_step(monkeypatch):
+    import mae_bench.methods.registry as registry
+    import mae_bench.models.mae as mae_module
+
+    calls: list[float] = []
+
+    def counting(num_patches: int, ratio: float) -> None:
+        calls.append(ratio)
+
+    monkeypatch.setattr(registry, "validate_mask_ratio", counting)
+    monkeypatch.setattr(mae_module, "validate_mask_ratio", counting)
+    method = build_method(resolve_config(_cfg("mae")), 3, IMG)
+    assert calls == [0.75]
+    for step in range(3):
+        method(_batch(method, step=step))["loss"].backward()
+    assert calls == [0.75]  # the training forward runs unchecked ...
+    method.mae(torch.randn(2, 3, IMG, IMG), mask_ratio=0.5)
+    assert calls == [0.75, 0.5]  # ... the official forward checks a ratio given to it

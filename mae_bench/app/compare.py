@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from mae_bench.app.evaluation import EvalSpec, run_eval, source_of, validate_spec
+from mae_bench.app.campaign import Campaign, Todo, run_campaign
+from mae_bench.app.evaluation import EvalSpec, source_of, validate_spec
 from mae_bench.config import RunConfig, validate
 from mae_bench.data import load_dataset
 from mae_bench.errors import ConfigError, TrainingError
@@ -33,9 +34,8 @@ from mae_bench.files import (
     SUMMARY_FILE,
     write_json_atomic,
 )
-from mae_bench.methods.engine import failed_pretrain_row
 from mae_bench.methods.registry import method_class, resolve_config
-from mae_bench.results import append_rows, check_writable, git_sha, read_results
+from mae_bench.results import check_writable, git_sha, read_results
 from mae_bench.training.distributed import (
     broadcast_from_main,
     is_main_process,
@@ -143,8 +143,6 @@ def run_dir_for(spec: CompareSpec, cfg: RunConfig) -> Path:
 def run_compare(spec: CompareSpec, log: Log = print, progress: bool = True,
                 console=None, eval_progress=None) -> CompareOutcome:
     """Pretrain (or reuse) every method, evaluate (or reuse) every protocol, build the table."""
-    from mae_bench.methods.engine import pretrain
-
     start = time.perf_counter()
     git_sha()  # the commit this process started from, for every row
     join_process_group(resolve_device(spec.device))  # torchrun: every rank runs this function
@@ -160,39 +158,10 @@ def run_compare(spec: CompareSpec, log: Log = print, progress: bool = True,
     if is_main_process():
         check_writable(spec.results_dir)
 
-    run_dirs: dict[str, Path] = {}
-    trained: list[str] = []
-    failed: list[str] = []  # "method: error" of runs that stopped while training
-    for i, (name, cfg) in enumerate(plans.items(), 1):
-        run_dir = run_dir_for(spec, cfg)
-        run_dirs[name] = run_dir
-        # Under torchrun rank 0 reads the folder, sizes the run and tells the others.
-        cfg, cost, done = broadcast_from_main(
-            _plan_run(spec, cfg, run_dir, n_train, world) if is_main_process() else None)
-        what = "reusing the finished run" if done else (
-            f"training {epochs_shown(cfg.train.epochs, spec.budget_seconds)} epochs" + (
-                f" ({spec.budget_seconds:g} s budget)" if spec.budget_seconds else ""))
-        log(f"[{i}/{len(plans)}] {name}: {what} in {run_dir}")
-        if not done:  # a finished run folder is left exactly as it is (its run.json included)
-            try:
-                pretrain(cfg, run_dir, progress=progress, console=console)
-            except TrainingError as err:  # e.g. a non-finite loss: recorded, the others go on
-                log(f"  {name} failed: {err}")
-                failed.append(f"{name}: {err}")
-                if is_main_process():
-                    append_rows(spec.results_dir, [failed_pretrain_row(cfg, run_dir, err)])
-                continue
-            trained.append(name)
-        if not is_main_process():
-            continue
-        if not done or "pretrain_seconds" not in cost:
-            summary = json.loads((run_dir / SUMMARY_FILE).read_text())
-            cost |= {"pretrain_seconds": round(summary["train_seconds"], 2),
-                     "pretrain_img_per_s": round(summary["images_per_second"] or 0.0, 2),
-                     "pretrain_epochs": cfg.train.epochs}
-        write_json_atomic(run_dir / COST_FILE, cost)
-
-    evaluated: list[str] = []
+    pretrainings = _Pretrainings(spec, plans, n_train, world, log)
+    trained = run_campaign(pretrainings, list(plans), log=log, progress=progress,
+                           console=console)
+    run_dirs, failed = pretrainings.run_dirs, trained.failed
     entries: list[tuple[str, str]] = [(name, str(d)) for name, d in run_dirs.items()]
     if spec.references:
         entries += [(ref, ref) for ref in REFERENCES]
@@ -203,21 +172,87 @@ def run_compare(spec: CompareSpec, log: Log = print, progress: bool = True,
     entries = [(name, checkpoint) for name, checkpoint in entries if name not in stopped]
     todo = broadcast_from_main(_evals_to_run(spec, entries, run_ids) if is_main_process()
                                else None)
-    for name, checkpoint, protocol in todo:
-        extra = {}
-        if name in run_dirs:
-            extra = {"gflops_per_image": broadcast_from_main(
-                _read_cost(run_dirs[name]).get("gflops_per_image") if is_main_process()
-                else None)}
-        log(f"evaluating {name}: {protocol}")
-        run_eval(_eval_spec(spec, protocol, checkpoint, extra), eval_progress)
-        evaluated.append(f"{name}/{protocol}")
+    evaluated = run_campaign(_Evaluations(spec, run_dirs), todo, log=log,
+                             eval_progress=eval_progress).evaluated
     if not is_main_process():  # rank 0 builds and prints the table
-        return CompareOutcome(pd.DataFrame(), run_dirs, trained, evaluated,
+        return CompareOutcome(pd.DataFrame(), run_dirs, trained.trained, evaluated,
                               time.perf_counter() - start, failed)
     table = compare_table(read_store(spec.results_dir), spec, run_ids, run_dirs)
-    return CompareOutcome(table, run_dirs, trained, evaluated, time.perf_counter() - start,
-                          failed)
+    return CompareOutcome(table, run_dirs, trained.trained, evaluated,
+                          time.perf_counter() - start, failed)
+
+
+class _Pretrainings(Campaign[str]):
+    """compare's first pass: plan (size a budget run from its measured speed), pretrain or
+    reuse, and record each method's cost beside its run."""
+
+    recoverable = (TrainingError,)  # e.g. a non-finite loss: recorded, the others go on
+
+    def __init__(self, spec: CompareSpec, plans: dict[str, RunConfig], n_train: int,
+                 world: int, log: Log) -> None:
+        self.spec, self.plans, self.n_train, self.world, self.log = (spec, plans, n_train,
+                                                                     world, log)
+        self.failure_store = spec.results_dir
+        self.run_dirs: dict[str, Path] = {}
+        self.planned: dict[str, tuple[RunConfig, dict[str, Any], bool]] = {}
+
+    def label(self, run: str) -> str:
+        return run
+
+    def start(self, index: int, total: int, run: str) -> Todo:
+        spec = self.spec
+        run_dir = run_dir_for(spec, self.plans[run])
+        self.run_dirs[run] = run_dir
+        # Under torchrun rank 0 reads the folder, sizes the run and tells the others.
+        cfg, cost, done = self.planned[run] = broadcast_from_main(
+            _plan_run(spec, self.plans[run], run_dir, self.n_train, self.world)
+            if is_main_process() else None)
+        what = "reusing the finished run" if done else (
+            f"training {epochs_shown(cfg.train.epochs, spec.budget_seconds)} epochs" + (
+                f" ({spec.budget_seconds:g} s budget)" if spec.budget_seconds else ""))
+        self.log(f"[{index}/{total}] {run}: {what} in {run_dir}")
+        # a finished run folder is left exactly as it is (its run.json included)
+        return Todo(None if done else cfg, run_dir)
+
+    def failed(self, run: str, err: BaseException) -> str:
+        self.log(f"  {run} failed: {err}")
+        return str(err)
+
+    def succeeded(self, run: str) -> None:
+        if not is_main_process():
+            return
+        cfg, cost, done = self.planned[run]
+        run_dir = self.run_dirs[run]
+        if not done or "pretrain_seconds" not in cost:
+            summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+            cost |= {"pretrain_seconds": round(summary["train_seconds"], 2),
+                     "pretrain_img_per_s": round(summary["images_per_second"] or 0.0, 2),
+                     "pretrain_epochs": cfg.train.epochs}
+        write_json_atomic(run_dir / COST_FILE, cost)
+
+
+class _Evaluations(Campaign[tuple[str, str, str]]):
+    """compare's second pass: each (name, checkpoint, protocol) the store lacks; the rows of a
+    trained method carry its GFLOPs per image."""
+
+    def __init__(self, spec: CompareSpec, run_dirs: dict[str, Path]) -> None:
+        self.spec, self.run_dirs = spec, run_dirs
+
+    def label(self, run: tuple[str, str, str]) -> str:
+        return run[0]
+
+    def start(self, index: int, total: int, run: tuple[str, str, str]) -> Todo:
+        return Todo()  # nothing to train
+
+    def evaluations(self, run: tuple[str, str, str]) -> Iterable[tuple[str, EvalSpec]]:
+        name, checkpoint, protocol = run
+        extra = {}
+        if name in self.run_dirs:
+            extra = {"gflops_per_image": broadcast_from_main(
+                _read_cost(self.run_dirs[name]).get("gflops_per_image") if is_main_process()
+                else None)}
+        yield f"evaluating {name}: {protocol}", _eval_spec(self.spec, protocol, checkpoint,
+                                                           extra)
 
 
 def epochs_shown(epochs: float, budget_seconds: float | None) -> str:

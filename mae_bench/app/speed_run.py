@@ -28,10 +28,10 @@ import torch
 from torch import nn
 
 from mae_bench.app.speed import TrainSpeed, matmul_peak, measure_side_by_side
-from mae_bench.config import RunConfig
+from mae_bench.config import RunConfig, validate
 from mae_bench.data import DatasetInfo
 from mae_bench.errors import ConfigError
-from mae_bench.methods.registry import METHODS
+from mae_bench.methods.registry import METHODS, method_class
 from mae_bench.models.vit import get_preset
 from mae_bench.results import make_row
 from mae_bench.training.host_memory import describe as host_allocator
@@ -78,6 +78,7 @@ class SpeedOutcome:
     rows: list[dict[str, Any]] = field(default_factory=list)
     machine: str = ""
     markdown: str = ""
+    configs: dict[str, RunConfig] = field(default_factory=dict)  # what each row trained
 
 
 def validate_spec(spec: SpeedSpec) -> None:
@@ -95,8 +96,7 @@ def validate_spec(spec: SpeedSpec) -> None:
                              ("--knn-train", spec.knn_train, 0), ("--knn-test", spec.knn_test, 0)):
         if value < low:
             raise ConfigError(f"{name} must be >= {low}, got {value}")
-    if not 0 < spec.mask_ratio < 1:
-        raise ConfigError(f"--mask-ratio must be strictly between 0 and 1, got {spec.mask_ratio}")
+    validate(RunConfig().replace(mae={"mask_ratio": spec.mask_ratio}))  # the config's check
     if (spec.knn_train == 0) != (spec.knn_test == 0):
         raise ConfigError("--knn-train and --knn-test must both be 0 (skip k-NN) or both > 0")
     device = resolve_device(spec.device)
@@ -155,7 +155,8 @@ def run_speed(spec: SpeedSpec, log: Callable[[str], None] = lambda _: None) -> S
     log(f"training measured in {time.perf_counter() - started:.0f} s")
     ratios = _ratios(train)
     evals = _measure_evals(spec, configs, info, images, device, log)
-    outcome = SpeedOutcome(train, peaks, ratios, evals, machine=_machine(device))
+    outcome = SpeedOutcome(train, peaks, ratios, evals, machine=_machine(device),
+                           configs=configs)
     outcome.rows = _rows(spec, outcome, device)
     outcome.markdown = to_markdown(spec, outcome)
     return outcome
@@ -243,10 +244,10 @@ def _rows(spec: SpeedSpec, o: SpeedOutcome, device: torch.device) -> list[dict[s
               "command": spec.command or None}
     rows = []
     for name, s in o.train.items():
-        method = "mae" if name.startswith("mae") else name
-        knobs = {"precision": s.precision, "attention": s.attention, "batch_size": s.batch_size}
-        if method == "mae":
-            knobs["mask_ratio"] = spec.mask_ratio
+        cfg = o.configs[name]
+        method = cfg.train.method
+        knobs = {"precision": s.precision, "attention": s.attention, "batch_size": s.batch_size,
+                 **method_class(method).row_fields(cfg)}  # the method's own: MAE's mask_ratio
         if name == MASK_TOKENS:
             knobs["encoder_mask_tokens"] = True
         metrics = {"train_img_per_s": s.images_per_second, "gflops_per_image": s.gflops_per_image,

@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import platform
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -37,6 +37,7 @@ from typing import Any
 
 import pandas as pd
 
+from mae_bench.app.campaign import Campaign, Todo, run_campaign
 from mae_bench.app.compare import (
     PIXEL_PROTOCOLS,
     REFERENCES,
@@ -49,11 +50,11 @@ from mae_bench.app.evaluation import (
     FOLDER_DATASETS,
     PROTOCOLS,
     EvalSpec,
-    run_eval,
     source_of,
     validate_spec,
 )
-from mae_bench.app.sweep_knobs import SweepKnob, get_knob
+from mae_bench.app.pretraining import failure_rows
+from mae_bench.app.sweep_knobs import SweepKnob, check_method_has, get_knob
 from mae_bench.config import RunConfig, validate
 from mae_bench.data import load_dataset
 from mae_bench.errors import ConfigError
@@ -65,7 +66,7 @@ from mae_bench.files import (
     write_json_atomic,
 )
 from mae_bench.methods.registry import build_method, resolve_config
-from mae_bench.results import append_rows, check_writable, git_sha, make_row
+from mae_bench.results import append_rows, check_writable, git_sha
 from mae_bench.training.distributed import (
     broadcast_from_main,
     is_main_process,
@@ -174,8 +175,7 @@ def validate_sweep(spec: SweepSpec) -> tuple[SweepKnob, list[Any]]:
         raise ConfigError("--seeds needs at least one seed")
     if len(set(spec.seeds)) != len(spec.seeds):
         raise ConfigError(f"--seeds lists a seed twice: {','.join(map(str, spec.seeds))}")
-    if knob.mae_only and spec.method != "mae":
-        raise ConfigError(f"{knob.name} is an MAE knob; --method {spec.method} does not have it")
+    check_method_has(knob, spec.method)
     if not spec.protocols:
         raise ConfigError("--protocols needs at least one protocol")
     if len(set(spec.protocols)) != len(spec.protocols):
@@ -258,56 +258,79 @@ def run_sweep(spec: SweepSpec, log: Log = print, progress: bool = True, console=
     points = plan_points(spec)
     knob = get_knob(spec.knob)
     join_process_group(resolve_device(spec.device))  # torchrun: every rank runs this function
-    main = is_main_process()
-    if not main:  # rank 0 logs, records failures and writes the manifest
+    if not is_main_process():  # rank 0 logs, records failures and writes the manifest
         log = silent
     # Rank 0 reads the store and the run folders; every rank follows its plan.
-    states = broadcast_from_main(point_states(spec, points) if main else None)
-    ran: list[str] = []
-    failed: list[str] = []
-    listed = _manifest_runs(Path(spec.results_dir) / MANIFEST) if main else set()
-    for i, state in enumerate(states, 1):
-        p = state.point
-        label = f"{knob.name}={_fmt(p.value)} seed {p.seed}"
-        retry = spec.retry_failed and state.failed
-        if state.complete and not retry:
-            note = ""
-            if main and state.point.run_dir.name not in listed:
-                _repair_manifest(spec, knob, state)
-                note = f" (its {MANIFEST} line was missing: written now)"
-            log(f"[{i}/{len(states)}] {label}: {state.status}, skipped{note}")
-            continue
-        todo = [pr for pr in spec.protocols
-                if pr not in state.done or (retry and pr in state.failed)]
-        log(f"[{i}/{len(states)}] {label}: {', '.join(todo)} in {p.run_dir}")
-        ran.append(f"{_fmt(p.value)}/{p.seed}")
-        try:
-            extra = _pretrain_point(spec, knob, p, progress, console)
-            for protocol in todo:
-                log(f"  evaluating {protocol}")
-                run_eval(_eval_spec(spec, protocol, p.run_dir, extra), eval_progress)
-        except Exception as err:  # noqa: BLE001 - any failure of one point is recorded
-            if _is_store_error(err, spec.results_dir):  # not the point's fault: stop here
-                said = str(err).removesuffix("; the numbers are only on the screen")
-                raise ConfigError(f"{said}; the sweep stopped at {label}: re-run it once the "
-                                  "store can be written (finished points are skipped)"
-                                  ) from None
-            message = _one_line(err)
-            log(f"  failed: {message}")
-            failed.append(f"{label}: {message}")
-            if main:
-                remaining = [pr for pr in todo if pr not in set(
-                    _rows_of(read_store(spec.results_dir), spec, p, ok_only=True)["protocol"])]
-                with _store_writes(spec, label):
-                    _record_failure(spec, knob, p, remaining, message)
-                    _append_manifest(spec, knob, p, "failed", message)
-            continue
-        if main:
-            with _store_writes(spec, label):
-                _append_manifest(spec, knob, p, "ok", None)
+    states = broadcast_from_main(point_states(spec, points) if is_main_process() else None)
+    campaign = _Points(spec, knob, log)
+    done = run_campaign(campaign, states, log=log, progress=progress, console=console,
+                        eval_progress=eval_progress)
     if spec.references:
         _run_references(spec, knob, log, eval_progress)
-    return SweepOutcome(states, ran, failed, time.perf_counter() - start)
+    return SweepOutcome(states, campaign.ran, done.failed, time.perf_counter() - start)
+
+
+class _Points(Campaign[PointState]):
+    """The sweep's points: a complete one is skipped (its missing manifest line written), the
+    others pretrain and evaluate the protocols they lack; any failure of a point is recorded
+    (failed rows, a manifest line) and the sweep goes on, but for a store that cannot be
+    written, which stops it."""
+
+    recoverable = (Exception,)
+
+    def __init__(self, spec: SweepSpec, knob: SweepKnob, log: Log) -> None:
+        self.spec, self.knob, self.log = spec, knob, log
+        self.main = is_main_process()
+        self.listed = _manifest_runs(Path(spec.results_dir) / MANIFEST) if self.main else set()
+        self.ran: list[str] = []  # "value/seed" of the points this call trained or evaluated
+        self.todo: dict[Path, list[str]] = {}  # the protocols each started point evaluates
+
+    def label(self, run: PointState) -> str:
+        return f"{self.knob.name}={_fmt(run.point.value)} seed {run.point.seed}"
+
+    def start(self, index: int, total: int, run: PointState) -> Todo | None:
+        spec, p, label = self.spec, run.point, self.label(run)
+        retry = spec.retry_failed and run.failed
+        if run.complete and not retry:
+            note = ""
+            if self.main and p.run_dir.name not in self.listed:
+                _repair_manifest(spec, self.knob, run)
+                note = f" (its {MANIFEST} line was missing: written now)"
+            self.log(f"[{index}/{total}] {label}: {run.status}, skipped{note}")
+            return None
+        todo = self.todo[p.run_dir] = [pr for pr in spec.protocols if pr not in run.done
+                                       or (retry and pr in run.failed)]
+        self.log(f"[{index}/{total}] {label}: {', '.join(todo)} in {p.run_dir}")
+        self.ran.append(f"{_fmt(p.value)}/{p.seed}")
+        finished = broadcast_from_main(run_finished(p.run_dir) if self.main else None)
+        return Todo(None if finished else p.cfg, p.run_dir)  # a finished run is reused
+
+    def evaluations(self, run: PointState) -> Iterable[tuple[str, EvalSpec]]:
+        extra = _point_fields(self.knob, run.point)
+        for protocol in self.todo[run.point.run_dir]:
+            yield f"  evaluating {protocol}", _eval_spec(self.spec, protocol, run.point.run_dir,
+                                                         extra)
+
+    def failed(self, run: PointState, err: BaseException) -> str:
+        spec, p, label = self.spec, run.point, self.label(run)
+        if _is_store_error(err, spec.results_dir):  # not the point's fault: stop here
+            said = str(err).removesuffix("; the numbers are only on the screen")
+            raise ConfigError(f"{said}; the sweep stopped at {label}: re-run it once the "
+                              "store can be written (finished points are skipped)") from None
+        message = _one_line(err)
+        self.log(f"  failed: {message}")
+        if self.main:
+            ok = set(_rows_of(read_store(spec.results_dir), spec, p, ok_only=True)["protocol"])
+            remaining = [pr for pr in self.todo[p.run_dir] if pr not in ok]
+            with _store_writes(spec, label):
+                _record_failure(spec, self.knob, p, remaining, message)
+                _append_manifest(spec, self.knob, p, "failed", message)
+        return message
+
+    def succeeded(self, run: PointState) -> None:
+        if self.main:
+            with _store_writes(self.spec, self.label(run)):
+                _append_manifest(self.spec, self.knob, run.point, "ok", None)
 
 
 def _is_store_error(err: Exception, results_dir: str) -> bool:
@@ -328,13 +351,9 @@ def _store_writes(spec: SweepSpec, label: str) -> Iterator[None]:
                           ) from None
 
 
-def _pretrain_point(spec: SweepSpec, knob: SweepKnob, p: SweepPoint, progress: bool,
-                    console) -> dict[str, Any]:
-    """Train (or resume, or reuse) the point's run; the extra fields its rows carry."""
-    from mae_bench.methods.engine import pretrain
-
-    if not broadcast_from_main(run_finished(p.run_dir) if is_main_process() else None):
-        pretrain(p.cfg, p.run_dir, progress=progress, console=console)
+def _point_fields(knob: SweepKnob, p: SweepPoint) -> dict[str, Any]:
+    """The extra fields the rows of a trained point carry: the sweep, the knob's value (where
+    the rows do not carry it already) and the pretraining cost (measured once, by rank 0)."""
     cost = broadcast_from_main(_point_cost(p) if is_main_process() else None)
     extra: dict[str, Any] = {"sweep": knob.name, "gflops_per_image": cost["gflops_per_image"],
                              "pretrain_gflops": cost["pretrain_gflops"]}
@@ -368,21 +387,13 @@ def _point_cost(p: SweepPoint) -> dict[str, Any]:
 
 def _record_failure(spec: SweepSpec, knob: SweepKnob, p: SweepPoint, protocols: list[str],
                     message: str) -> None:
-    cfg = p.cfg
-    rows = []
-    for protocol in protocols:
-        fields: dict[str, Any] = {"sweep": knob.name, "seed": p.seed,
-                                  "checkpoint": p.run_dir.name}
-        if knob.column not in ("method",):
-            fields[knob.column] = p.value
-        if cfg.train.method == "mae":
-            fields.setdefault("mask_ratio", cfg.mae.mask_ratio)
-        rows.append(make_row(run_id=p.run_dir.name, method=cfg.train.method,
-                             arch=cfg.model.arch, dataset=spec.dataset, protocol=protocol,
-                             metric="top1", value=None, status="failed", error=message,
-                             **fields))
-    if rows:
-        append_rows(spec.results_dir, rows)
+    """One failed row per protocol the point is left without (the rows' one writer)."""
+    fields: dict[str, Any] = {"sweep": knob.name}
+    if knob.column != "method":  # the rows' method column holds it
+        fields[knob.column] = p.value
+    if protocols:
+        append_rows(spec.results_dir, failure_rows(p.cfg, p.run_dir, message,
+                                                   protocols=protocols, fields=fields))
 
 
 def sweep_summary(spec: SweepSpec, points: list[SweepPoint]) -> pd.DataFrame:
@@ -453,14 +464,27 @@ def reference_specs(spec: SweepSpec, knob: SweepKnob) -> list[EvalSpec]:
 
 def _run_references(spec: SweepSpec, knob: SweepKnob, log: Log, eval_progress) -> None:
     """Evaluate the references the store does not hold yet (after the points: a reference
-    that fails writes no row, and the re-run, skipping the points, tries it again)."""
+    that fails writes no row and stops the sweep; the re-run, skipping the points, tries it
+    again)."""
     todo = None
     if is_main_process():
         store = read_store(spec.results_dir)
         todo = [e for e in reference_specs(spec, knob) if not _has_reference(store, spec, e)]
-    for e in broadcast_from_main(todo):
-        log(f"reference {e.checkpoint} (seed {e.seed}): evaluating {e.protocol}")
-        run_eval(e, eval_progress)
+    run_campaign(_References(), broadcast_from_main(todo), log=log,
+                 eval_progress=eval_progress)
+
+
+class _References(Campaign[EvalSpec]):
+    """The reference evaluations: nothing to train, no failure survived."""
+
+    def label(self, run: EvalSpec) -> str:
+        return run.checkpoint
+
+    def start(self, index: int, total: int, run: EvalSpec) -> Todo:
+        return Todo()
+
+    def evaluations(self, run: EvalSpec) -> Iterable[tuple[str, EvalSpec]]:
+        yield f"reference {run.checkpoint} (seed {run.seed}): evaluating {run.protocol}", run
 
 
 def _has_reference(store: pd.DataFrame, spec: SweepSpec, e: EvalSpec) -> bool:

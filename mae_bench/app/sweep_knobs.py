@@ -28,7 +28,9 @@ class SweepKnob:
         section / key: where the value goes in ``RunConfig`` (``mae`` / ``mask_ratio``).
         parse: text -> value; raises ConfigError naming the bad text.
         numeric: plotted on a numeric axis (else one bar per value).
-        mae_only: only MAE runs have it (other methods would ignore it).
+
+    Which methods have the knob is the methods' own word (``Method.own_knobs``), see
+    ``check_method_has``.
     """
 
     name: str
@@ -37,7 +39,11 @@ class SweepKnob:
     key: str
     parse: Callable[[str], Any]
     numeric: bool
-    mae_only: bool
+
+    @property
+    def field(self) -> str:
+        """The config field it sets, as methods name it in ``own_knobs`` (``mae.mask_ratio``)."""
+        return f"{self.section}.{self.key}"
 
 
 def _float_in(low: float, high: float, what: str) -> Callable[[str], float]:
@@ -104,22 +110,34 @@ def _method(text: str) -> str:
 
 SWEEP_KNOBS: dict[str, SweepKnob] = {k.name: k for k in (
     SweepKnob("mask-ratio", "mask_ratio", "mae", "mask_ratio",
-              _float_in(0.0, 1.0, "mask-ratio values"), numeric=True, mae_only=True),
+              _float_in(0.0, 1.0, "mask-ratio values"), numeric=True),
     SweepKnob("decoder-depth", "decoder_depth", "model", "decoder_depth",
-              _positive_int("decoder-depth values"), numeric=True, mae_only=True),
+              _positive_int("decoder-depth values"), numeric=True),
     SweepKnob("decoder-dim", "decoder_dim", "model", "decoder_embed_dim",
-              _positive_int("decoder-dim values"), numeric=True, mae_only=True),
+              _positive_int("decoder-dim values"), numeric=True),
     SweepKnob("mask-strategy", "mask_strategy", "mae", "mask_strategy",
-              _choice(tuple(MASK_STRATEGIES), "mask strategy"), numeric=False, mae_only=True),
+              _choice(tuple(MASK_STRATEGIES), "mask strategy"), numeric=False),
     SweepKnob("norm-pix-loss", "norm_pix_loss", "mae", "norm_pix_loss",
-              _bool("norm-pix-loss values"), numeric=False, mae_only=True),
+              _bool("norm-pix-loss values"), numeric=False),
     # Table 1c: mask tokens in the encoder (every token encoded) against MAE's visible-only one.
     SweepKnob("encoder-mask-tokens", "encoder_mask_tokens", "mae", "encoder_mask_tokens",
-              _bool("encoder-mask-tokens values"), numeric=False, mae_only=True),
+              _bool("encoder-mask-tokens values"), numeric=False),
     SweepKnob("epochs", "pretrain_epochs", "train", "epochs",
-              _positive_float("epochs values"), numeric=True, mae_only=False),
-    SweepKnob("method", "method", "train", "method", _method, numeric=False, mae_only=False),
+              _positive_float("epochs values"), numeric=True),
+    SweepKnob("method", "method", "train", "method", _method, numeric=False),
 )}
+
+
+def check_method_has(knob: SweepKnob, method: str) -> None:
+    """Refuse a knob that only other methods read (``Method.own_knobs``): every point would
+    train the same run. Raises ConfigError naming the knob's methods."""
+    from mae_bench.methods.registry import METHODS
+
+    owners = [name for name, cls in METHODS.items()
+              if knob.field in getattr(cls, "own_knobs", frozenset())]
+    if owners and method not in owners:
+        raise ConfigError(f"{knob.name} is an {'/'.join(o.upper() for o in owners)} knob; "
+                          f"--method {method} does not have it")
 
 
 def get_knob(name: str) -> SweepKnob:

@@ -8,10 +8,10 @@ from typing import Annotated, Any
 
 import typer
 
-from mae_bench.cli.common import console, main_rank, out
+from mae_bench.cli.common import console, out
 from mae_bench.cli.config_options import SetOption, config_from_options, with_config_options
 from mae_bench.config import RunConfig
-from mae_bench.errors import MaeBenchError, TrainingError
+from mae_bench.errors import MaeBenchError
 from mae_bench.files import CONFIG_FILE
 
 
@@ -54,7 +54,7 @@ def pretrain(
     Every config field is an option (grouped below, the everyday ones first; each panel names
     the YAML sections of its fields) and can be set with --set SECTION.KEY=VALUE or in a
     --config YAML file; later sources win: defaults, --config, the options."""
-    from mae_bench.methods.engine import pretrain as run_pretrain
+    from mae_bench.app.pretraining import pretrain_run
 
     if resume is not None:
         if config is not None or out_dir is not None:
@@ -67,20 +67,9 @@ def pretrain(
     base = RunConfig.from_yaml(config) if config is not None else RunConfig()
     cfg = config_from_options(base, knobs, sets)
     run_dir = out_dir or Path("runs") / f"{cfg.train.method}-{cfg.data.dataset}-{cfg.model.arch}"
-    try:
-        result = run_pretrain(cfg, run_dir, max_steps=max_steps, progress=progress,
-                              console=console)
-    except TrainingError as err:
-        from mae_bench.training.checkpoint import CheckpointSaveError
-
-        if not main_rank() or isinstance(err, CheckpointSaveError):  # a full disk: no row either
-            raise
-        from mae_bench.methods.engine import failed_pretrain_row
-        from mae_bench.methods.registry import resolve_config
-        from mae_bench.results import append_rows
-
-        path = append_rows(results_dir, [failed_pretrain_row(resolve_config(cfg), run_dir, err)])
-        raise TrainingError(f"{err} (recorded as a failed row in {path})", err.step) from None
+    # a run stopped by a non-finite loss is recorded in the store as a failed row, then raised
+    result = pretrain_run(cfg, run_dir, results_dir=results_dir, max_steps=max_steps,
+                          progress=progress, console=console)
     state = (
         "finished"
         if result.finished

@@ -13,6 +13,12 @@ A Method is an ``nn.Module`` that the one training loop (``mae_bench.methods.eng
   config wherever it leaves them None (``resolve_config``), so every run folder records them.
 - ``encoder``: the ViT that the evaluation protocols use.
 - ``no_weight_decay()``: parameter names that get no weight decay.
+- ``own_knobs``: the config fields ("section.key") that only this method reads, so that a sweep
+  of one of them with another method is refused instead of training identical runs.
+- ``row_fields(cfg)``: the knobs every result row of its runs carries (MAE: ``mask_ratio``).
+
+What is particular to a method lives here, in its class: code elsewhere asks the method (its
+``own_knobs``, its ``row_fields``), never compares its name.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mae_bench.config import RunConfig
 from mae_bench.data.augment import ViewSpec
 from mae_bench.models.vit import VisionTransformer
 
@@ -53,6 +60,13 @@ class Method(nn.Module, abc.ABC):
 
     name: str = ""
     defaults: dict[str, dict[str, Any]] = {}
+    own_knobs: frozenset[str] = frozenset()
+
+    @classmethod
+    def row_fields(cls, cfg: RunConfig) -> dict[str, Any]:
+        """The knobs of a run's config that every result row of the run carries, beside the
+        common ones (seed, epochs, ...): the columns its tables group by."""
+        return {}
 
     @abc.abstractmethod
     def view_specs(self) -> list[ViewSpec]:

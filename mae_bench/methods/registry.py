@@ -120,6 +120,14 @@ class MAE(Method):
 
     name = "mae"
     defaults = {"train": {"blr": 1.5e-4, "weight_decay": 0.05}}
+    # its config section and its decoder: no other method reads them
+    own_knobs = frozenset({"mae.mask_ratio", "mae.mask_strategy", "mae.norm_pix_loss",
+                           "mae.encoder_mask_tokens", "model.decoder_depth",
+                           "model.decoder_embed_dim", "model.decoder_num_heads"})
+
+    @classmethod
+    def row_fields(cls, cfg: RunConfig) -> dict[str, Any]:
+        return {"mask_ratio": cfg.mae.mask_ratio}
 
     def __init__(self, cfg: RunConfig, channels: int, img_size: int):
         super().__init__()
@@ -157,7 +165,8 @@ class MAE(Method):
         imgs = batch.views[0]  # [N, C, H, W]
         noise = masking_noise(self.mask_strategy, imgs.shape[0], self.grid_size, self.mask_ratio,
                               generator=batch.generator, device=imgs.device)  # [N, L]
-        loss, _, _ = self.mae(imgs, mask_ratio=self.mask_ratio, noise=noise)
+        # the ratio was checked when this method was built: no check per step
+        loss, _, _ = self.mae.forward_masked(imgs, self.mask_ratio, noise)
         return {"loss": loss}
 
 

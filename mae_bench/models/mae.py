@@ -246,8 +246,17 @@ class MaskedAutoencoder(VisionTransformer):
         """Images [N, C, H, W] -> (loss, pred [N, L, p*p*C], mask [N, L] with 1 = masked).
 
         ``noise`` [N, L] replays a masking exactly (argsort ascending, the first K kept).
+        A ratio given here is checked first (ConfigError unless a patch stays visible and one
+        is masked): the official entry point, called from Python with any value.
         """
         validate_mask_ratio(self.num_patches, mask_ratio)
+        return self.forward_masked(imgs, mask_ratio, noise)
+
+    def forward_masked(
+        self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``forward`` for a mask ratio checked once beforehand, when its config was built (the
+        training method's every step): the same computation, no check per call."""
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
         pred = self.forward_decoder(latent, ids_restore)  # [N, L, p*p*C]
         return self.forward_loss(imgs, pred, mask), pred, mask

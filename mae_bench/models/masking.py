@@ -22,7 +22,10 @@ def len_keep(num_patches: int, mask_ratio: float) -> int:
 
 
 def validate_mask_ratio(num_patches: int, mask_ratio: float) -> None:
-    """Raise ConfigError unless at least one patch stays visible and at least one is masked."""
+    """Raise ConfigError unless at least one patch stays visible and at least one is masked.
+
+    The one check of a mask ratio against a patch grid: a training method calls it once, when
+    it is built; ``MaskedAutoencoder.forward`` for a ratio given to it directly."""
     keep = len_keep(num_patches, mask_ratio) if math.isfinite(mask_ratio) else -1
     if not 1 <= keep < num_patches:
         # Rounded down so that the printed bound itself is valid.
@@ -150,10 +153,10 @@ def masking_noise(
     chose: the first len_keep(L, mask_ratio) are visible, the rest masked.
 
     Random numbers come from ``generator`` on its device (default: the global RNG on
-    ``device``); the result is moved to ``device``.
+    ``device``); the result is moved to ``device``. ``mask_ratio`` is not checked here (this
+    runs every step): configs check it once, when they are built (``validate_mask_ratio``).
     """
     noise_fn = get_mask_strategy(strategy)
-    validate_mask_ratio(grid_size**2, mask_ratio)
     source = generator.device if generator is not None else torch.device(device or "cpu")
     noise = noise_fn(batch_size, grid_size, mask_ratio, generator, source)  # [N, L]
     return noise if device is None else noise.to(device)  # [N, L]
