@@ -10,7 +10,6 @@ v3 and BYOL here: blr 1.5e-4 at 4,096; DINO: blr 5e-4 at 1,024). The baselines c
 the run's batch by the square-root rule (``lr_scaling: sqrt``, ``lr_ref_batch``; see
 ``mae_bench.config.peak_lr``), the rule for Adam-type optimisers (Malladi et al. 2022): the
 linear rule leaves a batch of 128 a 32nd of MoCo v3's lr, which a run of a few hundred steps
-never recovers from. On CIFAR-10 (JPEG q75), ViT-Mini/4, 10 minutes: BYOL k-NN top-1 32.8 with
-the linear rule, 34.8 with the square root. ``--lr`` or ``train.lr_scaling: linear`` restores
-the papers' rule.
+never recovers from (BYOL on CIFAR-10 with both rules: results/compare-cifar10.md, "Second
+pass"). ``--lr`` or ``train.lr_scaling: linear`` restores the papers' rule.
 """

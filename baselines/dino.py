@@ -19,17 +19,18 @@ choice for ViT-S); AdamW with lr 5e-4 x batch / 256 (the official linear rule) a
 Changed for small data and short runs:
 - K = 4,096 prototypes instead of 65,536 (``ssl.out_dim``);
 - the center starts at the first batch's mean teacher output (``ssl.center_init: batch``); the
-  paper starts it at zeros, so for its first few steps the teacher is not centred, and on
-  CIFAR-10 (JPEG q75) with ViT-Mini/4 and a short warm-up the head's outputs then aligned to one
-  direction within 5 steps (mean pairwise cosine 0.81 -> 0.99) and never recovered;
+  paper starts it at zeros, so for its first few steps the teacher is not centred and gives every
+  image nearly the same target, and with a short warm-up the head's outputs then aligned to one
+  direction within a few steps and never recovered (the diagnosis: results/compare-cifar10.md,
+  "Why DINO went uniform");
 - multi-crop off by default (``ssl.local_crops``; local crops are 96/224 of the image side,
   rounded to the patch size);
 - the learning rate warms up for at least 250 optimizer steps (``train.warmup_min_steps``), the
   teacher's EMA horizon 1 / (1 - 0.996), but never for more than half the run. The official
   10 epochs are thousands of steps; the engine's 5 % of a run of a few hundred steps is a dozen,
   and at full learning rate the student then fits a teacher that is still its random
-  initialisation (measured on CIFAR-10 with ViT-Mini/4: the head's outputs align again after
-  the first 30 steps). On runs longer than 5,000 steps the floor changes nothing;
+  initialisation, so the head's outputs align again (results/compare-cifar10.md, "Fourth
+  pass"). On runs longer than 5,000 steps the floor changes nothing;
 - the last layer is not frozen during the first epoch (``ssl.freeze_last_layer_epochs``; the
   paper uses 1, which on a run of a few epochs would freeze it for much of training);
 - the paper's weight-decay schedule (0.04 to 0.4) is not applied: the engine keeps it constant.

@@ -86,8 +86,8 @@ def cls_features(backbone: VisionTransformer, views: list[Tensor]) -> list[Tenso
     The ViT has no batch statistics, so how views are batched changes nothing but the speed. On
     a GPU, views of one image size go through the encoder in one pass (a bigger batch fills the
     device). On a CPU each view gets its own pass: there a concatenated 2N batch pushes the
-    memory-bound ops (copies, GELU, LayerNorm) out of cache, and SimCLR in fp32 trained at 0.93x
-    lightly's two-pass example (Zen 5, results/speed/peers-zen5-cpu.md).
+    memory-bound ops (copies, GELU, LayerNorm) out of cache and trains slower than one pass per
+    view (measured against lightly's two-pass example: results/speed-peers.md).
 
     Args:
         backbone: the encoder.

@@ -6,10 +6,9 @@ top of the heap above 128 KiB is trimmed the same way. A training step allocates
 activations (MBs each) every step, so on a CPU each step runs on fresh pages, and the kernel
 zero-fills every 4 KiB page on its first touch: the time shows up in GELU, LayerNorm, the
 bias copy of ``addmm`` and other memory-bound ops. Keeping freed blocks in the heap makes the
-second step onward reuse warm pages. Measured side by side (alternating processes, one thread,
-AMD EPYC Zen 5, avx512_bf16 yes, amx_bf16 no; ``benchmarks/host_memory.py``, numbers in
-results/speed-cpu.md): the engine's bf16 step 1.11x (MAE) and 1.04x (SimCLR), fp32 within the
-noise; a plain loop that frees its gradients every step gains more (bf16 1.14x).
+second step onward reuse warm pages. It pays most in bf16, where the memory-bound ops are a
+larger share of the step; ``benchmarks/host_memory.py`` measures it side by side (alternating
+processes), and the measurements are in results/speed-cpu.md ("The host allocator").
 
 The price: a process keeps its peak heap until it exits, as PyTorch's CUDA caching allocator
 does on a GPU. ``mae-bench`` sets this once at start (``MAE_BENCH_MALLOC=default`` turns it
