@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
-from mae_bench.errors import CheckpointError, ConfigError
+from mae_bench.errors import CheckpointError, ConfigError, DataError
 from mae_bench.files import RUN_FILE
 from mae_bench.models.vit import PRESETS, VisionTransformer, vit_kwargs
 from mae_bench.training.checkpoint import find_checkpoint, is_official_mae, load_checkpoint
@@ -46,8 +47,8 @@ class Embedder(nn.Module, metaclass=abc.ABCMeta):
 
     pools: tuple[str, ...] = (MODEL_POOL,)
     # A convolutional network runs in channels-last memory format (its weights converted once,
-    # each batch by the feature extractor): oneDNN's and cuDNN's fast convolution layout. A
-    # timm ResNet-18 at 224 px extracted 1.5x faster on a Zen 5 CPU, bf16 and fp32 alike.
+    # each batch by the feature extractor): oneDNN's and cuDNN's fast convolution layout
+    # (measured for a timm ResNet-18 in results/outside-encoders-cifar10/README.md).
     channels_last: bool = False
 
     @abc.abstractmethod
@@ -138,6 +139,20 @@ class EncoderSource:
     @property
     def run_id(self) -> str:
         return f"{self.label}-{self.fingerprint[:8]}"
+
+    @property
+    def checkpoint_name(self) -> str:
+        """What a row's ``checkpoint`` column says: the label."""
+        return self.label
+
+    def identity(self) -> list[str]:
+        """The source's part of an evaluation's ``eval_key``."""
+        return [self.kind, self.run_id, self.label, self.fingerprint]
+
+    def given_features(self) -> dict[str, torch.Tensor] | None:
+        """Embeddings that come with the source, so no image is read (None: the data set's
+        images go through the encoder)."""
+        return None
 
     def build(self, global_pool: str = "cls", num_classes: int = 0,
               drop_path_rate: float = 0.0, init_seed: int | None = None,
@@ -241,6 +256,107 @@ class PixelsSource(EncoderSource):
     def create(cls, **_: Any) -> PixelsSource:
         """``--checkpoint pixels``: nothing to build or load."""
         return cls("pixels", "pixels", "pixels", {}, None, "pixels")
+
+
+FEATURE_FILES = ("train_features.npy", "train_labels.npy", "test_features.npy",
+                 "test_labels.npy")
+
+
+@dataclass
+class FeaturesSource(EncoderSource):
+    """``--features DIR``: precomputed embeddings, which are both the source and the data (no
+    encoder, no images). Its rows name the folder as given, its ``run_id`` and ``eval_key``
+    the folder's name and a hash of the arrays."""
+
+    kind: ClassVar[str] = "features"
+    pooled: ClassVar[bool] = False
+    vit: ClassVar[bool] = False
+
+    folder: str = ""
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def run_id(self) -> str:
+        return f"features-{self.label}"
+
+    @property
+    def checkpoint_name(self) -> str:
+        return self.folder
+
+    def identity(self) -> list[str]:
+        return [self.kind, self.label, self.fingerprint]
+
+    def given_features(self) -> dict[str, torch.Tensor]:
+        return self.features
+
+    def build(self, *args: Any, **kwargs: Any) -> VisionTransformer:
+        raise ConfigError(f"--features {self.folder} holds embeddings, not an encoder; use "
+                          "them with knn or linear")
+
+    def frozen_model(self) -> None:
+        return None
+
+    @classmethod
+    def load(cls, folder: str | Path) -> FeaturesSource:
+        """Read and check DIR/{train,test}_{features,labels}.npy.
+
+        Raises:
+            DataError: a file is missing or unreadable, or the arrays do not fit together.
+        """
+        features = read_feature_dir(folder)
+        h = hashlib.blake2b(digest_size=16)
+        for name in sorted(features):
+            h.update(features[name].numpy().tobytes())
+        label = Path(folder).resolve().name
+        return cls(label, "features", "-", {}, None, h.hexdigest(), folder=str(folder),
+                   features=features)
+
+
+def read_feature_dir(folder: str | Path) -> dict[str, torch.Tensor]:
+    """The four arrays of a ``--features`` folder as tensors (features float32 [N, D], labels
+    int64 [N]), each checked."""
+    path = Path(folder)
+    if not path.is_dir():
+        raise DataError(f"--features {path}: no such folder; it must hold "
+                        f"{', '.join(FEATURE_FILES)}")
+    missing = [f for f in FEATURE_FILES if not (path / f).is_file()]
+    if missing:
+        raise DataError(f"--features {path} lacks {', '.join(missing)} (it must hold "
+                        f"{', '.join(FEATURE_FILES)})")
+    arrays = {}
+    for name in FEATURE_FILES:
+        try:
+            arrays[name] = np.load(path / name, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise DataError(f"--features: {path / name} is not a readable .npy array "
+                            f"({str(exc).splitlines()[0][:80]})") from None
+    out = {}
+    for split in ("train", "test"):
+        feats, labels = arrays[f"{split}_features.npy"], arrays[f"{split}_labels.npy"]
+        _check_split(split, feats, labels)
+        out[f"{split}_features"] = torch.from_numpy(np.ascontiguousarray(feats)).float()
+        out[f"{split}_labels"] = torch.from_numpy(labels.astype(np.int64))
+    if out["train_features"].shape[1] != out["test_features"].shape[1]:
+        raise DataError(f"--features: train features have {out['train_features'].shape[1]} "
+                        f"dimensions, test features {out['test_features'].shape[1]}")
+    return out
+
+
+def _check_split(split: str, feats: np.ndarray, labels: np.ndarray) -> None:
+    if feats.ndim != 2 or feats.shape[0] == 0 or not np.issubdtype(feats.dtype, np.number):
+        raise DataError(f"--features: {split}_features.npy must be a non-empty numeric "
+                        f"[N, D] array, got shape {feats.shape} ({feats.dtype})")
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"--features: {split}_labels.npy must be a 1-D integer array, got "
+                        f"shape {labels.shape} ({labels.dtype})")
+    if labels.shape[0] != feats.shape[0]:
+        raise DataError(f"--features: {split}_features.npy has {feats.shape[0]} rows but "
+                        f"{split}_labels.npy has {labels.shape[0]} labels")
+    if labels.min() < 0:
+        raise DataError(f"--features: {split}_labels.npy has negative labels (unlabeled "
+                        "samples cannot be evaluated)")
+    if not np.isfinite(feats).all():
+        raise DataError(f"--features: {split}_features.npy holds NaN or inf values")
 
 
 @dataclass

@@ -22,11 +22,11 @@ features; every k of ``ks`` and every retrieval metric is read off that one rank
 Queries whose label has no training sample count as misses everywhere (AP 0); every metric is a
 percentage over all test queries.
 
-mAP@R needs ``max R`` neighbours per query: 5,000 on CIFAR-10. Measured faiss-cpu search on
-50k x 10k random 192-d features, 2 cores: k=200 (the default ks) 2.5 s idle / 12 s shared, k=1000
-7 s / 19 s, exact R~5,000 11 s / 43 s (slower than torch's topk there); faiss-gpu cannot select
-more than 2,048 neighbours at all. So R is capped at ``map_r_max`` (default 1000): the search
-costs at most about 3x the k-NN-only one, and every backend computes the same number. When the
+mAP@R needs ``max R`` neighbours per query: 5,000 on CIFAR-10. A faiss-cpu search for that many
+costs several times the k-NN-only one (k=200) and falls behind torch's topk, and faiss-gpu cannot
+select more than 2,048 neighbours at all (the timings: results/speed-cpu.md, "The cap on mAP@R's
+neighbours"). So R is capped at ``map_r_max`` (default 1000): the search stays within a small
+multiple of the k-NN-only one, and every backend computes the same number. When the
 cap shortens R for any query, ``KnnResult.map_r_cap`` says so (result rows carry it in their own
 field, ``map_r_cap``): the number is then AP over the first ``min(R, map_r_max)`` neighbours,
 normalised by that same number; ``map_r_max=None`` gives the exact metric (on a GPU only while
@@ -56,8 +56,8 @@ RECALL_AT = (1, 5, 10)
 DEFAULT_MAP_R_MAX = 1000
 FAISS_CHUNK = 4096  # queries per faiss search call: faiss blocks its own BLAS calls by 4096 too
 # faiss-cpu's BLAS blocking for exact search: 4096 queries x FAISS_DB_BLOCK database rows per
-# sgemm. Its default of 1024 rows leaves the heap merge a larger share: measured 2.63 s against
-# 2.22 s with 4096 for k=200 on 50k x 10k x 192 (2 cores); 16384 gave 2.38 s.
+# sgemm. Its default of 1024 rows leaves the heap merge a larger share, and 16384 was slower
+# again (the timings: results/speed-cpu.md, "FAISS against torch").
 FAISS_DB_BLOCK = 4096
 TORCH_CHUNK_BYTES = 1 << 28  # 256 MiB similarity block per chunk on the torch path
 GPU_MAX_K = 2048  # faiss-gpu's largest k-selection (without cuVS)

@@ -17,6 +17,9 @@ A protocol is a class with:
   application turns each into a result row.
 - ``row_fields``, ``trains_from_scratch``, ``covers``: what it adds to every row, whether it
   starts from random weights, and whether stored rows already hold what is asked.
+- ``few_shot``, ``headline``, ``trains_encoder``: what the tables and campaigns (compare,
+  sweep, report) ask of it instead of comparing its name: whether it takes a label fraction
+  below 1, which of its rows a one-column table shows, whether it trains the encoder.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from mae_bench.errors import ConfigError, DataError
@@ -94,9 +98,9 @@ class Knobs:
 
 @dataclass
 class EvalInputs:
-    """What one evaluation reads: the encoder source and the two splits (or features)."""
+    """What one evaluation reads: the source and the two splits (or the source's features)."""
 
-    source: EncoderSource | None
+    source: EncoderSource
     dataset: str
     train: AnyDataset | None = None
     test: AnyDataset | None = None
@@ -109,6 +113,17 @@ class EvalInputs:
     def hflip(self) -> float:
         """The probability of flipping a training view (none where a flip changes the class)."""
         return 0.0 if self.dataset in NO_FLIP else 0.5
+
+    def data_identity(self) -> list[Any]:
+        """The data's part of an evaluation's ``eval_key``: the name, and where images were
+        read, their folder and the content of both splits (precomputed features: their hash
+        is in the source's part)."""
+        if self.train is None or self.test is None:
+            return [self.dataset]
+        from evals.features import dataset_fingerprint
+
+        return [self.dataset, self.data_dir, dataset_fingerprint(self.train),
+                dataset_fingerprint(self.test)]
 
     def in_memory(self, split: str) -> ArrayDataset:
         """A split as the training protocols need it: images in memory."""
@@ -153,6 +168,18 @@ class Protocol(abc.ABC):
     # None for a protocol that always trains the encoder.
     frozen_usage: ClassVar[str | None] = None
     uses_pool: ClassVar[bool] = False  # its rows carry the frozen features' ``pool``
+    # It measures on a fraction of the labels (--label-fraction below 1): a caller that holds
+    # one label fraction for several protocols (compare, sweep) gives it to such a one only.
+    few_shot: ClassVar[bool] = False
+    # The row fields that pick the number a one-column table shows, where one evaluation gives
+    # several of a metric (k-NN: one per neighbour count, k=20 shown unless a table says).
+    headline: ClassVar[Mapping[str, Any]] = MappingProxyType({})
+
+    @property
+    def trains_encoder(self) -> bool:
+        """Whether it always trains the encoder (it has no frozen-feature form): the pixels
+        reference cannot take it, and its rows are told apart by their schedule and recipe."""
+        return self.frozen_usage is None
 
     def options(self, values: Mapping[str, Any]) -> Any:
         """This protocol's options from ``values`` (a mapping holding at least its knobs, e.g.
@@ -179,11 +206,11 @@ class Protocol(abc.ABC):
         (None: the application's general message)."""
         return None
 
-    def trains_from_scratch(self, options: Any, source: EncoderSource | None) -> bool:
+    def trains_from_scratch(self, options: Any, source: EncoderSource) -> bool:
         """Whether it trains from random weights (its rows are then the random reference's)."""
         return False
 
-    def row_fields(self, options: Any, source: EncoderSource | None) -> dict[str, Any]:
+    def row_fields(self, options: Any, source: EncoderSource) -> dict[str, Any]:
         """Fields for every row of this protocol, besides each number's own knobs."""
         return {}
 

@@ -5,12 +5,22 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
 import torch
 from cli_helpers import run_cli
 
 from evals.encoders import load_source
-from mae_bench.app.compare import CompareSpec, run_compare, run_config, run_dir_for
+from mae_bench.app.compare import (
+    CompareSpec,
+    _eval_spec,
+    at_headline,
+    column_label,
+    run_compare,
+    run_config,
+    run_dir_for,
+    takes_pixels,
+)
 from mae_bench.config import RunConfig
 from mae_bench.errors import MaeBenchError
 from mae_bench.methods.registry import METHODS, build_method
@@ -154,3 +164,23 @@ def test_compare_adds_a_finetune_column_with_the_scratch_baseline(tmp_path):
     again = run_compare(_spec(tmp_path, methods=("mae",), protocols=("finetune",),
                               finetune_epochs=2), log=lambda _: None, progress=False)
     assert len(again.evaluated) == 2
+
+
+def test_protocols_are_asked_not_named():
+    """What compare (and sweep) did by comparing protocol names, each protocol now answers: the
+    pixels reference, the label fraction, the short schedule, the k-NN column."""
+    assert [p for p in ("knn", "linear", "fewshot", "finetune", "partial-finetune")
+            if takes_pixels(p)] == ["knn", "linear", "fewshot"]
+    spec = CompareSpec(label_fraction=0.2, finetune_epochs=3)
+    got = {p: (_eval_spec(spec, p, "random").label_fraction, _eval_spec(spec, p, "random").epochs)
+           for p in ("knn", "linear", "fewshot", "finetune")}
+    assert got == {"knn": (1.0, None), "linear": (1.0, None), "fewshot": (0.2, None),
+                   "finetune": (1.0, 3)}
+    assert column_label("knn", {"k": 5}) == "knn top-1 (k=5)"
+    assert column_label("linear", {}) == "linear top-1"
+    rows = pd.DataFrame({"protocol": ["knn", "knn", "knn", "linear", "mae-linear"],
+                         "k": [5, 20, None, None, None], "value": [1.0, 2.0, 3.0, 4.0, 5.0]})
+    # k-NN rows at the table's k only; the others (an unknown protocol of an older store too)
+    assert at_headline(rows, 5)["value"].tolist() == [1.0, 4.0, 5.0]
+    assert at_headline(rows, 20)["value"].tolist() == [2.0, 4.0, 5.0]
+    assert at_headline(rows.drop(columns="k"), 5)["value"].tolist() == [1.0, 2.0, 3.0, 4.0, 5.0]

@@ -124,6 +124,51 @@ def test_precomputed_features(monkeypatch, capsys, tmp_path):
     assert all(r["value"] == 100.0 for r in got if r["metric"] == "top1")
 
 
+def test_feature_rows_and_eval_keys_are_pinned(monkeypatch, capsys, tmp_path):
+    """--features rows, field by field, and their eval_key, as the code gave them before
+    --features became a source class (FeaturesSource): the rows of a store stay comparable,
+    and an evaluation stored then is still recognised (not run again) now."""
+    folder = write_features(tmp_path / "emb")
+    fp32 = ("--precision", "fp32")  # "auto" resolves per machine, and the key holds it
+    evaluate(monkeypatch, capsys, tmp_path, "--protocol", "knn", "--features", str(folder),
+             "--k", "1,5", *fp32)
+    evaluate(monkeypatch, capsys, tmp_path, "--protocol", "linear", "--features", str(folder),
+             *fp32)
+    evaluate(monkeypatch, capsys, tmp_path, "--protocol", "fewshot", "--features", str(folder),
+             "--label-fraction", "0.5", "--dataset", "digits", *fp32)
+    got = rows(tmp_path / "res")
+    for r in got:  # what changes from run to run
+        assert r.pop("eval_seconds") >= 0 and r.pop("timestamp") and "git_sha" in r
+        del r["git_sha"]
+    commands = [r.pop("command") for r in got]
+    assert commands[0].startswith(f"mae-bench eval --protocol knn --features {folder} --k 1,5")
+    assert commands[10].startswith("mae-bench eval --protocol fewshot")
+    identity = {"run_id": "features-emb", "method": "features", "arch": "-",
+                "checkpoint": str(folder), "status": "ok", "eval_seed": 0, "seed": 0,
+                "precision": "fp32", "value": 100.0}
+    knn = identity | {"dataset": "emb", "protocol": "knn", "eval_key": "5830d81a89aa0303"}
+    assert got[:8] == [
+        knn | {"metric": "top1", "k": 1, "temperature": 0.07},
+        knn | {"metric": "top5", "k": 1, "temperature": 0.07},
+        knn | {"metric": "top1", "k": 5, "temperature": 0.07},
+        knn | {"metric": "top5", "k": 5, "temperature": 0.07},
+        knn | {"metric": "recall@1"}, knn | {"metric": "recall@5"},
+        knn | {"metric": "recall@10"}, knn | {"metric": "map@r"}]
+    linear = identity | {"dataset": "emb", "protocol": "linear", "probe": "fast",
+                         "eval_key": "ac2050c3ed342235"}
+    fewshot = identity | {"dataset": "digits", "protocol": "fewshot", "probe": "fast",
+                          "label_fraction": 0.5, "eval_key": "cf1e7bfdc19ec751"}
+    for row, expected in ((got[8], linear), (got[9], linear), (got[10], fewshot),
+                          (got[11], fewshot)):
+        chosen = {k: row.pop(k) for k in ("chosen_lr", "chosen_weight_decay")}
+        assert row == expected | {"metric": row["metric"]} and chosen["chosen_lr"] > 0
+    assert [r["metric"] for r in got[8:]] == ["top1", "top5"] * 2
+    # Stored under the same key: the same evaluation again is recognised and not run.
+    out, _ = evaluate(monkeypatch, capsys, tmp_path, "--protocol", "knn", "--features",
+                      str(folder), "--k", "1,5", *fp32)
+    assert out.startswith("already in") and len(rows(tmp_path / "res")) == 12
+
+
 @pytest.mark.parametrize("override, message", [
     ({"train_labels": np.arange(59) % 3}, "train_features.npy has 60 rows but "
                                           "train_labels.npy has 59 labels"),

@@ -13,7 +13,13 @@ import pytest
 import torch
 
 from evals.distributed_eval import topk_accuracy, topk_correct
-from evals.encoders import OutsideSource, PixelsSource, RandomSource, RunSource
+from evals.encoders import (
+    FeaturesSource,
+    OutsideSource,
+    PixelsSource,
+    RandomSource,
+    RunSource,
+)
 from evals.protocol import EvalContext, Knobs, Numbers, Protocol
 from evals.protocols import PROTOCOLS, get_protocol, knob_fields
 from mae_bench.app.evaluation import _NOT_IDENTITY, EvalSpec, validate_spec
@@ -144,6 +150,44 @@ def test_sources_answer_what_kind_comparisons_used_to():
     with pytest.raises(ConfigError, match="timm:x is an outside model, evaluated on frozen "
                                           "features only"):
         outside.build()
+
+
+def test_what_tables_and_campaigns_ask_each_protocol():
+    from evals.protocols import headline
+
+    assert [n for n, p in PROTOCOLS.items() if p.few_shot] == ["fewshot"]
+    assert [n for n, p in PROTOCOLS.items() if p.trains_encoder] == ["finetune",
+                                                                    "partial-finetune"]
+    assert headline("knn") == {"k": 20} and headline("knn", k=5) == {"k": 5}
+    assert all(headline(n, k=5) == {} for n in PROTOCOLS if n != "knn")
+    assert headline("mae-linear") == {}  # a protocol of an older store: nothing to pick
+    with pytest.raises(ConfigError, match="fewshot needs --label-fraction below 1"):
+        get_protocol("fewshot").validate(get_protocol("fewshot").Options())
+
+
+def test_a_features_folder_is_a_source_with_its_own_identity(tmp_path):
+    import numpy as np
+
+    folder = tmp_path / "emb"
+    folder.mkdir()
+    arrays = {"train_features": np.eye(4), "train_labels": np.arange(4) % 2,
+              "test_features": np.eye(4)[:2], "test_labels": np.arange(2)}
+    for name, value in arrays.items():
+        np.save(folder / f"{name}.npy", value)
+    src = FeaturesSource.load(str(folder))
+    got = src.given_features()
+    assert got["train_features"].dtype == torch.float32 and got["test_labels"].tolist() == [0, 1]
+    assert (src.kind, src.run_id, src.method, src.arch) == ("features", "features-emb",
+                                                            "features", "-")
+    assert src.checkpoint_name == str(folder) and src.identity() == [
+        "features", "emb", src.fingerprint]
+    assert not src.pooled and not src.vit and not src.own_weights and src.frozen_model() is None
+    assert RunSource("r", "mae", "a", {}, None, "f").given_features() is None
+    np.save(folder / "test_features.npy", np.eye(4)[:2] * 2)  # other numbers: another source
+    assert FeaturesSource.load(folder).fingerprint != src.fingerprint
+    with pytest.raises(ConfigError, match=f"--features {folder} holds embeddings, not an "
+                                          "encoder"):
+        src.build()
 
 
 def test_topk_counts_against_a_hand_count():

@@ -29,6 +29,16 @@ def get_protocol(name: str) -> Protocol:
     return check_name(name, PROTOCOLS)
 
 
+def headline(name: str, **given: Any) -> dict[str, Any]:
+    """The row fields that pick the number of protocol ``name`` a one-column table shows
+    (k-NN: ``{"k": 20}``), each replaced by a value ``given`` for it (a table's ``--k``); {}
+    for a protocol with one number per metric, or one this version does not know (rows of an
+    older store)."""
+    protocol = PROTOCOLS.get(name)
+    fields = protocol.headline if protocol is not None else {}
+    return {column: given.get(column, value) for column, value in fields.items()}
+
+
 def knob_fields() -> list[dataclasses.Field[Any]]:
     """Every protocol's knobs, each once, in registry order: the fields of ``mae-bench eval``'s
     generated options and of ``EvalSpec``. Two protocols that share a knob name share its

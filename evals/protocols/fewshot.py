@@ -9,6 +9,7 @@ from mae_bench.errors import ConfigError
 class Fewshot(Linear):
     name = "fewshot"
     frozen_usage = "fewshot --probe fast"
+    few_shot = True
 
     def validate(self, options: LinearOptions) -> None:
         if options.label_fraction >= 1.0:

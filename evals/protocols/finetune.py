@@ -80,11 +80,10 @@ class Finetune(Protocol):
     name = "finetune"
     Options: type = FinetuneOptions
 
-    def trains_from_scratch(self, options: FinetuneOptions, source: EncoderSource | None
-                            ) -> bool:
+    def trains_from_scratch(self, options: FinetuneOptions, source: EncoderSource) -> bool:
         """``--init random``, or the random reference (a random model whatever ``--init``
         says): one rule for the recipe and for the rows."""
-        return source is not None and (options.init == "random" or source.random_weights)
+        return options.init == "random" or source.random_weights
 
     def blocks(self, options: FinetuneOptions) -> int | None:
         """The trained blocks (None: all)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 from evals.protocol import EvalContext, Knobs, Numbers, Protocol, knob
@@ -37,6 +38,7 @@ class Knn(Protocol):
     Options = KnnOptions
     frozen_usage = "knn"
     uses_pool = True
+    headline = MappingProxyType({"k": 20})  # DINO's and the MAE paper's tables
 
     def covers(self, options: KnnOptions, stored: Any) -> bool:
         # more neighbour counts asked for: run it; the repeated ks supersede

@@ -23,6 +23,7 @@ from typing import Any
 
 import pandas as pd
 
+from evals.protocols import get_protocol, headline
 from mae_bench.app.campaign import Campaign, Todo, run_campaign
 from mae_bench.app.evaluation import EvalSpec, source_of, validate_spec
 from mae_bench.config import RunConfig, validate
@@ -48,8 +49,6 @@ from mae_bench.training.runtime import resolve_device
 DEFAULT_METHODS = ("mae", "simclr", "mocov3", "byol", "dino")
 DEFAULT_BUDGET_SECONDS = 20.0  # per method, when neither epochs nor a budget is given
 REFERENCES = ("pixels", "random")
-# Protocols the pixels reference can take (it has no encoder to fine-tune).
-PIXEL_PROTOCOLS = ("knn", "linear", "fewshot")
 COST_FILE = "compare.json"
 
 Log = Callable[[str], None]
@@ -111,7 +110,7 @@ def validate_compare(spec: CompareSpec) -> None:
     if not spec.protocols:
         raise ConfigError("--protocols needs at least one protocol")
     for protocol in spec.protocols:
-        validate_spec(_eval_spec(spec, protocol, "pixels" if protocol in PIXEL_PROTOCOLS
+        validate_spec(_eval_spec(spec, protocol, "pixels" if takes_pixels(protocol)
                                  else "random"))
     if spec.k < 1:
         raise ConfigError(f"--k must be >= 1, got {spec.k}")
@@ -292,7 +291,7 @@ def _evals_to_run(spec: CompareSpec, entries: list[tuple[str, str]],
     store = read_store(spec.results_dir)
     return [(name, checkpoint, protocol) for name, checkpoint in entries
             for protocol in spec.protocols
-            if not (checkpoint == "pixels" and protocol not in PIXEL_PROTOCOLS)
+            if not (checkpoint == "pixels" and not takes_pixels(protocol))
             and not _has_rows(store, run_ids[name], spec, protocol)]
 
 
@@ -304,12 +303,13 @@ def compare_table(store: pd.DataFrame, spec: CompareSpec, run_ids: dict[str, str
     for name, run_id in run_ids.items():
         row: dict[str, Any] = {"method": name}
         for protocol in spec.protocols:
+            pick = headline(protocol, k=spec.k)
             sel = _select(store, run_id, spec, protocol)
             sel = sel[sel["metric"] == "top1"]
-            if protocol == "knn":
-                sel = sel[sel["k"] == spec.k]
-            label = f"knn top-1 (k={spec.k})" if protocol == "knn" else f"{protocol} top-1"
-            row[label] = float(sel["value"].iloc[-1]) if len(sel) else float("nan")
+            for column, value in pick.items():
+                sel = sel[sel[column] == value]
+            row[column_label(protocol, pick)] = (float(sel["value"].iloc[-1]) if len(sel)
+                                                 else float("nan"))
         cost = _read_cost(run_dirs[name]) if name in run_dirs else {}
         row["pretrain s"] = cost.get("pretrain_seconds", float("nan"))
         row["epochs"] = cost.get("pretrain_epochs", float("nan"))
@@ -319,13 +319,40 @@ def compare_table(store: pd.DataFrame, spec: CompareSpec, run_ids: dict[str, str
     return pd.DataFrame(rows).set_index("method")
 
 
+def takes_pixels(protocol: str) -> bool:
+    """Whether the pixels reference is evaluated with ``protocol``: raw pixels have no encoder
+    to train (the rule ``validate_spec`` applies)."""
+    return not get_protocol(protocol).trains_encoder
+
+
+def column_label(protocol: str, pick: dict[str, Any]) -> str:
+    """A top-1 column's name: the protocol, and the row fields that picked its number
+    ("knn top-1 (k=20)")."""
+    named = ", ".join(f"{column}={value}" for column, value in pick.items())
+    return f"{protocol} top-1" + (f" ({named})" if named else "")
+
+
+def at_headline(rows: pd.DataFrame, k: int) -> pd.DataFrame:
+    """``rows`` without those a one-column table does not show: k-NN rows of another
+    neighbour count than ``k`` (each protocol's ``headline``)."""
+    keep = pd.Series(True, index=rows.index)
+    for protocol in rows["protocol"].unique():
+        for column, value in headline(protocol, k=k).items():
+            if column in rows:
+                keep &= (rows["protocol"] != protocol) | (rows[column] == value)
+    return rows[keep]
+
+
 def _eval_spec(spec: CompareSpec, protocol: str, checkpoint: str,
                extra: dict[str, Any] | None = None) -> EvalSpec:
+    # One label fraction for the few-shot protocol, a short schedule for those that train the
+    # encoder (a first look, not the paper's 100 epochs).
+    measure = get_protocol(protocol)
     return EvalSpec(protocol=protocol, checkpoint=checkpoint,
                     arch=spec.arch if checkpoint == "random" else None, dataset=spec.dataset,
                     data_dir=spec.data_dir, pool=spec.pool,
-                    label_fraction=spec.label_fraction if protocol == "fewshot" else 1.0,
-                    epochs=spec.finetune_epochs if protocol == "finetune" else None,
+                    label_fraction=spec.label_fraction if measure.few_shot else 1.0,
+                    epochs=spec.finetune_epochs if measure.trains_encoder else None,
                     recipe=spec.recipe, seed=spec.seed, device=spec.device,
                     precision=spec.precision, cache_dir=spec.cache_dir, use_cache=spec.use_cache,
                     results_dir=spec.results_dir, extra=extra or {})
@@ -343,7 +370,7 @@ def _select(store: pd.DataFrame, run_id: str, spec: CompareSpec, protocol: str) 
                 & (store["protocol"] == protocol) & (store["status"] == "ok")]
     if "pool" in sel and not run_id.startswith("pixels"):
         sel = sel[sel["pool"].isna() | (sel["pool"] == spec.pool)]
-    if protocol == "finetune":  # rows of this schedule and recipe only
+    if get_protocol(protocol).trains_encoder:  # rows of this schedule and recipe only
         for column, wanted in (("epochs", spec.finetune_epochs), ("recipe", spec.recipe)):
             sel = sel[sel[column] == wanted] if column in sel else sel.iloc[:0]
     return sel

@@ -18,11 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
-from evals.encoders import EncoderSource, reference_kind
-from evals.features import ALL_POOLS, attention_kernel, dataset_fingerprint, input_transform
+from evals.encoders import EncoderSource, FeaturesSource, reference_kind
+from evals.features import ALL_POOLS, attention_kernel, input_transform
 from evals.protocol import EvalContext, EvalInputs, Numbers, Progress, Protocol, validate_knobs
 from evals.protocols import PROTOCOLS, get_protocol
 from evals.protocols.linear import PROBES
@@ -50,8 +47,6 @@ from mae_bench.training.runtime import resolve_device, resolve_precision
 __all__ = ["PROBES", "PROTOCOLS", "EvalOutcome", "EvalSpec", "EvalTarget", "Inputs", "Numbers",
            "Progress", "eval_identity", "load_inputs", "run_eval", "source_of", "validate_spec"]
 
-FEATURE_FILES = ("train_features.npy", "train_labels.npy", "test_features.npy",
-                 "test_labels.npy")
 FOLDER_DATASETS = ("imagefolder",)  # data set names that say only how files are laid out
 Inputs = EvalInputs  # the name this module gave it before the protocols moved to evals/
 
@@ -90,10 +85,10 @@ def validate_spec(spec: Any) -> None:
     validate_knobs(spec)  # every protocol's knob, whichever protocol runs
     protocol, options = protocol_options(spec)
     protocol.validate(options)
-    frozen = [p.name for p in PROTOCOLS.values() if p.frozen_usage is not None]
+    frozen = [p.name for p in PROTOCOLS.values() if not p.trains_encoder]
     if spec.features_dir is not None and not protocol.frozen(options):
         raise ConfigError(
-            (protocol.features_refusal(options) if protocol.frozen_usage else None)
+            (None if protocol.trains_encoder else protocol.features_refusal(options))
             or f"--features works with {_and(frozen)} (features are frozen); {spec.protocol} "
                "needs --checkpoint")
     if outside and not protocol.frozen(options):
@@ -102,54 +97,12 @@ def validate_spec(spec: Any) -> None:
         raise ConfigError(f"{name} is evaluated on frozen features only "
                           f"({protocol.describe(options)} trains a mae-bench ViT); use "
                           f"{', '.join(usages)}")
-    if reference is not None and not reference.vit and protocol.frozen_usage is None:
+    if reference is not None and not reference.vit and protocol.trains_encoder:
         raise ConfigError(f"the pixels reference has no encoder to {spec.protocol}; use "
                           f"{_and(frozen, 'or')}")
 
 
 # --- inputs ----------------------------------------------------------------------------------
-
-
-def load_feature_dir(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read and check DIR/{train,test}_{features,labels}.npy (precomputed embeddings)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise DataError(f"--features {path}: no such folder; it must hold "
-                        f"{', '.join(FEATURE_FILES)}")
-    missing = [f for f in FEATURE_FILES if not (path / f).is_file()]
-    if missing:
-        raise DataError(f"--features {path} lacks {', '.join(missing)} (it must hold "
-                        f"{', '.join(FEATURE_FILES)})")
-    arrays = {}
-    for name in FEATURE_FILES:
-        try:
-            arrays[name] = np.load(path / name, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise DataError(f"--features: {path / name} is not a readable .npy array "
-                            f"({str(exc).splitlines()[0][:80]})") from None
-    out = {}
-    for split in ("train", "test"):
-        feats, labels = arrays[f"{split}_features.npy"], arrays[f"{split}_labels.npy"]
-        if feats.ndim != 2 or feats.shape[0] == 0 or not np.issubdtype(feats.dtype, np.number):
-            raise DataError(f"--features: {split}_features.npy must be a non-empty numeric "
-                            f"[N, D] array, got shape {feats.shape} ({feats.dtype})")
-        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-            raise DataError(f"--features: {split}_labels.npy must be a 1-D integer array, got "
-                            f"shape {labels.shape} ({labels.dtype})")
-        if labels.shape[0] != feats.shape[0]:
-            raise DataError(f"--features: {split}_features.npy has {feats.shape[0]} rows but "
-                            f"{split}_labels.npy has {labels.shape[0]} labels")
-        if labels.min() < 0:
-            raise DataError(f"--features: {split}_labels.npy has negative labels (unlabeled "
-                            "samples cannot be evaluated)")
-        if not np.isfinite(feats).all():
-            raise DataError(f"--features: {split}_features.npy holds NaN or inf values")
-        out[f"{split}_features"] = torch.from_numpy(np.ascontiguousarray(feats)).float()
-        out[f"{split}_labels"] = torch.from_numpy(labels.astype(np.int64))
-    if out["train_features"].shape[1] != out["test_features"].shape[1]:
-        raise DataError(f"--features: train features have {out['train_features'].shape[1]} "
-                        f"dimensions, test features {out['test_features'].shape[1]}")
-    return out
 
 
 def _labelled(dataset: AnyDataset, name: str, split: str) -> AnyDataset:
@@ -162,30 +115,37 @@ def _labelled(dataset: AnyDataset, name: str, split: str) -> AnyDataset:
 
 
 def load_inputs(spec: EvalSpec) -> Inputs:
-    """Resolve the checkpoint (or features) and the data. Everything that can fail on user
-    input fails here, before any work or any write."""
+    """Resolve the source and the data. Everything that can fail on user input fails here,
+    before any work or any write."""
     validate_spec(spec)
-    if spec.features_dir is not None:
-        feats = load_feature_dir(spec.features_dir)
-        label = Path(spec.features_dir).resolve().name
-        return Inputs(None, spec.dataset or label, pool=spec.pool or "cls", features=feats,
-                      label=label)
-    # The random reference is built for the data as loaded (an image folder's own size and
-    # channels, not the registry's defaults); every other source is known before the data.
     reference = reference_kind(spec.checkpoint)
-    source = None if reference is not None and reference.sized_by_data else source_of(spec)
-    pretrained_on = source.pretrain.get("pretrain_dataset") if source is not None else None
+    if reference is not None and reference.sized_by_data:
+        # The random reference is built for the data as loaded (an image folder's own size and
+        # channels, not the registry's defaults).
+        return _with_data(spec, lambda info: source_of(spec, info), {})
+    source = source_of(spec)  # every other source is known before the data
+    features = source.given_features()
+    if features is not None:  # precomputed embeddings: they are the data
+        return Inputs(source, spec.dataset or source.label, pool=spec.pool or source.default_pool,
+                      features=features, label=source.label)
+    return _with_data(spec, lambda info: source, source.pretrain)
+
+
+def _with_data(spec: EvalSpec, source_for: Callable[[DatasetInfo], EncoderSource],
+               pretrain: dict[str, Any]) -> Inputs:
+    """Both splits of the spec's data (default: the data set the source was pretrained on,
+    from its folder, else digits) and the source made for them (``source_for``)."""
+    pretrained_on = pretrain.get("pretrain_dataset")
     name = spec.dataset or pretrained_on or "digits"
-    info = get_dataset_info(name)
+    get_dataset_info(name)  # an unknown name fails here, before any file is read
     data_dir = spec.data_dir
     if data_dir is None and name == pretrained_on:
-        data_dir = source.pretrain.get("data_dir")
+        data_dir = pretrain.get("data_dir")
     with cache_writes_held():  # a decoded folder is cached only if both splits pass
         train = _labelled(load_dataset(name, "train", data_dir), name, "train")
         test = _labelled(load_dataset(name, "test", data_dir), name, "test")
         info = train.info
-        if source is None:
-            source = source_of(spec, info)
+        source = source_for(info)
         if not source.takes_channels(info.channels):
             raise ConfigError(f"{source.label} takes {source.channels}-channel images but {name} "
                               f"has {info.channels}; evaluate on a data set with "
@@ -201,10 +161,12 @@ def load_inputs(spec: EvalSpec) -> Inputs:
 
 
 def source_of(spec: EvalSpec, info: DatasetInfo | None = None) -> EncoderSource:
-    """The encoder a spec names (a run, an official checkpoint, a reference row, an outside
-    model, or the Python API's object). The random reference takes ``--img-size`` or the size
-    and channels of ``info`` (the data as loaded; None: the registry's description of
-    ``spec.dataset``)."""
+    """The source a spec names (a run, an official checkpoint, a reference row, an outside
+    model, the Python API's object, or ``--features``). The random reference takes
+    ``--img-size`` or the size and channels of ``info`` (the data as loaded; None: the
+    registry's description of ``spec.dataset``)."""
+    if spec.features_dir is not None:
+        return FeaturesSource.load(spec.features_dir)
     options = SourceOptions(weights=spec.weights, pretrained=spec.pretrained,
                             img_size=spec.img_size, seed=spec.seed, trust=spec.trust_checkpoint,
                             trust_repo=spec.trust_repo)
@@ -260,22 +222,12 @@ def eval_identity(spec: EvalSpec, inputs: Inputs, precision: str, attention: str
     splits), every option that changes the numbers (protocol, pool, seed, recipe knobs, ...),
     the precision and the attention kernel. None for a plain callable, whose code no
     fingerprint sees: its evaluations are never taken for one another."""
-    src = inputs.source
-    if src is not None and not src.cacheable:
+    if not inputs.source.cacheable:
         return None
-    if src is not None:
-        source = [src.kind, src.run_id, src.label, src.fingerprint]
-        data = [inputs.dataset, inputs.data_dir, dataset_fingerprint(inputs.train),
-                dataset_fingerprint(inputs.test)]
-    else:  # --features: the embeddings are the source and the data
-        h = hashlib.blake2b(digest_size=16)
-        for name in sorted(inputs.features):
-            h.update(inputs.features[name].numpy().tobytes())
-        source, data = ["features", inputs.label, h.hexdigest()], [inputs.dataset]
     options = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)
                if f.name not in _NOT_IDENTITY}
-    blob = json.dumps([source, data, options, precision, attention], sort_keys=True,
-                      default=str)
+    blob = json.dumps([inputs.source.identity(), inputs.data_identity(), options, precision,
+                       attention], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -318,7 +270,7 @@ def run_eval(spec: EvalSpec, progress: Progress | None = None,
         check_writable(spec.results_dir)
     device = join_process_group(resolve_device(spec.device))  # torchrun: gloo / NCCL
     precision = resolve_precision(spec.precision, device)
-    attention = attention_kernel(inputs.source, device, precision) if inputs.source else None
+    attention = attention_kernel(inputs.source, device, precision)
     key = eval_identity(spec, inputs, precision, attention)
     # Rank 0 reads the store and decides for every rank.
     stored = broadcast_from_main(_already_stored(spec, key) if is_main_process() else None)
@@ -362,16 +314,16 @@ def _rows(spec: EvalSpec, inputs: Inputs, numbers: Numbers, seconds: float,
     src = inputs.source
     protocol, options = protocol_options(spec)
     common: dict[str, Any] = {
-        "run_id": src.run_id if src is not None else f"features-{inputs.label}",
-        "method": src.method if src is not None else "features",
-        "arch": src.arch if src is not None else "-",
+        "run_id": src.run_id,
+        "method": src.method,
+        "arch": src.arch,
         "dataset": inputs.dataset,
         "protocol": spec.protocol,
-        "checkpoint": src.label if src is not None else str(spec.features_dir),
+        "checkpoint": src.checkpoint_name,
         "eval_seconds": round(seconds, 3),
         "eval_seed": spec.seed,
     }
-    if protocol.uses_pool and src is not None and src.pooled:
+    if protocol.uses_pool and src.pooled:
         common["pool"] = spec.pool
     if spec.label_fraction < 1.0:
         common["label_fraction"] = spec.label_fraction
@@ -384,7 +336,7 @@ def _rows(spec: EvalSpec, inputs: Inputs, numbers: Numbers, seconds: float,
     scratch = protocol.trains_from_scratch(options, src) and src.own_weights
     if scratch:
         common |= {"method": "random", "seed": spec.seed}
-    elif src is not None:
+    else:
         common |= {k: v for k, v in src.pretrain.items() if k not in ("data_dir", "checkpoint")}
         if src.reference:
             common["seed"] = spec.seed
@@ -392,10 +344,10 @@ def _rows(spec: EvalSpec, inputs: Inputs, numbers: Numbers, seconds: float,
     common |= protocol.row_fields(options, src)
     if spec.command:
         common["command"] = spec.command
-    if src is not None and src.own_weights and not scratch:
+    if src.own_weights and not scratch:
         common["weights"] = src.fingerprint[:12]  # the encoder's identity: a hash of its weights
     data_px = inputs.train.info.img_size if inputs.train is not None else None
-    if src is not None and src.img_size and data_px and src.img_size != data_px:
+    if src.img_size and data_px and src.img_size != data_px:
         common["img_size"] = src.img_size  # the images were resized to the encoder's input
     unreadable = sum(d.bad_images for d in (inputs.train, inputs.test) if d is not None)
     if unreadable:  # files the loader left out: the numbers are on fewer images

@@ -23,6 +23,7 @@ from typing import Any
 
 import pandas as pd
 
+from evals.protocols import PROTOCOLS, headline
 from mae_bench.app.report_doc import (
     Block,
     Code,
@@ -46,7 +47,7 @@ from mae_bench.results import (
     read_results,
 )
 
-PROTOCOL_ORDER = ("knn", "linear", "fewshot", "finetune", "partial-finetune")
+PROTOCOL_ORDER = tuple(PROTOCOLS)  # the registry's order; a protocol it lacks goes last
 # A sweep's reference rows (``mae-bench sweep`` evaluates them as ``compare`` does): what the
 # knob's values must beat to mean anything.
 REFERENCE_LABELS = {"random": "random encoder (reference)", "pixels": "pixels (reference)"}
@@ -204,9 +205,7 @@ def _table_columns(rows: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     order = {p: i for i, p in enumerate(PROTOCOL_ORDER)}
     out = []
     for protocol in sorted(top1["protocol"].unique(), key=lambda p: (order.get(p, 99), p)):
-        part = top1[top1["protocol"] == protocol]
-        if protocol == "knn" and (part["k"] == 20).any():
-            part = part[part["k"] == 20]
+        part = _headline_rows(top1[top1["protocol"] == protocol], protocol)
         knobs = [c for c in EVAL_KNOBS if c in part.columns and (
             part[c].nunique(dropna=False) > 1 or (c == "k" and part[c].notna().any()))]
         if not knobs:
@@ -216,6 +215,15 @@ def _table_columns(rows: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
             named = ", ".join(f"{c}={_fmt_value(v)}" for c, v in zip(knobs, key, strict=True))
             out.append((f"{protocol} top-1 ({named})", sub))
     return out
+
+
+def _headline_rows(part: pd.DataFrame, protocol: str) -> pd.DataFrame:
+    """A protocol's rows at its ``headline`` (k-NN: k=20) where some were run there, else all
+    of them (a column per setting)."""
+    pick = part
+    for column, value in headline(protocol).items():
+        pick = pick[pick[column] == value] if column in pick else pick.iloc[:0]
+    return pick if len(pick) else part
 
 
 def _reference_stats(references: pd.DataFrame, columns: list[tuple[str, pd.DataFrame]]

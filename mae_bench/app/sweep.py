@@ -37,14 +37,17 @@ from typing import Any
 
 import pandas as pd
 
+from evals.protocols import get_protocol, headline
 from mae_bench.app.campaign import Campaign, Todo, run_campaign
 from mae_bench.app.compare import (
-    PIXEL_PROTOCOLS,
     REFERENCES,
+    at_headline,
+    column_label,
     read_json,
     read_store,
     run_finished,
     silent,
+    takes_pixels,
 )
 from mae_bench.app.evaluation import (
     FOLDER_DATASETS,
@@ -407,8 +410,7 @@ def sweep_summary(spec: SweepSpec, points: list[SweepPoint]) -> pd.DataFrame:
         return pd.DataFrame()
     rows = store[store["checkpoint"].isin(list(names)) & (store["metric"] == "top1")
                  & (store["dataset"] == spec.dataset)]
-    if "k" in rows:
-        rows = rows[(rows["protocol"] != "knn") | (rows["k"] == spec.k)]
+    rows = at_headline(rows, spec.k)
     if rows.empty:
         return pd.DataFrame()
     rows = rows.assign(value_of_knob=rows["checkpoint"].map(names))
@@ -416,7 +418,7 @@ def sweep_summary(spec: SweepSpec, points: list[SweepPoint]) -> pd.DataFrame:
     stats = aggregate(rows, by=["value_of_knob", "protocol"])
     table = {}
     for r in stats.to_dict("records"):
-        label = f"knn top-1 (k={spec.k})" if r["protocol"] == "knn" else f"{r['protocol']} top-1"
+        label = column_label(r["protocol"], headline(r["protocol"], k=spec.k))
         std = "-" if r["n"] < 2 else f"{r['std']:.2f}"
         cell = f"{r['mean']:.2f} ± {std} ({r['n']})" if r["n"] else "failed"
         table.setdefault(r["value_of_knob"], {})[label] = cell
@@ -438,8 +440,7 @@ def _reference_rows(store: pd.DataFrame, spec: SweepSpec) -> pd.DataFrame:
                  & store["method"].isin(list(REFERENCE_LABELS))
                  & (store["dataset"] == spec.dataset)
                  & ((store["arch"] == spec.arch) | (store["method"] == "pixels"))]
-    if "k" in rows:
-        rows = rows[(rows["protocol"] != "knn") | (rows["k"] == spec.k)]
+    rows = at_headline(rows, spec.k)
     return rows.assign(value_of_knob=rows["method"].map(REFERENCE_LABELS))
 
 
@@ -453,7 +454,7 @@ def reference_specs(spec: SweepSpec, knob: SweepKnob) -> list[EvalSpec]:
     for name in REFERENCES:
         for seed in spec.seeds if name == "random" else spec.seeds[:1]:
             for protocol in spec.protocols:
-                if name == "pixels" and protocol not in PIXEL_PROTOCOLS:
+                if name == "pixels" and not takes_pixels(protocol):
                     continue
                 base = _eval_spec(spec, protocol, Path(name), {"sweep": knob.name})
                 out.append(replace(base, checkpoint=name, seed=seed,
@@ -573,7 +574,8 @@ def _eval_spec(spec: SweepSpec, protocol: str, run_dir: Path, extra: dict[str, A
                ) -> EvalSpec:
     return EvalSpec(protocol=protocol, checkpoint=str(run_dir), dataset=spec.dataset,
                     data_dir=spec.data_dir, pool=spec.pool,
-                    label_fraction=spec.label_fraction if protocol == "fewshot" else 1.0,
+                    label_fraction=(spec.label_fraction if get_protocol(protocol).few_shot
+                                    else 1.0),
                     device=spec.device, precision=spec.precision, cache_dir=spec.cache_dir,
                     use_cache=spec.use_cache, results_dir=spec.results_dir, extra=extra)
 
