@@ -120,14 +120,7 @@ def test_every_named_repository_path_exists(page):
     assert [p for p in named_paths(page.read_text()) if not (ROOT / p).exists()] == []
 
 
-# Pages written by another part of issue 29 whose tables still hold paragraph cells; a page
-# leaves this set when its tables are made of phrases again.
-LONG_CELLS_NOT_YET_SPLIT = {"docs/protocols.md"}
-
-
-@pytest.mark.parametrize("page", [p for p in PAGES if str(p.relative_to(ROOT))
-                                  not in LONG_CELLS_NOT_YET_SPLIT],
-                         ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_no_table_cell_is_a_paragraph(page):
     cells = [cell.strip() for line in _prose(page.read_text()).splitlines()
              if line.startswith("|") for cell in line.strip("|").split("|")]
@@ -158,12 +151,9 @@ def test_data_page_names_every_data_set():
 
 
 # Numbers measured on one machine (a CPU model, a core count, a throughput) belong in
-# results/*.md, linked from the docstring. These files still quote some; each is owned by another
-# part of issue 29 and leaves this list when it is cleaned.
+# results/*.md, linked from the docstring.
 MACHINE_NUMBER = re.compile(r"\b(EPYC|Xeon|Zen ?\d|Sapphire Rapids)\b|\b\d+ cores\b"
                             r"|\d[\d.,]* ?(GFLOP/s|TFLOP/s|img/s)\b")
-NOT_YET_CLEANED = {"mae_bench/training/runtime.py", "mae_bench/app/speed.py", "evals/encoders.py",
-                   "evals/knn.py"}
 
 
 def test_the_machine_number_pattern_catches_what_it_is_for():
@@ -177,4 +167,4 @@ def test_no_source_file_quotes_one_machine():
     quoting = sorted(
         str(path.relative_to(ROOT)) for pkg in ("mae_bench", "baselines", "evals")
         for path in (ROOT / pkg).rglob("*.py") if MACHINE_NUMBER.search(path.read_text()))
-    assert [p for p in quoting if p not in NOT_YET_CLEANED] == []
+    assert quoting == []

@@ -128,7 +128,7 @@ def matmul_peak(device: torch.device, precision: str, sizes: tuple[int, ...] | N
 
     ``sizes`` defaults to (4096, 8192) on GPUs and (512, 1024, 2048) on CPUs. (A bare ``a @ b``
     is no peak for bf16 on CPUs without bf16 instructions: it takes a slower emulation path
-    than ``F.linear``, measured 0.9 against 9.8 GFLOP/s at 1024.)
+    than ``F.linear``; results/speed-cpu.md, "bf16 on this CPU", has the numbers.)
     """
     if sizes is None:
         sizes = (4096, 8192) if device.type == "cuda" else (512, 1024, 2048)

@@ -37,7 +37,9 @@ def resolve_device(name: str) -> torch.device:
 
 def cpu_has_fast_bf16() -> bool:
     """True when this CPU has bf16 matrix instructions (AVX512-BF16 or AMX). Without them torch
-    emulates bf16 matmuls, which is far slower than fp32 (measured: ~360x on an AVX2 EPYC)."""
+    emulates bf16 matmuls, orders of magnitude slower than fp32, so a bf16 step loses to fp32
+    (measured in results/pretrain-cpu.md, "Throughput: ViT-Tiny/4, 32 px, batch 256, per
+    precision")."""
     checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
     return any(getattr(torch.cpu, c, lambda: False)() for c in checks)
 
