@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from baselines.ema import cosine_momentum, ema_update, frozen_copy
+from baselines.ema import ema_update, frozen_copy, momentum_after_step
 from mae_bench.config import RunConfig
 from mae_bench.methods.method import Method
 from mae_bench.models.vit import VisionTransformer, build_vit
@@ -16,8 +16,13 @@ class BackboneMethod(Method):
 
     Subclasses that have EMA teachers create them with ``add_teacher(student_name,
     teacher_name)``; the teachers then follow ``cosine_momentum`` from ``ssl.momentum`` to 1
-    after every optimizer step.
+    after every optimizer step, indexed as the method's reference code indexes it
+    (``ema_before_forward``; ``ema.momentum_after_step``).
     """
+
+    # True where the reference updates its teachers before the forward (MoCo v3), False where
+    # after the optimizer step (BYOL, DINO): which schedule value follows optimizer step k.
+    ema_before_forward: bool = False
 
     def __init__(self, cfg: RunConfig, channels: int, img_size: int):
         super().__init__()
@@ -42,6 +47,7 @@ class BackboneMethod(Method):
     def on_step_end(self, step: int, total_steps: int) -> None:
         if not self.teacher_pairs:
             return
-        m = cosine_momentum(step, total_steps, self.base_momentum)
+        m = momentum_after_step(step, total_steps, self.base_momentum,
+                                before_forward=self.ema_before_forward)
         for teacher, student in self.teacher_pairs:
             ema_update(getattr(self, teacher), getattr(self, student), m)

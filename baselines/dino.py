@@ -16,6 +16,14 @@ layer with its norm fixed at 1 (``ssl.norm_last_layer: false`` learns it, the of
 choice for ViT-S); AdamW with lr 5e-4 x batch / 256 (the official linear rule) and weight decay
 0.04.
 
+What follows the reference code (facebookresearch/dino, main_dino.py) exactly:
+- the teacher moves right after optimizer step i (counted from 0) with
+  ``momentum_schedule[it]``, the cosine from 0.996 to 1 over the run's K steps: the first update
+  uses 0.996 itself and the last one still moves the teacher (``ema.momentum_after_step``);
+- the teacher temperature at each whole epoch is the official per-epoch array's value (its
+  warm-up reaches the final value at epoch W - 1); within an epoch it moves linearly to the next
+  epoch's value (``teacher_temperature``).
+
 Changed for small data and short runs:
 - K = 4,096 prototypes instead of 65,536 (``ssl.out_dim``);
 - the center starts at the first batch's mean teacher output (``ssl.center_init: batch``); the
@@ -51,10 +59,24 @@ from mae_bench.methods.method import Batch
 
 
 def teacher_temperature(epoch: float, start: float, end: float, warmup_epochs: float) -> float:
-    """Linear warm-up of the teacher temperature from ``start`` to ``end``, then constant."""
-    if warmup_epochs <= 0 or epoch >= warmup_epochs:
+    """The teacher temperature at ``epoch`` (fractional): main_dino.py's schedule, joined
+    linearly between whole epochs.
+
+    The official schedule is per epoch: ``np.linspace(start, end, W)`` for the first W warm-up
+    epochs, then ``end``, so epoch 0 has ``start`` and epoch W - 1 already ``end`` (0.04 -> 0.07
+    over 30 epochs: 0.07 at epoch 29). This returns that value at every whole epoch; within an
+    epoch, where the official code holds its epoch's value, it moves linearly towards the next
+    epoch's, so a run of a few epochs (or less than one: W may be fractional here) still warms
+    up smoothly. The ramp lasts W - 1 epochs for W >= 2, one epoch for 1 <= W <= 2 (W = 1 and 2
+    both give ``start`` at epoch 0 and ``end`` from epoch 1 on, as the official arrays do) and
+    W epochs below that; W <= 0 means no warm-up.
+    """
+    if warmup_epochs <= 0:
         return end
-    return start + (end - start) * epoch / warmup_epochs
+    ramp = warmup_epochs - 1 if warmup_epochs >= 2 else min(warmup_epochs, 1.0)
+    if epoch >= ramp:
+        return end
+    return start + (end - start) * epoch / ramp
 
 
 class DINO(BackboneMethod):
@@ -92,7 +114,7 @@ class DINO(BackboneMethod):
         return dino_views(self.img_size, self.local_crops, self.local_size)
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
-        epoch = batch.step / batch.total_steps * self.epochs
+        epoch = batch.step * self.epochs / batch.total_steps  # whole at each epoch's first step
         temp = teacher_temperature(epoch, *self.temps, self.temp_warmup)
         student = [self.head(h) for h in cls_features(self.backbone, batch.views)]  # [N, K]
         with torch.no_grad():

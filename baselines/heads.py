@@ -11,7 +11,7 @@ from mae_bench.models.vit import VisionTransformer
 
 
 def mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2,
-        last_bn: bool = False) -> nn.Sequential:
+        last_bn: bool = False, out_bias: bool = True) -> nn.Sequential:
     """Linear -> BN -> ReLU, repeated, then a Linear (SimCLR / BYOL / MoCo v3 heads).
 
     Args:
@@ -21,6 +21,8 @@ def mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2,
         num_layers: Linear layers in total (>= 1).
         last_bn: end with a BatchNorm without affine parameters (MoCo v3's projector and
             predictor; SimCLR v2 also uses it).
+        out_bias: the output Linear has a bias (when no BatchNorm follows it); deepmind's
+            BYOL heads have none.
     """
     if num_layers < 1:
         raise ValueError(f"an MLP head needs at least one layer, got {num_layers}")
@@ -29,7 +31,7 @@ def mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2,
     for i in range(num_layers):
         last = i == num_layers - 1
         # A Linear followed by BatchNorm needs no bias (the BN mean removes it).
-        layers.append(nn.Linear(dims[i], dims[i + 1], bias=last and not last_bn))
+        layers.append(nn.Linear(dims[i], dims[i + 1], bias=last and out_bias and not last_bn))
         if not last:
             layers += [nn.BatchNorm1d(dims[i + 1]), nn.ReLU(inplace=True)]
         elif last_bn:

@@ -10,6 +10,11 @@ half cosine, AdamW with blr 1.5e-4 and weight decay 0.1, BYOL's augmentations, a
 (frozen) patch projection of Sec. 4.1 that the paper uses to stabilise ViT training
 (``ssl.freeze_patch_embed``). The paper's heads are 4,096 wide with 256-d outputs; here the
 hidden width defaults to 2,048 (these heads run on small CPUs too; ``ssl.proj_hidden_dim``).
+
+What follows the reference code (facebookresearch/moco-v3) exactly: the momentum encoder moves
+at the start of iteration i, before its forward, with m(i / K) (``adjust_moco_momentum``, then
+``_update_momentum_encoder`` in the forward), which is after i optimizer steps: here after step
+k (counted from 1) with m(k / K) (``ema_before_forward``; ``ema.momentum_after_step``).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ class MoCoV3(BackboneMethod):
     """MoCo v3: query encoder + predictor, momentum key encoder, symmetric InfoNCE."""
 
     name = "mocov3"
+    ema_before_forward = True
 
     defaults = {"train": {"blr": 1.5e-4, "weight_decay": 0.1, "lr_scaling": "sqrt",
                           "lr_ref_batch": 4096},

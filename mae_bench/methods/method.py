@@ -7,7 +7,9 @@ A Method is an ``nn.Module`` that the one training loop (``mae_bench.methods.eng
 
 - ``view_specs()``: the train-time views it needs (MAE: one random resized crop + flip).
 - ``forward(batch) -> {"loss": ..., other scalars}``.
-- ``on_step_end(step, total_steps)``: momentum / EMA updates after each optimizer step.
+- ``on_step_end(step, total_steps)``: momentum / EMA updates after each optimizer step; ``step``
+  counts the steps done, this one included (1 after the first, ``total_steps`` after the last),
+  so a method whose reference indexes its schedule from 0 after the update uses ``step - 1``.
 - ``before_optimizer_step(step, total_steps)``: gradient surgery (DINO freezes its last layer).
 - ``defaults``: the method's own learning rate, weight decay and ``ssl`` knobs, filled into a
   config wherever it leaves them None (``resolve_config``), so every run folder records them.

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from mae_bench.config import RunConfig
+from mae_bench.config import ADDED_LATER, RunConfig
 from mae_bench.errors import CheckpointError, ConfigError
 from mae_bench.files import (
     CONFIG_FILE,
@@ -122,9 +122,25 @@ def checkpoint_to_resume(cfg: RunConfig, run_dir: Path, resume: bool,
     saved = RunConfig.from_dict(ckpt["config"])
     if saved.replace(train={"epochs": cfg.train.epochs}) != cfg:
         diffs = _config_diff(saved, cfg)
+        older = _predates(saved, cfg)
+        if older:  # no option gives the old behaviour back: say what the run can still do
+            raise ConfigError(f"run folder {run_dir} was made before {', '.join(older)} existed "
+                              f"({diffs}); this version cannot resume it: evaluate or export it "
+                              "as it is, or pretrain into another --out")
         raise ConfigError(f"run folder {run_dir} holds a run with another config ({diffs}); "
                           "resume it with the same options or choose another --out")
     return ckpt
+
+
+def _predates(saved: RunConfig, cfg: RunConfig) -> list[str]:
+    """The knobs added after ``saved`` was made (unset there, ``ADDED_LATER``) whose default for
+    its method now differs: when they are all the difference, no option resumes the run."""
+    da, db = saved.to_dict(), cfg.to_dict()
+    differing = [(s, k) for s in da for k in da[s]
+                 if da[s][k] != db[s][k] and (s, k) != ("train", "epochs")]
+    if all(da[s][k] in ADDED_LATER.get((s, k), ()) for s, k in differing):
+        return [f"{s}.{k}" for s, k in differing]
+    return []
 
 
 def _config_diff(a: RunConfig, b: RunConfig) -> str:
