@@ -1,4 +1,5 @@
-"""The baselines' losses, as small typed functions (DINO's, which owns a center, is a module).
+"""The baselines' losses, as small typed functions (DINO's, which owns a center, is a module;
+so are Barlow Twins' and VICReg's, which check their weights when built).
 
 Under torchrun the contrastive losses compare each process's samples with the samples of every
 process: SimCLR's negatives are gathered *with* gradient, MoCo v3's keys without (they come from
@@ -139,3 +140,111 @@ class DINOLoss(nn.Module):
     def _batch_center(self, teacher_out: list[Tensor]) -> Tensor:
         """[1, K]: the mean teacher output over every crop and sample (of all processes)."""
         return all_reduce_mean(torch.cat(teacher_out).float().mean(dim=0, keepdim=True))
+
+
+def _off_diagonal(x: Tensor) -> Tensor:
+    """[D, D] -> [D * (D - 1)]: every entry but the diagonal (the official repositories' trick:
+    drop the last entry, view as [D - 1, D + 1], drop the first column)."""
+    d = x.shape[0]
+    return x.flatten()[:-1].view(d - 1, d + 1)[:, 1:].flatten()
+
+
+class BarlowTwinsLoss(nn.Module):
+    """Barlow Twins' redundancy reduction (Zbontar et al. 2021, eq. 1): the cross-correlation
+    C of the two views' projections, each dimension standardised over the batch, is pushed to
+    the identity: sum_i (1 - C_ii)^2 + lambda * sum_{i != j} C_ij^2.
+
+    C is the paper's eq. 2, the correlation along the batch: each dimension minus its batch
+    mean, divided by its biased standard deviation (plus ``eps`` on the variance), as the
+    official main.py does with a BatchNorm without affine parameters, and lightly's
+    ``BarlowTwinsLoss``. (Algorithm 1's pseudo-code divides by the unbiased std, which scales C
+    by (N - 1) / N; eq. 2 bounds every C_ij by 1, the pseudo-code does not.) Under torchrun the
+    projections of every process are gathered with gradient first, so C is the correlation over
+    the global batch, as the official SyncBatchNorm and all-reduce of C give. Computed in fp32
+    outside autocast: each of the D^2 entries sums N products, too fine for bf16.
+
+    Args:
+        redundancy_weight: lambda, the weight of the off-diagonal terms (5e-3 in the paper).
+        eps: added to each dimension's variance (1e-5, BatchNorm's).
+    """
+
+    def __init__(self, redundancy_weight: float = 5e-3, eps: float = 1e-5):
+        super().__init__()
+        if not redundancy_weight > 0 or not eps >= 0:
+            raise ValueError(f"bad Barlow Twins loss settings: redundancy_weight="
+                             f"{redundancy_weight} (must be > 0), eps={eps} (must be >= 0)")
+        self.redundancy_weight = redundancy_weight
+        self.eps = eps
+
+    def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
+        """[N, D] projections of the two views of N images -> the scalar loss."""
+        with torch.autocast(z1.device.type, enabled=False):
+            z1 = all_gather_with_grad(z1.float())  # [WN, D]
+            z2 = all_gather_with_grad(z2.float())  # [WN, D]
+            c = self._standardise(z1).T @ self._standardise(z2) / z1.shape[0]  # [D, D]
+            on_diagonal = (torch.diagonal(c) - 1).pow(2).sum()
+            off_diagonal = _off_diagonal(c).pow(2).sum()
+            return on_diagonal + self.redundancy_weight * off_diagonal
+
+    def _standardise(self, z: Tensor) -> Tensor:
+        """[N, D]: each dimension at batch mean 0 and (biased) variance 1."""
+        centred = z - z.mean(dim=0)  # [N, D]
+        return centred / torch.sqrt(centred.pow(2).mean(dim=0) + self.eps)
+
+
+class VICRegLoss(nn.Module):
+    """VICReg (Bardes, Ponce, LeCun 2022, eq. 1-6): lambda * invariance + mu * variance + nu *
+    covariance, with the scales of the official main_vicreg.py (and lightly's ``VICRegLoss``),
+    for which the paper's weights were tuned:
+
+    - invariance: the squared difference of the two views' projections, averaged over samples
+      *and dimensions* (``F.mse_loss``; the paper's s(Z, Z') sums over dimensions, D times more);
+    - variance: the hinge relu(1 - sqrt(Var + eps)) on each dimension's unbiased batch
+      variance, the mean over dimensions, *averaged* over the two views (the paper's loss sums
+      v(Z) + v(Z'), twice this);
+    - covariance: each view's squared off-diagonal covariance entries (unbiased), summed and
+      divided by D, summed over the two views.
+
+    As the official code: the invariance term uses this process's samples, the variance and
+    covariance terms the projections of every process, gathered with gradient. Computed in fp32
+    outside autocast, like ``BarlowTwinsLoss``.
+
+    Args:
+        invariance_weight: lambda (25 in the paper).
+        variance_weight: mu (25).
+        covariance_weight: nu (1).
+        eps: added to the variance under the square root (1e-4).
+    """
+
+    def __init__(self, invariance_weight: float = 25.0, variance_weight: float = 25.0,
+                 covariance_weight: float = 1.0, eps: float = 1e-4):
+        super().__init__()
+        weights = (invariance_weight, variance_weight, covariance_weight)
+        if not all(w > 0 for w in weights) or not eps > 0:
+            raise ValueError(f"bad VICReg loss settings: invariance_weight={invariance_weight}, "
+                             f"variance_weight={variance_weight}, covariance_weight="
+                             f"{covariance_weight}, eps={eps} (all must be > 0)")
+        self.weights = weights
+        self.eps = eps
+
+    def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
+        """[N, D] projections of the two views of N images (N >= 2) -> the scalar loss."""
+        with torch.autocast(z1.device.type, enabled=False):
+            z1, z2 = z1.float(), z2.float()  # [N, D] each
+            invariance = F.mse_loss(z1, z2)
+            z1, z2 = all_gather_with_grad(z1), all_gather_with_grad(z2)  # [WN, D] each
+            variance = (self._std_hinge(z1) + self._std_hinge(z2)) / 2
+            covariance = self._covariance(z1) + self._covariance(z2)
+            lam, mu, nu = self.weights
+            return lam * invariance + mu * variance + nu * covariance
+
+    def _std_hinge(self, z: Tensor) -> Tensor:
+        """mean over dimensions of relu(1 - sqrt(Var + eps)), Var unbiased over the batch."""
+        return F.relu(1 - torch.sqrt(z.var(dim=0) + self.eps)).mean()
+
+    @staticmethod
+    def _covariance(z: Tensor) -> Tensor:
+        """sum of the squared off-diagonal entries of the [D, D] covariance, divided by D."""
+        centred = z - z.mean(dim=0)  # [N, D]
+        cov = centred.T @ centred / (z.shape[0] - 1)  # [D, D]
+        return _off_diagonal(cov).pow(2).sum() / z.shape[1]

@@ -97,6 +97,11 @@ ADDED_LATER: dict[tuple[str, str], tuple[Any, ...]] = {
     ("train", "attention"): (None, "auto"),
     ("ssl", "center_init"): (None,),
     ("train", "warmup_min_steps"): (None,),
+    ("ssl", "head_output_bias"): (None,),
+    ("ssl", "redundancy_weight"): (None,),
+    ("ssl", "invariance_weight"): (None,),
+    ("ssl", "variance_weight"): (None,),
+    ("ssl", "covariance_weight"): (None,),
 }
 
 
@@ -104,8 +109,8 @@ ADDED_LATER: dict[tuple[str, str], tuple[Any, ...]] = {
 class TrainConfig:
     """Optimisation: AdamW(0.9, 0.95), lr = blr x effective batch / 256, warmup then cosine."""
 
-    method: str = _knob("mae", "mae | simclr | mocov3 | byol | dino (or a method you "
-                        "registered).")
+    method: str = _knob("mae", "mae | simclr | mocov3 | byol | dino | barlowtwins | vicreg "
+                        "(or a method you registered).")
     # may be fractional (compare's time budgets); schedules follow it
     epochs: float = _knob(20, "Pretraining epochs, may be fractional; the lr, momentum and "
                           "temperature schedules follow it.")
@@ -190,6 +195,22 @@ class SSLConfig:
     freeze_patch_embed: bool | None = _knob(None, "MoCo v3: keep the random patch projection "
                                             "frozen, the paper's fix for its instability "
                                             "(default on).")
+    head_output_bias: bool | None = _knob(None, "BYOL: the projector's and predictor's output "
+                                          "Linear has a bias (default off, as in deepmind's "
+                                          "byol; unset in runs made before this knob, whose "
+                                          "heads had one).")
+    redundancy_weight: float | None = _knob(None, "Barlow Twins: lambda, the weight of the "
+                                            "off-diagonal (redundancy) terms against the "
+                                            "diagonal ones (default 5e-3, the paper's).")
+    invariance_weight: float | None = _knob(None, "VICReg: lambda, the weight of the "
+                                            "invariance (mean squared distance) term (default "
+                                            "25, the paper's).")
+    variance_weight: float | None = _knob(None, "VICReg: mu, the weight of the variance hinge "
+                                          "that keeps each dimension's std at 1 and so "
+                                          "prevents collapse (default 25, the paper's).")
+    covariance_weight: float | None = _knob(None, "VICReg: nu, the weight of the covariance "
+                                            "term that decorrelates dimensions (default 1, "
+                                            "the paper's).")
 
 
 @dataclass(frozen=True)
@@ -523,7 +544,8 @@ def validate(cfg: RunConfig) -> None:
     ]
     s = cfg.ssl
     positive = ("temperature", "proj_hidden_dim", "proj_dim", "out_dim", "teacher_temp",
-                "warmup_teacher_temp", "student_temp", "local_crop_size")
+                "warmup_teacher_temp", "student_temp", "local_crop_size", "redundancy_weight",
+                "invariance_weight", "variance_weight", "covariance_weight")
     for name in positive:
         value = getattr(s, name)
         checks.append((value is None or value > 0,

@@ -18,7 +18,8 @@ TINY = ["--arch", "vit_micro_patch2", "--img-size", "8", "--batch-size", "64", "
     (["--dataset", "imagenet-1m"], "unknown dataset 'imagenet-1m'"),
     (["--arch", "vit_gigantic"], "vit_gigantic"),
     (["--method", "supervised"],
-     "unknown method 'supervised'; valid methods: byol, dino, mae, mocov3, simclr"),
+     "unknown method 'supervised'; valid methods: barlowtwins, byol, dino, mae, mocov3, "
+     "simclr, vicreg"),
     (["--mask-ratio", "0.99"], "mask_ratio=0.99"),
     (["--mask-ratio", "1.5"], "--mask-ratio must be strictly between 0 and 1, got 1.5"),
     (["--img-size", "9"], "image size 9 is not divisible by the patch size 2"),

@@ -1,4 +1,5 @@
-"""Baseline losses (SimCLR NT-Xent, MoCo v3 InfoNCE, BYOL regression, DINO self-distillation):
+"""Baseline losses (SimCLR NT-Xent, MoCo v3 InfoNCE, BYOL regression, DINO self-distillation,
+Barlow Twins, VICReg; the last two also against lightly 1.6.0 on identical tensors):
 values and gradients against per-sample loop references written from the papers, invariances,
 closed-form cases, and the DINO center update."""
 
@@ -7,7 +8,15 @@ import math
 import pytest
 import torch
 
-from baselines.losses import DINOLoss, byol_loss, infonce, mocov3_loss, nt_xent
+from baselines.losses import (
+    BarlowTwinsLoss,
+    DINOLoss,
+    VICRegLoss,
+    byol_loss,
+    infonce,
+    mocov3_loss,
+    nt_xent,
+)
 
 TEMPERATURES = [0.05, 0.2, 0.5, 1.0]
 
@@ -295,3 +304,155 @@ def test_dino_gradient_flows_to_student():
     _ref_dino(ref_student, teacher, center, 0.1, 0.05)[0].backward()
     for s, r in zip(student, ref_student, strict=True):
         _close(s.grad, r.grad)
+
+
+# ---------------------------------------------------------------- Barlow Twins and VICReg
+
+
+def _ref_barlow(z1: torch.Tensor, z2: torch.Tensor, lam: float, unbiased: bool) -> torch.Tensor:
+    """Barlow Twins' Algorithm 1, entry by entry: standardise each dimension over the batch
+    (``unbiased``: the pseudo-code's torch.std; else eq. 2's correlation), C = z1n^T z2n / N,
+    sum (1 - C_ii)^2 + lambda sum_{i != j} C_ij^2."""
+    n, d = z1.shape
+
+    def standardise(z: torch.Tensor) -> torch.Tensor:
+        return (z - z.mean(0)) / z.std(0, unbiased=unbiased)
+
+    a, b = standardise(z1), standardise(z2)
+    total = z1.new_zeros(())
+    for i in range(d):
+        for j in range(d):
+            c_ij = sum(a[k, i] * b[k, j] for k in range(n)) / n
+            total = total + ((1 - c_ij) ** 2 if i == j else lam * c_ij ** 2)
+    return total
+
+
+def _ref_vicreg_terms(z1: torch.Tensor, z2: torch.Tensor, eps: float = 1e-4):
+    """The paper's eq. 1-5, per dimension and entry: s(Z, Z') = 1/n sum_b ||z_b - z'_b||^2,
+    v(Z) = 1/d sum_j max(0, 1 - sqrt(Var(z^j) + eps)), c(Z) = 1/d sum_{i != j} C(Z)_ij^2."""
+    n, d = z1.shape
+    s = sum(((z1[b] - z2[b]) ** 2).sum() for b in range(n)) / n
+
+    def v(z: torch.Tensor) -> torch.Tensor:
+        return sum(torch.relu(1 - torch.sqrt(z[:, j].var() + eps)) for j in range(d)) / d
+
+    def c(z: torch.Tensor) -> torch.Tensor:
+        zc = z - z.mean(0)
+        total = z.new_zeros(())
+        for i in range(d):
+            for j in range(d):
+                if i != j:
+                    total = total + (sum(zc[b, i] * zc[b, j] for b in range(n)) / (n - 1)) ** 2
+        return total / d
+
+    return s, v(z1) + v(z2), c(z1) + c(z2)
+
+
+@pytest.mark.parametrize("n, d, lam", [(4, 3, 5e-3), (7, 5, 0.1), (16, 8, 1.0)])
+def test_barlow_twins_matches_algorithm_1_with_eq_2s_correlation(n, d, lam):
+    z1, z2 = _rand(0, n, d), _rand(1, n, d) + 0.5 * _rand(0, n, d)
+    got = BarlowTwinsLoss(lam, eps=0.0)(z1, z2)
+    assert torch.allclose(got.double(), _ref_barlow(z1, z2, lam, unbiased=False), rtol=1e-5)
+    # the pseudo-code's unbiased std is another number: C shrinks by (N - 1) / N
+    assert not torch.allclose(got.double(), _ref_barlow(z1, z2, lam, unbiased=True), rtol=1e-3)
+
+
+def test_barlow_twins_closed_form_and_invariances():
+    # two samples: each standardised dimension is (+1, -1) or (-1, +1), so C = [[1, -1], [-1, 1]]
+    z = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert BarlowTwinsLoss(0.25, eps=0.0)(z, z).item() == pytest.approx(2 * 0.25)
+    # the pseudo-code's unbiased std would give C = 0.5 [[1, -1], [-1, 1]]: 2 x 0.25 + 2 x 0.25 / 4
+    assert _ref_barlow(z.double(), z.double(), 0.25, unbiased=True).item() == pytest.approx(0.625)
+    # perfectly correlated, decorrelated dimensions: the identity, loss 0
+    z = torch.tensor([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]])
+    assert BarlowTwinsLoss(eps=0.0)(z, 3 * z + 2).item() == pytest.approx(0.0, abs=1e-6)
+    # a positive scale and a shift of any dimension of either view change nothing
+    z1, z2 = _rand(2, 8, 4).float(), _rand(3, 8, 4).float()
+    scale, shift = torch.tensor([0.5, 2.0, 7.0, 1.0]), torch.tensor([1.0, -3.0, 0.0, 9.0])
+    loss = BarlowTwinsLoss(eps=0.0)
+    assert torch.allclose(loss(z1, z2), loss(z1 * scale + shift, z2), rtol=1e-5)
+    # swapping the views transposes C: the same loss
+    assert torch.allclose(loss(z1, z2), loss(z2, z1), rtol=1e-6)
+
+
+def test_barlow_twins_gradient_matches_reference():
+    z1, z2 = _rand(4, 6, 3).requires_grad_(), _rand(5, 6, 3).requires_grad_()
+    BarlowTwinsLoss(0.3, eps=0.0)(z1, z2).backward()
+    got = z1.grad.clone(), z2.grad.clone()
+    z1.grad = z2.grad = None
+    _ref_barlow(z1, z2, 0.3, unbiased=False).backward()
+    assert torch.allclose(got[0].double(), z1.grad, atol=1e-5)
+    assert torch.allclose(got[1].double(), z2.grad, atol=1e-5)
+
+
+@pytest.mark.parametrize("n, d, lam", [(8, 4, 5e-3), (32, 16, 0.05)])
+def test_barlow_twins_equals_lightly(n, d, lam):
+    """lightly 1.6.0 standardises each view with a training-mode batch_norm (biased variance,
+    eps 1e-5), divides C by N and weights the off-diagonal by lambda_param: our convention."""
+    from lightly.loss import BarlowTwinsLoss as LightlyBarlowTwins
+
+    z1, z2 = _rand(6, n, d).float(), _rand(7, n, d).float()
+    ours = BarlowTwinsLoss(lam)(z1, z2)
+    theirs = LightlyBarlowTwins(lambda_param=lam)(z1, z2)
+    assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n, d", [(4, 3), (9, 5)])
+@pytest.mark.parametrize("weights", [(25.0, 25.0, 1.0), (1.0, 3.0, 0.5)])
+def test_vicreg_matches_the_papers_terms_with_the_official_scales(n, d, weights):
+    """The official code (whose scales the paper's weights were tuned for) averages the
+    invariance over dimensions too (eq. 2's s over D) and halves the two views' variance sum."""
+    lam, mu, nu = weights
+    z1, z2 = 0.3 * _rand(8, n, d), 0.3 * _rand(9, n, d)  # std below 1: the hinge is active
+    s, v, c = _ref_vicreg_terms(z1, z2)
+    assert v > 0
+    expected = lam * s / d + mu * v / 2 + nu * c
+    got = VICRegLoss(lam, mu, nu)(z1, z2)
+    assert torch.allclose(got.double(), expected, rtol=1e-5)
+
+
+def test_vicreg_closed_forms():
+    loss = VICRegLoss(1.0, 1.0, 1.0, eps=1e-4)
+    # two samples at +-1 on every dimension: Var = 2, std above 1 (no hinge); both dimensions
+    # move together, Cov = 2 off the diagonal: c = 2 x 2^2 / 2 = 4 per view; equal views
+    z = torch.tensor([[1.0, 1.0], [-1.0, -1.0]])
+    assert loss(z, z).item() == pytest.approx(2 * 4.0)
+    # every sample equal (collapse): std = sqrt(eps), hinge 1 - 0.01 per view, no covariance;
+    # views 1 apart on each dimension: invariance 1
+    z1, z2 = torch.zeros(4, 3), torch.ones(4, 3)
+    assert loss(z1, z2).item() == pytest.approx(1.0 + (1 - 1e-2))
+    # a shift of both views together changes nothing
+    a, b = _rand(10, 8, 4).float(), _rand(11, 8, 4).float()
+    assert torch.allclose(VICRegLoss()(a, b), VICRegLoss()(a + 5, b + 5), rtol=1e-5)
+
+
+def test_vicreg_gradient_matches_reference():
+    z1, z2 = (0.5 * _rand(12, 6, 3)).requires_grad_(), (0.5 * _rand(13, 6, 3)).requires_grad_()
+    VICRegLoss(2.0, 3.0, 4.0)(z1, z2).backward()
+    got = z1.grad.clone(), z2.grad.clone()
+    z1.grad = z2.grad = None
+    s, v, c = _ref_vicreg_terms(z1, z2)
+    (2.0 * s / 3 + 3.0 * v / 2 + 4.0 * c).backward()
+    assert torch.allclose(got[0].double(), z1.grad, atol=1e-5)
+    assert torch.allclose(got[1].double(), z2.grad, atol=1e-5)
+
+
+@pytest.mark.parametrize("n, d", [(8, 4), (32, 16)])
+@pytest.mark.parametrize("weights", [(25.0, 25.0, 1.0), (5.0, 10.0, 2.0)])
+def test_vicreg_equals_lightly(n, d, weights):
+    from lightly.loss import VICRegLoss as LightlyVICReg
+
+    z1, z2 = 0.5 * _rand(14, n, d).float(), 0.5 * _rand(15, n, d).float()
+    ours = VICRegLoss(*weights)(z1, z2)
+    theirs = LightlyVICReg(*weights)(z1, z2)
+    assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_barlow_twins_and_vicreg_refuse_non_positive_settings():
+    with pytest.raises(ValueError, match="redundancy_weight=0 "):
+        BarlowTwinsLoss(0)
+    with pytest.raises(ValueError, match="redundancy_weight=-0.1 "):
+        BarlowTwinsLoss(-0.1)
+    for bad in ((0.0, 25.0, 1.0), (25.0, -1.0, 1.0), (25.0, 25.0, 0.0)):
+        with pytest.raises(ValueError, match="all must be > 0"):
+            VICRegLoss(*bad)

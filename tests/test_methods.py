@@ -5,10 +5,12 @@ SimCLR / MoCo v3 are symmetric in the two views, DINO's temperature warm-up and 
 from __future__ import annotations
 
 import io
+import json
 import math
 
 import pytest
 import torch
+from cli_helpers import run_cli
 
 from baselines.dino import teacher_temperature
 from baselines.ema import cosine_momentum
@@ -116,7 +118,9 @@ def test_teacher_gets_no_gradient_and_follows_the_schedule_exactly(name):
     old = {t: [p.clone() for p in getattr(method, t).parameters()] for t, _ in TEACHERS[name]}
     method.on_step_end(3, 10)
     base = method.base_momentum
-    m = cosine_momentum(3, 10, base)
+    # after step 3 (from 1): MoCo v3 updates before the forward of iteration 3 with m(3 / K);
+    # BYOL and DINO after optimizer step 2 (from 0) with m(2 / K)
+    m = cosine_momentum(3 if name == "mocov3" else 2, 10, base)
     assert base < m < 1
     for teacher, student in TEACHERS[name]:
         t_params = list(getattr(method, teacher).parameters())
@@ -148,7 +152,10 @@ def test_mocov3_freezes_the_patch_projection_by_default_only():
 
 def test_dino_teacher_temperature_warmup():
     assert teacher_temperature(0.0, 0.04, 0.07, 10) == pytest.approx(0.04)
-    assert teacher_temperature(5.0, 0.04, 0.07, 10) == pytest.approx(0.055)
+    # main_dino.py's np.linspace(0.04, 0.07, 10): the final value at epoch 9, not 10
+    assert teacher_temperature(4.5, 0.04, 0.07, 10) == pytest.approx(0.055)
+    assert teacher_temperature(5.0, 0.04, 0.07, 10) == pytest.approx(0.04 + 0.03 * 5 / 9)
+    assert teacher_temperature(9.0, 0.04, 0.07, 10) == pytest.approx(0.07)
     assert teacher_temperature(10.0, 0.04, 0.07, 10) == pytest.approx(0.07)
     assert teacher_temperature(50.0, 0.04, 0.07, 10) == pytest.approx(0.07)
     assert teacher_temperature(0.0, 0.04, 0.07, 0) == pytest.approx(0.07)
@@ -275,3 +282,112 @@ def test_mae_checks_its_mask_ratio_once_when_built_not_every_step(monkeypatch):
     assert calls == [0.75]  # the training forward runs unchecked ...
     method.mae(torch.randn(2, 3, IMG, IMG), mask_ratio=0.5)
     assert calls == [0.75, 0.5]  # ... the official forward checks a ratio given to it
+
+
+# --- Barlow Twins and VICReg -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["barlowtwins", "vicreg"])
+def test_barlow_twins_and_vicreg_are_symmetric_and_have_no_teacher(name):
+    torch.manual_seed(0)
+    method = build_method(_cfg(name), 3, IMG).train()
+    assert method.teacher_pairs == []
+    batch = _batch(method)
+    swapped = Batch(batch.views[::-1], batch.labels, batch.generator)
+    with torch.no_grad():
+        assert torch.allclose(method(batch)["loss"], method(swapped)["loss"], rtol=1e-5)
+
+
+def test_barlow_twins_and_vicreg_defaults_reach_their_heads_and_losses():
+    barlow = resolve_config(RunConfig().replace(train={"method": "barlowtwins"}))
+    assert (barlow.ssl.proj_hidden_dim, barlow.ssl.proj_dim) == (2048, 2048)
+    assert barlow.ssl.redundancy_weight == 5e-3 and barlow.ssl.invariance_weight is None
+    vicreg = resolve_config(RunConfig().replace(train={"method": "vicreg"}))
+    assert (vicreg.ssl.invariance_weight, vicreg.ssl.variance_weight,
+            vicreg.ssl.covariance_weight) == (25.0, 25.0, 1.0)
+    assert vicreg.ssl.redundancy_weight is None
+    method = build_method(_cfg("barlowtwins", redundancy_weight=0.02), 3, IMG)
+    assert method.loss.redundancy_weight == 0.02
+    # the official projectors: Linear -> BN -> ReLU twice, then a Linear without bias
+    linears = [m for m in method.projector if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(32, 32), (32, 32), (32, 16)]
+    assert all(m.bias is None for m in linears)
+    method = build_method(_cfg("vicreg", invariance_weight=2.0, variance_weight=3.0,
+                               covariance_weight=4.0), 3, IMG)
+    assert method.loss.weights == (2.0, 3.0, 4.0)
+    assert method.projector[-1].bias is None and len(method.projector) == 7
+
+
+def test_new_ssl_knobs_leave_the_other_methods_digests_unchanged():
+    """Digests of resolved configs, measured before Barlow Twins' and VICReg's knobs existed:
+    runs of the other methods are found again."""
+    for method, digest in (("simclr", "f3f52572bbc8"), ("mae", "b9206bbc2ae1")):
+        cfg = resolve_config(RunConfig().replace(train={"method": method}))
+        assert cfg.digest() == digest, method
+    barlow = resolve_config(RunConfig().replace(train={"method": "barlowtwins"}))
+    assert barlow.digest() != barlow.replace(ssl={"redundancy_weight": 0.01}).digest()
+
+
+@pytest.mark.parametrize("name", ["barlowtwins", "vicreg"])
+def test_engine_trains_barlow_twins_and_vicreg_and_their_checkpoint_loads(tmp_path, name):
+    cfg = RunConfig().replace(
+        model={"arch": "vit_micro_patch2", "img_size": 8},
+        train={"method": name, "epochs": 1, "batch_size": 32, "log_every": 1},
+        ssl=SMALL_HEADS)
+    result = pretrain(cfg, tmp_path / name, max_steps=3, progress=False)
+    assert result.step == 3 and math.isfinite(result.final_loss)
+    saved = RunConfig.from_yaml(tmp_path / name / "config.yaml")
+    own = {"barlowtwins": {"redundancy_weight": 5e-3},
+           "vicreg": {"invariance_weight": 25.0, "variance_weight": 25.0,
+                      "covariance_weight": 1.0}}[name]
+    assert {k: getattr(saved.ssl, k) for k in own} == own  # resolved, recorded
+    from mae_bench.training.checkpoint import load_checkpoint
+
+    loaded_cfg, method = method_from_checkpoint(load_checkpoint(tmp_path / name), name)
+    assert loaded_cfg.train.method == name and method.encoder.embed_dim == 32
+
+
+@pytest.mark.parametrize("name, knobs", [
+    ("barlowtwins", ["--redundancy-weight", "0.01"]),
+    ("vicreg", ["--set", "ssl.variance_weight=30"]),
+])
+def test_cli_pretrains_barlow_twins_and_vicreg_on_digits_then_knn(monkeypatch, capsys,
+                                                                  tmp_path, name, knobs):
+    run = tmp_path / name
+    code, _, err = run_cli(monkeypatch, capsys, "pretrain", "--method", name, "--arch",
+                           "vit_micro_patch2", "--img-size", "8", "--batch-size", "128",
+                           "--epochs", "1", "--proj-hidden-dim", "64", "--proj-dim", "64",
+                           *knobs, "--no-progress", "--out", str(run))
+    assert code == 0, err
+    saved = RunConfig.from_yaml(run / "config.yaml")
+    assert (saved.train.method, saved.ssl.proj_dim) == (name, 64)
+    assert (saved.ssl.redundancy_weight == 0.01 if name == "barlowtwins"
+            else saved.ssl.variance_weight == 30.0)
+    res = tmp_path / "res"
+    code, out, err = run_cli(monkeypatch, capsys, "eval", "--protocol", "knn", "--checkpoint",
+                             str(run), "--k", "5", "--no-progress", "--results-dir", str(res),
+                             "--cache-dir", str(tmp_path / "cache"))
+    assert code == 0, err
+    rows = [json.loads(line) for line in (res / "results.jsonl").read_text().splitlines()]
+    top1 = [r for r in rows if r["metric"] == "top1" and r.get("k") == 5]
+    assert len(top1) == 1 and top1[0]["method"] == name and top1[0]["status"] == "ok"
+    assert 10 < top1[0]["value"] <= 100  # percent, ten classes: above chance
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "barlowtwins", "--redundancy-weight", "0"],
+     "ssl.redundancy_weight must be > 0, got 0"),
+    (["--method", "vicreg", "--set", "ssl.covariance_weight=-1"],
+     "ssl.covariance_weight must be > 0, got -1"),
+    (["--method", "vicreg", "--invariance-weight", "0"],
+     "ssl.invariance_weight must be > 0, got 0"),
+])
+def test_cli_refuses_non_positive_barlow_and_vicreg_weights(monkeypatch, capsys, tmp_path, args,
+                                                            message):
+    out_dir = tmp_path / "run"
+    code, _, err = run_cli(monkeypatch, capsys, "pretrain", "--arch", "vit_micro_patch2",
+                           "--img-size", "8", "--no-progress", "--out", str(out_dir), *args)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    assert message in lines[0]
+    assert not out_dir.exists()

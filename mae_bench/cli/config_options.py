@@ -59,12 +59,15 @@ PANELS: dict[str, tuple[str, ...]] = {
         "ssl.teacher_temp_warmup_epochs", "ssl.student_temp", "ssl.center_momentum",
         "ssl.center_init", "ssl.freeze_last_layer_epochs", "ssl.local_crops",
         "ssl.local_crop_size"),
+    "Barlow Twins, VICReg (ssl.)": (
+        "ssl.redundancy_weight", "ssl.invariance_weight", "ssl.variance_weight",
+        "ssl.covariance_weight"),
     "Loading, logging, kernels (data., train.)": (
         "data.split", "data.num_workers", "train.log_every", "train.save_every",
         "train.attention"),
     "Switches (mae., ssl., train.)": (
         "mae.norm_pix_loss", "mae.encoder_mask_tokens", "ssl.norm_last_layer",
-        "ssl.freeze_patch_embed", "train.deterministic"),
+        "ssl.freeze_patch_embed", "ssl.head_output_bias", "train.deterministic"),
 }
 _PANEL_OF = {name: panel for panel, fields in PANELS.items() for name in fields}
 _ORDER = {name: i for i, name in enumerate(_PANEL_OF)}

@@ -12,10 +12,12 @@ from typing import Any
 
 from torch import Tensor
 
+from baselines.barlowtwins import BarlowTwins
 from baselines.byol import BYOL
 from baselines.dino import DINO
 from baselines.mocov3 import MoCoV3
 from baselines.simclr import SimCLR
+from baselines.vicreg import VICReg
 from mae_bench.config import RunConfig
 from mae_bench.data.augment import ViewSpec
 from mae_bench.errors import CheckpointError, ConfigError
@@ -173,5 +175,5 @@ class MAE(Method):
 # The one place where methods are registered: MAE, then the baselines. ``register_method`` adds
 # more at run time (a user's own Method subclass) without editing this file.
 METHODS: dict[str, Callable[..., Method]] = {
-    cls.name: cls for cls in (MAE, BYOL, DINO, MoCoV3, SimCLR)
+    cls.name: cls for cls in (MAE, BYOL, DINO, MoCoV3, SimCLR, BarlowTwins, VICReg)
 }
