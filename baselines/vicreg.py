@@ -23,7 +23,7 @@ Changed for small data and for the ViT presets:
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from baselines.base import BackboneMethod
 from baselines.heads import cls_features, mlp
@@ -49,10 +49,9 @@ class VICReg(BackboneMethod):
     def __init__(self, cfg: RunConfig, channels: int, img_size: int):
         super().__init__(cfg, channels, img_size)
         s = cfg.ssl
-        head = mlp(self.backbone.embed_dim, s.proj_hidden_dim, s.proj_dim, num_layers=3)
         # the official expander's last Linear has no bias: the loss centres it away
-        self.projector = nn.Sequential(*head[:-1], nn.Linear(s.proj_hidden_dim, s.proj_dim,
-                                                             bias=False))
+        self.projector = mlp(self.backbone.embed_dim, s.proj_hidden_dim, s.proj_dim,
+                             num_layers=3, out_bias=False)
         self.loss = VICRegLoss(s.invariance_weight, s.variance_weight, s.covariance_weight)
 
     def view_specs(self) -> list[ViewSpec]:
