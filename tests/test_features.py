@@ -203,3 +203,21 @@ def test_precision_and_attention_kernel_are_in_the_cache_key(tmp_path, digits, r
     assert attention_kernel(pixels, cpu, "bf16") is None
     assert not features_for(pixels, train, precision="fp32", **kw).cached
     assert features_for(pixels, train, precision="bf16", **kw).cached
+
+
+def test_a_data_sets_hash_is_computed_once_until_its_pixels_change(monkeypatch):
+    """An evaluation asks for the hash for its identity and for each feature cache key: the
+    pixels are hashed once per object, and an in-place change is seen (version counters)."""
+    import evals.features as features
+
+    train = load_dataset("digits", "train")
+    calls = []
+    real = features.hashlib.blake2b
+    monkeypatch.setattr(features.hashlib, "blake2b", lambda **kw: calls.append(1) or real(**kw))
+    first = dataset_fingerprint(train)
+    assert dataset_fingerprint(train) == first and len(calls) == 1
+    train.images[0, 0, 0, 0] += 1  # in place: the same object, other pixels
+    changed = dataset_fingerprint(train)
+    assert changed != first and len(calls) == 2
+    train.images[0, 0, 0, 0] -= 1
+    assert dataset_fingerprint(train) == first  # the content decides, not the object
