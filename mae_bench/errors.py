@@ -14,6 +14,17 @@ class ConfigError(MaeBenchError):
     """A configuration value or file is invalid."""
 
 
+class StoreWriteError(ConfigError):
+    """The results store could not be written once the work was done (a full disk, a store
+    removed meanwhile); the append wrote nothing. A sweep stops on it instead of recording the
+    point as failed: the point is fine, the store is not."""
+
+    def __init__(self, store: object, reason: object, consequence: str):
+        super().__init__(f"--results-dir {store}: the rows could not be written ({reason}); "
+                         f"{consequence}")
+        self.store, self.reason = store, reason
+
+
 class CheckpointError(MaeBenchError):
     """A checkpoint is missing, unreadable, or does not match what was asked."""
 

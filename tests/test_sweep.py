@@ -24,7 +24,7 @@ from mae_bench.app.sweep import (
     sweep_summary,
 )
 from mae_bench.app.sweep_knobs import SWEEP_KNOBS, get_knob
-from mae_bench.errors import ConfigError, TrainingError
+from mae_bench.errors import ConfigError, StoreWriteError, TrainingError
 from mae_bench.results import read_results
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -224,7 +224,7 @@ def test_a_full_store_stops_the_sweep_in_one_line_and_the_rerun_finishes(tmp_pat
             before.append(store.read_bytes())
             _fill_disk_under(monkeypatch, store)
 
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(StoreWriteError) as err:  # run_eval's, passed on by the sweep
         run_sweep(spec, log=log, progress=False)
     message = str(err.value)
     assert message == (f"--results-dir {spec.results_dir}: the rows could not be written (No "
@@ -272,7 +272,7 @@ def test_a_manifest_write_on_a_full_disk_is_one_line_and_repaired_later(tmp_path
     manifest.parent.mkdir(parents=True)
     manifest.write_bytes(b"")
     _fill_disk_under(monkeypatch, manifest)
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(StoreWriteError) as err:  # a ConfigError: one line, exit 2
         run_sweep(spec, log=lambda _: None, progress=False)
     assert str(err.value) == (f"--results-dir {spec.results_dir}: the rows could not be written "
                               "(No space left on device); the sweep stopped at mask-ratio=0.5 "

@@ -28,7 +28,7 @@ from mae_bench.app.eval_spec import EvalSpec, EvalTarget
 from mae_bench.data import cache_writes_held, get_dataset_info, load_dataset
 from mae_bench.data.datasets import AnyDataset
 from mae_bench.data.info import DatasetInfo
-from mae_bench.errors import ConfigError, DataError
+from mae_bench.errors import ConfigError, DataError, StoreWriteError
 from mae_bench.results import (
     RESULTS_FILE,
     append_rows,
@@ -298,9 +298,8 @@ def run_eval(spec: EvalSpec, progress: Progress | None = None,
             if writes:
                 append_rows(spec.results_dir, rows)
         except OSError as exc:  # the store went away or filled up after the check
-            raise ConfigError(f"--results-dir {spec.results_dir}: the rows could not be written "
-                              f"({exc.strerror or exc}); the numbers are only on the screen"
-                              ) from None
+            raise StoreWriteError(spec.results_dir, exc.strerror or exc,
+                                  "the numbers are only on the screen") from None
     else:
         outcome.rows = []
     wait_for_main()  # no rank starts the next job (a sweep's next point) before the rows exist

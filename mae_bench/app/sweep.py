@@ -60,7 +60,7 @@ from mae_bench.app.pretraining import failure_rows
 from mae_bench.app.sweep_knobs import SweepKnob, check_method_has, get_knob
 from mae_bench.config import RunConfig, validate
 from mae_bench.data import load_dataset
-from mae_bench.errors import ConfigError
+from mae_bench.errors import ConfigError, StoreWriteError
 from mae_bench.files import (
     MANIFEST_FILE,
     RUN_FILE,
@@ -316,10 +316,8 @@ class _Points(Campaign[PointState]):
 
     def failed(self, run: PointState, err: BaseException) -> str:
         spec, p, label = self.spec, run.point, self.label(run)
-        if _is_store_error(err, spec.results_dir):  # not the point's fault: stop here
-            said = str(err).removesuffix("; the numbers are only on the screen")
-            raise ConfigError(f"{said}; the sweep stopped at {label}: re-run it once the "
-                              "store can be written (finished points are skipped)") from None
+        if isinstance(err, StoreWriteError):  # not the point's fault: stop here
+            raise StoreWriteError(err.store, err.reason, _stopped_at(label)) from None
         message = _one_line(err)
         self.log(f"  failed: {message}")
         if self.main:
@@ -336,9 +334,9 @@ class _Points(Campaign[PointState]):
                 _append_manifest(self.spec, self.knob, run.point, "ok", None)
 
 
-def _is_store_error(err: Exception, results_dir: str) -> bool:
-    """run_eval's own refusal to write the store (it names ``--results-dir DIR:`` first)."""
-    return isinstance(err, ConfigError) and str(err).startswith(f"--results-dir {results_dir}:")
+def _stopped_at(label: str) -> str:
+    return (f"the sweep stopped at {label}: re-run it once the store can be written "
+            "(finished points are skipped)")
 
 
 @contextmanager
@@ -348,10 +346,7 @@ def _store_writes(spec: SweepSpec, label: str) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        raise ConfigError(f"--results-dir {spec.results_dir}: the rows could not be written "
-                          f"({exc.strerror or exc}); the sweep stopped at {label}: re-run it "
-                          "once the store can be written (finished points are skipped)"
-                          ) from None
+        raise StoreWriteError(spec.results_dir, exc.strerror or exc, _stopped_at(label)) from None
 
 
 def _point_fields(knob: SweepKnob, p: SweepPoint) -> dict[str, Any]:
