@@ -1,18 +1,23 @@
-"""What the baselines share: a ViT ``backbone`` that is the evaluated encoder, and (for MoCo v3,
-BYOL and DINO) EMA teachers that follow their students after every optimizer step."""
+"""What the baselines share: a ``backbone`` of any kind (a ViT preset, a ResNet, a timm model;
+``mae_bench.models.backbones``) that is the evaluated encoder, and (for MoCo v3, BYOL, DINO and
+MoCo v2+) EMA teachers that follow their students after every optimizer step."""
 
 from __future__ import annotations
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from baselines.ema import ema_update, frozen_copy, momentum_after_step
+from baselines.heads import embed_views
 from mae_bench.config import RunConfig
 from mae_bench.methods.method import Method
-from mae_bench.models.vit import VisionTransformer, build_vit
+from mae_bench.models.backbones import build_backbone, is_convnet
 
 
 class BackboneMethod(Method):
-    """A method whose encoder is ``self.backbone``, one ViT of the configured preset.
+    """A method whose encoder is ``self.backbone``, the configured backbone (``model.arch``),
+    whose pooled embedding is ``feature_dim`` wide (``embed``). A convolutional backbone runs
+    in channels-last memory format, oneDNN's and cuDNN's fast layout for it.
 
     Subclasses that have EMA teachers create them with ``add_teacher(student_name,
     teacher_name)``; the teachers then follow ``cosine_momentum`` from ``ssl.momentum`` to 1
@@ -28,12 +33,22 @@ class BackboneMethod(Method):
         super().__init__()
         self.img_size = img_size
         self.base_momentum = cfg.ssl.momentum
-        self.backbone = build_vit(cfg.model.arch, img_size, channels)
+        self.backbone = build_backbone(cfg.model.arch, img_size, channels,
+                                       cifar_stem=cfg.model.cifar_stem)
+        if is_convnet(self.backbone):
+            self.backbone.to(memory_format=torch.channels_last)
+            self.backbone.channels_last = True
+        self.feature_dim = int(self.backbone.num_features)
         self.teacher_pairs: list[tuple[str, str]] = []  # (teacher, student) attribute names
 
     @property
-    def encoder(self) -> VisionTransformer:
+    def encoder(self) -> nn.Module:
         return self.backbone
+
+    def embed(self, views: list[Tensor], backbone: nn.Module | None = None) -> list[Tensor]:
+        """One [N, feature_dim] embedding per view, from ``backbone`` (default: the student's;
+        a teacher's under ``torch.no_grad``)."""
+        return embed_views(self.backbone if backbone is None else backbone, views)
 
     def no_weight_decay(self) -> set[str]:
         return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}

@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 
 from baselines.base import BackboneMethod
-from baselines.heads import DINOHead, cls_features
+from baselines.heads import DINOHead
 from baselines.losses import DINOLoss
 from baselines.views import dino_views
 from mae_bench.config import RunConfig
@@ -80,16 +80,29 @@ def teacher_temperature(epoch: float, start: float, end: float, warmup_epochs: f
 
 
 class DINO(BackboneMethod):
-    """DINO: student / EMA teacher, centring and sharpening, optional multi-crop."""
+    """DINO: student / EMA teacher, centring and sharpening, optional multi-crop.
+
+    On ResNets ``cnn_defaults`` is solo-learn's CIFAR ResNet-18 recipe (vturrisi/solo-learn,
+    scripts/pretrain/cifar/dino.yaml); its 10 warm-up epochs of 1,000 are set in
+    configs/reference/, where a shortened run scales them."""
 
     name = "dino"
 
-    defaults = {"train": {"blr": 5e-4, "weight_decay": 0.04, "lr_scaling": "linear",
-                          "lr_ref_batch": 256, "warmup_min_steps": 250},
+    defaults = {"train": {"optimizer": "adamw", "blr": 5e-4, "weight_decay": 0.04,
+                          "lr_scaling": "linear", "lr_ref_batch": 256, "warmup_min_steps": 250},
                 "ssl": {"proj_hidden_dim": 2048, "proj_dim": 256, "out_dim": 4096,
                         "momentum": 0.996, "teacher_temp": 0.04, "warmup_teacher_temp": 0.04,
                         "student_temp": 0.1, "center_momentum": 0.9, "center_init": "batch",
                         "freeze_last_layer_epochs": 0.0, "local_crops": 0}}
+    cnn_defaults = {"train": {"optimizer": "lars", "blr": 0.3, "lr_scaling": "linear",
+                              "lr_ref_batch": 256, "weight_decay": 1e-6, "sgd_momentum": 0.9,
+                              "lars_eta": 0.02, "lars_clip_lr": True},
+                    "ssl": {"proj_hidden_dim": 2048, "proj_dim": 256, "out_dim": 4096,
+                            "momentum": 0.9995, "teacher_temp": 0.07,
+                            "warmup_teacher_temp": 0.07, "teacher_temp_warmup_epochs": 0.0,
+                            "student_temp": 0.1, "center_momentum": 0.9,
+                            "center_init": "zeros", "norm_last_layer": True,
+                            "freeze_last_layer_epochs": 1.0, "local_crops": 0}}
 
     def __init__(self, cfg: RunConfig, channels: int, img_size: int):
         super().__init__(cfg, channels, img_size)
@@ -100,10 +113,10 @@ class DINO(BackboneMethod):
                             if s.teacher_temp_warmup_epochs is not None else 0.1 * self.epochs)
         self.freeze_last_layer = s.freeze_last_layer_epochs
         self.local_crops = s.local_crops
-        patch = self.backbone.patch_size
+        patch = getattr(self.backbone, "patch_size", 1)  # a CNN takes any size
         default_local = max(patch, round(img_size * 96 / 224 / patch) * patch)
         self.local_size = s.local_crop_size or default_local
-        self.head = DINOHead(self.backbone.embed_dim, s.out_dim, s.proj_hidden_dim, s.proj_dim,
+        self.head = DINOHead(self.feature_dim, s.out_dim, s.proj_hidden_dim, s.proj_dim,
                              norm_last_layer=s.norm_last_layer is not False)
         self.add_teacher("backbone", "teacher_backbone")
         self.add_teacher("head", "teacher_head")
@@ -116,10 +129,10 @@ class DINO(BackboneMethod):
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         epoch = batch.step * self.epochs / batch.total_steps  # whole at each epoch's first step
         temp = teacher_temperature(epoch, *self.temps, self.temp_warmup)
-        student = [self.head(h) for h in cls_features(self.backbone, batch.views)]  # [N, K]
+        student = [self.head(h) for h in self.embed(batch.views)]  # [N, K]
         with torch.no_grad():
             teacher = [self.teacher_head(h)
-                       for h in cls_features(self.teacher_backbone, batch.views[:2])]  # [N, K]
+                       for h in self.embed(batch.views[:2], self.teacher_backbone)]  # [N, K]
         loss = self.loss(student, teacher, temp)
         return {"loss": loss, "teacher_temp": torch.tensor(temp)}
 

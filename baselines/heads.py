@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from mae_bench.models.vit import VisionTransformer
+from mae_bench.models.backbones import has_batchnorm, pooled
 
 
 def mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2,
@@ -82,30 +82,35 @@ class DINOHead(nn.Module):
         return self.last_layer(x)  # [N, K]
 
 
-def cls_features(backbone: VisionTransformer, views: list[Tensor]) -> list[Tensor]:
-    """The normed cls token of every view.
+def embed_views(backbone: nn.Module, views: list[Tensor]) -> list[Tensor]:
+    """The pooled embedding of every view (a ViT's normed cls token, a CNN's average pool).
 
-    The ViT has no batch statistics, so how views are batched changes nothing but the speed. On
-    a GPU, views of one image size go through the encoder in one pass (a bigger batch fills the
-    device). On a CPU each view gets its own pass: there a concatenated 2N batch pushes the
-    memory-bound ops (copies, GELU, LayerNorm) out of cache and trains slower than one pass per
-    view (measured against lightly's two-pass example: results/speed-peers.md).
+    A backbone with BatchNorm (ResNets) sees each view in its own pass, as the reference code
+    runs it: the batch statistics are one view's. A ViT has no batch statistics, so how views
+    are batched changes nothing but the speed: on a GPU, views of one image size go through it
+    in one pass (a bigger batch fills the device); on a CPU each view gets its own pass, since
+    there a concatenated 2N batch pushes the memory-bound ops (copies, GELU, LayerNorm) out of
+    cache and trains slower than one pass per view (measured against lightly's two-pass
+    example: results/speed-peers.md).
 
     Args:
-        backbone: the encoder.
+        backbone: the encoder (``mae_bench.models.backbones``).
         views: [N, C, H_i, W_i] tensors (DINO's local crops are smaller than its global ones).
 
     Returns:
         one [N, D] tensor per view, in order.
     """
-    if views[0].device.type == "cpu":
-        return [backbone.forward_features(v)[:, 0] for v in views]  # [N, D] each
+    channels_last = getattr(backbone, "channels_last", False)
+    if channels_last:
+        views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+    if views[0].device.type == "cpu" or has_batchnorm(backbone):
+        return [pooled(backbone, v) for v in views]  # [N, D] each
     out: list[Tensor | None] = [None] * len(views)
     sizes: dict[tuple[int, ...], list[int]] = {}
     for i, v in enumerate(views):
         sizes.setdefault(tuple(v.shape[-2:]), []).append(i)
     for idx in sizes.values():
-        tokens = backbone.forward_features(torch.cat([views[i] for i in idx]))  # [kN, 1+L, D]
-        for i, part in zip(idx, tokens[:, 0].chunk(len(idx)), strict=True):
+        feats = pooled(backbone, torch.cat([views[i] for i in idx]))  # [kN, D]
+        for i, part in zip(idx, feats.chunk(len(idx)), strict=True):
             out[i] = part  # [N, D]
     return out  # type: ignore[return-value]

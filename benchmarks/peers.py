@@ -329,7 +329,7 @@ def engine_step(method: nn.Module, cfg: RunConfig, precision: str,
                 forward: Callable[[], Tensor | dict[str, Tensor]]) -> Callable:
     """mae-bench's TrainStep (what ``mae-bench pretrain`` runs) around ``forward``."""
     device = torch.device("cpu")
-    opt = build_optimizer(method, cfg.train.weight_decay, device)
+    opt = build_optimizer(method, cfg.train, device)
     ts = build_train_step(cfg, method, opt, lambda _: LR, device=device, precision=precision,
                           total_steps=10**6, accum_iter=1)
     out: list[Tensor] = []

@@ -66,7 +66,7 @@ def main() -> None:
     views = [BatchViews(s, (0.5,) * 3, (0.25,) * 3) for s in method.view_specs()]
     lr = peak_lr(cfg.train, args.batch_size)
     # the engine's own step: autocast, scaler (fp16), hooks, clipping when configured, AdamW
-    optimizer = build_optimizer(method, cfg.train.weight_decay, device)
+    optimizer = build_optimizer(method, cfg.train, device)
     train_step = build_train_step(cfg, method, optimizer, lambda _: lr, device=device,
                                   precision=precision, total_steps=100,
                                   scaler=grad_scaler(precision), accum_iter=1)

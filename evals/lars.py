@@ -1,29 +1,34 @@
-"""LARS (You et al. 2017, "Large Batch Training of Convolutional Networks"), the optimizer of
-MAE's linear probe.
+"""The optimizer of MAE's linear probe: the toolkit's one LARS (``mae_bench.training.optim``) with
+the options of MAE's ``util/lars.py``.
 
 For a weight matrix W with gradient g (weight decay added first), the step is SGD with momentum
-on ``g * trust_coefficient * ||W|| / ||g||``: every matrix moves by the same *relative* amount
-whatever the scale of its gradient, which keeps very large batches (MAE probes with 16384)
-stable. Vectors (biases, norm parameters) skip both the trust ratio and the weight decay and
-get plain SGD with momentum, as in MAE's ``util/lars.py``.
+on ``(g + wd W) * trust_coefficient * ||W|| / ||g + wd W||``: every matrix moves by the same
+*relative* amount whatever the scale of its gradient, which keeps very large batches (MAE probes
+with 16384) stable. Vectors (biases, norm parameters) skip both the trust ratio and the weight
+decay and get plain SGD with momentum; no eps, no lr clipping (solo-learn's pretraining LARS
+differs in all three: ``||g|| + wd ||W|| + eps``, clipping, eta 0.02).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
-import torch
 from torch import Tensor
 
+from mae_bench.training.optim import LARS as CoreLARS
 
-class LARS(torch.optim.Optimizer):
-    """SGD + momentum with a layer-wise trust ratio for parameters with ndim > 1.
+__all__ = ["LARS", "MAE_PROBE_OPTIONS"]
 
-    Per parameter p with gradient g, learning rate lr:
-        u = g + weight_decay * p, then u *= trust_coefficient * ||p|| / ||u||   (ndim > 1 only;
-            the ratio is 1 when either norm is 0)
-        buf = momentum * buf + u;  p -= lr * buf
+# MAE's util/lars.py as options of the core class: the ratio on ndim > 1 only, the update's norm
+MAE_PROBE_OPTIONS: dict[str, Any] = {"clip_lr": False, "exclude_bias_n_norm": True,
+                                     "trust_norm": "update", "eps": 0.0}
+
+
+def LARS(params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float = 0.0,
+         weight_decay: float = 0.0, momentum: float = 0.9,
+         trust_coefficient: float = 0.001) -> CoreLARS:
+    """MAE's LARS, keeping its constructor's keywords (``trust_coefficient``, eta 0.001).
 
     Args:
         params: parameters or parameter groups.
@@ -31,41 +36,9 @@ class LARS(torch.optim.Optimizer):
         weight_decay: L2 added to the gradient of matrices (MAE's linear probe uses 0).
         momentum: heavy-ball momentum (no dampening, no Nesterov).
         trust_coefficient: eta in the paper; scales every matrix's relative step.
+
+    Raises:
+        ValueError: a negative lr or weight decay, momentum outside [0, 1), or eta <= 0.
     """
-
-    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float = 0.0,
-                 weight_decay: float = 0.0, momentum: float = 0.9,
-                 trust_coefficient: float = 0.001) -> None:
-        if lr < 0 or weight_decay < 0 or not 0 <= momentum < 1 or trust_coefficient <= 0:
-            raise ValueError(f"bad LARS settings: lr={lr}, weight_decay={weight_decay}, "
-                             f"momentum={momentum}, trust_coefficient={trust_coefficient}")
-        defaults = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum,
-                    "trust_coefficient": trust_coefficient}
-        super().__init__(params, defaults)
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                update = p.grad
-                if p.ndim > 1:
-                    update = update.add(p, alpha=group["weight_decay"])
-                    p_norm = torch.linalg.vector_norm(p)
-                    u_norm = torch.linalg.vector_norm(update)
-                    ratio = torch.where((p_norm > 0) & (u_norm > 0),
-                                        group["trust_coefficient"] * p_norm / u_norm,
-                                        torch.ones_like(p_norm))
-                    update = update * ratio
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buf = state["momentum_buffer"]
-                buf.mul_(group["momentum"]).add_(update)
-                p.add_(buf, alpha=-group["lr"])
-        return loss
+    return CoreLARS(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                    eta=trust_coefficient, **MAE_PROBE_OPTIONS)

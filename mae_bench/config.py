@@ -42,8 +42,15 @@ class ModelConfig:
     """The ViT architecture (a preset name from ``mae_bench.models.vit.PRESETS``) and its
     overrides."""
 
-    arch: str = _knob("vit_tiny_patch2", "ViT preset, the same for every method: e.g. "
-                      "vit_tiny_patch4 for 32-px images, vit_base_patch16 for 224 px.")
+    arch: str = _knob("vit_tiny_patch2", "Backbone: a ViT preset (vit_tiny_patch4 for 32-px "
+                      "images, vit_base_patch16 for 224 px; every method), resnet18 | resnet34 "
+                      "| resnet50, or timm:NAME for any timm model at random init (the "
+                      "joint-embedding methods; MAE needs a ViT preset).")
+    # ResNets: None = the CIFAR stem for images of 64 px or less (solo-learn's rule)
+    cifar_stem: bool | None = _knob(None, "ResNets: a 3x3 stride-1 first convolution and no "
+                                    "max-pool, for small images (default: on at 64 px or "
+                                    "less, as solo-learn; --no-cifar-stem for the ImageNet "
+                                    "stem).")
     img_size: int | None = _knob(None, "Training image size (default: the data set's); must be "
                                  "a multiple of the patch size.")
     decoder_embed_dim: int | None = _knob(None, "MAE decoder width (default: the preset's). "
@@ -102,15 +109,37 @@ ADDED_LATER: dict[tuple[str, str], tuple[Any, ...]] = {
     ("ssl", "invariance_weight"): (None,),
     ("ssl", "variance_weight"): (None,),
     ("ssl", "covariance_weight"): (None,),
+    ("model", "cifar_stem"): (None,),
+    ("train", "optimizer"): (None, "adamw"),
+    ("train", "sgd_momentum"): (None,),
+    ("train", "lars_eta"): (None,),
+    ("train", "lars_clip_lr"): (None,),
+    ("ssl", "stop_gradient"): (None,),
+    ("ssl", "queue_size"): (None,),
+    ("ssl", "queue_start_epochs"): (None,),
+    ("ssl", "num_prototypes"): (None,),
+    ("ssl", "sinkhorn_iterations"): (None,),
+    ("ssl", "sinkhorn_epsilon"): (None,),
+    ("ssl", "pred_hidden_dim"): (None,),
 }
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation: AdamW(0.9, 0.95), lr = blr x effective batch / 256, warmup then cosine."""
+    """Optimisation: the method's optimizer (AdamW(0.9, 0.95) on ViTs; LARS or SGD in the ResNet
+    recipes), lr = blr x effective batch / 256 (or the square-root rule), warmup then cosine."""
 
     method: str = _knob("mae", "mae | simclr | mocov3 | byol | dino | barlowtwins | vicreg "
-                        "(or a method you registered).")
+                        "| swav | simsiam | mocov2 | nnclr (or a method you registered).")
+    optimizer: str | None = _knob(None, "adamw | lars | sgd (default: the method's recipe for "
+                                  "its backbone: AdamW on ViTs; on ResNets solo-learn's "
+                                  "CIFAR choice, LARS or SGD).")
+    sgd_momentum: float | None = _knob(None, "Momentum of lars and sgd (default 0.9).")
+    lars_eta: float | None = _knob(None, "LARS trust coefficient eta (default 0.02, "
+                                   "solo-learn's; biases and norm parameters are excluded "
+                                   "from the trust ratio and the weight decay).")
+    lars_clip_lr: bool | None = _knob(None, "LARS: clip each layer's adaptive lr at the "
+                                      "global lr (solo-learn's clip_lr; default on).")
     # may be fractional (compare's time budgets); schedules follow it
     epochs: float = _knob(20, "Pretraining epochs, may be fractional; the lr, momentum and "
                           "temperature schedules follow it.")
@@ -187,11 +216,12 @@ class SSLConfig:
                                     "(the first batch's mean; default).")
     norm_last_layer: bool | None = _knob(None, "DINO: prototypes' norm fixed at 1 (default) or "
                                          "learnt (--no-norm-last-layer; less stable).")
-    freeze_last_layer_epochs: float | None = _knob(None, "DINO: epochs before the prototypes "
-                                                   "start to learn (default 0).")
-    local_crops: int | None = _knob(None, "DINO multi-crop: small crops per image (default 0: "
-                                    "off).")
-    local_crop_size: int | None = _knob(None, "DINO multi-crop: their side in pixels.")
+    freeze_last_layer_epochs: float | None = _knob(None, "DINO / SwAV: epochs before the "
+                                                   "prototypes start to learn (default 0; "
+                                                   "SwAV on CIFAR 2).")
+    local_crops: int | None = _knob(None, "DINO / SwAV multi-crop: small crops per image "
+                                    "(default 0: off).")
+    local_crop_size: int | None = _knob(None, "DINO / SwAV multi-crop: their side in pixels.")
     freeze_patch_embed: bool | None = _knob(None, "MoCo v3: keep the random patch projection "
                                             "frozen, the paper's fix for its instability "
                                             "(default on).")
@@ -211,6 +241,19 @@ class SSLConfig:
     covariance_weight: float | None = _knob(None, "VICReg: nu, the weight of the covariance "
                                             "term that decorrelates dimensions (default 1, "
                                             "the paper's).")
+    stop_gradient: bool | None = _knob(None, "SimSiam: no gradient through the target branch "
+                                       "(default on; off is the paper's collapse ablation, "
+                                       "Fig. 2).")
+    queue_size: int | None = _knob(None, "MoCo v2+: negatives in the queue; NNCLR: the support "
+                                   "set; SwAV: stored features for Sinkhorn (0: none).")
+    queue_start_epochs: float | None = _knob(None, "SwAV: epochs before the feature queue is "
+                                             "used.")
+    num_prototypes: int | None = _knob(None, "SwAV: prototypes K (default 3000, the paper's).")
+    sinkhorn_iterations: int | None = _knob(None, "SwAV: Sinkhorn-Knopp iterations (default 3).")
+    sinkhorn_epsilon: float | None = _knob(None, "SwAV: entropy regularisation of the "
+                                           "Sinkhorn codes (default 0.05).")
+    pred_hidden_dim: int | None = _knob(None, "Hidden width of the predictor where it differs "
+                                        "from the projector's (SimSiam 512, NNCLR 4096).")
 
 
 @dataclass(frozen=True)
@@ -486,6 +529,7 @@ def warmup_epochs(t: TrainConfig, steps_per_epoch: int | None = None) -> float:
 
 
 LR_SCALINGS = ("linear", "sqrt")
+OPTIMIZERS = ("adamw", "lars", "sgd")  # mae_bench.training.optim
 
 
 def peak_lr(t: TrainConfig, eff_batch: int) -> float:
@@ -541,11 +585,18 @@ def validate(cfg: RunConfig) -> None:
         (cfg.data.num_workers >= 0, f"--num-workers must be >= 0, got {cfg.data.num_workers}"),
         (cfg.model.img_size is None or cfg.model.img_size > 0,
          f"--img-size must be > 0, got {cfg.model.img_size}"),
+        (t.optimizer is None or t.optimizer in OPTIMIZERS,
+         f"unknown optimizer '{t.optimizer}'; valid: {', '.join(OPTIMIZERS)}"),
+        (t.sgd_momentum is None or 0 <= t.sgd_momentum < 1,
+         f"--sgd-momentum must be in [0, 1), got {t.sgd_momentum}"),
+        (t.lars_eta is None or t.lars_eta > 0,
+         f"--lars-eta (the LARS trust coefficient) must be > 0, got {t.lars_eta}"),
     ]
     s = cfg.ssl
     positive = ("temperature", "proj_hidden_dim", "proj_dim", "out_dim", "teacher_temp",
                 "warmup_teacher_temp", "student_temp", "local_crop_size", "redundancy_weight",
-                "invariance_weight", "variance_weight", "covariance_weight")
+                "invariance_weight", "variance_weight", "covariance_weight", "num_prototypes",
+                "sinkhorn_iterations", "sinkhorn_epsilon", "pred_hidden_dim")
     for name in positive:
         value = getattr(s, name)
         checks.append((value is None or value > 0,
@@ -556,7 +607,8 @@ def validate(cfg: RunConfig) -> None:
                        f"ssl.{name} must be in [0, 1), got {value}"))
     checks.append((s.center_init in (None, *CENTER_INITS),
                    f"unknown ssl.center_init '{s.center_init}'; valid: {', '.join(CENTER_INITS)}"))
-    for name in ("teacher_temp_warmup_epochs", "freeze_last_layer_epochs", "local_crops"):
+    for name in ("teacher_temp_warmup_epochs", "freeze_last_layer_epochs", "local_crops",
+                 "queue_size", "queue_start_epochs"):
         value = getattr(s, name)
         checks.append((value is None or value >= 0, f"ssl.{name} must be >= 0, got {value}"))
     for ok, message in checks:

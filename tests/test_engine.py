@@ -66,7 +66,8 @@ def test_every_baseline_resumes_exactly_in_a_new_process(tmp_path, method):
     """Stopped mid-epoch and resumed by a new process: parameters, optimizer state, EMA teachers,
     DINO's center (all in the state dict) and every logged loss equal an uninterrupted run's."""
     cfg = TINY.replace(train={"method": method, "epochs": 0.5},  # 11 steps
-                       ssl={"proj_hidden_dim": 64, "proj_dim": 32, "out_dim": 128})
+                       ssl={"proj_hidden_dim": 64, "proj_dim": 32, "out_dim": 128,
+                            "queue_size": 256, "num_prototypes": 32})
     pretrain(cfg, tmp_path / "full", progress=False)
     pretrain(cfg, tmp_path / "part", max_steps=4, progress=False)
     subprocess.run([sys.executable, "-m", "mae_bench", "pretrain", "--resume",
@@ -106,9 +107,10 @@ def test_run_folder_contents(tmp_path):
     res = pretrain(TINY.replace(train={"epochs": 1}), tmp_path / "r", progress=False)
     files = {p.name for p in (tmp_path / "r").iterdir()}
     assert {"config.yaml", "run.json", "metrics.jsonl", "checkpoint.pt", "summary.json"} <= files
-    # the method's defaults are resolved and recorded (MAE: blr 1.5e-4, weight decay 0.05)
+    # the method's defaults are resolved and recorded (MAE: AdamW, blr 1.5e-4, weight decay
+    # 0.05)
     assert RunConfig.from_yaml(tmp_path / "r" / "config.yaml") == TINY.replace(
-        train={"epochs": 1, "blr": 1.5e-4, "weight_decay": 0.05})
+        train={"epochs": 1, "blr": 1.5e-4, "weight_decay": 0.05, "optimizer": "adamw"})
     run = json.loads((tmp_path / "r" / "run.json").read_text())
     assert run["effective_batch"] == 64
     assert math.isclose(run["peak_lr"], 1.5e-4 * 64 / 256)
@@ -119,7 +121,7 @@ def test_run_folder_contents(tmp_path):
     ckpt = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
     assert ckpt["format_version"] == 1 and ckpt["method"] == "mae"
     assert RunConfig.from_dict(ckpt["config"]) == TINY.replace(
-        train={"epochs": 1, "blr": 1.5e-4, "weight_decay": 0.05})
+        train={"epochs": 1, "blr": 1.5e-4, "weight_decay": 0.05, "optimizer": "adamw"})
 
 
 def test_accumulation_counts_optimizer_steps(tmp_path):

@@ -34,6 +34,7 @@ from mae_bench.data.augment import BatchViews
 from mae_bench.methods.engine import build_optimizer, build_train_step
 from mae_bench.methods.registry import Batch, Method, build_method, resolve_config
 from mae_bench.models.attention import attention_layers, choose_attention, set_attention
+from mae_bench.models.backbones import is_vit
 from mae_bench.training.runtime import resolve_device, resolve_precision, seed_everything
 from mae_bench.training.step import grad_scaler
 
@@ -163,15 +164,15 @@ class _Trainer:
         self.method = build_method(cfg, info.channels, img_size).to(device).train()
         self.views = [BatchViews(s, info.mean, info.std) for s in self.method.view_specs()]
         lr = peak_lr(t, t.batch_size * t.accum_iter)
-        optimizer = build_optimizer(self.method, t.weight_decay, device)
+        optimizer = build_optimizer(self.method, t, device)
         self.train_step = build_train_step(
             cfg, self.method, optimizer, lambda _: lr, device=device, precision=precision,
             total_steps=_TOTAL_STEPS, scaler=grad_scaler(precision), accum_iter=1)
         self.gen = torch.Generator(device=device).manual_seed(t.seed)
         self.device, self.precision = device, precision
-        self.attention = choose_attention(self.method, t.attention or "auto",
-                                          1 + (img_size // _patch(cfg)) ** 2, device,
-                                          precision)
+        self.attention = "-" if not is_vit(cfg.model.arch) else choose_attention(
+            self.method, t.attention or "auto", 1 + (img_size // _patch(cfg)) ** 2, device,
+            precision)
 
     def batch(self, images: torch.Tensor, labels: torch.Tensor) -> Batch:
         images = images.to(self.device, non_blocking=True)

@@ -52,7 +52,8 @@ PANELS: dict[str, tuple[str, ...]] = {
     "Optimiser and schedule (train.)": (
         "train.blr", "train.lr", "train.lr_scaling", "train.lr_ref_batch", "train.min_lr",
         "train.weight_decay", "train.warmup_epochs", "train.warmup_min_steps",
-        "train.accum_iter", "train.clip_grad"),
+        "train.accum_iter", "train.clip_grad", "train.optimizer", "train.sgd_momentum",
+        "train.lars_eta"),
     "SimCLR, MoCo v3, BYOL, DINO (ssl.)": (
         "ssl.temperature", "ssl.proj_hidden_dim", "ssl.proj_dim", "ssl.momentum",
         "ssl.out_dim", "ssl.teacher_temp", "ssl.warmup_teacher_temp",
@@ -62,12 +63,16 @@ PANELS: dict[str, tuple[str, ...]] = {
     "Barlow Twins, VICReg (ssl.)": (
         "ssl.redundancy_weight", "ssl.invariance_weight", "ssl.variance_weight",
         "ssl.covariance_weight"),
+    "SwAV, SimSiam, MoCo v2+, NNCLR (ssl.)": (
+        "ssl.queue_size", "ssl.queue_start_epochs", "ssl.num_prototypes",
+        "ssl.sinkhorn_iterations", "ssl.sinkhorn_epsilon", "ssl.pred_hidden_dim"),
     "Loading, logging, kernels (data., train.)": (
         "data.split", "data.num_workers", "train.log_every", "train.save_every",
         "train.attention"),
-    "Switches (mae., ssl., train.)": (
-        "mae.norm_pix_loss", "mae.encoder_mask_tokens", "ssl.norm_last_layer",
-        "ssl.freeze_patch_embed", "ssl.head_output_bias", "train.deterministic"),
+    "Switches (mae., model., ssl., train.)": (
+        "mae.norm_pix_loss", "mae.encoder_mask_tokens", "model.cifar_stem",
+        "ssl.norm_last_layer", "ssl.freeze_patch_embed", "ssl.head_output_bias",
+        "ssl.stop_gradient", "train.lars_clip_lr", "train.deterministic"),
 }
 _PANEL_OF = {name: panel for panel, fields in PANELS.items() for name in fields}
 _ORDER = {name: i for i, name in enumerate(_PANEL_OF)}

@@ -1,11 +1,12 @@
 """THE training loop, shared by every method.
 
-AdamW(0.9, 0.95) with weight decay except on biases / norms / tokens / position embeddings;
-lr = blr x effective batch / 256 or the square-root rule (``config.peak_lr``), linear warmup
-then cosine, set every optimizer step; gradient accumulation; bf16 autocast where the hardware
-runs it fast, fp16 + grad scaler on GPU, or fp32; a non-finite loss stops the run naming the
-step (the last good checkpoint stays); JSONL metrics (and TensorBoard when installed); atomic
-checkpoints; automatic resume.
+The method's optimizer (``train.optimizer``: AdamW(0.9, 0.95), LARS or SGD with momentum,
+``mae_bench.training.optim``) with weight decay except on biases / norms / tokens / position
+embeddings; lr = blr x effective batch / 256 or the square-root rule (``config.peak_lr``),
+linear warmup then cosine, set every optimizer step; gradient accumulation; bf16 autocast
+where the hardware runs it fast, fp16 + grad scaler on GPU, or fp32; a non-finite loss stops
+the run naming the step (the last good checkpoint stays); JSONL metrics (and TensorBoard when
+installed); atomic checkpoints; automatic resume.
 
 The step itself (autocast, accumulation, scaler, clipping, hooks, update) is
 ``mae_bench.training.step.TrainStep``; this module builds a run around it as explicit values, each
@@ -67,7 +68,9 @@ from mae_bench.methods.run_folder import (
 )
 from mae_bench.methods.train_log import FittedText, MetricLogger, StopSignals, progress_bar
 from mae_bench.models.attention import choose_attention
+from mae_bench.models.backbones import is_vit
 from mae_bench.models.vit import get_preset
+from mae_bench.training import optim
 from mae_bench.training.checkpoint import (
     FORMAT_VERSION,
     CheckpointSaveError,
@@ -83,7 +86,6 @@ from mae_bench.training.distributed import (
 )
 from mae_bench.training.runtime import (
     lr_at,
-    param_groups,
     resolve_device,
     resolve_precision,
     seed_everything,
@@ -102,12 +104,11 @@ NON_FINITE_ADVICE = ("the last good checkpoint was kept: lower the learning rate
 # --- optimizer and step ----------------------------------------------------------------------
 
 
-def build_optimizer(method: Method, weight_decay: float, device: torch.device
+def build_optimizer(method: Method, train_cfg: TrainConfig, device: torch.device
                     ) -> torch.optim.Optimizer:
-    groups = param_groups(method, weight_decay, method.no_weight_decay())
-    # fused AdamW: one kernel for all parameters on GPU; foreach (multi-tensor) on CPU.
-    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.95), **fast)
+    """The run's optimizer: AdamW, LARS or SGD as ``train_cfg.optimizer`` says, lr 0 (set every
+    step); ``mae_bench.training.optim.build_optimizer``."""
+    return optim.build_optimizer(method, train_cfg, device)
 
 
 def build_train_step(cfg: RunConfig, method: Method, optimizer: torch.optim.Optimizer,
@@ -307,8 +308,9 @@ def build_setup(cfg: RunConfig, where: Where, ckpt: dict | None) -> Setup:
         build_method(cfg, info.channels, img_size).to(where.device), where.device)
     views = [BatchViews(spec, info.mean, info.std) for spec in method.view_specs()]
     attention, kernel = _attention(cfg, method, img_size, where, ckpt)
+    type(method).check_data(cfg, len(dataset))
     plan = plan_run(cfg, len(dataset), where.world_size)
-    optimizer = build_optimizer(method, t.weight_decay, where.device)
+    optimizer = build_optimizer(method, t, where.device)
     return Setup(cfg, dataset, img_size, method, views, attention, kernel, plan, optimizer,
                  grad_scaler(where.precision))
 
@@ -323,6 +325,8 @@ def _attention(cfg: RunConfig, method: Method, img_size: int, where: Where,
     attention = cfg.train.attention or "auto"
     if attention == "auto" and ckpt is not None:
         attention = ckpt.get("extra", {}).get("attention", "auto")
+    if not is_vit(cfg.model.arch):  # no mae-bench attention to choose
+        return attention, "-"
     tokens = 1 + (img_size // get_preset(cfg.model.arch).patch_size) ** 2
     return attention, choose_attention(method, attention, tokens, where.device, where.precision)
 

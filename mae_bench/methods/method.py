@@ -11,9 +11,14 @@ A Method is an ``nn.Module`` that the one training loop (``mae_bench.methods.eng
   counts the steps done, this one included (1 after the first, ``total_steps`` after the last),
   so a method whose reference indexes its schedule from 0 after the update uses ``step - 1``.
 - ``before_optimizer_step(step, total_steps)``: gradient surgery (DINO freezes its last layer).
-- ``defaults``: the method's own learning rate, weight decay and ``ssl`` knobs, filled into a
-  config wherever it leaves them None (``resolve_config``), so every run folder records them.
-- ``encoder``: the ViT that the evaluation protocols use.
+- ``defaults``: the method's own optimizer, learning rate, weight decay and ``ssl`` knobs, filled
+  into a config wherever it leaves them None (``resolve_config``), so every run folder records
+  them; ``cnn_defaults`` override them on convolutional backbones (the ResNet recipes, e.g.
+  solo-learn's CIFAR ones, are not the ViT ones).
+- ``check_data(cfg, n_images)``: what the method cannot train on (a queue longer than the data).
+- ``needs_vit``: the method only trains a mae-bench ViT preset (MAE: it drops patches).
+- ``encoder``: the backbone that the evaluation protocols use (``mae_bench.models.backbones``:
+  a ViT, a ResNet or a timm model).
 - ``no_weight_decay()``: parameter names that get no weight decay.
 - ``own_knobs``: the config fields ("section.key") that only this method reads, so that a sweep
   of one of them with another method is refused instead of training identical runs.
@@ -34,7 +39,6 @@ from torch import Tensor, nn
 
 from mae_bench.config import RunConfig
 from mae_bench.data.augment import ViewSpec
-from mae_bench.models.vit import VisionTransformer
 
 
 @dataclass
@@ -62,6 +66,8 @@ class Method(nn.Module, abc.ABC):
 
     name: str = ""
     defaults: dict[str, dict[str, Any]] = {}
+    cnn_defaults: dict[str, dict[str, Any]] = {}
+    needs_vit: bool = False
     own_knobs: frozenset[str] = frozenset()
 
     @classmethod
@@ -81,10 +87,25 @@ class Method(nn.Module, abc.ABC):
         """Called after the gradients of optimizer step ``step`` (0-based) are complete, before
         clipping and the update."""
 
+    @classmethod
+    def check_data(cls, cfg: RunConfig, n_images: int) -> None:
+        """Raise ConfigError where the method cannot train on ``n_images`` images with this
+        config (MoCo v2+: a queue of negatives longer than the data set). Called once the data
+        set is loaded, before anything is written."""
+
+    @classmethod
+    def defaults_for(cls, family: str) -> dict[str, dict[str, Any]]:
+        """The defaults on a backbone of ``family`` ("vit" or "cnn",
+        ``mae_bench.models.backbones.family``)."""
+        if family != "cnn":
+            return cls.defaults
+        return {section: {**cls.defaults.get(section, {}), **cls.cnn_defaults.get(section, {})}
+                for section in {*cls.defaults, *cls.cnn_defaults}}
+
     @property
     @abc.abstractmethod
-    def encoder(self) -> VisionTransformer:
-        """The ViT that the evaluation protocols use."""
+    def encoder(self) -> nn.Module:
+        """The backbone that the evaluation protocols use."""
 
     def no_weight_decay(self) -> set[str]:
         return set()

@@ -15,15 +15,21 @@ from torch import Tensor
 from baselines.barlowtwins import BarlowTwins
 from baselines.byol import BYOL
 from baselines.dino import DINO
+from baselines.mocov2 import MoCoV2
 from baselines.mocov3 import MoCoV3
+from baselines.nnclr import NNCLR
 from baselines.simclr import SimCLR
+from baselines.simsiam import SimSiam
+from baselines.swav import SwAV
 from baselines.vicreg import VICReg
 from mae_bench.config import RunConfig
 from mae_bench.data.augment import ViewSpec
 from mae_bench.errors import CheckpointError, ConfigError
 from mae_bench.methods.method import Batch, Method
+from mae_bench.models.backbones import check_arch, family, is_vit
 from mae_bench.models.mae import build_mae, masking_noise, validate_mask_ratio
-from mae_bench.models.vit import VisionTransformer, get_preset
+from mae_bench.models.vit import PRESETS, VisionTransformer, get_preset
+from mae_bench.training.optim import optimizer_knobs
 
 __all__ = ["METHODS", "Batch", "Method", "build_method", "method_class", "method_from_checkpoint",
            "register_method", "resolve_config"]
@@ -55,28 +61,42 @@ def method_class(name: str) -> type[Method]:
 
 
 def resolve_config(cfg: RunConfig) -> RunConfig:
-    """Fill the knobs a config leaves None with its method's defaults (a no-op on a resolved
-    config).
+    """Fill the knobs a config leaves None with its method's defaults, then with its optimizer's
+    (``optimizer_knobs``: momentum, LARS's eta and clipping; none for AdamW), so config.yaml
+    records the whole recipe. A method that names no optimizer (a run from before the knob, a
+    user's method) gets AdamW. A no-op on a resolved config.
 
     Raises:
         ConfigError: unknown method.
     """
-    defaults = method_class(cfg.train.method).defaults
+    check_arch(cfg.model.arch)
+    defaults = method_class(cfg.train.method).defaults_for(family(cfg.model.arch))
     fill = {section: {k: v for k, v in values.items() if getattr(getattr(cfg, section), k) is None}
             for section, values in defaults.items()}
-    return cfg.replace(**fill)
+    cfg = cfg.replace(**fill)
+    optimizer = cfg.train.optimizer or "adamw"
+    knobs = {"optimizer": optimizer, **optimizer_knobs(optimizer)}
+    return cfg.replace(train={k: v for k, v in knobs.items() if getattr(cfg.train, k) is None})
 
 
 def build_method(cfg: RunConfig, channels: int, img_size: int) -> Method:
     """Build the configured method for images of ``channels`` x ``img_size``^2.
 
     Raises:
-        ConfigError: unknown method, image size not divisible by the patch size, or a mask
-            ratio that leaves no visible or no masked patch.
+        ConfigError: unknown method or backbone, a masked method on a backbone that is not a
+            ViT preset, image size not divisible by the patch size, or a mask ratio that leaves
+            no visible or no masked patch.
     """
     cls = method_class(cfg.train.method)
     cfg = resolve_config(cfg)
-    preset = get_preset(cfg.model.arch)
+    arch = cfg.model.arch
+    if not is_vit(arch):
+        if cls.needs_vit:
+            raise ConfigError(f"{cls.name} needs a ViT preset (it drops masked patches from a "
+                              f"ViT's tokens); {arch} is not one: pick one of "
+                              f"{', '.join(sorted(PRESETS))}")
+        return cls(cfg, channels, img_size)
+    preset = get_preset(arch)
     if img_size % preset.patch_size:
         raise ConfigError(
             f"image size {img_size} is not divisible by the patch size {preset.patch_size} of "
@@ -121,7 +141,8 @@ class MAE(Method):
     AdamW with blr 1.5e-4 and weight decay 0.05 (the paper's Table 8)."""
 
     name = "mae"
-    defaults = {"train": {"blr": 1.5e-4, "weight_decay": 0.05}}
+    needs_vit = True
+    defaults = {"train": {"blr": 1.5e-4, "weight_decay": 0.05, "optimizer": "adamw"}}
     # its config section and its decoder: no other method reads them
     own_knobs = frozenset({"mae.mask_ratio", "mae.mask_strategy", "mae.norm_pix_loss",
                            "mae.encoder_mask_tokens", "model.decoder_depth",
@@ -175,5 +196,6 @@ class MAE(Method):
 # The one place where methods are registered: MAE, then the baselines. ``register_method`` adds
 # more at run time (a user's own Method subclass) without editing this file.
 METHODS: dict[str, Callable[..., Method]] = {
-    cls.name: cls for cls in (MAE, BYOL, DINO, MoCoV3, SimCLR, BarlowTwins, VICReg)
+    cls.name: cls for cls in (MAE, BYOL, DINO, MoCoV3, SimCLR, BarlowTwins, VICReg, SwAV,
+                              SimSiam, MoCoV2, NNCLR)
 }

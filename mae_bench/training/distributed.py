@@ -172,25 +172,32 @@ def leave_process_group() -> None:
     _MAIN_GROUP.clear()
 
 
-class CPUSyncBatchNorm(nn.BatchNorm1d):
-    """BatchNorm1d whose training statistics cover the whole global batch, on CPUs (gloo).
+class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm (1-D or 2-D) whose training statistics cover the whole global batch, on CPUs
+    (gloo).
 
     ``nn.SyncBatchNorm`` (used on GPUs) refuses CPU tensors. This computes the batch mean and
-    variance from the per-feature sums of x and x^2 of every process, all-reduced with
-    ``torch.distributed.nn`` (autograd-aware, so gradients flow to every process's inputs), and
-    updates the running statistics as BatchNorm does (unbiased variance). Outside a process
-    group, or in eval mode, it is a plain BatchNorm1d.
+    variance from the per-channel sums of x and x^2 of every process (over the batch and, for
+    feature maps, every position), all-reduced with ``torch.distributed.nn`` (autograd-aware, so
+    gradients flow to every process's inputs), and updates the running statistics as BatchNorm
+    does (unbiased variance). Outside a process group, or in eval mode, it is a plain BatchNorm.
     """
 
-    def forward(self, x: Tensor) -> Tensor:  # x: [N, C]
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.dim() not in (2, 3, 4):
+            raise ValueError(f"expected a 2-D, 3-D or 4-D input, got {x.dim()}-D")
+
+    def forward(self, x: Tensor) -> Tensor:  # x: [N, C] or [N, C, H, W]
         if not self.training or not is_distributed():
             return super().forward(x)
         from torch.distributed.nn.functional import all_reduce
 
         c = x.shape[1]
-        count = torch.full((1,), float(x.shape[0]), dtype=x.dtype, device=x.device)
+        dims = [0, *range(2, x.dim())]  # every dimension but the channels
+        shape = [1, c] + [1] * (x.dim() - 2)  # broadcast [C] over x
+        count = torch.full((1,), float(x.numel() // c), dtype=x.dtype, device=x.device)
         with _quiet_deprecation():
-            stats = all_reduce(torch.cat([x.sum(0), (x * x).sum(0), count]))  # [2C+1], summed
+            stats = all_reduce(torch.cat([x.sum(dims), (x * x).sum(dims), count]))  # [2C+1]
         total = stats[-1]
         mean = stats[:c] / total  # [C]
         var = (stats[c:2 * c] / total - mean * mean).clamp_min(0)  # [C], biased
@@ -200,22 +207,23 @@ class CPUSyncBatchNorm(nn.BatchNorm1d):
                 self.running_mean.mul_(1 - m).add_(m * mean.detach())
                 self.running_var.mul_(1 - m).add_(m * var.detach() * total / (total - 1))
                 self.num_batches_tracked.add_(1)
-        y = (x - mean) / torch.sqrt(var + self.eps)  # [N, C]
+        y = (x - mean.view(shape)) / torch.sqrt(var.view(shape) + self.eps)
         if self.affine:
-            y = y * self.weight + self.bias
+            y = y * self.weight.view(shape) + self.bias.view(shape)
         return y
 
 
 def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
-    """Under torchrun, make every BatchNorm1d normalise over the global batch (as one process
-    on the combined batch would): ``nn.SyncBatchNorm`` on GPUs, :class:`CPUSyncBatchNorm` on
-    CPUs. Parameters and buffers keep their names, so checkpoints are unchanged."""
+    """Under torchrun, make every BatchNorm (the heads' 1-D ones, a ResNet's 2-D ones) normalise
+    over the global batch (as one process on the combined batch would): ``nn.SyncBatchNorm``
+    on GPUs, :class:`CPUSyncBatchNorm` on CPUs. Parameters and buffers keep their names, so
+    checkpoints are unchanged."""
     if not is_distributed():
         return module
     if device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     for name, child in module.named_children():
-        if type(child) is nn.BatchNorm1d:
+        if type(child) in (nn.BatchNorm1d, nn.BatchNorm2d):
             sync = CPUSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
                                     child.track_running_stats, device=device)
             # the same Parameter and buffer objects (requires_grad, EMA pairing kept)
