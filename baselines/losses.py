@@ -248,3 +248,55 @@ class VICRegLoss(nn.Module):
         centred = z - z.mean(dim=0)  # [N, D]
         cov = centred.T @ centred / (z.shape[0] - 1)  # [D, D]
         return _off_diagonal(cov).pow(2).sum() / z.shape[1]
+
+
+def negative_cosine(p: Tensor, z: Tensor, stop_gradient: bool = True) -> Tensor:
+    """SimSiam's D(p, z) (Chen, He 2021, eq. 1 and 3): minus the mean cosine similarity of the
+    prediction p and the other view's projection z, z held constant (stop-gradient) unless
+    ``stop_gradient`` is False (the paper's ablation, Fig. 2: it collapses).
+
+    Args:
+        p: [N, D] predictions (get the gradient).
+        z: [N, D] projections of the other view.
+        stop_gradient: no gradient to z.
+    """
+    z = z.detach() if stop_gradient else z
+    return -F.cosine_similarity(p.float(), z.float(), dim=1).mean()
+
+
+def queue_infonce(q: Tensor, k: Tensor, queue: Tensor, temperature: float) -> Tensor:
+    """MoCo's InfoNCE (He et al. 2020, eq. 1; solo-learn's ``mocov2plus_loss_func``): each
+    query against its own key (the positive, logit 0) and every key of the queue (negatives).
+    Each process scores its own queries against its own keys; the queue is shared.
+
+    Args:
+        q: [N, D] queries (get the gradient).
+        k: [N, D] keys of the same images' other view (momentum encoder; no gradient).
+        queue: [K, D] earlier keys (unit rows).
+        temperature: tau.
+    """
+    q = F.normalize(q.float(), dim=1)  # [N, D]
+    k = F.normalize(k.detach().float(), dim=1)  # [N, D]
+    pos = (q * k).sum(dim=1, keepdim=True)  # [N, 1]
+    neg = q @ queue.detach().float().T  # [N, K]
+    logits = torch.cat([pos, neg], dim=1) / temperature  # [N, 1 + K]
+    return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
+
+
+def nnclr_infonce(nn_z: Tensor, p: Tensor, temperature: float) -> Tensor:
+    """NNCLR's loss for one direction (Dwibedi et al. 2021, eq. 2 with the predictor, Sec. 3.2;
+    solo-learn's ``nnclr_loss_func``): the nearest neighbour NN(z_i) of image i's projection in
+    one view is the anchor; the other view's prediction p_i is its positive, the other images'
+    predictions (of every process under torchrun, gathered with gradient) its negatives.
+
+    Args:
+        nn_z: [N, D] nearest neighbours from the support set (no gradient).
+        p: [N, D] predictions of the other view (get the gradient).
+        temperature: tau.
+    """
+    rank, _ = rank_and_world()
+    nn_z = F.normalize(nn_z.detach().float(), dim=1)  # [N, D]
+    p_all = all_gather_with_grad(F.normalize(p.float(), dim=1))  # [WN, D]
+    logits = nn_z @ p_all.T / temperature  # [N, WN]
+    labels = torch.arange(p.shape[0], device=p.device) + rank * p.shape[0]  # [N]
+    return F.cross_entropy(logits, labels)

@@ -53,3 +53,14 @@ def dino_views(img_size: int, local_crops: int, local_size: int) -> list[ViewSpe
     views = byol_views(img_size, global_scale)
     local = replace(views[0], img_size=local_size, scale=(0.05, 0.4), blur=_blur(img_size, 0.5))
     return views + [local] * local_crops
+
+
+def swav_views(img_size: int, local_crops: int, local_size: int) -> list[ViewSpec]:
+    """SwAV (Caron et al. 2020, App. A; the official src/multicropdataset.py): every crop gets
+    SimCLR's colour distortion of strength 1 (jitter 0.8, 0.8, 0.8, 0.2 with p 0.8, grayscale
+    p 0.2) and a blur with p 0.5, bilinear resizing; two global crops at scale 0.14-1 plus
+    ``local_crops`` crops of ``local_size`` px at scale 0.05-0.14 (the paper's multi-crop)."""
+    base = simclr_views(img_size)[0]
+    global_crop = replace(base, scale=(_min_scale(img_size, 0.14), 1.0))
+    local = replace(base, img_size=local_size, scale=(0.05, 0.14))
+    return [global_crop, global_crop] + [local] * local_crops
