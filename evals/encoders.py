@@ -7,6 +7,11 @@ fingerprint for the feature cache, and what is known about its pretraining (for 
 ``EncoderSource.build`` makes a fresh ``VisionTransformer`` from it with any pooling, head and
 drop path, as the protocols need.
 
+A run (or ``--checkpoint random --arch``) whose backbone is not a ViT preset (``resnet18``,
+``timm:NAME``; ``mae_bench.models.backbones``) is a ``BackboneSource``: ``build`` makes that
+backbone (with a classifier for fine-tuning) and loads its weights; its frozen features are its
+own pooled embedding, ``forward_head(pre_logits=True)``, the vector its method trained on.
+
 Outside models (timm, Hugging Face, torch.hub, a Python callable: ``evals/sources.py``) are an
 ``EncoderSource`` of kind "outside" holding an ``Embedder``: a built, loaded module that maps a
 normalised batch to one embedding per image for each pooling it offers. They declare their own
@@ -29,6 +34,18 @@ from torch import nn
 
 from mae_bench.errors import CheckpointError, ConfigError, DataError
 from mae_bench.files import RUN_FILE
+from mae_bench.models.backbones import (
+    RESNETS,
+    ResNet,
+    TimmBackbone,
+    build_backbone,
+    check_arch,
+    family,
+    is_vit,
+    pooled,
+    use_cifar_stem,
+)
+from mae_bench.models.vit import POOLS as VIT_POOLS
 from mae_bench.models.vit import PRESETS, VisionTransformer, vit_kwargs
 from mae_bench.training.checkpoint import find_checkpoint, is_official_mae, load_checkpoint
 
@@ -36,6 +53,26 @@ REFERENCES = ("pixels", "random")
 # What an outside model (or the pixels reference) supports: protocols on frozen features.
 FROZEN_PROTOCOLS = ("knn", "linear --probe fast", "fewshot --probe fast")
 MODEL_POOL = "model"  # an outside encoder's own pooled output (timm: forward_head(pre_logits))
+CNN_POOL = "mean"  # a convolutional backbone's global average pool (its forward_head)
+
+
+def backbone_pools(arch: str) -> tuple[str, ...]:
+    """The frozen-feature pools of a mae-bench backbone: a ViT preset "cls" and "mean" (of its
+    normed tokens); a convolutional one "mean", its global average pool; any other (a timm
+    transformer) "model", its own pooling (timm's ``global_pool``). Outside a ViT preset it is
+    ``forward_head(pre_logits=True)``, the embedding the method trained on."""
+    if is_vit(arch):
+        return tuple(VIT_POOLS)
+    return (CNN_POOL,) if family(arch) == "cnn" else (MODEL_POOL,)
+
+
+def encoder_pools(encoder: nn.Module) -> tuple[str, ...]:
+    """``backbone_pools`` of a built encoder (a ViT, a ResNet, a timm backbone)."""
+    if isinstance(encoder, VisionTransformer):
+        return tuple(VIT_POOLS)
+    if isinstance(encoder, TimmBackbone):
+        return backbone_pools(f"timm:{encoder.name}")
+    return (CNN_POOL,)
 
 
 class Embedder(nn.Module, metaclass=abc.ABCMeta):
@@ -77,17 +114,20 @@ class EncoderSource:
         label: how the source is named in tables (run folder name, file name, "pixels", ...).
         method: pretraining method ("mae", "simclr", ...; "official-mae"; "pixels"; "random");
             for outside models the source that made them ("timm", "hf", "hub", "python").
-        arch: preset name, or a description such as "vit(d=768, depth=12, p=16)"; for outside
-            models their name ("vit_small_patch16_224", a Hugging Face id, ...).
+        arch: preset name, or a description such as "vit(d=768, depth=12, p=16)"; a run's
+            backbone ("resnet18", "timm:NAME"); for outside models their name
+            ("vit_small_patch16_224", a Hugging Face id, ...).
         vit_kwargs: VisionTransformer arguments (img_size, patch_size, in_chans, embed_dim,
-            depth, num_heads, mlp_ratio); empty for pixels.
-        state: encoder weights with cls-pooling keys; None for random and pixels.
+            depth, num_heads, mlp_ratio); empty for pixels and backbones (``BackboneSource``).
+        state: encoder weights with cls-pooling keys (a backbone: its own keys); None for
+            random and pixels.
         fingerprint: a hash of the weights (or of the seed / arch for references; outside
             models: of their source, name and weights).
         pretrain: facts about pretraining for result rows (dataset, epochs, mask_ratio, seed,
             pretrain_seconds, config_hash, data_dir; outside models: source, weights hash).
         encoder: the outside model (kind "outside"), built and loaded.
-        input_size, input_channels: what an outside model takes (None: the data's own).
+        input_size, input_channels: what an outside model or a backbone takes (None: the
+            data's own).
         mean, std: the normalisation an outside model expects (None: the data set's).
         cacheable: False for a plain callable, whose code the fingerprint cannot see.
     """
@@ -97,11 +137,14 @@ class EncoderSource:
     pooled: ClassVar[bool] = True  # features are a pooling of tokens (pixels: no pool)
     random_weights: ClassVar[bool] = False  # the weights are a seeded random init
     reference: ClassVar[bool] = False  # a reference row (pixels, random): seeded by --seed
-    own_weights: ClassVar[bool] = False  # mae-bench ViT weights: rows carry their hash
-    vit: ClassVar[bool] = True  # a mae-bench ViT (it has an attention kernel, it can train)
+    own_weights: ClassVar[bool] = False  # mae-bench weights: rows carry their hash
+    # A mae-bench ViT: it has an attention kernel and it can train (pixels, features and outside
+    # models have neither; a ResNet or timm backbone has no mae-bench kernel but trains).
+    vit: ClassVar[bool] = True
     sized_by_data: ClassVar[bool] = False  # its input size and channels follow the data
     takes_weights: ClassVar[bool] = False  # accepts --weights FILE
     takes_pretrained: ClassVar[bool] = False  # accepts --pretrained (a library's download)
+    has_drop_path: ClassVar[bool] = True  # build(drop_path_rate=...) applies (a ViT's blocks)
 
     label: str
     method: str
@@ -232,9 +275,110 @@ class RandomSource(EncoderSource):
         if arch is None:
             raise ConfigError("--checkpoint random needs --arch (the architecture to initialise "
                               "at random, e.g. the one of the run it is compared with)")
+        if arch not in PRESETS:  # a ResNet or timm:NAME (an unknown name: the valid ones)
+            return RandomBackboneSource.create_backbone(arch=arch, img_size=img_size,
+                                                        channels=channels, seed=seed)
         kwargs = vit_kwargs(arch, img_size, channels or 3)
         digest = hash_text(f"random:{arch}:{kwargs}:{seed}")
         return cls("random", "random", arch, kwargs, None, digest, {"seed": seed})
+
+
+class BackboneEmbedder(Embedder):
+    """A mae-bench backbone that is not a ViT preset, as the feature extractor sees it: its
+    pooled embedding (``backbones.pooled``) under its one pool name, in channels-last for a
+    convolutional network."""
+
+    def __init__(self, backbone: nn.Module, pool: str) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.pools = (pool,)
+        self.use_channels_last(backbone)
+
+    def embed(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {self.pools[0]: pooled(self.backbone, images)}  # [N, D]
+
+
+@dataclass
+class BackboneSource(EncoderSource):
+    """The part shared by the sources whose encoder is a ResNet or a timm model
+    (``mae_bench.models.backbones``): ``state`` holds the backbone's own keys (``conv1.weight``,
+    ``layer1...``; timm's under ``model.``), ``vit_kwargs`` is empty and ``input_size`` /
+    ``input_channels`` are the run's. Subclassed together with the kind (run, random).
+
+    Attributes:
+        cifar_stem: ResNets: the CIFAR stem as the run resolved it (None: timm models).
+    """
+
+    vit: ClassVar[bool] = False  # no mae-bench attention kernel; still trainable
+    has_drop_path: ClassVar[bool] = False  # a ResNet has no stochastic depth; timm's is not set
+
+    cifar_stem: bool | None = None
+
+    @property
+    def pools(self) -> tuple[str, ...]:
+        return backbone_pools(self.arch)
+
+    def build(self, global_pool: str = "cls", num_classes: int = 0,
+              drop_path_rate: float = 0.0, init_seed: int | None = None,
+              pretrained: bool = True) -> nn.Module:
+        """A fresh backbone of this architecture, its weights loaded, with a classifier of
+        ``num_classes`` (ResNet: a new ``fc``; timm: ``reset_classifier``) where asked.
+
+        Args:
+            global_pool: ignored: a backbone pools its own way (a CNN: the average pool).
+            num_classes: width of a new classifier (0: none, the pooled features).
+            drop_path_rate: must be 0 (these backbones have no stochastic depth here).
+            init_seed: seeds the random initialisation (random encoder, new classifier).
+            pretrained: load this source's weights; False gives the from-scratch baseline.
+        """
+        if drop_path_rate:
+            raise ConfigError(f"drop path {drop_path_rate:g}: {self.arch} has no stochastic "
+                              "depth here (a ViT knob); set it to 0")
+        with torch.random.fork_rng(devices=[]):
+            if init_seed is not None:
+                torch.manual_seed(init_seed)
+            model = build_backbone(self.arch, self.img_size, self.channels,
+                                   cifar_stem=self.cifar_stem)
+            if pretrained and self.state is not None:
+                result = model.load_state_dict(self.state, strict=False)
+                if result.missing_keys or result.unexpected_keys:
+                    raise CheckpointError(f"{self.label}: encoder weights do not fit {self.arch} "
+                                          f"(missing {result.missing_keys[:3]}, unexpected "
+                                          f"{result.unexpected_keys[:3]})")
+            if num_classes:
+                if isinstance(model, ResNet):
+                    model.fc = nn.Linear(model.num_features, num_classes)
+                else:
+                    model.reset_classifier(num_classes)
+        return model
+
+    def frozen_model(self) -> BackboneEmbedder:
+        seed = self.pretrain.get("seed", 0) if self.random_weights else None
+        return BackboneEmbedder(self.build(init_seed=seed), self.default_pool).eval()
+
+
+@dataclass
+class BackboneRunSource(BackboneSource, RunSource):
+    """A mae-bench run whose backbone is a ResNet or a timm model."""
+
+
+@dataclass
+class RandomBackboneSource(BackboneSource, RandomSource):
+    """``--checkpoint random --arch resnet18`` (or ``timm:NAME``): that backbone at a seeded
+    random init, for the data as loaded (a ResNet's stem by the size rule)."""
+
+    @classmethod
+    def create_backbone(cls, *, arch: str, img_size: int | None, channels: int | None,
+                        seed: int) -> RandomBackboneSource:
+        check_arch(arch)  # an unknown name: ConfigError with the valid ones
+        if img_size is None:
+            raise ConfigError(f"--checkpoint random --arch {arch} needs an image size "
+                              "(--img-size, or the data's own)")
+        channels = channels or 3
+        stem = use_cifar_stem(img_size, None) if arch in RESNETS else None
+        digest = hash_text(f"random:{arch}:{img_size}:{channels}:{stem}:{seed}")
+        return cls("random", "random", arch, {}, None, digest, {"seed": seed},
+                   input_size=img_size, input_channels=channels, cifar_stem=stem)
 
 
 @dataclass
@@ -423,7 +567,11 @@ def load_source(checkpoint: str | Path, *, arch: str | None = None, img_size: in
         raise CheckpointError(f"{path} is neither a mae-bench checkpoint nor an official MAE "
                               "pretrain checkpoint; give a run folder written by mae-bench "
                               "pretrain or the official mae_pretrain_vit_*.pth")
-    if arch is not None:
+    if arch is not None and (isinstance(source, BackboneSource) or arch not in PRESETS):
+        if arch != source.arch:
+            raise CheckpointError(f"{path} holds a {source.arch} encoder, not --arch {arch}; "
+                                  "drop --arch or pass the matching one")
+    elif arch is not None:
         expected = vit_kwargs(arch, source.img_size, source.channels)
         shape_keys = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
         diff = [k for k in shape_keys if expected[k] != source.vit_kwargs[k]]
@@ -440,9 +588,12 @@ def _from_run(path: Path, ckpt: dict[str, Any]) -> EncoderSource:
     cfg, method = method_from_checkpoint(ckpt, str(path))
     extra = ckpt.get("extra", {})
     img_size, channels = int(extra["img_size"]), int(extra["channels"])
-    kwargs = vit_kwargs(cfg.model.arch, img_size, channels)
-    wanted = VisionTransformer(**kwargs).state_dict().keys()
     encoder_state = method.encoder.state_dict()
+    if is_vit(cfg.model.arch):
+        kwargs = vit_kwargs(cfg.model.arch, img_size, channels)
+        wanted = VisionTransformer(**kwargs).state_dict().keys()
+    else:  # the whole backbone (BatchNorm statistics too), its own keys
+        kwargs, wanted = {}, encoder_state.keys()
     state = {k: encoder_state[k].detach().clone() for k in wanted}
     run_dir = path if path.is_dir() else path.parent
     total, step = extra.get("total_steps"), int(ckpt.get("step", 0))
@@ -467,8 +618,14 @@ def _from_run(path: Path, ckpt: dict[str, Any]) -> EncoderSource:
                      "norm_pix_loss": cfg.mae.norm_pix_loss}
         if cfg.mae.encoder_mask_tokens:  # only when set, so MAE rows keep their columns
             pretrain["encoder_mask_tokens"] = True
+    if not is_vit(cfg.model.arch):
+        stem = (use_cifar_stem(img_size, cfg.model.cifar_stem) if cfg.model.arch in RESNETS
+                else None)
+        return BackboneRunSource(run_dir.name, cfg.train.method, cfg.model.arch, kwargs, state,
+                                 hash_state(state), pretrain, input_size=img_size,
+                                 input_channels=channels, cifar_stem=stem)
     return RunSource(run_dir.name, cfg.train.method, cfg.model.arch, kwargs, state,
-                         hash_state(state), pretrain)
+                     hash_state(state), pretrain)
 
 
 def _from_official(path: Path, ckpt: dict[str, Any]) -> EncoderSource:

@@ -2,7 +2,9 @@
 
 Features are what k-NN and the fast linear probe consume. They come from the encoder in eval mode
 on deterministic views (resize to the model's image size, normalise with the data set's mean and
-std), pooled as ``cls`` (the normed cls token) or ``mean`` (the mean of the normed patch tokens).
+std), pooled as ``cls`` (the normed cls token) or ``mean`` (the mean of the normed patch tokens);
+a run's ResNet or timm backbone gives its own pooled embedding (a CNN's global average pool,
+named ``mean``), in eval mode: its BatchNorm layers use their running statistics.
 An outside model (``evals.sources``) gets its own input size and normalisation, grayscale images
 replicated to its three channels, and offers its own pooled output (``model``) beside them.
 """
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from evals.encoders import MODEL_POOL, Embedder, EncoderSource, model_for
 from mae_bench.data.augment import eval_resize
@@ -29,6 +31,7 @@ from mae_bench.data.datasets import AnyDataset, ArrayDataset
 from mae_bench.errors import ConfigError
 from mae_bench.files import atomic_file
 from mae_bench.models.attention import rule_path
+from mae_bench.models.backbones import pooled
 from mae_bench.models.vit import POOLS as VIT_POOLS
 from mae_bench.models.vit import VisionTransformer, pool_name
 from mae_bench.training.distributed import broadcast_from_main, gather_to_main, rank_and_world
@@ -43,10 +46,14 @@ def pool_tokens(tokens: Tensor, pool: str) -> Tensor:
     return VIT_POOLS[pool_name(pool)](tokens)  # [N, D]
 
 
-def encode(encoder: VisionTransformer, images: Tensor, pool: str) -> Tensor:
+def encode(encoder: nn.Module, images: Tensor, pool: str) -> Tensor:
     """Normalised float images [N, C, H, W] -> pooled features [N, D] (no gradient tracking is
-    set up here; callers wrap it in ``torch.no_grad()`` when the encoder is frozen)."""
-    return pool_tokens(encoder.forward_features(images), pool)
+    set up here; callers wrap it in ``torch.no_grad()`` when the encoder is frozen). A ViT pools
+    its tokens as ``pool`` says; any other backbone has one pooling, its own
+    (``backbones.pooled``), which the caller has checked ``pool`` names."""
+    if isinstance(encoder, VisionTransformer):
+        return pool_tokens(encoder.forward_features(images), pool)
+    return pooled(encoder, images)  # [N, D]
 
 
 # --- extraction ------------------------------------------------------------------------------

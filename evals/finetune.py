@@ -8,6 +8,13 @@ drop path (set by the caller when building the model), global average pooling wi
 Partial fine-tuning (paper Fig. 9) trains the last ``k`` blocks plus ``fc_norm`` and the head and
 freezes everything else; k = 0 is an MLP-free probe on the pooled, re-normed features.
 
+Any backbone of ``mae_bench.models.backbones`` fine-tunes the same way, through its Encoder hooks:
+its classifier (a ResNet's ``fc``, a timm model's ``reset_classifier``), its layer groups
+(``layer_id``, ``num_layer_groups``: a ResNet's stem, four stages, head) for lr decay and for
+partial fine-tuning (the last k groups below the head: a ResNet's stages), its BatchNorm in train
+mode where it trains (in eval mode where frozen; synchronised across processes under torchrun).
+A ViT keeps the code and numbers it always had; only a ViT has drop path.
+
 Under torchrun (world size W > 1) the model trains with DistributedDataParallel and the result
 is one process's: ``batch_size`` stays the global batch, every process builds that same batch
 (data order, crops, Mixup / CutMix: cheap) and runs the model on its own 1/W of the rows, and
@@ -31,8 +38,9 @@ from mae_bench.data import ArrayDataset
 from mae_bench.data.augment import BatchViews, ViewSpec, random_erasing
 from mae_bench.data.randaugment import RandAugmentSpec
 from mae_bench.errors import ConfigError, DataError
+from mae_bench.models.backbones import ResNet, is_convnet, vit_layer_id
 from mae_bench.models.vit import VisionTransformer
-from mae_bench.training.distributed import rank_and_world
+from mae_bench.training.distributed import rank_and_world, sync_batchnorm
 from mae_bench.training.runtime import (
     autocast,
     exempt_from_weight_decay,
@@ -49,18 +57,50 @@ FIXED_PARAMS = frozenset({"pos_embed"})
 # --- layer-wise lr decay ---------------------------------------------------------------------
 
 
-def layer_id(name: str, depth: int) -> int:
-    """Layer of a parameter for lr decay: embeddings 0, ``blocks.i`` i + 1, the rest (``norm``,
-    ``fc_norm``, ``head``) depth + 1."""
-    if name in ("cls_token", "pos_embed") or name.startswith("patch_embed."):
-        return 0
-    if name.startswith("blocks."):
-        return int(name.split(".")[1]) + 1
-    return depth + 1
+# A ViT parameter's layer for lr decay: embeddings 0, ``blocks.i`` i + 1, the rest (``norm``,
+# ``fc_norm``, ``head``) depth + 1. One home: mae_bench.models.backbones.
+layer_id = vit_layer_id
+
+
+def layer_groups(model: nn.Module) -> tuple[Callable[[str], int], int]:
+    """(parameter name -> layer group, number of groups) of a classifier, input side first and
+    the head last: a ViT's embeddings, blocks and head (``layer_id``); any other backbone's own
+    ``layer_id`` and ``num_layer_groups`` (a ResNet: stem, ``layer1``..``layer4``, head)."""
+    if isinstance(model, VisionTransformer):
+        depth = len(model.blocks)
+        return (lambda name: vit_layer_id(name, depth)), depth + 2
+    return model.layer_id, int(model.num_layer_groups)
+
+
+def partial_units(model: nn.Module) -> tuple[int, str]:
+    """How many layer groups partial fine-tuning may train below the head, and what they are
+    called: a ViT's blocks, a ResNet's stages (the stem trains with all four), a timm model's
+    layer groups (timm's ``group_matcher``)."""
+    groups = layer_groups(model)[1] - 2  # without the input side (embeddings, stem), the head
+    unit = ("blocks" if isinstance(model, VisionTransformer) else
+            "stages" if isinstance(model, ResNet) else "layer groups")
+    return groups, unit
+
+
+def classifier_name(model: nn.Module) -> str:
+    """Where a classifier keeps its head: a ViT ``head``, a ResNet ``fc``, a timm backbone the
+    module its ``get_classifier()`` returns (``model.fc``, ``model.head``, ...)."""
+    if isinstance(model, VisionTransformer):
+        return "head"
+    if isinstance(model, ResNet):
+        return "fc"
+    head = model.model.get_classifier()
+    return next(name for name, module in model.named_modules() if module is head)
+
+
+def head_linear(model: nn.Module) -> nn.Module:
+    """The classifier's linear layer (the last one where a BatchNorm went before it)."""
+    head = model.get_submodule(classifier_name(model))
+    return head[-1] if isinstance(head, nn.Sequential) else head
 
 
 def param_groups_lrd(
-    model: VisionTransformer,
+    model: nn.Module,
     weight_decay: float,
     layer_decay: float = 0.75,
     no_weight_decay: Iterable[str] | None = None,
@@ -68,11 +108,13 @@ def param_groups_lrd(
     """AdamW groups with layer-wise lr decay: one group per (layer, decay / no decay).
 
     Layer ``l`` of a depth-``d`` model gets ``lr_scale = layer_decay ** (d + 1 - l)``, so the head
-    trains at the full lr and the patch embedding at ``layer_decay ** (d + 1)`` of it. Parameters
-    with ``requires_grad`` False (the fixed position embedding, frozen blocks) are left out.
+    trains at the full lr and the patch embedding at ``layer_decay ** (d + 1)`` of it; with G
+    layer groups (``layer_groups``: d + 2 for a ViT, 6 for a ResNet) that is ``layer_decay **
+    (G - 1 - l)``. Parameters with ``requires_grad`` False (the fixed position embedding, frozen
+    blocks) are left out.
 
     Args:
-        model: the ViT to fine-tune.
+        model: the classifier to fine-tune (a ViT, a ResNet, a timm backbone).
         weight_decay: decay of weight matrices; biases, norm parameters and the names in
             ``no_weight_decay`` get none (``mae_bench.training.runtime.exempt_from_weight_decay``:
             the rule pretraining uses too).
@@ -84,46 +126,64 @@ def param_groups_lrd(
         "weight_decay" and "lr_scale" (the step's lr is the scheduled lr times "lr_scale").
     """
     skip = set(model.no_weight_decay() if no_weight_decay is None else no_weight_decay)
-    depth = len(model.blocks)
+    layer_of, num_groups = layer_groups(model)
     groups: dict[tuple[int, bool], dict[str, Any]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        lid = layer_id(name, depth)
+        lid = layer_of(name)
         decay = not exempt_from_weight_decay(name, p, skip)
         group = groups.setdefault((lid, decay), {
             "params": [], "param_names": [], "weight_decay": weight_decay if decay else 0.0,
-            "lr_scale": layer_decay ** (depth + 1 - lid)})
+            "lr_scale": layer_decay ** (num_groups - 1 - lid)})
         group["params"].append(p)
         group["param_names"].append(name)
     return [groups[k] for k in sorted(groups, key=lambda k: (k[0], not k[1]))]
 
 
-def freeze_for_partial(model: VisionTransformer, blocks: int) -> None:
-    """Train only the last ``blocks`` transformer blocks plus the final norms and head (in place).
+def freeze_for_partial(model: nn.Module, blocks: int) -> None:
+    """Train only the last ``blocks`` transformer blocks plus the final norms and head (in place);
+    on another backbone the last ``blocks`` layer groups below the head (``partial_units``: a
+    ResNet's stages) plus the head.
 
-    ``blocks`` = 0 trains ``fc_norm`` (or ``norm``) and ``head`` only; ``blocks`` = depth trains
-    everything, i.e. full fine-tuning. The fixed position embedding stays frozen either way.
+    ``blocks`` = 0 trains ``fc_norm`` (or ``norm``) and ``head`` only (a ResNet: ``fc``);
+    ``blocks`` = depth trains everything, i.e. full fine-tuning (a ResNet: 4, the stem too). The
+    fixed position embedding stays frozen either way.
 
     Raises:
-        ConfigError: ``blocks`` outside 0..depth.
+        ConfigError: ``blocks`` outside 0..depth (0..the number of units).
     """
-    depth = len(model.blocks)
+    depth, unit = partial_units(model)
     if not 0 <= blocks <= depth:
-        raise ConfigError(f"partial fine-tuning blocks must be in 0..{depth} for this "
-                          f"depth-{depth} model, got {blocks}")
+        what = (f"depth-{depth} model" if isinstance(model, VisionTransformer)
+                else f"model of {depth} {unit} below its head")
+        raise ConfigError(f"partial fine-tuning blocks must be in 0..{depth} for this {what}, "
+                          f"got {blocks}")
     # Layers below the first trained block are frozen; with every block trained, the embeddings
     # (layer 0) are trained too.
     first = 0 if blocks == depth else depth + 1 - blocks
+    layer_of = layer_groups(model)[0]
     for name, p in model.named_parameters():
-        p.requires_grad_(layer_id(name, depth) >= first and name not in FIXED_PARAMS)
+        p.requires_grad_(layer_of(name) >= first and name not in FIXED_PARAMS)
+
+
+def frozen_modules(model: nn.Module) -> list[nn.Module]:
+    """What runs in eval mode while the rest trains: a ViT's frozen blocks (no drop path: they
+    are a fixed feature extractor); elsewhere every module whose own parameters are all frozen
+    (a frozen BatchNorm then normalises with its running statistics and leaves them as they
+    are, as in a frozen encoder)."""
+    if isinstance(model, VisionTransformer):
+        return [b for b in model.blocks if not any(p.requires_grad for p in b.parameters())]
+    return [m for m in model.modules()
+            if (own := list(m.parameters(recurse=False))) and
+            not any(p.requires_grad for p in own)]
 
 
 # --- fine-tuning -----------------------------------------------------------------------------
 
 
 def finetune(
-    model: VisionTransformer,
+    model: nn.Module,
     train: ArrayDataset,
     test: ArrayDataset,
     recipe: FinetuneRecipe = FinetuneRecipe(),
@@ -165,7 +225,9 @@ def finetune(
     Args:
         model: a ``VisionTransformer`` with a head (``num_classes`` = the data set's classes),
             built with ``global_pool="avg"`` and the recipe's ``drop_path_rate``; pretrained
-            weights loaded, or random ones for a from-scratch baseline.
+            weights loaded, or random ones for a from-scratch baseline. Or a backbone of
+            ``mae_bench.models.backbones`` with its classifier (``EncoderSource.build`` with
+            ``num_classes``), whose recipe has no drop path.
         train: training images and labels.
         test: evaluation images and labels.
         recipe: every training knob (``evals.recipes.FinetuneRecipe``, checked when built):
@@ -180,9 +242,10 @@ def finetune(
         hflip: probability of a horizontal flip (0 for digits and text, which flips change).
         partial_blocks: train only the last k blocks + fc_norm + head (see
             ``freeze_for_partial``); None: full fine-tuning. Frozen blocks run in eval mode
-            (no drop path): they are a fixed feature extractor.
-        img_size: the training / test resolution; None: the model's own. Must equal it (the
-            position embedding is fixed to the model's grid).
+            (no drop path): they are a fixed feature extractor (``frozen_modules``).
+        img_size: the training / test resolution; None: the model's own. A ViT's must equal
+            it (the position embedding is fixed to the model's grid); a backbone takes any
+            size (None: the training images' own).
         train_indices: [K] indices of the training images to use (few-shot subsets); None: all.
         seed: seeds everything random in the run.
         device: where to train.
@@ -202,7 +265,8 @@ def finetune(
     """
     device = torch.device(device)
     precision = resolve_precision(precision, device)  # validates the name
-    native = model.grid_size * model.patch_size
+    vit = isinstance(model, VisionTransformer)
+    native = model.grid_size * model.patch_size if vit else img_size or train.info.img_size
     img_size = native if img_size is None else img_size
     indices = _training_indices(train, train_indices)
     _validate(model, train, test, indices, recipe, lr=lr, hflip=hflip, img_size=img_size,
@@ -223,22 +287,32 @@ def finetune(
             "train_seconds": train_seconds, "epochs": float(recipe.epochs)}
 
 
-def _prepare_model(model: VisionTransformer, recipe: FinetuneRecipe,
+def _prepare_model(model: nn.Module, recipe: FinetuneRecipe,
                    partial_blocks: int | None, device: torch.device) -> nn.Module:
     """The recipe's head (BatchNorm, init), the frozen blocks, the device; returns the module
     that trains (the model, or its DistributedDataParallel wrapper under torchrun)."""
-    if recipe.head_bn:  # pooled [B, D] -> fc_norm -> standardised per dimension -> head
+    vit = isinstance(model, VisionTransformer)
+    if recipe.head_bn and vit:  # pooled [B, D] -> fc_norm -> standardised per dimension -> head
         model.fc_norm = nn.Sequential(model.fc_norm, nn.BatchNorm1d(model.embed_dim,
                                                                     affine=False))
+    elif recipe.head_bn:  # pooled [B, D] -> standardised per dimension -> classifier
+        name = classifier_name(model)
+        model.set_submodule(name, nn.Sequential(
+            nn.BatchNorm1d(model.num_features, affine=False), model.get_submodule(name)))
+    head = head_linear(model)
     if recipe.head_init_std is not None:
-        nn.init.trunc_normal_(model.head.weight, std=recipe.head_init_std)
-        nn.init.zeros_(model.head.bias)
-    depth = len(model.blocks)
-    freeze_for_partial(model, depth if partial_blocks is None else partial_blocks)
+        nn.init.trunc_normal_(head.weight, std=recipe.head_init_std)
+        nn.init.zeros_(head.bias)
+    freeze_for_partial(model, partial_units(model)[0] if partial_blocks is None
+                       else partial_blocks)
     model.to(device)
+    if is_convnet(model):  # oneDNN's and cuDNN's fast layout (each batch is put in it too)
+        model.to(memory_format=torch.channels_last)
     if rank_and_world()[1] == 1:
         return model
-    if recipe.head_bn:  # the head's statistics over the global batch, as in one process
+    if not vit:  # every BatchNorm over the global batch, as in one process
+        sync_batchnorm(model, device)
+    elif recipe.head_bn:  # the head's statistics over the global batch, as in one process
         model.fc_norm = nn.SyncBatchNorm.convert_sync_batchnorm(model.fc_norm)
     # Frozen parameters (requires_grad False) are left out of DDP's gradient buckets, so
     # partial fine-tuning needs no find_unused_parameters. DDP also broadcasts rank 0's
@@ -247,12 +321,13 @@ def _prepare_model(model: VisionTransformer, recipe: FinetuneRecipe,
         model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def _train(model: VisionTransformer, train_module: nn.Module, train: ArrayDataset,
+def _train(model: nn.Module, train_module: nn.Module, train: ArrayDataset,
            indices: Tensor, recipe: FinetuneRecipe, rows: slice, *, lr: float | None,
            hflip: float, img_size: int, seed: int, device: torch.device, precision: str,
            progress: Callable[[int, int], None] | None) -> float:
     """The training epochs; returns the mean loss of the last one."""
-    frozen_blocks = [b for b in model.blocks if not any(p.requires_grad for p in b.parameters())]
+    frozen = frozen_modules(model)
+    channels_last = is_convnet(model)
     batch_size, epochs = recipe.batch_size, recipe.epochs
     steps_per_epoch = len(indices) // batch_size  # drop-last
     total_steps = steps_per_epoch * epochs
@@ -276,21 +351,23 @@ def _train(model: VisionTransformer, train_module: nn.Module, train: ArrayDatase
     crop_gen.manual_seed(seed)
     mixer = Mixup(mixup_alpha=recipe.mixup, cutmix_alpha=recipe.cutmix,
                   label_smoothing=recipe.label_smoothing,
-                  num_classes=model.head.out_features) if recipe.mixing else None
+                  num_classes=head_linear(model).out_features) if recipe.mixing else None
     criterion: nn.Module = (SoftTargetCrossEntropy() if recipe.mixing
                             else nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing))
     rank = rank_and_world()[0]
     epoch_losses = torch.zeros(0)
     for epoch in range(epochs):
         train_module.train()
-        for block in frozen_blocks:
-            block.eval()
+        for module in frozen:
+            module.eval()
         order_gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
         order = indices[torch.randperm(len(indices), generator=order_gen)]  # [K]
         for i in range(steps_per_epoch):
             idx = order[i * batch_size:(i + 1) * batch_size]  # [B]
             x = views(train.images[idx].to(device, non_blocking=True), crop_gen)  # [B, C, S, S]
             random_erasing(x, recipe.erase, crop_gen)  # in place; no draws when erase is 0
+            if channels_last:  # the layout of a convnet's weights
+                x = x.contiguous(memory_format=torch.channels_last)
             y = train.labels[idx].to(device, non_blocking=True)  # [B]
             if mixer is not None:
                 x, y = mixer(x, y)  # y: [B, num_classes] soft targets
@@ -308,14 +385,17 @@ def _train(model: VisionTransformer, train_module: nn.Module, train: ArrayDatase
     return float(epoch_losses.mean())
 
 
-def evaluate(model: VisionTransformer, data: ArrayDataset, *, img_size: int, batch_size: int,
+def evaluate(model: nn.Module, data: ArrayDataset, *, img_size: int, batch_size: int,
              device: torch.device, precision: str = "fp32") -> tuple[float, float]:
     """Top-1 and top-5 accuracy (percent) of ``model`` on ``data`` (top-5 is top-C with fewer
     than 5 classes), on resized and normalised images, in eval mode; under torch.distributed
     every process must call it (``evals.distributed_eval.topk_accuracy``)."""
     model.eval()
+    channels_last = is_convnet(model)
 
     def logits_of(x: Tensor) -> Tensor:
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, precision):
             return model(x)  # [B, num_classes]
 
@@ -339,13 +419,15 @@ def _training_indices(train: ArrayDataset, train_indices: Tensor | None) -> Tens
     return idx.long().cpu()
 
 
-def _validate(model: VisionTransformer, train: ArrayDataset, test: ArrayDataset, indices: Tensor,
+def _validate(model: nn.Module, train: ArrayDataset, test: ArrayDataset, indices: Tensor,
               recipe: FinetuneRecipe, *, lr: float | None, hflip: float, img_size: int,
               native: int) -> None:
     """What the recipe cannot check: the model, the data and this run's arguments."""
-    if not isinstance(model.head, nn.Linear):
+    if not isinstance(head_linear(model), nn.Linear):
         raise ConfigError("the model has no classification head; build it with num_classes = "
                           "the data set's number of classes")
+    in_chans = (model.in_chans if isinstance(model, VisionTransformer) else
+                next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels)
     checks = [
         (len(indices) >= recipe.batch_size,
          f"{len(indices)} training images are fewer than one batch of {recipe.batch_size}; "
@@ -355,14 +437,14 @@ def _validate(model: VisionTransformer, train: ArrayDataset, test: ArrayDataset,
         (img_size == native,
          f"img_size {img_size} differs from the model's {native} (its position embedding "
          f"is fixed to that grid); build the model with img_size={img_size} or omit it"),
-        (train.images.shape[1] == model.in_chans,
-         f"the data has {train.images.shape[1]} channels but the model takes {model.in_chans}; "
+        (train.images.shape[1] == in_chans,
+         f"the data has {train.images.shape[1]} channels but the model takes {in_chans}; "
          "build it with in_chans to match"),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    num_classes = model.head.out_features
+    num_classes = head_linear(model).out_features
     for name, labels in (("train", train.labels[indices]), ("test", test.labels)):
         if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
             raise DataError(f"{name} labels must lie in 0..{num_classes - 1} (the model's "

@@ -4,6 +4,10 @@ blr x batch / 256, warmup then cosine, on random-resized-crop + flip views, so t
 on every step. The reference protocol, slow. Under torchrun it trains the head with
 DistributedDataParallel, each process encoding its share of every global batch.
 
+Any mae-bench encoder takes it: a ViT pools its tokens (``pool``), a ResNet or timm backbone
+gives its own pooled embedding; a convolutional one runs in channels-last (oneDNN's and cuDNN's
+fast layout), and in eval mode, like every frozen encoder: BatchNorm uses its running statistics.
+
 Its knobs are one ``ProbeRecipe`` (``evals/recipes.py``), checked when built; the fast probe on
 cached features is ``evals/fast_probe.py``.
 """
@@ -19,12 +23,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from evals.distributed_eval import rank_rows, topk_accuracy
-from evals.features import POOLS, encode
+from evals.encoders import encoder_pools
+from evals.features import encode
 from evals.lars import LARS
 from evals.recipes import ProbeRecipe
 from mae_bench.data import ArrayDataset
 from mae_bench.data.augment import BatchViews, ViewSpec
 from mae_bench.errors import ConfigError
+from mae_bench.models.backbones import is_convnet
 from mae_bench.models.vit import VisionTransformer
 from mae_bench.training.distributed import rank_and_world, sync_batchnorm
 from mae_bench.training.runtime import autocast, lr_at, resolve_precision
@@ -43,7 +49,7 @@ def probe_head(dim: int, num_classes: int, generator: torch.Generator | None = N
 
 
 def linear_probe(
-    encoder: VisionTransformer,
+    encoder: nn.Module,
     train: ArrayDataset,
     test: ArrayDataset,
     recipe: ProbeRecipe = ProbeRecipe(),
@@ -73,7 +79,8 @@ def linear_probe(
     0 calls ``progress``.
 
     Args:
-        encoder: the frozen encoder.
+        encoder: the frozen encoder: a ``VisionTransformer``, or a backbone with the Encoder
+            hooks (``mae_bench.models.backbones``: a ResNet, a timm model).
         train: training images and labels (in memory).
         test: test images and labels.
         recipe: epochs, batch (over all processes; capped at the training set size, and the
@@ -81,8 +88,10 @@ def linear_probe(
             batches are dropped, as MAE does), blr, warmup, optimizer ("lars": MAE's; "sgd":
             momentum 0.9 without the trust ratio, see ``evals.recipes.auto_probe``), weight
             decay of the linear weight, crop scale.
-        pool: "cls" (normed cls token) or "mean" (mean normed patch token).
-        img_size: input side; None: the encoder's own (grid_size x patch_size).
+        pool: "cls" (normed cls token) or "mean" (mean normed patch token); a backbone: its
+            own pooling's name (a CNN's average pool: "mean"; ``evals.encoders.encoder_pools``).
+        img_size: input side; None: the encoder's own (a ViT's grid_size x patch_size; a
+            backbone takes any size: None is the training images' own).
         hflip: probability of a horizontal flip of a training crop (0 for digits and text).
         seed: seeds every random choice; the same seed gives the same result on CPU.
         device: where the encoder and head run.
@@ -111,11 +120,13 @@ def linear_probe(
     what = (None if batch == recipe.batch_size else
             f"the batch of {batch} (batch_size {recipe.batch_size} capped at the training set)")
     rows = rank_rows(batch, what)  # this process's share of a batch
-    head = probe_head(encoder.embed_dim, num_classes, torch.Generator().manual_seed(seed))
+    head = probe_head(encoder.num_features, num_classes, torch.Generator().manual_seed(seed))
     # Under torchrun: BatchNorm statistics over the global batch, as in one process.
     head = sync_batchnorm(head.to(device), device)
     was_training = encoder.training
     encoder.to(device).eval()
+    if is_convnet(encoder):  # its weights in the layout each batch is put in (``_layout``)
+        encoder.to(memory_format=torch.channels_last)
     if rank_and_world()[1] > 1:
         _broadcast_weights(encoder)
     try:
@@ -129,7 +140,7 @@ def linear_probe(
 
         def logits_of(x: Tensor) -> Tensor:  # the encoder under autocast, the head in fp32
             with autocast(device, precision):
-                features = encode(encoder, x, pool)  # [B, D]
+                features = encode(encoder, _layout(encoder, x), pool)  # [B, D]
             return head(features.float())  # [B, num_classes]
 
         top1, top5 = topk_accuracy(logits_of, test, img_size=native, batch_size=batch,
@@ -143,7 +154,7 @@ def linear_probe(
             "eval_seconds": eval_seconds}
 
 
-def _train_head(encoder: VisionTransformer, head: nn.Module, train: ArrayDataset,
+def _train_head(encoder: nn.Module, head: nn.Module, train: ArrayDataset,
                 indices: Tensor, recipe: ProbeRecipe, batch: int, rows: slice, *, pool: str,
                 img_size: int, hflip: float, seed: int, device: torch.device, precision: str,
                 progress: Callable[[int, int], None] | None) -> tuple[float, int]:
@@ -169,7 +180,7 @@ def _train_head(encoder: VisionTransformer, head: nn.Module, train: ArrayDataset
 
     def frozen_features(x: Tensor) -> Tensor:
         with torch.no_grad():
-            return encode(encoder, x, pool)  # [b, D]
+            return encode(encoder, _layout(encoder, x), pool)  # [b, D]
 
     head.train()
     rank = rank_and_world()[0]
@@ -215,7 +226,13 @@ def _probe_optimizer(name: str, head: nn.Module, weight_decay: float) -> torch.o
     return torch.optim.SGD(groups, lr=0.0, momentum=0.9)
 
 
-def _check_probe_inputs(encoder: VisionTransformer, train: ArrayDataset, test: ArrayDataset,
+def _layout(encoder: nn.Module, x: Tensor) -> Tensor:
+    """[B, C, S, S] in channels-last for a convolutional encoder (whose weights are), else as
+    it is."""
+    return x.contiguous(memory_format=torch.channels_last) if is_convnet(encoder) else x
+
+
+def _check_probe_inputs(encoder: nn.Module, train: ArrayDataset, test: ArrayDataset,
                         pool: str, img_size: int | None) -> int:
     """What the recipe cannot check: the data, the pool and the input size. Returns the image
     size to use."""
@@ -225,8 +242,15 @@ def _check_probe_inputs(encoder: VisionTransformer, train: ArrayDataset, test: A
                               f"{type(ds).__name__}; use the fast probe on cached features")
     if len(test) == 0:
         raise ConfigError("the test set is empty")
-    if pool not in POOLS:
-        raise ConfigError(f"unknown pool {pool!r}; valid: {', '.join(POOLS)}")
+    pools = encoder_pools(encoder)
+    if pool not in pools:
+        raise ConfigError(f"unknown pool {pool!r}; valid: {', '.join(pools)}")
+    if not isinstance(encoder, VisionTransformer):  # a backbone: any input size
+        in_chans = next(m for m in encoder.modules() if isinstance(m, nn.Conv2d)).in_channels
+        if train.images.shape[1] != in_chans:
+            raise ConfigError(f"the data has {train.images.shape[1]} channels but the encoder "
+                              f"takes {in_chans}")
+        return img_size or train.info.img_size
     native = encoder.grid_size * encoder.patch_size
     if img_size is not None and img_size != native:
         raise ConfigError(f"img_size {img_size} differs from the encoder's {native} (its "

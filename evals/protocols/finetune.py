@@ -1,6 +1,8 @@
-"""End-to-end fine-tuning of a mae-bench ViT (``evals/finetune.py``) with a named recipe
-(``evals/recipes.py``) and overrides of single knobs; ``--init random`` is the from-scratch
-baseline of the same recipe."""
+"""End-to-end fine-tuning of a mae-bench encoder (a ViT, a ResNet, a timm backbone;
+``evals/finetune.py``) with a named recipe (``evals/recipes.py``) and overrides of single knobs;
+``--init random`` is the from-scratch baseline of the same recipe. Drop path is a ViT knob: a
+backbone without it takes the recipe with none (the note says so), and refuses ``--drop-path``
+above 0 in one line."""
 
 from __future__ import annotations
 
@@ -39,7 +41,8 @@ class FinetuneOptions(RecipeKnobs):
         None, "finetune: layer-wise lr decay (default: the recipe's).",
         check=lambda v: 0.0 < v <= 1.0, message="--layer-decay must be in (0, 1], got {value}")
     drop_path: float | None = knob(
-        None, "finetune: stochastic depth (default: the recipe's).",
+        None, "finetune: stochastic depth, ViTs only (default: the recipe's; a ResNet or timm "
+        "backbone trains without and refuses a value above 0).",
         check=lambda v: 0.0 <= v < 1.0, message="--drop-path must be in [0, 1), got {value}")
     mixup: float | None = knob(
         None, "finetune: Mixup alpha, 0 = off (default: the recipe's).")
@@ -100,7 +103,7 @@ class Finetune(Protocol):
         return dataclasses.replace(recipe, **options.overrides())
 
     def run(self, options: FinetuneOptions, context: EvalContext) -> Numbers:
-        from evals.finetune import finetune
+        from evals.finetune import finetune, partial_units
 
         inputs, source = context.inputs, context.inputs.source
         num_classes = int(max(inputs.train.labels.max(), inputs.test.labels.max())) + 1
@@ -108,6 +111,8 @@ class Finetune(Protocol):
         train_size = len(inputs.train) if subset is None else len(subset)
         pretrained = not self.trains_from_scratch(options, source)
         recipe = self.recipe(options, source.arch, source.img_size, train_size, pretrained)
+        if not source.has_drop_path:
+            recipe = _without_drop_path(recipe, options, source.arch)
         context.notes.append(
             f"fine-tuning recipe {recipe.name}: {recipe.epochs} epochs at batch "
             f"{recipe.batch_size}, blr {recipe.blr:.3g}, layer decay {recipe.layer_decay:g}, "
@@ -117,13 +122,15 @@ class Finetune(Protocol):
                              drop_path_rate=recipe.drop_path, init_seed=context.seed,
                              pretrained=options.init == "pretrained").to(context.device)
         blocks = self.blocks(options)
-        if blocks is not None and blocks > len(model.blocks):
-            raise ConfigError(f"--blocks {blocks} is more than the encoder's "
-                              f"{len(model.blocks)} blocks; use 0..{len(model.blocks)}")
+        units, unit = partial_units(model)
+        if blocks is not None and blocks > units:
+            raise ConfigError(f"--blocks {blocks} is more than the encoder's {units} {unit}; "
+                              f"use 0..{units}")
         res = finetune(model, inputs.in_memory("train"), inputs.in_memory("test"), recipe,
                        lr=options.lr, hflip=inputs.hflip, partial_blocks=blocks,
-                       train_indices=subset, seed=context.seed, device=context.device,
-                       precision=context.precision, progress=context.bar(self.name))
+                       img_size=source.img_size, train_indices=subset, seed=context.seed,
+                       device=context.device, precision=context.precision,
+                       progress=context.bar(self.name))
         knobs = {"init": "pretrained" if pretrained else "random", **recipe.knobs(),
                  "epochs": int(res["epochs"]), "ft_hflip": inputs.hflip}
         if options.lr is not None:
@@ -131,3 +138,17 @@ class Finetune(Protocol):
         if blocks is not None:
             knobs["blocks"] = blocks
         return [(m, res[m], knobs) for m in ("top1", "top5")]
+
+
+def _without_drop_path(recipe: FinetuneRecipe, options: FinetuneOptions,
+                       arch: str) -> FinetuneRecipe:
+    """The recipe for a backbone without stochastic depth (a ResNet, a timm model): drop path 0,
+    said in ``why``; ``--drop-path`` above 0 is refused rather than silently ignored."""
+    if options.drop_path:
+        raise ConfigError(f"--drop-path {options.drop_path:g}: {arch} has no stochastic depth "
+                          "(a ViT knob here); leave --drop-path unset or 0")
+    if not recipe.drop_path:
+        return recipe
+    return dataclasses.replace(recipe, drop_path=0.0, why=(
+        *recipe.why, f"no drop path: {arch} has no stochastic depth (the recipe's "
+                     f"{recipe.drop_path:g} is a ViT's)"))

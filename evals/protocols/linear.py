@@ -114,15 +114,16 @@ def _mae(options: LinearOptions, context: EvalContext) -> Numbers:
     encoder = inputs.source.build(init_seed=context.seed).to(context.device)
     subset = train_subset(inputs.train.labels, options.label_fraction, context.seed)
     train_size = len(inputs.train) if subset is None else len(subset)
-    recipe = probe_recipe(options.recipe, train_size=train_size,
-                          img_size=encoder.grid_size * encoder.patch_size, epochs=options.epochs)
+    img_size = inputs.source.img_size  # the encoder's input (a ViT's grid x patch)
+    recipe = probe_recipe(options.recipe, train_size=train_size, img_size=img_size,
+                          epochs=options.epochs)
     recipe = dataclasses.replace(recipe, **options.schedule())
     context.notes.append(f"linear probe recipe {recipe.name}: {recipe.optimizer}, "
                          f"{recipe.epochs} epochs at batch {recipe.batch_size}, blr "
                          f"{recipe.blr:g}" + "".join(f"; {w}" for w in recipe.why))
     res = linear_probe(encoder, inputs.in_memory("train"), inputs.in_memory("test"), recipe,
-                       pool=inputs.pool, seed=context.seed, device=context.device,
-                       precision=context.precision, train_indices=subset,
+                       pool=inputs.pool, img_size=img_size, seed=context.seed,
+                       device=context.device, precision=context.precision, train_indices=subset,
                        progress=context.bar("linear probe"), hflip=inputs.hflip)
     knobs = {"probe": "mae", "recipe": recipe.name, "epochs": int(res["epochs"]),
              "probe_optimizer": recipe.optimizer, "batch_size": int(res["batch_size"]),

@@ -53,13 +53,15 @@ class EvalTarget:
     # EncoderSource (instead of checkpoint).
     encoder: Any = _opt(None, cli=False)
     arch: str | None = _opt(
-        None, "Preset of the 'random' encoder; for a checkpoint, the expected one.")
+        None, "Architecture of the 'random' encoder (a ViT preset, resnet18/34/50 or "
+        "timm:NAME); for a checkpoint, the expected one.")
     dataset: str | None = _opt(None, "Evaluation data set (default: the run's, else digits).")
     data_dir: str | None = _opt(None, "Where the data set lives.", cli_type=Path)
     pool: str | None = _opt(
-        None, "Frozen features: cls (normed cls token) | mean (patch tokens) | model (an "
-        "outside model's own pooled output). Default: cls for mae-bench encoders, model for "
-        "outside ones that have it.")
+        None, "Frozen features: cls (normed cls token) | mean (patch tokens; a ResNet's or other "
+        "CNN's global average pool, its only one) | model (an outside model's, or a timm "
+        "transformer backbone's, own pooled output). Default: cls for mae-bench ViTs, mean for "
+        "CNNs, model for outside ones that have it.")
     img_size: int | None = _opt(
         None, "Input size in pixels of the random reference (default: the data's own, e.g. an "
         "image folder's detected size) or of an outside model (default: its own; a timm ViT's "

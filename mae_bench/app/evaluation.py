@@ -29,6 +29,7 @@ from mae_bench.data import cache_writes_held, get_dataset_info, load_dataset
 from mae_bench.data.datasets import AnyDataset
 from mae_bench.data.info import DatasetInfo
 from mae_bench.errors import ConfigError, DataError, StoreWriteError
+from mae_bench.models.backbones import check_arch, is_vit
 from mae_bench.results import (
     RESULTS_FILE,
     append_rows,
@@ -82,6 +83,8 @@ def validate_spec(spec: Any) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    if spec.arch is not None:
+        check_arch(spec.arch)  # an unknown name, before any checkpoint is read
     validate_knobs(spec)  # every protocol's knob, whichever protocol runs
     protocol, options = protocol_options(spec)
     protocol.validate(options)
@@ -179,7 +182,7 @@ def source_of(spec: EvalSpec, info: DatasetInfo | None = None) -> EncoderSource:
     if reference is not None and reference.sized_by_data:
         info = info or get_dataset_info(spec.dataset or "digits")
         img_size, channels = spec.img_size or info.img_size, info.channels
-        if spec.arch is not None:
+        if spec.arch is not None and is_vit(spec.arch):  # a CNN or timm model takes any size
             from mae_bench.models.vit import get_preset
 
             patch = get_preset(spec.arch).patch_size

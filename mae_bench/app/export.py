@@ -9,6 +9,15 @@ standard artifact that timm or transformers users load without mae-bench.
                ``ViTMAEModel``), DIR/preprocessor_config.json, DIR/README.md:
                ``ViTModel.from_pretrained(DIR)``
 
+A run whose backbone is a ResNet or a timm model (``mae_bench.models.backbones``) exports
+
+    --to torch DIR/model.pt (the backbone's plain state dict: torchvision's ResNet keys, or the
+               timm model's) and DIR/load.py (``load_encoder()``: torchvision or timm alone
+               builds it, CIFAR stem included, and loads the weights), DIR/README.md
+    --to timm  as a ViT does, where timm has the same model: a timm backbone, or a ResNet
+               with the ImageNet stem (its keys are timm's ``resnet18`` / ``34`` / ``50``'s, 1:1);
+               the CIFAR stem has no timm counterpart and is refused
+
 The exported model is loaded back with timm / transformers before the folder is put in place,
 and its features are compared with mae-bench's on a random batch; the largest difference is in
 the README. The folder is written under a temporary name and renamed: a failed export leaves
@@ -20,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,13 +37,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from evals.encoders import EncoderSource, load_source
+from evals.encoders import MODEL_POOL, BackboneSource, EncoderSource, load_source
 from evals.features import pool_tokens
 from evals.sources import INSTALL_HF, HFEmbedder, hf_bars_off, is_outside
 from mae_bench.data import get_dataset_info
 from mae_bench.errors import ConfigError
+from mae_bench.models.backbones import TIMM_PREFIX, pooled
 
-FORMATS = ("timm", "hf")
+FORMATS = ("timm", "hf", "torch")
 HF_CLASSES = {"vit": "ViTModel", "vit_mae": "ViTMAEModel"}
 EXPORT_POOLS = ("cls", "mean")
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # official MAE's normalisation
@@ -53,7 +64,7 @@ class ExportResult:
     max_abs_diff: float  # exported vs mae-bench features on a random batch (fp32)
 
 
-def export_encoder(checkpoint: str | Path, to: str, out: str | Path, *, pool: str = "cls",
+def export_encoder(checkpoint: str | Path, to: str, out: str | Path, *, pool: str | None = None,
                    hf_class: str = "vit", trust: bool = False) -> ExportResult:
     """Export the encoder of ``checkpoint`` (a run folder / checkpoint file, any method, or an
     official MAE checkpoint) to ``out``.
@@ -61,22 +72,25 @@ def export_encoder(checkpoint: str | Path, to: str, out: str | Path, *, pool: st
     Args:
         checkpoint: what ``--checkpoint`` of ``mae-bench eval`` takes, except references and
             outside models.
-        to: "timm" or "hf".
+        to: "timm" or "hf"; "torch" (or "timm") for a ResNet or timm backbone.
         out: a new (or empty) folder.
         pool: the embedding the exported model returns: "cls" (normed cls token, mae-bench's
             default) or "mean" (mean of the normed patch tokens). timm: its ``global_pool``;
-            transformers has no pooling setting: the README says which token(s) to take.
+            transformers has no pooling setting: the README says which token(s) to take. A
+            ResNet or timm backbone has one, its own (None: that one).
         hf_class: "vit" (``ViTModel``) or "vit_mae" (``ViTMAEModel``, mask ratio 0).
         trust: allow unsafe unpickling of the checkpoint.
 
     Raises:
-        ConfigError: a bad format, pool, class or output folder; transformers missing for hf.
+        ConfigError: a bad format, pool, class or output folder; transformers missing for hf;
+            a format the encoder has no counterpart in (``_check_format``).
         CheckpointError: the checkpoint cannot be read.
     """
     if to not in FORMATS:
         raise ConfigError(f"unknown export format {to!r}; valid: {', '.join(FORMATS)}")
-    if pool not in EXPORT_POOLS:
-        raise ConfigError(f"unknown pool {pool!r}; valid: {', '.join(EXPORT_POOLS)}")
+    if pool is not None and pool not in (*EXPORT_POOLS, MODEL_POOL):
+        raise ConfigError(f"unknown pool {pool!r}; valid: {', '.join(EXPORT_POOLS)} (a ViT's), "
+                          f"or a backbone's own (mean: a CNN's average pool; {MODEL_POOL})")
     if hf_class not in HF_CLASSES:
         raise ConfigError(f"unknown --hf-class {hf_class!r}; valid: {', '.join(HF_CLASSES)}")
     out = Path(out).absolute()
@@ -91,19 +105,27 @@ def export_encoder(checkpoint: str | Path, to: str, out: str | Path, *, pool: st
         except ImportError:
             raise ConfigError(f"--to hf needs transformers: {INSTALL_HF}") from None
     source = load_source(checkpoint, trust=trust)
+    pool = _check_format(source, to, pool)
     mean, std = _normalisation(source)
     tmp = out.parent / f".{out.name}.export-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        if to == "timm":
+        if isinstance(source, BackboneSource):
+            diff = _write_backbone(source, tmp, to, mean, std)
+            load = (f'timm.create_model("local-dir:{out}", pretrained=True)' if to == "timm"
+                    else f'runpy.run_path("{out / "load.py"}")["load_encoder"]()')
+        elif to == "timm":
             diff = _write_timm(source, tmp, pool, mean, std)
             load = f'timm.create_model("local-dir:{out}", pretrained=True)'
         else:
             diff = _write_hf(source, tmp, hf_class, mean, std)
             load = (f'transformers.{HF_CLASSES[hf_class]}.from_pretrained("{out}"'
                     + (", add_pooling_layer=False" if hf_class == "vit" else "") + ")")
-        (tmp / "README.md").write_text(_readme(source, to, out, pool, hf_class, mean, std, diff))
+        readme = (_backbone_readme(source, to, out, pool, mean, std, diff)
+                  if isinstance(source, BackboneSource)
+                  else _readme(source, to, out, pool, hf_class, mean, std, diff))
+        (tmp / "README.md").write_text(readme)
         if out.exists():
             out.rmdir()  # empty, checked above
         tmp.rename(out)
@@ -111,6 +133,31 @@ def export_encoder(checkpoint: str | Path, to: str, out: str | Path, *, pool: st
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return ExportResult(out, sorted(p.name for p in out.iterdir()), load, diff)
+
+
+def _check_format(source: EncoderSource, to: str, pool: str | None) -> str:
+    """The pool to export, after refusing what this encoder has no counterpart for: hf and
+    another pool than its own for a backbone; torch for a ViT; timm for the CIFAR stem."""
+    if not isinstance(source, BackboneSource):
+        if to == "torch":
+            raise ConfigError(f"--to torch exports a ResNet or timm backbone; {source.label} is "
+                              f"a ViT ({source.arch}): export it --to timm or --to hf")
+        pool = pool or "cls"
+        if pool not in EXPORT_POOLS:
+            raise ConfigError(f"unknown pool {pool!r} for a ViT; valid: "
+                              f"{', '.join(EXPORT_POOLS)}")
+        return pool
+    pool = pool or source.default_pool
+    if pool not in source.pools:
+        raise ConfigError(f"--pool {pool}: {source.arch} offers {', '.join(source.pools)}")
+    if to == "hf":
+        raise ConfigError(f"--to hf writes a transformers ViT; {source.arch} exports --to torch "
+                          "(a state dict and a loader) or --to timm")
+    if to == "timm" and source.cifar_stem:
+        raise ConfigError(f"--to timm: {source.arch} with the CIFAR stem (3x3 stride-1 first "
+                          "convolution, no max-pool) has no timm counterpart; export it --to "
+                          "torch (torchvision builds it)")
+    return pool
 
 
 # --- timm ------------------------------------------------------------------------------------
@@ -257,10 +304,12 @@ def _plain(state: dict[str, Tensor]) -> dict[str, Tensor]:
 @torch.no_grad()
 def _max_diff(source: EncoderSource, pool: str, exported: Any) -> float:
     """Largest |exported - mae-bench| over the features of a random batch, in fp32."""
-    kw = source.vit_kwargs
-    x = torch.randn(4, kw["in_chans"], kw["img_size"], kw["img_size"],
-                    generator=torch.Generator().manual_seed(0))
-    ours = pool_tokens(source.build().eval().forward_features(x), pool)  # [N, D]
+    size = source.img_size
+    x = torch.randn(4, source.channels, size, size, generator=torch.Generator().manual_seed(0))
+    if isinstance(source, BackboneSource):  # its one pooling, BatchNorm in eval mode
+        ours = pooled(source.build().eval(), x)  # [N, D]
+    else:
+        ours = pool_tokens(source.build().eval().forward_features(x), pool)  # [N, D]
     diff = float((exported(x) - ours).abs().max())
     if not diff < 1e-4:  # a wrong artifact is never put in place
         raise RuntimeError(f"the exported model's {pool} features differ from mae-bench's by "
@@ -327,6 +376,140 @@ def _readme(source: EncoderSource, to: str, out: Path, pool: str, hf_class: str,
                       "(transformers issue 20431); the config's mask_ratio is 0 and the noise "
                       "above keeps every patch in order.", ""]
         lines += [f"Evaluate it back: `mae-bench eval --protocol knn --checkpoint hf:{out}`."]
+    lines += ["", f"Checked at export: the features of a random batch match mae-bench's to "
+              f"{diff:.2g} (max abs difference, fp32).", ""]
+    return "\n".join(lines)
+
+
+# --- ResNet and timm backbones -----------------------------------------------------------------
+
+
+def _write_backbone(source: BackboneSource, folder: Path, to: str, mean: tuple[float, ...],
+                    std: tuple[float, ...]) -> float:
+    """model.pt + load.py (torch), or model.safetensors + timm's config.json (timm); loaded back
+    as a user would (the loader run, timm's ``local-dir:``) and checked against our features."""
+    state = _plain({k.removeprefix("model."): v for k, v in source.state.items()}
+                   if source.arch.startswith(TIMM_PREFIX) else source.state)
+    if to == "torch":
+        torch.save(state, folder / "model.pt")
+        (folder / "load.py").write_text(_loader(source))
+        import runpy
+
+        model = runpy.run_path(str(folder / "load.py"))["load_encoder"](folder / "model.pt")
+    else:
+        import timm
+
+        _save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        config = _backbone_timm_config(source, mean, std)
+        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        model = timm.create_model(f"local-dir:{folder}", pretrained=True)
+    model.eval()
+    return _max_diff(source, source.default_pool, lambda x: model(x))
+
+
+def _timm_args(source: BackboneSource) -> dict[str, Any]:
+    """The ``timm.create_model`` arguments of the backbone as built: no classifier, its input
+    channels, and its image size where the model takes one (a transformer's position
+    embedding), as ``backbones.TimmBackbone`` builds it."""
+    args: dict[str, Any] = {"num_classes": 0, "in_chans": source.channels}
+    if source.arch.startswith(TIMM_PREFIX):
+        import timm
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                timm.create_model(source.arch.removeprefix(TIMM_PREFIX), pretrained=False,
+                                  img_size=source.img_size, **args)
+            args["img_size"] = source.img_size
+        except TypeError:  # a model without an img_size argument (CNNs)
+            pass
+    return args
+
+
+def _backbone_timm_config(source: BackboneSource, mean: tuple[float, ...],
+                          std: tuple[float, ...]) -> dict[str, Any]:
+    """timm's ``config.json`` for a ResNet (the same keys as timm's) or a timm backbone."""
+    name = source.arch.removeprefix(TIMM_PREFIX)
+    own = source.build()
+    cfg = dict(getattr(getattr(own, "model", None), "pretrained_cfg", None) or {})
+    size = source.img_size
+    pretrained_cfg = {
+        "input_size": [source.channels, size, size], "fixed_input_size": False,
+        "interpolation": "bicubic", "crop_pct": 1.0, "crop_mode": "center",
+        "mean": list(mean), "std": list(std), "num_classes": 0,
+        "first_conv": cfg.get("first_conv", "conv1"), "classifier": cfg.get("classifier", "fc"),
+        "custom_load": False,
+    }
+    return {"architecture": name, "num_classes": 0, "num_features": int(own.num_features),
+            "model_args": _timm_args(source), "pretrained_cfg": pretrained_cfg,
+            "mae_bench": {"run_id": source.run_id, "method": source.method, "arch": source.arch,
+                          "weights": source.fingerprint[:12], "pool": source.default_pool,
+                          **{k: source.pretrain[k] for k in ("pretrain_dataset",
+                                                             "pretrain_epochs")
+                             if source.pretrain.get(k) is not None}}}
+
+
+def _loader(source: BackboneSource) -> str:
+    """load.py: ``load_encoder(path)`` builds the backbone with torchvision (a ResNet: its stem
+    as the run had it, no classifier) or timm, loads model.pt, returns it in eval mode."""
+    c = source.channels
+    if source.arch.startswith(TIMM_PREFIX):
+        args = ", ".join(f"{k}={v!r}" for k, v in _timm_args(source).items())
+        imports = "import timm\nimport torch\nfrom torch import nn"
+        build = [f'model = timm.create_model("{source.arch.removeprefix(TIMM_PREFIX)}", '
+                 f"pretrained=False, {args})"]
+    else:
+        imports = "import torch\nimport torchvision\nfrom torch import nn"
+        build = [f"model = torchvision.models.{source.arch}()"]
+        if source.cifar_stem:  # 3x3 stride-1 convolution and no max-pool, for small images
+            build += [f"model.conv1 = nn.Conv2d({c}, 64, kernel_size=3, stride=1, padding=1, "
+                      "bias=False)", "model.maxpool = nn.Identity()"]
+        elif c != 3:
+            build += [f"model.conv1 = nn.Conv2d({c}, 64, kernel_size=7, stride=2, padding=3, "
+                      "bias=False)"]
+        build += ["model.fc = nn.Identity()  # the pooled features, no classifier"]
+    body = "\n".join(f"    {line}" for line in build)
+    return (f'"""The {source.arch} encoder of mae-bench run {source.run_id} ({source.method}), '
+            f"without mae-bench:\nmodel(x) on [N, {c}, {source.img_size}, {source.img_size}] "
+            f'normalised images is the [N, D] embedding (README.md)."""\n\n'
+            f"from pathlib import Path\n\n{imports}\n\n\n"
+            'def load_encoder(path: str | Path = Path(__file__).with_name("model.pt")) '
+            "-> nn.Module:\n"
+            f"{body}\n"
+            '    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))\n'
+            "    return model.eval()\n")
+
+
+def _backbone_readme(source: BackboneSource, to: str, out: Path, pool: str,
+                     mean: tuple[float, ...], std: tuple[float, ...], diff: float) -> str:
+    facts = ", ".join(f"{k} {source.pretrain[k]}" for k in ("pretrain_dataset", "pretrain_epochs")
+                      if source.pretrain.get(k) is not None)
+    size = source.img_size
+    lines = [
+        f"# {source.label}: the {source.method} encoder ({source.arch}), exported by mae-bench",
+        "",
+        f"Weights hash {source.fingerprint[:12]} (mae-bench run id {source.run_id})"
+        + (f"; {facts}" if facts else "") + ".",
+        f"Input: {source.channels} x {size} x {size}, pixels in [0, 1] normalised with mean "
+        f"{list(mean)} and std {list(std)} (bicubic resize, no crop); BatchNorm in eval mode.",
+        f"The model returns mae-bench's `--pool {pool}` features"
+        + (" (the global average pool of the last stage)" if pool == "mean" else "") + ".",
+        "",
+        "```python",
+    ]
+    if to == "torch":
+        lines += ["import runpy",
+                  f'model = runpy.run_path("{out / "load.py"}")["load_encoder"]()',
+                  "features = model(x)",
+                  "```", "", "load.py needs torch and "
+                  + ("timm" if source.arch.startswith(TIMM_PREFIX) else "torchvision")
+                  + " only; model.pt is a plain state dict (`torch.load(weights_only=True)`)."]
+    else:
+        lines += ["import timm",
+                  f'model = timm.create_model("local-dir:{out}", pretrained=True).eval()',
+                  "features = model(x)",
+                  "```", "",
+                  f"Evaluate it back: `mae-bench eval --protocol knn --checkpoint timm:{out}`."]
     lines += ["", f"Checked at export: the features of a random batch match mae-bench's to "
               f"{diff:.2g} (max abs difference, fp32).", ""]
     return "\n".join(lines)
