@@ -81,7 +81,8 @@ def test_budget_plans_epochs_from_throughput_and_keeps_them(tmp_path):
 
 
 @pytest.mark.parametrize("kw, message", [
-    ({"methods": ("mae", "swav")}, "unknown method 'swav'"),
+    ({"methods": ("mae", "ibot")}, "unknown method 'ibot'"),
+    ({"methods": ("mae", "simclr@resnet19")}, "unknown architecture 'resnet19'"),
     ({"methods": ("mae", "mae")}, "lists a method twice"),
     ({"budget_seconds": 10.0}, "not both"),
     ({"protocols": ("knn", "svm")}, "unknown protocol 'svm'"),
@@ -184,3 +185,32 @@ def test_protocols_are_asked_not_named():
     assert at_headline(rows, 5)["value"].tolist() == [1.0, 4.0, 5.0]
     assert at_headline(rows, 20)["value"].tolist() == [2.0, 4.0, 5.0]
     assert at_headline(rows.drop(columns="k"), 5)["value"].tolist() == [1.0, 2.0, 3.0, 4.0, 5.0]
+
+
+def test_each_method_on_its_own_backbone_stands_in_one_table(tmp_path):
+    """``--methods mae@vit,simclr@resnet18``: MAE on a ViT beside SimCLR on a ResNet-18, one
+    random-encoder row per backbone, each evaluated with its own pool (cls / mean)."""
+    spec = _spec(tmp_path, methods=("mae@vit_micro_patch2", "simclr@resnet18"),
+                 protocols=("knn",))
+    out = run_compare(spec, log=lambda _: None, progress=False)
+    table = out.table
+    assert list(table.index) == ["mae@vit_micro_patch2", "simclr@resnet18", "pixels",
+                                 "random@vit_micro_patch2", "random@resnet18"]
+    assert table["knn top-1 (k=20)"].notna().all()
+    assert "-resnet18-" in out.run_dirs["simclr@resnet18"].name
+    rows = read_results(tmp_path / "results")
+    arch_pool = set(zip(rows["arch"], rows["pool"].fillna("-"), strict=True))
+    assert {("vit_micro_patch2", "cls"), ("resnet18", "mean")} <= arch_pool
+    # the ResNet's run recorded its CNN recipe
+    cfg = RunConfig.from_yaml(out.run_dirs["simclr@resnet18"] / "config.yaml")
+    assert cfg.model.arch == "resnet18"
+    assert cfg.train.optimizer == METHODS["simclr"].cnn_defaults["train"]["optimizer"]
+
+
+def test_a_masked_method_on_a_cnn_is_refused_before_any_work(monkeypatch, capsys, tmp_path):
+    code, _, err = run_cli(monkeypatch, capsys, "compare", "--methods", "mae@resnet18,simclr",
+                           "--runs-dir", str(tmp_path / "runs"),
+                           "--results-dir", str(tmp_path / "res"))
+    assert code == 2 and err.strip() == ("error: --methods mae@resnet18: mae needs a ViT preset,"
+                                         " not resnet18; e.g. mae@vit_mini_patch4")
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "res").exists()

@@ -1,10 +1,13 @@
-"""``mae-bench compare``: pretrain MAE and the baselines on one ViT, evaluate each with the same
-protocols, add the ``pixels`` and ``random`` reference rows, and tabulate accuracy beside cost.
+"""``mae-bench compare``: pretrain MAE and the baselines, evaluate each with the same protocols,
+add the ``pixels`` and ``random`` reference rows, and tabulate accuracy beside cost.
 
-Fairness: every method trains the same architecture on the same data with the same engine, for
-either the same number of epochs (``epochs``) or the same wall-clock budget (``budget_seconds``:
-each method's steps are set from its throughput, measured just before; the time actually spent
-is reported beside it).
+Fairness: every method trains on the same data with the same engine, for either the same number
+of epochs (``epochs``) or the same wall-clock budget (``budget_seconds``: each method's steps are
+set from its throughput, measured just before; the time actually spent is reported beside it).
+By default every method trains the same backbone (``arch``); an entry ``METHOD@ARCH`` puts a
+method on its own backbone (MAE on a ViT beside SimCLR on a ResNet-18), and then the cost
+columns (seconds, GFLOPs per image) say what each number cost. With several backbones there is
+one random-encoder row per backbone (``random@ARCH``).
 
 Nothing is done twice: a run folder that already holds the finished run is reused (budget runs
 keep the epoch count they were planned with), and an evaluation whose rows are already in the
@@ -36,6 +39,7 @@ from mae_bench.files import (
     write_json_atomic,
 )
 from mae_bench.methods.registry import method_class, resolve_config
+from mae_bench.models.backbones import check_arch, is_vit
 from mae_bench.results import check_writable, git_sha, read_results
 from mae_bench.training.distributed import (
     broadcast_from_main,
@@ -62,7 +66,7 @@ class CompareSpec:
     protocols: tuple[str, ...] = ("knn", "linear")
     dataset: str = "digits"
     data_dir: str | None = None
-    arch: str = "vit_mini_patch2"
+    arch: str = "vit_mini_patch2"  # the backbone of every entry without its own @ARCH
     img_size: int | None = None
     epochs: float | None = None  # same epochs for every method ...
     budget_seconds: float | None = None  # ... or the same training time (default)
@@ -73,7 +77,7 @@ class CompareSpec:
     label_fraction: float = 0.1  # fewshot only
     finetune_epochs: int = 20  # finetune only: a first look, not the paper's 100
     recipe: str = "auto"  # finetune: evals/recipes.py (the random row gets the scratch baseline)
-    pool: str = "cls"
+    pool: str | None = None  # frozen features; None: each encoder's own (ViT cls, CNN mean)
     device: str = "auto"
     precision: str = "auto"
     num_workers: int | None = None
@@ -94,12 +98,40 @@ class CompareOutcome:
     failed: list[str] = field(default_factory=list)  # "method: error" of stopped trainings
 
 
+def entry(spec: CompareSpec, name: str) -> tuple[str, str]:
+    """(method, backbone) of a ``--methods`` entry: ``simclr@resnet18``, or ``simclr`` on
+    ``spec.arch``."""
+    method, _, arch = name.partition("@")
+    return method, arch or spec.arch
+
+
+def archs(spec: CompareSpec) -> list[str]:
+    """The backbones of the comparison, in the order of first use."""
+    return list(dict.fromkeys(entry(spec, name)[1] for name in spec.methods))
+
+
+def references(spec: CompareSpec) -> list[tuple[str, str, str]]:
+    """(row name, checkpoint, backbone) of the reference rows: pixels, and one random encoder
+    per backbone (named ``random@ARCH`` when there are several)."""
+    if not spec.references:
+        return []
+    backbones = archs(spec)
+    randoms = [("random" if len(backbones) == 1 else f"random@{a}", "random", a)
+               for a in backbones]
+    return [("pixels", "pixels", spec.arch), *randoms]
+
+
 def validate_compare(spec: CompareSpec) -> None:
     """Checks that need nothing loaded. Raises ConfigError naming the bad value and the fix."""
     if not spec.methods:
         raise ConfigError("--methods needs at least one method")
     for name in spec.methods:
-        method_class(name)
+        method, arch = entry(spec, name)
+        cls = method_class(method)
+        check_arch(arch)
+        if cls.needs_vit and not is_vit(arch):
+            raise ConfigError(f"--methods {name}: {method} needs a ViT preset, not {arch}; "
+                              f"e.g. {method}@vit_mini_patch4")
     if len(set(spec.methods)) != len(spec.methods):
         raise ConfigError(f"--methods lists a method twice: {','.join(spec.methods)}")
     if spec.epochs is not None and spec.budget_seconds is not None:
@@ -116,11 +148,13 @@ def validate_compare(spec: CompareSpec) -> None:
         raise ConfigError(f"--k must be >= 1, got {spec.k}")
 
 
-def run_config(spec: CompareSpec, method: str, epochs: float | None = None) -> RunConfig:
-    """The pretraining config of one method in this comparison (method defaults resolved)."""
+def run_config(spec: CompareSpec, name: str, epochs: float | None = None) -> RunConfig:
+    """The pretraining config of one ``--methods`` entry in this comparison (method defaults
+    resolved for its backbone)."""
+    method, arch = entry(spec, name)
     base = RunConfig.from_dict(spec.overrides) if spec.overrides else RunConfig()
     cfg = base.replace(
-        model={"arch": spec.arch, "img_size": spec.img_size},
+        model={"arch": arch, "img_size": spec.img_size},
         data={"dataset": spec.dataset, "data_dir": spec.data_dir,
               "num_workers": spec.num_workers},
         train={"method": method, "epochs": epochs, "batch_size": spec.batch_size,
@@ -154,6 +188,8 @@ def run_compare(spec: CompareSpec, log: Log = print, progress: bool = True,
     # Fail on bad data, or a store that cannot be written, before any training.
     n_train = len(load_dataset(spec.dataset, "train", spec.data_dir))
     plans = {m: run_config(spec, m, spec.epochs) for m in spec.methods}
+    for cfg in plans.values():  # e.g. a MoCo v2+ queue longer than the data set
+        method_class(cfg.train.method).check_data(cfg, n_train)
     if is_main_process():
         check_writable(spec.results_dir)
 
@@ -162,12 +198,11 @@ def run_compare(spec: CompareSpec, log: Log = print, progress: bool = True,
                            console=console)
     run_dirs, failed = pretrainings.run_dirs, trained.failed
     entries: list[tuple[str, str]] = [(name, str(d)) for name, d in run_dirs.items()]
-    if spec.references:
-        entries += [(ref, ref) for ref in REFERENCES]
+    entries += [(name, checkpoint) for name, checkpoint, _ in references(spec)]
     # A stopped run stays in the table, with no numbers; it may have no checkpoint to name it.
     stopped = {f.split(":")[0] for f in failed}
-    run_ids = {name: Path(checkpoint).name if name in stopped else _run_id(spec, checkpoint)
-               for name, checkpoint in entries}
+    run_ids = {name: Path(checkpoint).name if name in stopped
+               else _run_id(spec, checkpoint, _arch_of(spec, name)) for name, checkpoint in entries}
     entries = [(name, checkpoint) for name, checkpoint in entries if name not in stopped]
     todo = broadcast_from_main(_evals_to_run(spec, entries, run_ids) if is_main_process()
                                else None)
@@ -250,8 +285,8 @@ class _Evaluations(Campaign[tuple[str, str, str]]):
             extra = {"gflops_per_image": broadcast_from_main(
                 _read_cost(self.run_dirs[name]).get("gflops_per_image") if is_main_process()
                 else None)}
-        yield f"evaluating {name}: {protocol}", _eval_spec(self.spec, protocol, checkpoint,
-                                                           extra)
+        yield f"evaluating {name}: {protocol}", _eval_spec(
+            self.spec, protocol, checkpoint, extra, _arch_of(self.spec, name))
 
 
 def epochs_shown(epochs: float, budget_seconds: float | None) -> str:
@@ -292,19 +327,20 @@ def _evals_to_run(spec: CompareSpec, entries: list[tuple[str, str]],
     return [(name, checkpoint, protocol) for name, checkpoint in entries
             for protocol in spec.protocols
             if not (checkpoint == "pixels" and not takes_pixels(protocol))
-            and not _has_rows(store, run_ids[name], spec, protocol)]
+            and not _has_rows(store, run_ids[name], spec, protocol, _arch_of(spec, name))]
 
 
 def compare_table(store: pd.DataFrame, spec: CompareSpec, run_ids: dict[str, str],
                   run_dirs: dict[str, Path]) -> pd.DataFrame:
-    """One row per method / reference: top-1 of each protocol (k-NN at ``spec.k``), then the
-    cost columns (pretraining wall time, epochs, GFLOPs per image per step, images/s)."""
+    """One row per method / reference (named METHOD@ARCH when the backbones differ): top-1 of
+    each protocol (k-NN at ``spec.k``), then the cost columns (pretraining wall time,
+    epochs, GFLOPs per image per step, images/s)."""
     rows = []
     for name, run_id in run_ids.items():
-        row: dict[str, Any] = {"method": name}
+        row: dict[str, Any] = {"method": name}  # METHOD@ARCH when the backbones differ
         for protocol in spec.protocols:
             pick = headline(protocol, k=spec.k)
-            sel = _select(store, run_id, spec, protocol)
+            sel = _select(store, run_id, spec, protocol, _arch_of(spec, name))
             sel = sel[sel["metric"] == "top1"]
             for column, value in pick.items():
                 sel = sel[sel[column] == value]
@@ -343,14 +379,22 @@ def at_headline(rows: pd.DataFrame, k: int) -> pd.DataFrame:
     return rows[keep]
 
 
+def _arch_of(spec: CompareSpec, name: str) -> str:
+    """The backbone of a table row: a ``--methods`` entry's, a reference's."""
+    for ref, _, arch in references(spec):
+        if ref == name:
+            return arch
+    return entry(spec, name)[1]
+
+
 def _eval_spec(spec: CompareSpec, protocol: str, checkpoint: str,
-               extra: dict[str, Any] | None = None) -> EvalSpec:
+               extra: dict[str, Any] | None = None, arch: str | None = None) -> EvalSpec:
     # One label fraction for the few-shot protocol, a short schedule for those that train the
     # encoder (a first look, not the paper's 100 epochs).
     measure = get_protocol(protocol)
     return EvalSpec(protocol=protocol, checkpoint=checkpoint,
-                    arch=spec.arch if checkpoint == "random" else None, dataset=spec.dataset,
-                    data_dir=spec.data_dir, pool=spec.pool,
+                    arch=(arch or spec.arch) if checkpoint == "random" else None,
+                    dataset=spec.dataset, data_dir=spec.data_dir, pool=spec.pool,
                     label_fraction=spec.label_fraction if measure.few_shot else 1.0,
                     epochs=spec.finetune_epochs if measure.trains_encoder else None,
                     recipe=spec.recipe, seed=spec.seed, device=spec.device,
@@ -358,26 +402,30 @@ def _eval_spec(spec: CompareSpec, protocol: str, checkpoint: str,
                     results_dir=spec.results_dir, extra=extra or {})
 
 
-def _run_id(spec: CompareSpec, checkpoint: str) -> str:
+def _run_id(spec: CompareSpec, checkpoint: str, arch: str | None = None) -> str:
     """The run_id the rows of this encoder carry (the reference rows' depend on the data)."""
-    return source_of(_eval_spec(spec, "knn", checkpoint)).run_id
+    return source_of(_eval_spec(spec, "knn", checkpoint, arch=arch)).run_id
 
 
-def _select(store: pd.DataFrame, run_id: str, spec: CompareSpec, protocol: str) -> pd.DataFrame:
+def _select(store: pd.DataFrame, run_id: str, spec: CompareSpec, protocol: str,
+            arch: str) -> pd.DataFrame:
     if store.empty or "run_id" not in store:
         return store
     sel = store[(store["run_id"] == run_id) & (store["dataset"] == spec.dataset)
                 & (store["protocol"] == protocol) & (store["status"] == "ok")]
-    if "pool" in sel and not run_id.startswith("pixels"):
-        sel = sel[sel["pool"].isna() | (sel["pool"] == spec.pool)]
+    # the pool asked for; without --pool the encoder's own (a ViT preset's: cls)
+    pool = spec.pool or ("cls" if is_vit(arch) else None)
+    if "pool" in sel and pool is not None and not run_id.startswith("pixels"):
+        sel = sel[sel["pool"].isna() | (sel["pool"] == pool)]
     if get_protocol(protocol).trains_encoder:  # rows of this schedule and recipe only
         for column, wanted in (("epochs", spec.finetune_epochs), ("recipe", spec.recipe)):
             sel = sel[sel[column] == wanted] if column in sel else sel.iloc[:0]
     return sel
 
 
-def _has_rows(store: pd.DataFrame, run_id: str, spec: CompareSpec, protocol: str) -> bool:
-    return len(_select(store, run_id, spec, protocol)) > 0
+def _has_rows(store: pd.DataFrame, run_id: str, spec: CompareSpec, protocol: str,
+              arch: str) -> bool:
+    return len(_select(store, run_id, spec, protocol, arch)) > 0
 
 
 def silent(message: str) -> None:

@@ -1,5 +1,5 @@
-"""``mae-bench compare``: pretrain MAE and the baselines on one ViT, evaluate each the same
-way, print one table."""
+"""``mae-bench compare``: pretrain MAE and the baselines (on one backbone, or each on its own),
+evaluate each the same way, print one table."""
 
 from __future__ import annotations
 
@@ -34,7 +34,9 @@ OWN_OPTIONS = {
 
 def compare(
     methods: Annotated[
-        str, typer.Option(help="Methods to pretrain, comma-separated (registry names).")
+        str, typer.Option(help="Methods to pretrain, comma-separated (registry names); "
+                          "METHOD@ARCH trains one on its own backbone, e.g. "
+                          "mae@vit_mini_patch4,simclr@resnet18.")
     ] = "mae,simclr,mocov3,byol,dino",
     protocols: Annotated[
         str, typer.Option(help="Evaluations, comma-separated: knn, linear, fewshot, finetune.")
@@ -44,8 +46,9 @@ def compare(
     data_dir: Annotated[Path, field_option("data.data_dir")] = None,
     arch: Annotated[
         str,
-        typer.Option(help="The one ViT preset every method trains (vit_mini_patch4 or "
-                     "vit_tiny_patch4 for 32-px images)."),
+        typer.Option(help="The backbone every method trains unless its entry names its own: "
+                     "a ViT preset (vit_mini_patch4 or vit_tiny_patch4 for 32-px images), "
+                     "resnet18 | resnet34 | resnet50 (not for mae), or timm:NAME."),
     ] = "vit_mini_patch2",
     img_size: Annotated[int, field_option("model.img_size")] = None,
     epochs: Annotated[
@@ -72,7 +75,9 @@ def compare(
         str, typer.Option(help="finetune: auto (default: the paper's recipe adapted to small "
                           "images and data, see `mae-bench eval --help`) | paper.")
     ] = "auto",
-    pool: Annotated[str, typer.Option(help="Frozen features: cls | mean.")] = "cls",
+    pool: Annotated[str, typer.Option(help="Frozen features: cls | mean (default: each "
+                                      "encoder's own: a ViT's cls token, a CNN's average "
+                                      "pool).")] = None,
     references: Annotated[
         bool,
         typer.Option("--references/--no-references",
@@ -96,11 +101,12 @@ def compare(
     cache_dir: Annotated[Path, typer.Option(help="Feature cache folder.")] = None,
     progress: Progress = True,
 ) -> None:
-    """Pretrain MAE and the baselines on one ViT, evaluate each the same way, and print one
-    table: rows = methods plus the pixels / random references, columns = top-1 per protocol
-    and the cost (pretraining seconds, epochs, GFLOPs per image per step, images/s). Finished
-    runs and evaluations already in the store are reused. With no options: every method for
-    20 s on digits (a few minutes on a laptop CPU)."""
+    """Pretrain MAE and the baselines on one backbone (or each on its own, METHOD@ARCH),
+    evaluate each the same way, and print one table: rows = methods plus the pixels / random
+    references, columns = top-1 per protocol and the cost (pretraining seconds, epochs, GFLOPs
+    per image per step, images/s). Finished runs and evaluations already in the store are
+    reused. With no options: every method for 20 s on digits (a few minutes on a laptop
+    CPU)."""
     from mae_bench.app.compare import CompareSpec, run_compare
     from mae_bench.results import export_table
 
@@ -119,7 +125,8 @@ def compare(
     with task_progress(progress) as report:
         outcome = run_compare(spec, log=log_between_bars(report), progress=progress,
                               console=console, eval_progress=report)
-    table = Table(title=f"compare on {dataset}, {arch} "
+    backbones = ", ".join(dict.fromkeys(n.partition("@")[2] or arch for n in names(methods)))
+    table = Table(title=f"compare on {dataset}, {backbones} "
                   f"({'same epochs' if epochs is not None else 'same training time'})")
     table.add_column("method")
     for col in outcome.table.columns:
