@@ -19,6 +19,7 @@ from mae_bench.cli import (
     export,
     pretrain,
     report,
+    reproduce,
     results,
     speed,
     sweep,
@@ -47,6 +48,7 @@ COMMANDS = {
     "compare": compare.compare,
     "results": results.results,
     "sweep": sweep.sweep,
+    "reproduce": reproduce.reproduce,
     "report": report.report,
     "speed": speed.speed,
 }
