@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from baselines.base import BackboneMethod
+from baselines.base import VIT_RECIPE, BackboneMethod
 from baselines.heads import mlp
 from baselines.losses import BarlowTwinsLoss
 from baselines.views import byol_views
@@ -46,8 +46,7 @@ class BarlowTwins(BackboneMethod):
 
     name = "barlowtwins"
 
-    defaults = {"train": {"optimizer": "adamw", "blr": 1.5e-4, "weight_decay": 0.1,
-                          "lr_scaling": "sqrt", "lr_ref_batch": 4096},
+    defaults = {"train": VIT_RECIPE,
                 "ssl": {"proj_hidden_dim": 2048, "proj_dim": 2048, "redundancy_weight": 5e-3}}
     own_knobs = frozenset({"ssl.redundancy_weight"})
     cnn_defaults = {"train": {"optimizer": "lars", "blr": 0.3, "lr_scaling": "linear",

@@ -13,6 +13,13 @@ from mae_bench.config import RunConfig
 from mae_bench.methods.method import Method
 from mae_bench.models.backbones import build_backbone, is_convnet
 
+# MoCo v3's ViT recipe (Chen, Xie, He 2021: AdamW, blr 1.5e-4 at batch 4,096, weight decay 0.1),
+# which MoCo v3 used for its SimCLR and BYOL ViT baselines too: the ``train`` defaults of every
+# joint-embedding method on a ViT but DINO, carried to the run's batch by the square-root rule
+# (``mae_bench.config.peak_lr``; baselines/__init__.py says why).
+VIT_RECIPE = {"optimizer": "adamw", "blr": 1.5e-4, "weight_decay": 0.1, "lr_scaling": "sqrt",
+              "lr_ref_batch": 4096}
+
 
 class BackboneMethod(Method):
     """A method whose encoder is ``self.backbone``, the configured backbone (``model.arch``),

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from baselines.base import BackboneMethod
+from baselines.base import VIT_RECIPE, BackboneMethod
 from baselines.heads import mlp
 from baselines.losses import byol_loss
 from baselines.views import byol_views
@@ -47,8 +47,7 @@ class BYOL(BackboneMethod):
 
     name = "byol"
 
-    defaults = {"train": {"optimizer": "adamw", "blr": 1.5e-4, "weight_decay": 0.1,
-                          "lr_scaling": "sqrt", "lr_ref_batch": 4096},
+    defaults = {"train": VIT_RECIPE,
                 "ssl": {"proj_hidden_dim": 2048, "proj_dim": 256, "momentum": 0.996,
                         "head_output_bias": False}}
     # the heads whose output Linear had a bias in runs made before ``ssl.head_output_bias``

@@ -36,7 +36,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor, nn
 
-from baselines.base import BackboneMethod
+from baselines.base import VIT_RECIPE, BackboneMethod
 from baselines.ema import cosine_momentum, ema_update
 from baselines.losses import queue_infonce
 from baselines.queue import FeatureQueue, skip_in_ddp_broadcast
@@ -70,8 +70,7 @@ class MoCoV2(BackboneMethod):
 
     name = "mocov2"
 
-    defaults = {"train": {"optimizer": "adamw", "blr": 1.5e-4, "weight_decay": 0.1,
-                          "lr_scaling": "sqrt", "lr_ref_batch": 4096},
+    defaults = {"train": VIT_RECIPE,
                 "ssl": {"temperature": 0.2, "proj_hidden_dim": 2048, "proj_dim": 256,
                         "momentum": 0.99, "queue_size": 32768}}
     cnn_defaults = {"train": {"optimizer": "sgd", "blr": 0.3, "weight_decay": 1e-4,

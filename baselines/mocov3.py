@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from baselines.base import BackboneMethod
+from baselines.base import VIT_RECIPE, BackboneMethod
 from baselines.heads import mlp
 from baselines.losses import mocov3_loss
 from baselines.views import byol_views
@@ -42,8 +42,7 @@ class MoCoV3(BackboneMethod):
     name = "mocov3"
     ema_before_forward = True
 
-    defaults = {"train": {"optimizer": "adamw", "blr": 1.5e-4, "weight_decay": 0.1,
-                          "lr_scaling": "sqrt", "lr_ref_batch": 4096},
+    defaults = {"train": VIT_RECIPE,
                 "ssl": {"temperature": 0.2, "proj_hidden_dim": 2048, "proj_dim": 256,
                         "momentum": 0.99, "freeze_patch_embed": True}}
     cnn_defaults = {"train": {"optimizer": "lars", "blr": 0.3, "lr_scaling": "linear",

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from baselines.base import BackboneMethod
+from baselines.base import VIT_RECIPE, BackboneMethod
 from baselines.heads import mlp
 from baselines.losses import nnclr_infonce
 from baselines.queue import FeatureQueue, nearest_neighbours, skip_in_ddp_broadcast
@@ -51,8 +51,7 @@ class NNCLR(BackboneMethod):
 
     name = "nnclr"
 
-    defaults = {"train": {"optimizer": "adamw", "blr": 1.5e-4, "weight_decay": 0.1,
-                          "lr_scaling": "sqrt", "lr_ref_batch": 4096},
+    defaults = {"train": VIT_RECIPE,
                 "ssl": {"temperature": 0.2, "proj_hidden_dim": 2048, "proj_dim": 256,
                         "pred_hidden_dim": 4096, "queue_size": 65536}}
     cnn_defaults = {"train": {"optimizer": "lars", "blr": 0.4, "weight_decay": 1e-5,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from baselines.base import BackboneMethod
+from baselines.base import VIT_RECIPE, BackboneMethod
 from baselines.heads import mlp
 from baselines.losses import nt_xent
 from baselines.views import simclr_views
@@ -33,8 +33,7 @@ class SimCLR(BackboneMethod):
 
     name = "simclr"
 
-    defaults = {"train": {"optimizer": "adamw", "blr": 1.5e-4, "weight_decay": 0.1,
-                          "lr_scaling": "sqrt", "lr_ref_batch": 4096},
+    defaults = {"train": VIT_RECIPE,
                 "ssl": {"temperature": 0.5, "proj_hidden_dim": 2048, "proj_dim": 128}}
     cnn_defaults = {"train": {"optimizer": "lars", "blr": 0.4, "lr_scaling": "linear",
                               "lr_ref_batch": 256, "weight_decay": 1e-4, "sgd_momentum": 0.9,

@@ -60,7 +60,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from baselines.base import BackboneMethod
+from baselines.base import VIT_RECIPE, BackboneMethod
 from baselines.heads import mlp
 from baselines.views import swav_views
 from mae_bench.config import RunConfig
@@ -134,8 +134,7 @@ class SwAV(BackboneMethod):
 
     name = "swav"
 
-    defaults = {"train": {"optimizer": "adamw", "blr": 1.5e-4, "weight_decay": 0.1,
-                          "lr_scaling": "sqrt", "lr_ref_batch": 4096},
+    defaults = {"train": VIT_RECIPE,
                 "ssl": {"temperature": 0.1, "proj_hidden_dim": 2048, "proj_dim": 128,
                         "num_prototypes": 3000, "sinkhorn_iterations": 3,
                         "sinkhorn_epsilon": 0.05, "queue_size": 3840,

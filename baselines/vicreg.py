@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from baselines.base import BackboneMethod
+from baselines.base import VIT_RECIPE, BackboneMethod
 from baselines.heads import mlp
 from baselines.losses import VICRegLoss
 from baselines.views import byol_views
@@ -48,8 +48,7 @@ class VICReg(BackboneMethod):
 
     name = "vicreg"
 
-    defaults = {"train": {"optimizer": "adamw", "blr": 1.5e-4, "weight_decay": 0.1,
-                          "lr_scaling": "sqrt", "lr_ref_batch": 4096},
+    defaults = {"train": VIT_RECIPE,
                 "ssl": {"proj_hidden_dim": 2048, "proj_dim": 2048, "invariance_weight": 25.0,
                         "variance_weight": 25.0, "covariance_weight": 1.0}}
     own_knobs = frozenset({"ssl.invariance_weight", "ssl.variance_weight",
