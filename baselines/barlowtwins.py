@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from baselines.base import VIT_RECIPE, BackboneMethod
+from baselines.base import VIT_RECIPE, BackboneMethod, solo_learn_cifar
 from baselines.heads import mlp
 from baselines.losses import BarlowTwinsLoss
 from baselines.views import byol_views
@@ -49,9 +49,7 @@ class BarlowTwins(BackboneMethod):
     defaults = {"train": VIT_RECIPE,
                 "ssl": {"proj_hidden_dim": 2048, "proj_dim": 2048, "redundancy_weight": 5e-3}}
     own_knobs = frozenset({"ssl.redundancy_weight"})
-    cnn_defaults = {"train": {"optimizer": "lars", "blr": 0.3, "lr_scaling": "linear",
-                              "lr_ref_batch": 256, "weight_decay": 1e-4, "sgd_momentum": 0.9,
-                              "lars_eta": 0.02, "lars_clip_lr": True},
+    cnn_defaults = {"train": solo_learn_cifar("lars", 0.3, 1e-4),
                     "ssl": {"proj_hidden_dim": 2048, "proj_dim": 2048, "redundancy_weight": 0.0051}}
 
     def __init__(self, cfg: RunConfig, channels: int, img_size: int):

@@ -4,6 +4,8 @@ MoCo v2+) EMA teachers that follow their students after every optimizer step."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -19,6 +21,16 @@ from mae_bench.models.backbones import build_backbone, is_convnet
 # (``mae_bench.config.peak_lr``; baselines/__init__.py says why).
 VIT_RECIPE = {"optimizer": "adamw", "blr": 1.5e-4, "weight_decay": 0.1, "lr_scaling": "sqrt",
               "lr_ref_batch": 4096}
+
+
+def solo_learn_cifar(optimizer: str, blr: float, weight_decay: float, **more: Any
+                     ) -> dict[str, Any]:
+    """The ``train`` part of a method's solo-learn CIFAR ResNet-18 recipe
+    (scripts/pretrain/cifar/<method>.yaml): its optimizer, lr per 256 images by the linear rule,
+    weight decay, and ``more`` fields. LARS's eta 0.02 and clipped lr (and SGD's momentum 0.9)
+    are solo-learn's for every method; ``resolve_config`` fills them for the optimizer."""
+    return {"optimizer": optimizer, "blr": blr, "weight_decay": weight_decay,
+            "lr_scaling": "linear", "lr_ref_batch": 256, **more}
 
 
 class BackboneMethod(Method):

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from baselines.base import VIT_RECIPE, BackboneMethod
+from baselines.base import VIT_RECIPE, BackboneMethod, solo_learn_cifar
 from baselines.heads import mlp
 from baselines.losses import byol_loss
 from baselines.views import byol_views
@@ -52,9 +52,7 @@ class BYOL(BackboneMethod):
                         "head_output_bias": False}}
     # the heads whose output Linear had a bias in runs made before ``ssl.head_output_bias``
     heads = ("projector", "predictor", "target_projector")
-    cnn_defaults = {"train": {"optimizer": "lars", "blr": 1.0, "lr_scaling": "linear",
-                              "lr_ref_batch": 256, "weight_decay": 1e-5, "sgd_momentum": 0.9,
-                              "lars_eta": 0.02, "lars_clip_lr": True},
+    cnn_defaults = {"train": solo_learn_cifar("lars", 1.0, 1e-5),
                     "ssl": {"proj_hidden_dim": 4096, "proj_dim": 256, "momentum": 0.99,
                             "head_output_bias": True}}
 

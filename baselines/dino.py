@@ -49,7 +49,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from baselines.base import BackboneMethod
+from baselines.base import BackboneMethod, solo_learn_cifar
 from baselines.heads import DINOHead
 from baselines.losses import DINOLoss
 from baselines.views import dino_views
@@ -94,9 +94,7 @@ class DINO(BackboneMethod):
                         "momentum": 0.996, "teacher_temp": 0.04, "warmup_teacher_temp": 0.04,
                         "student_temp": 0.1, "center_momentum": 0.9, "center_init": "batch",
                         "freeze_last_layer_epochs": 0.0, "local_crops": 0}}
-    cnn_defaults = {"train": {"optimizer": "lars", "blr": 0.3, "lr_scaling": "linear",
-                              "lr_ref_batch": 256, "weight_decay": 1e-6, "sgd_momentum": 0.9,
-                              "lars_eta": 0.02, "lars_clip_lr": True},
+    cnn_defaults = {"train": solo_learn_cifar("lars", 0.3, 1e-6),
                     "ssl": {"proj_hidden_dim": 2048, "proj_dim": 256, "out_dim": 4096,
                             "momentum": 0.9995, "teacher_temp": 0.07,
                             "warmup_teacher_temp": 0.07, "teacher_temp_warmup_epochs": 0.0,

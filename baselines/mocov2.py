@@ -36,7 +36,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor, nn
 
-from baselines.base import VIT_RECIPE, BackboneMethod
+from baselines.base import VIT_RECIPE, BackboneMethod, solo_learn_cifar
 from baselines.ema import cosine_momentum, ema_update
 from baselines.losses import queue_infonce
 from baselines.queue import FeatureQueue, skip_in_ddp_broadcast
@@ -73,8 +73,7 @@ class MoCoV2(BackboneMethod):
     defaults = {"train": VIT_RECIPE,
                 "ssl": {"temperature": 0.2, "proj_hidden_dim": 2048, "proj_dim": 256,
                         "momentum": 0.99, "queue_size": 32768}}
-    cnn_defaults = {"train": {"optimizer": "sgd", "blr": 0.3, "weight_decay": 1e-4,
-                              "lr_scaling": "linear", "lr_ref_batch": 256}}
+    cnn_defaults = {"train": solo_learn_cifar("sgd", 0.3, 1e-4)}
     own_knobs = frozenset({"ssl.queue_size"})
 
     @classmethod

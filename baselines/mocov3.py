@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from baselines.base import VIT_RECIPE, BackboneMethod
+from baselines.base import VIT_RECIPE, BackboneMethod, solo_learn_cifar
 from baselines.heads import mlp
 from baselines.losses import mocov3_loss
 from baselines.views import byol_views
@@ -45,9 +45,7 @@ class MoCoV3(BackboneMethod):
     defaults = {"train": VIT_RECIPE,
                 "ssl": {"temperature": 0.2, "proj_hidden_dim": 2048, "proj_dim": 256,
                         "momentum": 0.99, "freeze_patch_embed": True}}
-    cnn_defaults = {"train": {"optimizer": "lars", "blr": 0.3, "lr_scaling": "linear",
-                              "lr_ref_batch": 256, "weight_decay": 1e-6, "sgd_momentum": 0.9,
-                              "lars_eta": 0.02, "lars_clip_lr": True},
+    cnn_defaults = {"train": solo_learn_cifar("lars", 0.3, 1e-6),
                     "ssl": {"temperature": 0.2, "proj_hidden_dim": 4096, "proj_dim": 256,
                             "momentum": 0.99, "freeze_patch_embed": False}}
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from baselines.base import VIT_RECIPE, BackboneMethod
+from baselines.base import VIT_RECIPE, BackboneMethod, solo_learn_cifar
 from baselines.heads import mlp
 from baselines.losses import nnclr_infonce
 from baselines.queue import FeatureQueue, nearest_neighbours, skip_in_ddp_broadcast
@@ -54,8 +54,7 @@ class NNCLR(BackboneMethod):
     defaults = {"train": VIT_RECIPE,
                 "ssl": {"temperature": 0.2, "proj_hidden_dim": 2048, "proj_dim": 256,
                         "pred_hidden_dim": 4096, "queue_size": 65536}}
-    cnn_defaults = {"train": {"optimizer": "lars", "blr": 0.4, "weight_decay": 1e-5,
-                              "lr_scaling": "linear", "lr_ref_batch": 256}}
+    cnn_defaults = {"train": solo_learn_cifar("lars", 0.4, 1e-5)}
     own_knobs = frozenset({"ssl.queue_size", "ssl.pred_hidden_dim"})
 
     def __init__(self, cfg: RunConfig, channels: int, img_size: int):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from baselines.base import VIT_RECIPE, BackboneMethod
+from baselines.base import VIT_RECIPE, BackboneMethod, solo_learn_cifar
 from baselines.heads import mlp
 from baselines.losses import nt_xent
 from baselines.views import simclr_views
@@ -35,9 +35,7 @@ class SimCLR(BackboneMethod):
 
     defaults = {"train": VIT_RECIPE,
                 "ssl": {"temperature": 0.5, "proj_hidden_dim": 2048, "proj_dim": 128}}
-    cnn_defaults = {"train": {"optimizer": "lars", "blr": 0.4, "lr_scaling": "linear",
-                              "lr_ref_batch": 256, "weight_decay": 1e-4, "sgd_momentum": 0.9,
-                              "lars_eta": 0.02, "lars_clip_lr": True},
+    cnn_defaults = {"train": solo_learn_cifar("lars", 0.4, 1e-4),
                     "ssl": {"temperature": 0.2, "proj_hidden_dim": 2048, "proj_dim": 256}}
 
     def __init__(self, cfg: RunConfig, channels: int, img_size: int):

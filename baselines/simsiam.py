@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from baselines.base import BackboneMethod
+from baselines.base import BackboneMethod, solo_learn_cifar
 from baselines.heads import mlp
 from baselines.losses import negative_cosine
 from baselines.mocov2 import mocov2_views
@@ -47,8 +47,7 @@ class SimSiam(BackboneMethod):
     defaults = {"train": VIT_RECIPE,
                 "ssl": {"proj_hidden_dim": 2048, "proj_dim": 2048, "pred_hidden_dim": 512,
                         "stop_gradient": True}}
-    cnn_defaults = {"train": {"optimizer": "sgd", "blr": 0.5, "weight_decay": 1e-5,
-                              "lr_scaling": "linear", "lr_ref_batch": 256}}
+    cnn_defaults = {"train": solo_learn_cifar("sgd", 0.5, 1e-5)}
     own_knobs = frozenset({"ssl.stop_gradient", "ssl.pred_hidden_dim"})
 
     def __init__(self, cfg: RunConfig, channels: int, img_size: int):

@@ -60,7 +60,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from baselines.base import VIT_RECIPE, BackboneMethod
+from baselines.base import VIT_RECIPE, BackboneMethod, solo_learn_cifar
 from baselines.heads import mlp
 from baselines.views import swav_views
 from mae_bench.config import RunConfig
@@ -142,8 +142,7 @@ class SwAV(BackboneMethod):
                         "local_crops": 0}}
     # solo-learn's scripts/pretrain/cifar/swav.yaml (ResNet-18 on CIFAR; eta 0.02 and
     # clip_lr are the LARS knobs' defaults, mae_bench.training.optim)
-    cnn_defaults = {"train": {"optimizer": "lars", "blr": 0.6, "weight_decay": 1e-6,
-                              "lr_scaling": "linear", "lr_ref_batch": 256},
+    cnn_defaults = {"train": solo_learn_cifar("lars", 0.6, 1e-6),
                     "ssl": {"queue_start_epochs": 50.0, "freeze_last_layer_epochs": 2.0}}
     own_knobs = frozenset({"ssl.num_prototypes", "ssl.sinkhorn_iterations",
                            "ssl.sinkhorn_epsilon", "ssl.queue_start_epochs", "ssl.queue_size"})

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from baselines.base import VIT_RECIPE, BackboneMethod
+from baselines.base import VIT_RECIPE, BackboneMethod, solo_learn_cifar
 from baselines.heads import mlp
 from baselines.losses import VICRegLoss
 from baselines.views import byol_views
@@ -53,9 +53,7 @@ class VICReg(BackboneMethod):
                         "variance_weight": 25.0, "covariance_weight": 1.0}}
     own_knobs = frozenset({"ssl.invariance_weight", "ssl.variance_weight",
                            "ssl.covariance_weight"})
-    cnn_defaults = {"train": {"optimizer": "lars", "blr": 0.3, "lr_scaling": "linear",
-                              "lr_ref_batch": 256, "weight_decay": 1e-4, "sgd_momentum": 0.9,
-                              "lars_eta": 0.02, "lars_clip_lr": True, "warmup_min_steps": 500},
+    cnn_defaults = {"train": solo_learn_cifar("lars", 0.3, 1e-4, warmup_min_steps=500),
                     "ssl": {"proj_hidden_dim": 2048, "proj_dim": 2048, "invariance_weight": 25.0,
                             "variance_weight": 25.0, "covariance_weight": 1.0}}
 
