@@ -53,10 +53,13 @@ class ModelConfig:
                                     "stem).")
     img_size: int | None = _knob(None, "Training image size (default: the data set's); must be "
                                  "a multiple of the patch size.")
-    decoder_embed_dim: int | None = _knob(None, "MAE decoder width (default: the preset's). "
+    decoder_embed_dim: int | None = _knob(None, "MAE decoder width (default: the preset's; "
+                                          "also I-JEPA's predictor and data2vec 2.0's "
+                                          "decoder). "
                                           "The decoder only serves pretraining, so it can be "
                                           "narrow (paper Table 1b).", flag="--decoder-dim")
-    decoder_depth: int | None = _knob(None, "MAE decoder blocks (default: the preset's); deeper "
+    decoder_depth: int | None = _knob(None, "MAE decoder blocks (default: the preset's; also "
+                                      "I-JEPA's predictor and data2vec 2.0's decoder); deeper "
                                       "helps linear probing more than fine-tuning (Table 1a).")
     decoder_num_heads: int | None = _knob(None, "MAE decoder attention heads (default: the "
                                           "preset's).", flag="--decoder-heads")
@@ -78,11 +81,13 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class MAEConfig:
-    """Masked-autoencoder knobs (He et al. 2021)."""
+    """Masked image modeling: MAE (He et al. 2021) and the knobs of its masked siblings (SimMIM,
+    I-JEPA, iBOT, data2vec 2.0). None means the method's own default (written into the run's
+    config.yaml once resolved); methods ignore knobs they do not have."""
 
-    mask_ratio: float = _knob(0.75, "Fraction of patches removed (the paper's 0.75 is best for "
-                              "both probing and fine-tuning); must leave a visible and a masked "
-                              "patch.")
+    mask_ratio: float | None = _knob(None, "Fraction of patches masked (default: the method's: "
+                                     "MAE 0.75, the paper's best; SimMIM 0.6; data2vec 2.0 "
+                                     "0.8; iBOT 0.3 on average).")
     mask_strategy: str = _knob("random", "random | block | grid (paper Table 1f: random is "
                                "best and allows the highest ratio).")
     norm_pix_loss: bool = _knob(True, "Normalise each target patch by its own mean and "
@@ -91,6 +96,20 @@ class MAEConfig:
     encoder_mask_tokens: bool | None = _knob(None, "Paper Table 1c ablation: mask tokens go "
                                              "through the encoder too (slower and worse; off "
                                              "by default, MAE's design).")
+    mask_ratio_var: float | None = _knob(None, "iBOT: per-image mask ratios are uniform in "
+                                         "mask_ratio +- this (default 0.2).")
+    mask_patch_size: int | None = _knob(None, "SimMIM: pixels a side of the units masked "
+                                        "together (default: two ViT patches, as 32 / 16).")
+    num_targets: int | None = _knob(None, "I-JEPA: target blocks per image (default 4, the "
+                                    "paper's).")
+    target_scale_min: float | None = _knob(None, "I-JEPA: smallest target block, as a fraction "
+                                           "of the image (default 0.15, the paper's).")
+    target_scale_max: float | None = _knob(None, "I-JEPA: largest target block, as a fraction "
+                                           "of the image (default 0.2, the paper's).")
+    num_masks: int | None = _knob(None, "data2vec 2.0: masked copies of each image (default "
+                                  "4; the recipe's 16).")
+    target_layers: int | None = _knob(None, "data2vec 2.0: top teacher blocks in the targets "
+                                      "(default: the recipe's 10 of 12, scaled).")
 
 
 # Knobs added after runs were published: (section, key) -> the values that mean "as before".
@@ -121,7 +140,23 @@ ADDED_LATER: dict[tuple[str, str], tuple[Any, ...]] = {
     ("ssl", "sinkhorn_iterations"): (None,),
     ("ssl", "sinkhorn_epsilon"): (None,),
     ("ssl", "pred_hidden_dim"): (None,),
+    ("mae", "mask_ratio_var"): (None,),
+    ("mae", "mask_patch_size"): (None,),
+    ("mae", "num_targets"): (None,),
+    ("mae", "target_scale_min"): (None,),
+    ("mae", "target_scale_max"): (None,),
+    ("mae", "num_masks"): (None,),
+    ("mae", "target_layers"): (None,),
+    ("ssl", "patch_out_dim"): (None,),
+    ("ssl", "shared_head"): (None,),
+    ("ssl", "patch_loss_weight"): (None,),
+    ("ssl", "teacher_patch_temp"): (None,),
+    ("train", "weight_decay_end"): (None,),
 }
+# Knobs whose default became None ("the method's") after runs were published: a config that
+# leaves one None hashes as the old default did, so its digest stays what it was.
+DEFAULTED_LATER: dict[tuple[str, str], Any] = {("mae", "mask_ratio"): 0.75}
+MAE_MASK_RATIO = 0.75  # what a method without a mask ratio of its own records
 
 
 @dataclass(frozen=True)
@@ -129,8 +164,9 @@ class TrainConfig:
     """Optimisation: the method's optimizer (AdamW(0.9, 0.95) on ViTs; LARS or SGD in the ResNet
     recipes), lr = blr x effective batch / 256 (or the square-root rule), warmup then cosine."""
 
-    method: str = _knob("mae", "mae | simclr | mocov3 | byol | dino | barlowtwins | vicreg "
-                        "| swav | simsiam | mocov2 | nnclr (or a method you registered).")
+    method: str = _knob("mae", "mae | simmim | ijepa | ibot | data2vec2 | simclr | mocov3 | "
+                        "byol | dino | barlowtwins | vicreg | swav | simsiam | mocov2 | nnclr "
+                        "(or a method you registered).")
     optimizer: str | None = _knob(None, "adamw | lars | sgd (default: the method's recipe for "
                                   "its backbone: AdamW on ViTs; on ResNets solo-learn's "
                                   "CIFAR choice, LARS or SGD).")
@@ -162,6 +198,9 @@ class TrainConfig:
     weight_decay: float | None = _knob(None, "AdamW weight decay on weight matrices, not on "
                                        "biases, norms, tokens (default: the method's: MAE "
                                        "0.05, SimCLR / MoCo v3 / BYOL 0.1, DINO 0.04).")
+    weight_decay_end: float | None = _knob(None, "Weight decay at the end of a half cosine "
+                                           "from --weight-decay (I-JEPA and iBOT: 0.04 to "
+                                           "0.4; default: the method's, constant for most).")
     warmup_epochs: float | None = _knob(None, "Linear lr warmup length in epochs (default: 5 % "
                                         "of the epochs, MAE's 40 of 800, lengthened to "
                                         "--warmup-min-steps).")
@@ -254,6 +293,16 @@ class SSLConfig:
                                            "Sinkhorn codes (default 0.05).")
     pred_hidden_dim: int | None = _knob(None, "Hidden width of the predictor where it differs "
                                         "from the projector's (SimSiam 512, NNCLR 4096).")
+    patch_out_dim: int | None = _knob(None, "iBOT: prototypes of the patch-token head "
+                                      "(default 4096 here; the paper's 8192).")
+    shared_head: bool | None = _knob(None, "iBOT: one head for the [CLS] and the patch tokens "
+                                     "(default on, as the official ViT-S/B recipes) or two.")
+    patch_loss_weight: float | None = _knob(None, "iBOT: weight of the masked-patch loss "
+                                            "against the [CLS] loss (lambda2, default 1).")
+    teacher_patch_temp: float | None = _knob(None, "iBOT: final teacher temperature of the "
+                                             "patch tokens (default 0.04: the official 0.07 "
+                                             "flattened short runs; above "
+                                             "--warmup-teacher-temp it warms up as DINO's).")
 
 
 @dataclass(frozen=True)
@@ -279,6 +328,9 @@ class RunConfig:
         something new, so a config written before they existed keeps its digest, and its runs
         are found again."""
         raw = self.to_dict()
+        for (section, key), old_default in DEFAULTED_LATER.items():
+            if raw[section][key] is None:
+                raw[section][key] = old_default
         for (section, key), as_before in ADDED_LATER.items():
             value = raw[section].get(key)
             # identity for None / False (so 0 is not taken for False), equality for names
@@ -580,8 +632,10 @@ def validate(cfg: RunConfig) -> None:
         (t.clip_grad is None or t.clip_grad > 0, f"--clip-grad must be > 0, got {t.clip_grad}"),
         (t.attention is None or t.attention in ATTENTION_PATHS,
          f"unknown attention path '{t.attention}'; valid: {', '.join(ATTENTION_PATHS)}"),
-        (0.0 < cfg.mae.mask_ratio < 1.0,
+        (cfg.mae.mask_ratio is None or 0.0 < cfg.mae.mask_ratio < 1.0,
          f"--mask-ratio must be strictly between 0 and 1, got {cfg.mae.mask_ratio}"),
+        (t.weight_decay_end is None or t.weight_decay_end >= 0,
+         f"--weight-decay-end must be >= 0, got {t.weight_decay_end}"),
         (cfg.data.num_workers >= 0, f"--num-workers must be >= 0, got {cfg.data.num_workers}"),
         (cfg.model.img_size is None or cfg.model.img_size > 0,
          f"--img-size must be > 0, got {cfg.model.img_size}"),
@@ -607,6 +661,24 @@ def validate(cfg: RunConfig) -> None:
                        f"ssl.{name} must be in [0, 1), got {value}"))
     checks.append((s.center_init in (None, *CENTER_INITS),
                    f"unknown ssl.center_init '{s.center_init}'; valid: {', '.join(CENTER_INITS)}"))
+    m = cfg.mae
+    for name in ("mask_patch_size", "num_targets", "num_masks", "target_layers"):
+        value = getattr(m, name)
+        checks.append((value is None or value >= 1, f"mae.{name} must be >= 1, got {value}"))
+    for name in ("target_scale_min", "target_scale_max"):
+        value = getattr(m, name)
+        checks.append((value is None or 0 < value < 1,
+                       f"mae.{name} must be in (0, 1), got {value}"))
+    low, high = m.target_scale_min, m.target_scale_max
+    checks.append((low is None or high is None or low <= high,
+                   f"mae.target_scale_min ({low}) must not exceed mae.target_scale_max ({high})"))
+    checks.append((m.mask_ratio_var is None or m.mask_ratio_var >= 0,
+                   f"mae.mask_ratio_var must be >= 0, got {m.mask_ratio_var}"))
+    for name in ("patch_out_dim", "teacher_patch_temp"):
+        value = getattr(s, name)
+        checks.append((value is None or value > 0, f"ssl.{name} must be > 0, got {value}"))
+    checks.append((s.patch_loss_weight is None or s.patch_loss_weight >= 0,
+                   f"ssl.patch_loss_weight must be >= 0, got {s.patch_loss_weight}"))
     for name in ("teacher_temp_warmup_epochs", "freeze_last_layer_epochs", "local_crops",
                  "queue_size", "queue_start_epochs"):
         value = getattr(s, name)

@@ -18,8 +18,8 @@ TINY = ["--arch", "vit_micro_patch2", "--img-size", "8", "--batch-size", "64", "
     (["--dataset", "imagenet-1m"], "unknown dataset 'imagenet-1m'"),
     (["--arch", "vit_gigantic"], "vit_gigantic"),
     (["--method", "supervised"],
-     "unknown method 'supervised'; valid methods: barlowtwins, byol, dino, mae, mocov2, "
-     "mocov3, nnclr, simclr, simsiam, swav, vicreg"),
+     "unknown method 'supervised'; valid methods: barlowtwins, byol, data2vec2, dino, ibot, "
+     "ijepa, mae, mocov2, mocov3, nnclr, simclr, simmim, simsiam, swav, vicreg"),
     (["--mask-ratio", "0.99"], "mask_ratio=0.99"),
     (["--mask-ratio", "1.5"], "--mask-ratio must be strictly between 0 and 1, got 1.5"),
     (["--img-size", "9"], "image size 9 is not divisible by the patch size 2"),
@@ -171,7 +171,7 @@ def test_pretrain_help_lists_every_field():
     for title in PANELS:  # each names the YAML sections of its fields
         assert f"─ {title} ─" in res.stdout
     assert {k.name for k in KNOBS} == {name for names in PANELS.values() for name in names}
-    assert "--set" in res.stdout and "[default: 0.75]" in res.stdout
+    assert "--set" in res.stdout and "[default: 128]" in res.stdout
 
 
 def test_no_options_give_the_default_config(monkeypatch, capsys):
@@ -300,7 +300,8 @@ def test_pretrain_help_at_80_columns_is_grouped_and_short(monkeypatch, capsys):
     # keeps each help text at a readable width.
     assert len(lines) <= 4 * options, len(lines)
     titles = [line.split("─ ", 1)[1].split(" ─")[0] for line in lines if line.startswith("╭─ ")]
-    assert titles[:3] == ["Options", "Everyday (train., data., model.)", "MAE (mae., model.)"]
+    assert titles[:3] == ["Options", "Everyday (train., data., model.)",
+                          "MAE and its masked siblings (mae., model.)"]
     assert titles[-1] == "Switches (mae., model., ssl., train.)"
     assert out.index("--method") < out.index("--mask-ratio") < out.index("--blr")
 

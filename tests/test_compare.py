@@ -81,7 +81,7 @@ def test_budget_plans_epochs_from_throughput_and_keeps_them(tmp_path):
 
 
 @pytest.mark.parametrize("kw, message", [
-    ({"methods": ("mae", "ibot")}, "unknown method 'ibot'"),
+    ({"methods": ("mae", "dinov2")}, "unknown method 'dinov2'"),
     ({"methods": ("mae", "simclr@resnet19")}, "unknown architecture 'resnet19'"),
     ({"methods": ("mae", "mae")}, "lists a method twice"),
     ({"budget_seconds": 10.0}, "not both"),

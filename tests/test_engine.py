@@ -110,7 +110,8 @@ def test_run_folder_contents(tmp_path):
     # the method's defaults are resolved and recorded (MAE: AdamW, blr 1.5e-4, weight decay
     # 0.05)
     assert RunConfig.from_yaml(tmp_path / "r" / "config.yaml") == TINY.replace(
-        train={"epochs": 1, "blr": 1.5e-4, "weight_decay": 0.05, "optimizer": "adamw"})
+        train={"epochs": 1, "blr": 1.5e-4, "weight_decay": 0.05, "optimizer": "adamw"},
+        mae={"mask_ratio": 0.75})
     run = json.loads((tmp_path / "r" / "run.json").read_text())
     assert run["effective_batch"] == 64
     assert math.isclose(run["peak_lr"], 1.5e-4 * 64 / 256)
@@ -121,7 +122,8 @@ def test_run_folder_contents(tmp_path):
     ckpt = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
     assert ckpt["format_version"] == 1 and ckpt["method"] == "mae"
     assert RunConfig.from_dict(ckpt["config"]) == TINY.replace(
-        train={"epochs": 1, "blr": 1.5e-4, "weight_decay": 0.05, "optimizer": "adamw"})
+        train={"epochs": 1, "blr": 1.5e-4, "weight_decay": 0.05, "optimizer": "adamw"},
+        mae={"mask_ratio": 0.75})
 
 
 def test_accumulation_counts_optimizer_steps(tmp_path):

@@ -560,3 +560,19 @@ def test_encoder_mask_tokens_knob_and_config_digest() -> None:
     assert default.mae.encoder_mask_tokens is None
     assert default.replace(mae={"encoder_mask_tokens": None}).digest() == default.digest()
     assert default.replace(mae={"encoder_mask_tokens": True}).digest() != default.digest()
+
+
+def test_cpu_generator_keeps_a_cpu_stream_and_replays_the_step():
+    """Mask draws made on the CPU use the step's own CPU generator (the stream the sibling
+    tests replay); a generator of another device gives a CPU generator seeded from one of its
+    draws, the same for the same state (so display_mask replays the training step)."""
+    from mae_bench.models.masking import cpu_generator
+
+    gen = torch.Generator().manual_seed(3)
+    assert cpu_generator(gen) is gen and cpu_generator(None) is None
+    if torch.cuda.is_available():  # the GPU check (benchmarks/gpu_check.sh) runs this branch
+        cuda = torch.Generator(device="cuda").manual_seed(3)
+        state = cuda.get_state()
+        a = torch.rand(4, generator=cpu_generator(cuda))
+        cuda.set_state(state)
+        assert torch.equal(a, torch.rand(4, generator=cpu_generator(cuda)))

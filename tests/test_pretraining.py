@@ -35,10 +35,18 @@ def test_a_pretraining_row_carries_the_run_the_step_and_the_methods_own_knobs():
         "pretrain_epochs": 3.0, "mask_ratio": 0.6}
 
 
-@pytest.mark.parametrize("method", sorted(set(METHODS) - {"mae"}))
-def test_rows_of_other_methods_carry_no_mask_ratio(method):
-    (row,) = failure_rows(_cfg(method), Path("r"), "boom")
+@pytest.mark.parametrize("method", sorted(set(METHODS) - {"mae", "simmim", "ibot", "data2vec2"}))
+def test_rows_of_methods_without_a_mask_ratio_carry_none(method):
+    (row,) = failure_rows(resolve_config(_cfg(method)), Path("r"), "boom")
     assert "mask_ratio" not in row and "step" not in row and row["method"] == method
+
+
+@pytest.mark.parametrize(("method", "ratio"), [("simmim", 0.6), ("ibot", 0.3),
+                                               ("data2vec2", 0.8)])
+def test_rows_of_the_masked_siblings_carry_their_own_mask_ratio(method, ratio):
+    cfg = RunConfig().replace(train={"method": method})  # no mask ratio set: the method's own
+    (row,) = failure_rows(resolve_config(cfg), Path("r"), "boom")
+    assert row["mask_ratio"] == ratio and row["method"] == method
 
 
 def test_evaluation_rows_are_one_per_protocol_and_given_fields_win():

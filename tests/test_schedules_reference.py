@@ -213,3 +213,55 @@ def test_byol_run_from_before_the_knob_loads_for_eval_and_refuses_resume(tmp_pat
                        r"\(ssl\.head_output_bias: None -> False\); this version cannot resume "
                        r"it: evaluate or export it"):
         pretrain(new, run, progress=False)
+
+
+# --- the weight-decay schedule (train.weight_decay_end: DINO, iBOT, I-JEPA) ----------------------
+
+
+def test_engine_run_applies_dinos_weight_decay_array_to_the_decayed_groups_only(tmp_path,
+                                                                              monkeypatch):
+    """dino/utils.py: wd_schedule = cosine_scheduler(weight_decay, weight_decay_end, epochs,
+    niter_per_ep), applied to the regularized param group at iteration ``it``; the
+    not-regularized group (biases, norms, tokens) keeps 0."""
+    import mae_bench.training.step as step_module
+
+    seen: list[tuple[float, ...]] = []
+    original = step_module.set_weight_decay
+
+    def spy(optimizer, weight_decay):
+        original(optimizer, weight_decay)
+        seen.append(tuple(g["weight_decay"] for g in optimizer.param_groups))
+
+    monkeypatch.setattr(step_module, "set_weight_decay", spy)
+    cfg = RunConfig().replace(
+        model={"arch": "vit_micro_patch2", "img_size": 8},
+        train={"method": "dino", "epochs": 2, "batch_size": 256, "log_every": 1000,
+               "weight_decay": 0.04, "weight_decay_end": 0.4},
+        ssl=SMALL_HEADS)
+    result = pretrain(cfg, tmp_path / "dino", progress=False)
+    total = result.step
+    assert total >= 4 and len(seen) == total
+    official = dino_cosine_scheduler(0.04, 0.4, 2, total // 2)
+    np.testing.assert_allclose([s[0] for s in seen], official, rtol=0, atol=1e-12)
+    assert all(s[1] == 0.0 for s in seen)  # the no-decay group
+
+
+def test_without_weight_decay_end_the_weight_decay_stays_as_built(tmp_path, monkeypatch):
+    import mae_bench.training.step as step_module
+
+    calls: list[float] = []
+    monkeypatch.setattr(step_module, "set_weight_decay", lambda o, wd: calls.append(wd))
+    cfg = RunConfig().replace(
+        model={"arch": "vit_micro_patch2", "img_size": 8},
+        train={"method": "dino", "epochs": 1, "batch_size": 256, "log_every": 1000},
+        ssl=SMALL_HEADS)
+    pretrain(cfg, tmp_path / "dino", progress=False)
+    assert calls == []
+    assert RunConfig().replace(train={"weight_decay_end": None}).digest() == "a620a7f83f88"
+
+
+def test_a_negative_weight_decay_end_is_one_error_line():
+    from mae_bench.config import validate
+
+    with pytest.raises(ConfigError, match=r"^--weight-decay-end must be >= 0, got -0.1$"):
+        validate(RunConfig().replace(train={"weight_decay_end": -0.1}))

@@ -46,20 +46,24 @@ PANELS: dict[str, tuple[str, ...]] = {
     "Everyday (train., data., model.)": (
         "train.method", "data.dataset", "data.data_dir", "model.arch", "train.epochs",
         "train.batch_size", "train.device", "train.precision", "train.seed", "model.img_size"),
-    "MAE (mae., model.)": (
+    "MAE and its masked siblings (mae., model.)": (
         "mae.mask_ratio", "mae.mask_strategy", "model.decoder_embed_dim", "model.decoder_depth",
-        "model.decoder_num_heads"),
+        "model.decoder_num_heads", "mae.mask_ratio_var", "mae.mask_patch_size",
+        "mae.num_targets", "mae.target_scale_min", "mae.target_scale_max", "mae.num_masks",
+        "mae.target_layers"),
     "Optimiser and schedule (train.)": (
         "train.blr", "train.lr", "train.lr_scaling", "train.lr_ref_batch", "train.min_lr",
-        "train.weight_decay", "train.warmup_epochs", "train.warmup_min_steps",
+        "train.weight_decay", "train.weight_decay_end", "train.warmup_epochs",
+        "train.warmup_min_steps",
         "train.accum_iter", "train.clip_grad", "train.optimizer", "train.sgd_momentum",
         "train.lars_eta"),
-    "SimCLR, MoCo v3, BYOL, DINO (ssl.)": (
+    "SimCLR, MoCo v3, BYOL, DINO, iBOT (ssl.)": (
         "ssl.temperature", "ssl.proj_hidden_dim", "ssl.proj_dim", "ssl.momentum",
         "ssl.out_dim", "ssl.teacher_temp", "ssl.warmup_teacher_temp",
         "ssl.teacher_temp_warmup_epochs", "ssl.student_temp", "ssl.center_momentum",
         "ssl.center_init", "ssl.freeze_last_layer_epochs", "ssl.local_crops",
-        "ssl.local_crop_size"),
+        "ssl.local_crop_size", "ssl.patch_out_dim", "ssl.patch_loss_weight",
+        "ssl.teacher_patch_temp"),
     "Barlow Twins, VICReg (ssl.)": (
         "ssl.redundancy_weight", "ssl.invariance_weight", "ssl.variance_weight",
         "ssl.covariance_weight"),
@@ -72,7 +76,7 @@ PANELS: dict[str, tuple[str, ...]] = {
     "Switches (mae., model., ssl., train.)": (
         "mae.norm_pix_loss", "mae.encoder_mask_tokens", "model.cifar_stem",
         "ssl.norm_last_layer", "ssl.freeze_patch_embed", "ssl.head_output_bias",
-        "ssl.stop_gradient", "train.lars_clip_lr", "train.deterministic"),
+        "ssl.stop_gradient", "ssl.shared_head", "train.lars_clip_lr", "train.deterministic"),
 }
 _PANEL_OF = {name: panel for panel, fields in PANELS.items() for name in fields}
 _ORDER = {name: i for i, name in enumerate(_PANEL_OF)}

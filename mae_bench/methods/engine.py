@@ -30,6 +30,7 @@ flag and the progress bar in ``mae_bench.methods.train_log``.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -133,11 +134,16 @@ def build_train_step(cfg: RunConfig, method: Method, optimizer: torch.optim.Opti
         accum_iter: micro-batches per step; None: ``cfg.train.accum_iter``.
     """
     t = cfg.train
+    wd_schedule = None
+    if t.weight_decay_end is not None:  # the method's schedule (I-JEPA's spans 1.25 runs)
+        wd_schedule = functools.partial(method.weight_decay_at, total_steps=total_steps,
+                                        start=t.weight_decay, end=t.weight_decay_end)
     return TrainStep(module if module is not None else method, optimizer, lr_schedule,
                      device=device, precision=precision,
                      accum_iter=t.accum_iter if accum_iter is None else accum_iter,
                      scaler=scaler, clip_grad=t.clip_grad, hooks=method,
-                     total_steps=total_steps, step=step, advice=NON_FINITE_ADVICE)
+                     total_steps=total_steps, step=step, advice=NON_FINITE_ADVICE,
+                     wd_schedule=wd_schedule)
 
 
 # --- the run, as values --------------------------------------------------------------------

@@ -17,9 +17,14 @@ A Method is an ``nn.Module`` that the one training loop (``mae_bench.methods.eng
   solo-learn's CIFAR ones, are not the ViT ones).
 - ``check_data(cfg, n_images)``: what the method cannot train on (a queue longer than the data).
 - ``needs_vit``: the method only trains a mae-bench ViT preset (MAE: it drops patches).
+- ``schedule_stretch``: the weight-decay schedule (``train.weight_decay_end``) spans this many
+  runs (1; I-JEPA's ipe_scale); ``weight_decay_at(step, ...)`` is that schedule, for a method
+  whose reference indexes it otherwise (I-JEPA) to override.
 - ``encoder``: the backbone that the evaluation protocols use (``mae_bench.models.backbones``:
   a ViT, a ResNet or a timm model).
 - ``no_weight_decay()``: parameter names that get no weight decay.
+- ``display_mask(imgs, generator)`` / ``reconstruct(imgs, generator)``: what ``visualize``
+  draws of a masked method (its mask; its pixel predictions where it has them).
 - ``own_knobs``: the config fields ("section.key") that only this method reads, so that a sweep
   of one of them with another method is refused instead of training identical runs.
 - ``row_fields(cfg)``: the knobs every result row of its runs carries (MAE: ``mask_ratio``).
@@ -39,6 +44,7 @@ from torch import Tensor, nn
 
 from mae_bench.config import RunConfig
 from mae_bench.data.augment import ViewSpec
+from mae_bench.training.runtime import cosine_weight_decay
 
 
 @dataclass
@@ -68,6 +74,9 @@ class Method(nn.Module, abc.ABC):
     defaults: dict[str, dict[str, Any]] = {}
     cnn_defaults: dict[str, dict[str, Any]] = {}
     needs_vit: bool = False
+    # The reference's schedules (weight decay; its own momentum) span this many runs (I-JEPA's
+    # ipe_scale: 1 in its released configs, its code's default 1.25 never reaches the end).
+    schedule_stretch: float = 1.0
     own_knobs: frozenset[str] = frozenset()
 
     @classmethod
@@ -109,3 +118,23 @@ class Method(nn.Module, abc.ABC):
 
     def no_weight_decay(self) -> set[str]:
         return set()
+
+    def weight_decay_at(self, step: int, total_steps: int, start: float, end: float) -> float:
+        """The weight decay of optimizer step ``step`` (0-based) of ``total_steps`` when the
+        run sets ``train.weight_decay_end``: DINO's and iBOT's half cosine from ``start`` to
+        ``end``, spread over ``schedule_stretch`` runs. A method whose reference indexes its
+        schedule otherwise overrides this."""
+        return cosine_weight_decay(step, round(total_steps * self.schedule_stretch), start, end)
+
+    def display_mask(self, imgs: Tensor, generator: torch.Generator) -> Tensor | None:
+        """What ``mae-bench visualize`` draws of a masked method: [N, gh, gw] int64 on the
+        ViT's patch grid for images [N, C, H, W], drawn with ``generator`` as a training step
+        draws it: 0 = a patch the encoder sees, 1 = one the loss predicts, 2 = neither (I-JEPA:
+        outside the context and every target). None: the method draws no mask."""
+        return None
+
+    def reconstruct(self, imgs: Tensor, generator: torch.Generator) -> Tensor | None:
+        """Pixel predictions [N, C, H, W] (in the normalised space of ``imgs``) where the
+        method predicts pixels (MAE, SimMIM) for the mask ``display_mask`` draws with the same
+        generator state; None for methods that predict features."""
+        return None

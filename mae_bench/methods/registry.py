@@ -14,15 +14,19 @@ from torch import Tensor
 
 from baselines.barlowtwins import BarlowTwins
 from baselines.byol import BYOL
+from baselines.data2vec2 import Data2Vec2
 from baselines.dino import DINO
+from baselines.ibot import IBOT
+from baselines.ijepa import IJEPA
 from baselines.mocov2 import MoCoV2
 from baselines.mocov3 import MoCoV3
 from baselines.nnclr import NNCLR
 from baselines.simclr import SimCLR
+from baselines.simmim import SimMIM
 from baselines.simsiam import SimSiam
 from baselines.swav import SwAV
 from baselines.vicreg import VICReg
-from mae_bench.config import RunConfig
+from mae_bench.config import MAE_MASK_RATIO, RunConfig
 from mae_bench.data.augment import ViewSpec
 from mae_bench.errors import CheckpointError, ConfigError
 from mae_bench.methods.method import Batch, Method
@@ -74,6 +78,8 @@ def resolve_config(cfg: RunConfig) -> RunConfig:
     fill = {section: {k: v for k, v in values.items() if getattr(getattr(cfg, section), k) is None}
             for section, values in defaults.items()}
     cfg = cfg.replace(**fill)
+    if cfg.mae.mask_ratio is None:  # a method without a ratio records MAE's, as all did before
+        cfg = cfg.replace(mae={"mask_ratio": MAE_MASK_RATIO})
     optimizer = cfg.train.optimizer or "adamw"
     knobs = {"optimizer": optimizer, **optimizer_knobs(optimizer)}
     return cfg.replace(train={k: v for k, v in knobs.items() if getattr(cfg.train, k) is None})
@@ -92,8 +98,8 @@ def build_method(cfg: RunConfig, channels: int, img_size: int) -> Method:
     arch = cfg.model.arch
     if not is_vit(arch):
         if cls.needs_vit:
-            raise ConfigError(f"{cls.name} needs a ViT preset (it drops masked patches from a "
-                              f"ViT's tokens); {arch} is not one: pick one of "
+            raise ConfigError(f"{cls.name} needs a ViT preset (it masks a ViT's patch tokens); "
+                              f"{arch} is not one: pick one of "
                               f"{', '.join(sorted(PRESETS))}")
         return cls(cfg, channels, img_size)
     preset = get_preset(arch)
@@ -142,7 +148,8 @@ class MAE(Method):
 
     name = "mae"
     needs_vit = True
-    defaults = {"train": {"blr": 1.5e-4, "weight_decay": 0.05, "optimizer": "adamw"}}
+    defaults = {"train": {"blr": 1.5e-4, "weight_decay": 0.05, "optimizer": "adamw"},
+                "mae": {"mask_ratio": MAE_MASK_RATIO}}
     # its config section and its decoder: no other method reads them
     own_knobs = frozenset({"mae.mask_ratio", "mae.mask_strategy", "mae.norm_pix_loss",
                            "mae.encoder_mask_tokens", "model.decoder_depth",
@@ -197,5 +204,5 @@ class MAE(Method):
 # more at run time (a user's own Method subclass) without editing this file.
 METHODS: dict[str, Callable[..., Method]] = {
     cls.name: cls for cls in (MAE, BYOL, DINO, MoCoV3, SimCLR, BarlowTwins, VICReg, SwAV,
-                              SimSiam, MoCoV2, NNCLR)
+                              SimSiam, MoCoV2, NNCLR, SimMIM, IJEPA, IBOT, Data2Vec2)
 }

@@ -37,6 +37,16 @@ def validate_mask_ratio(num_patches: int, mask_ratio: float) -> None:
         )
 
 
+def cpu_generator(generator: torch.Generator | None) -> torch.Generator | None:
+    """A CPU generator for mask draws made on the CPU (python loops, permutations): the step's
+    own where it is a CPU generator (so its stream is the one the tests replay), else a CPU
+    generator seeded from one draw of it (a training step on a GPU)."""
+    if generator is None or generator.device.type == "cpu":
+        return generator
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+    return torch.Generator().manual_seed(seed)
+
+
 NoiseFn = Callable[[int, int, float, "torch.Generator | None", torch.device], torch.Tensor]
 
 

@@ -134,6 +134,22 @@ def lr_at(step: int, steps_per_epoch: int, epochs: int, warmup_epochs: float, pe
     return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def cosine_weight_decay(step: int, total_steps: int, start: float, end: float) -> float:
+    """The weight decay of optimizer step ``step`` (0-based): a half cosine from ``start`` at
+    step 0 to ``end`` at ``total_steps`` (DINO's and iBOT's ``cosine_scheduler``, I-JEPA's
+    ``CosineWDSchedule``)."""
+    progress = min(step / max(total_steps, 1), 1.0)
+    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_weight_decay(optimizer: torch.optim.Optimizer, weight_decay: float) -> None:
+    """Set the weight decay of the groups that decay (their first value was > 0: weight
+    matrices, not biases, norms or tokens) to ``weight_decay``."""
+    for group in optimizer.param_groups:
+        if group.setdefault("wd_scale", 1.0 if group["weight_decay"] > 0 else 0.0):
+            group["weight_decay"] = weight_decay * group["wd_scale"]
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Set every param group's lr to ``lr`` times the group's ``lr_scale`` (layer-wise decay;
     1 when the group has none). The one place a step's lr reaches the optimizer."""

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from mae_bench.errors import TrainingError
 from mae_bench.training.distributed import all_reduce_mean
-from mae_bench.training.runtime import autocast, set_lr
+from mae_bench.training.runtime import autocast, set_lr, set_weight_decay
 
 # What a forward (or its loss function) returns: the loss, or a dict with "loss" and any other
 # 0-d tensors to log (a method's extra metrics).
@@ -125,6 +125,8 @@ class TrainStep:
             non-final micro-batches run in ``no_sync()``). Its parameters are clipped.
         optimizer: built on the module's parameters (groups may carry an ``lr_scale``).
         lr_schedule: optimizer step (0-based) -> learning rate.
+        wd_schedule: optimizer step (0-based) -> weight decay of the decayed groups; None: the
+            optimizer's stays as built.
         device: where the forward runs (autocast's device type).
         precision: "fp32", "bf16" or "fp16" (resolved: not "auto").
         accum_iter: micro-batches per optimizer step.
@@ -147,10 +149,12 @@ class TrainStep:
                  scaler: torch.amp.GradScaler | None = None, clip_grad: float | None = None,
                  hooks: StepHooks | None = None, total_steps: int = 1, step: int = 0,
                  loss_name: str = "loss",
-                 advice: str = "lower the learning rate or use fp32") -> None:
+                 advice: str = "lower the learning rate or use fp32",
+                 wd_schedule: Callable[[int], float] | None = None) -> None:
         if accum_iter < 1:
             raise ValueError(f"accum_iter must be >= 1, got {accum_iter}")
         self.module, self.optimizer, self.lr_schedule = module, optimizer, lr_schedule
+        self.wd_schedule = wd_schedule
         self.device, self.precision, self.accum_iter = device, precision, accum_iter
         self.scaler, self.clip_grad, self.hooks = scaler, clip_grad, hooks
         self.total_steps, self.step, self.lr = total_steps, step, 0.0
@@ -192,6 +196,8 @@ class TrainStep:
         """The optimizer step at the end of an accumulation: lr, hooks, clip, update."""
         self.lr = self.lr_schedule(self.step)
         set_lr(self.optimizer, self.lr)
+        if self.wd_schedule is not None:
+            set_weight_decay(self.optimizer, self.wd_schedule(self.step))
         if self.hooks is not None:
             self.hooks.before_optimizer_step(self.step, self.total_steps)
         if self.scaler is not None:
