@@ -583,7 +583,7 @@ def load_source(checkpoint: str | Path, *, arch: str | None = None, img_size: in
 
 
 def _from_run(path: Path, ckpt: dict[str, Any]) -> EncoderSource:
-    from mae_bench.methods.registry import method_from_checkpoint
+    from mae_bench.methods.registry import method_class, method_from_checkpoint
 
     cfg, method = method_from_checkpoint(ckpt, str(path))
     extra = ckpt.get("extra", {})
@@ -613,8 +613,9 @@ def _from_run(path: Path, ckpt: dict[str, Any]) -> EncoderSource:
     }
     if command:
         pretrain["pretrain_command"] = command
+    pretrain |= method_class(cfg.train.method).row_fields(cfg)  # its mask knobs, if any
     if cfg.train.method == "mae":
-        pretrain |= {"mask_ratio": cfg.mae.mask_ratio, "mask_strategy": cfg.mae.mask_strategy,
+        pretrain |= {"mask_strategy": cfg.mae.mask_strategy,
                      "norm_pix_loss": cfg.mae.norm_pix_loss}
         if cfg.mae.encoder_mask_tokens:  # only when set, so MAE rows keep their columns
             pretrain["encoder_mask_tokens"] = True

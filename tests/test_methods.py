@@ -251,22 +251,37 @@ def test_own_knobs_name_real_config_fields(name):
         assert key in fields[section], f"{name}: {knob}"
 
 
-def test_only_mae_owns_the_mae_knobs_and_carries_the_mask_ratio():
+MASKED = ("mae", "simmim", "ijepa", "ibot", "data2vec2")
+
+
+def test_only_the_masked_methods_own_the_mask_knobs_and_carry_them_in_rows():
     from mae_bench.app.sweep_knobs import SWEEP_KNOBS, check_method_has
 
-    owned = {k.name for k in SWEEP_KNOBS.values()
-             if any(k.field in METHODS[m].own_knobs for m in METHODS)}
+    owners = {k.name: [m for m in METHODS if k.field in METHODS[m].own_knobs]
+              for k in SWEEP_KNOBS.values()}  # in registry order, as the message names them
+    owned = {name for name, who in owners.items() if who}
     assert owned == {"mask-ratio", "decoder-depth", "decoder-dim", "mask-strategy",
-                     "norm-pix-loss", "encoder-mask-tokens"}
+                     "norm-pix-loss", "encoder-mask-tokens", "mask-patch-size", "num-targets",
+                     "target-scale", "num-masks"}
+    assert owners["mask-ratio"] == ["mae", "simmim", "ibot", "data2vec2"]
+    assert owners["num-targets"] == owners["target-scale"] == ["ijepa"]
+    assert all(set(who) <= set(MASKED) for who in owners.values())
     for knob in owned:
-        check_method_has(SWEEP_KNOBS[knob], "mae")
-        with pytest.raises(ConfigError, match=f"^{knob} is an MAE knob; --method byol does"):
+        for method in owners[knob]:
+            check_method_has(SWEEP_KNOBS[knob], method)
+        with pytest.raises(ConfigError, match=f"^{knob} is a knob of {', '.join(owners[knob])}; "
+                                              "--method byol does not have it$"):
             check_method_has(SWEEP_KNOBS[knob], "byol")
     check_method_has(SWEEP_KNOBS["epochs"], "byol")  # every method has the common knobs
     cfg = _cfg("mae").replace(mae={"mask_ratio": 0.6})
     assert METHODS["mae"].row_fields(cfg) == {"mask_ratio": 0.6}
+    assert METHODS["simmim"].row_fields(cfg)["mask_ratio"] == 0.6
     assert all(METHODS[m].row_fields(cfg.replace(train={"method": m})) == {}
-               for m in METHODS if m != "mae")
+               for m in METHODS if m not in MASKED)
+    # each masked method's own mask ratio where the user sets none
+    ratios = {m: resolve_config(_cfg(m)).mae.mask_ratio for m in MASKED}
+    assert ratios == {"mae": 0.75, "simmim": 0.6, "ijepa": 0.75, "ibot": 0.3, "data2vec2": 0.8}
+    assert resolve_config(_cfg("simclr")).mae.mask_ratio == 0.75  # as every config before
 
 
 def test_mae_checks_its_mask_ratio_once_when_built_not_every_step(monkeypatch):

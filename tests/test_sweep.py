@@ -60,6 +60,11 @@ def _point_counts(results_dir: Path) -> dict[tuple, int]:
     ("mask-strategy", "checker", "unknown mask strategy 'checker'; valid: random, block, grid"),
     ("norm-pix-loss", "maybe", "norm-pix-loss values must be true or false, got 'maybe'"),
     ("epochs", "-1", "epochs values must be > 0, got -1"),
+    ("target-scale", "0.2-0.1", "target-scale values must lie in (0, 1) with the low end first, "
+     "got 0.2-0.1"),
+    ("target-scale", "big", "target-scale values must be a fraction or a range like 0.15-0.2, "
+     "got 'big'"),
+    ("num-targets", "0", "num-targets values must be >= 1, got 0"),
 ])
 def test_bad_values_are_named(knob, text, message):
     with pytest.raises(ConfigError) as err:
@@ -72,6 +77,12 @@ def test_knob_values_parse_to_config_types():
     assert get_knob("decoder-depth").parse("4") == 4
     assert get_knob("norm-pix-loss").parse("False") is False
     assert get_knob("method").parse("dino") == "dino"
+    scale = get_knob("target-scale")
+    assert scale.parse("0.15-0.2") == (0.15, 0.2) and scale.parse("0.3") == (0.3, 0.3)
+    assert scale.assign((0.15, 0.2)) == {"mae": {"target_scale_min": 0.15,
+                                                 "target_scale_max": 0.2}}
+    assert scale.label((0.15, 0.2)) == "0.15-0.2"
+    assert get_knob("num-masks").assign(2) == {"mae": {"num_masks": 2}}
     with pytest.raises(ConfigError, match="unknown method 'dinov2'"):
         get_knob("method").parse("dinov2")
     with pytest.raises(ConfigError, match="unknown sweep knob 'lr'; valid: mask-ratio"):
@@ -92,7 +103,9 @@ def test_plan_puts_each_value_in_the_config_and_names_runs_apart(tmp_path):
 
 @pytest.mark.parametrize(("kw", "message"), [
     ({"knob": "mask-ratio", "method": "simclr"},
-     "mask-ratio is an MAE knob; --method simclr does not have it"),
+     "mask-ratio is a knob of mae, simmim, ibot, data2vec2; --method simclr does not have it"),
+    ({"knob": "num-targets", "values": ("4",)},
+     "num-targets is a knob of ijepa; --method mae does not have it"),
     ({"values": ("0.5", "0.5")}, "--values lists a value twice: 0.5,0.5"),
     ({"seeds": (1, 1)}, "--seeds lists a seed twice: 1,1"),
     ({"protocols": ("knn", "probe")}, "unknown protocol 'probe'; valid: knn, linear"),
@@ -110,12 +123,23 @@ def test_bad_sweeps_fail_before_anything_runs(tmp_path, kw, message):
 def test_every_knob_plans_on_tiny_models(tmp_path):
     values = {"mask-ratio": ("0.5",), "decoder-depth": ("1",), "decoder-dim": ("16",),
               "mask-strategy": ("grid",), "norm-pix-loss": ("false",),
-              "encoder-mask-tokens": ("true",), "epochs": ("0.2",), "method": ("simclr",)}
+              "encoder-mask-tokens": ("true",), "epochs": ("0.2",), "method": ("simclr",),
+              "mask-patch-size": ("4",), "num-targets": ("2",), "num-masks": ("2",),
+              "target-scale": ("0.125-0.15",)}
+    methods = {"mask-patch-size": "simmim", "num-targets": "ijepa", "num-masks": "data2vec2",
+               "target-scale": "ijepa"}
     assert set(values) == set(SWEEP_KNOBS)
     for knob, vals in values.items():
-        (point,) = plan_points(_spec(tmp_path, knob=knob, values=vals))
+        (point,) = plan_points(_spec(tmp_path, knob=knob, values=vals,
+                                     method=methods.get(knob, "mae")))
         knob_ = get_knob(knob)
-        assert getattr(getattr(point.cfg, knob_.section), knob_.key) == point.value
+        assert knob_.label(knob_.parse(vals[0])) == point.value
+        for section, fields in knob_.assign(knob_.parse(vals[0])).items():
+            assert {k: getattr(getattr(point.cfg, section), k) for k in fields} == fields
+    (point,) = plan_points(_spec(tmp_path, knob="target-scale", values=("0.125-0.15",),
+                                 method="ijepa"))
+    assert (point.cfg.mae.target_scale_min, point.cfg.mae.target_scale_max) == (0.125, 0.15)
+    assert point.value == "0.125-0.15" and point.run_dir.name.startswith("target-scale=0.125-0.15-")
 
 
 # --- running ---------------------------------------------------------------------------------

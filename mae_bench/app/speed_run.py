@@ -31,7 +31,7 @@ from mae_bench.app.speed import TrainSpeed, matmul_peak, measure_side_by_side
 from mae_bench.config import RunConfig, validate
 from mae_bench.data import DatasetInfo
 from mae_bench.errors import ConfigError
-from mae_bench.methods.registry import METHODS, method_class
+from mae_bench.methods.registry import METHODS, method_class, resolve_config
 from mae_bench.models.vit import get_preset
 from mae_bench.results import make_row
 from mae_bench.training.host_memory import describe as host_allocator
@@ -55,7 +55,7 @@ class SpeedSpec:
     batch_size: int = 128
     precisions: tuple[str, ...] = ("auto",)  # the first for every method, the rest MAE only
     device: str = "auto"
-    mask_ratio: float = 0.75
+    mask_ratio: float | None = None  # None: each masked method's own (MAE 0.75, SimMIM 0.6, ...)
     steps: int = 3
     warmup: int = 1
     rounds: int = 2
@@ -97,6 +97,9 @@ def validate_spec(spec: SpeedSpec) -> None:
         if value < low:
             raise ConfigError(f"{name} must be >= {low}, got {value}")
     validate(RunConfig().replace(mae={"mask_ratio": spec.mask_ratio}))  # the config's check
+    owners = [m for m in spec.methods if "mae.mask_ratio" in method_class(m).own_knobs]
+    if spec.mask_ratio is not None and not owners:
+        raise ConfigError(f"--mask-ratio: none of {', '.join(spec.methods)} has a mask ratio")
     if (spec.knn_train == 0) != (spec.knn_test == 0):
         raise ConfigError("--knn-train and --knn-test must both be 0 (skip k-NN) or both > 0")
     device = resolve_device(spec.device)
@@ -110,17 +113,19 @@ def cases(spec: SpeedSpec) -> dict[str, RunConfig]:
     main, *others = [resolve_precision(p, device) for p in spec.precisions]
     base = RunConfig().replace(
         model={"arch": spec.arch, "img_size": spec.img_size},
-        mae={"mask_ratio": spec.mask_ratio},
         train={"batch_size": spec.batch_size, "device": spec.device, "precision": main},
     )
     out: dict[str, RunConfig] = {}
     for m in spec.methods:
         out[m] = base.replace(train={"method": m})
+        if spec.mask_ratio is not None and "mae.mask_ratio" in method_class(m).own_knobs:
+            out[m] = out[m].replace(mae={"mask_ratio": spec.mask_ratio})
     if "mae" in spec.methods:
-        out[MASK_TOKENS] = base.replace(mae={"encoder_mask_tokens": True})
+        mae = out["mae"]
+        out[MASK_TOKENS] = mae.replace(mae={"encoder_mask_tokens": True})
         for p in dict.fromkeys(others):
             if p != main:
-                out[f"mae {p}"] = base.replace(train={"precision": p})
+                out[f"mae {p}"] = mae.replace(train={"precision": p})
     return out
 
 
@@ -247,7 +252,7 @@ def _rows(spec: SpeedSpec, o: SpeedOutcome, device: torch.device) -> list[dict[s
         cfg = o.configs[name]
         method = cfg.train.method
         knobs = {"precision": s.precision, "attention": s.attention, "batch_size": s.batch_size,
-                 **method_class(method).row_fields(cfg)}  # the method's own: MAE's mask_ratio
+                 **method_class(method).row_fields(resolve_config(cfg))}  # its mask knobs
         if name == MASK_TOKENS:
             knobs["encoder_mask_tokens"] = True
         metrics = {"train_img_per_s": s.images_per_second, "gflops_per_image": s.gflops_per_image,
@@ -289,10 +294,11 @@ def to_markdown(spec: SpeedSpec, o: SpeedOutcome) -> str:
     """The measured table and ratios as a Markdown section (command, machine, date first)."""
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [f"Measured {now} on {o.machine}.", ""]
+    ratio = "each method's own" if spec.mask_ratio is None else spec.mask_ratio
     if spec.command:
         lines += ["```", spec.command, "```", ""]
     lines += [f"Training: {spec.arch} at {spec.img_size or get_preset(spec.arch).img_size} px, "
-              f"batch {spec.batch_size}, mask ratio {spec.mask_ratio}; median of "
+              f"batch {spec.batch_size}, mask ratio {ratio}; median of "
               f"{spec.steps * spec.rounds} timed steps per row ({spec.rounds} interleaved rounds)."
               " Matmul peak: " + ", ".join(f"{p} {v / 1e12:.3f} TFLOP/s"
                                            for p, v in o.peaks.items()) + ".", ""]

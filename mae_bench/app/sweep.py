@@ -216,8 +216,9 @@ def plan_points(spec: SweepSpec) -> list[SweepPoint]:
     )
     group = Path(spec.runs_dir) / f"{knob.name}-{spec.dataset}-{spec.arch}"
     points = []
-    for value in values:
-        cfg = base.replace(**{knob.section: {knob.key: value}})
+    for raw in values:
+        cfg = base.replace(**knob.assign(raw))
+        value = knob.label(raw)  # what names, rows and the report show
         validate(cfg)
         cfg = resolve_config(cfg)
         try:

@@ -28,6 +28,9 @@ class SweepKnob:
         section / key: where the value goes in ``RunConfig`` (``mae`` / ``mask_ratio``).
         parse: text -> value; raises ConfigError naming the bad text.
         numeric: plotted on a numeric axis (else one bar per value).
+        also: further keys of ``section`` that the value sets (``target-scale`` 0.15-0.2 sets
+            I-JEPA's smallest and largest target block); the value is then a tuple, one item
+            per key, ``key`` first.
 
     Which methods have the knob is the methods' own word (``Method.own_knobs``), see
     ``check_method_has``.
@@ -39,6 +42,17 @@ class SweepKnob:
     key: str
     parse: Callable[[str], Any]
     numeric: bool
+    also: tuple[str, ...] = ()
+
+    def assign(self, value: Any) -> dict[str, dict[str, Any]]:
+        """The ``RunConfig.replace`` arguments that set ``value``."""
+        if not self.also:
+            return {self.section: {self.key: value}}
+        return {self.section: dict(zip((self.key, *self.also), value, strict=True))}
+
+    def label(self, value: Any) -> Any:
+        """The value as the results' column holds it (a range as text: ``0.15-0.2``)."""
+        return "-".join(f"{v:g}" for v in value) if self.also else value
 
     @property
     def field(self) -> str:
@@ -82,6 +96,21 @@ def _positive_float(what: str) -> Callable[[str], float]:
     return parse
 
 
+def _scale_range(what: str) -> Callable[[str], tuple[float, float]]:
+    """``0.15-0.2`` (a range) or ``0.2`` (one fixed scale) -> (low, high), both in (0, 1)."""
+    def parse(text: str) -> tuple[float, float]:
+        low_text, sep, high_text = text.partition("-")
+        try:
+            low, high = float(low_text), float(high_text if sep else low_text)
+        except ValueError:
+            raise ConfigError(f"{what} must be a fraction or a range like 0.15-0.2, "
+                              f"got '{text}'") from None
+        if not 0 < low <= high < 1:
+            raise ConfigError(f"{what} must lie in (0, 1) with the low end first, got {text}")
+        return low, high
+    return parse
+
+
 def _choice(choices: tuple[str, ...], what: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         if text not in choices:
@@ -122,6 +151,16 @@ SWEEP_KNOBS: dict[str, SweepKnob] = {k.name: k for k in (
     # Table 1c: mask tokens in the encoder (every token encoded) against MAE's visible-only one.
     SweepKnob("encoder-mask-tokens", "encoder_mask_tokens", "mae", "encoder_mask_tokens",
               _bool("encoder-mask-tokens values"), numeric=False),
+    # the masked siblings' own (issue 31): SimMIM's mask unit, I-JEPA's targets, data2vec 2.0's
+    # masks per image
+    SweepKnob("mask-patch-size", "mask_patch_size", "mae", "mask_patch_size",
+              _positive_int("mask-patch-size values"), numeric=True),
+    SweepKnob("num-targets", "num_targets", "mae", "num_targets",
+              _positive_int("num-targets values"), numeric=True),
+    SweepKnob("target-scale", "target_scale", "mae", "target_scale_min",
+              _scale_range("target-scale values"), numeric=False, also=("target_scale_max",)),
+    SweepKnob("num-masks", "num_masks", "mae", "num_masks",
+              _positive_int("num-masks values"), numeric=True),
     SweepKnob("epochs", "pretrain_epochs", "train", "epochs",
               _positive_float("epochs values"), numeric=True),
     SweepKnob("method", "method", "train", "method", _method, numeric=False),
@@ -136,7 +175,7 @@ def check_method_has(knob: SweepKnob, method: str) -> None:
     owners = [name for name, cls in METHODS.items()
               if knob.field in getattr(cls, "own_knobs", frozenset())]
     if owners and method not in owners:
-        raise ConfigError(f"{knob.name} is an {'/'.join(o.upper() for o in owners)} knob; "
+        raise ConfigError(f"{knob.name} is a knob of {', '.join(owners)}; "
                           f"--method {method} does not have it")
 
 
