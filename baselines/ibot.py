@@ -60,7 +60,6 @@ from mae_bench.config import RunConfig
 from mae_bench.data.augment import ViewSpec
 from mae_bench.errors import ConfigError
 from mae_bench.methods.method import Batch
-from mae_bench.models.vit import VisionTransformer
 from mae_bench.training.distributed import all_reduce_mean
 
 GLOBAL_CROPS = 2
@@ -137,20 +136,6 @@ class MaskedPatchLoss(nn.Module):
     def _batch_center(self, teacher: list[Tensor]) -> Tensor:
         """[1, 1, K2]: the teacher's mean over crops, images and tokens (of all processes)."""
         return all_reduce_mean(torch.cat(teacher).float().mean(dim=(0, 1)).view(1, 1, -1))
-
-
-def encode_masked(vit: VisionTransformer, imgs: Tensor, mask: Tensor, token: Tensor) -> Tensor:
-    """Images [N, C, H, W], mask [N, L] (True = masked), token [1, 1, D] -> [N, 1+L, D]: every
-    patch through the encoder, the masked ones as ``token`` plus their position embedding
-    (official ``prepare_tokens`` with ``mask_model``)."""
-    x = vit.patch_embed(imgs)  # [N, L, D]
-    x = torch.where(mask.unsqueeze(-1), token.to(x.dtype), x)  # [N, L, D]
-    x = x + vit.pos_embed[:, 1:, :]  # [N, L, D]
-    cls = (vit.cls_token + vit.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)  # [N, 1, D]
-    x = torch.cat([cls, x], dim=1)  # [N, 1+L, D]
-    for block in vit.blocks:
-        x = block(x)  # [N, 1+L, D]
-    return vit.norm(x)  # [N, 1+L, D]
 
 
 class IBOT(BackboneMethod):
@@ -231,8 +216,8 @@ class IBOT(BackboneMethod):
         masks = self.draw_masks(views[0].shape[0], batch.generator).to(views[0].device)
         student_cls, student_patch = [], []
         for view, mask in zip(views, masks, strict=True):
-            cls, patch = self.head.forward_tokens(
-                encode_masked(self.backbone, view, mask, self.mask_token))  # [N, K], [N, L, K2]
+            tokens = self.backbone.forward_features_masked(view, mask, self.mask_token)
+            cls, patch = self.head.forward_tokens(tokens)  # [N, K], [N, L, K2]
             student_cls.append(cls)
             student_patch.append(patch)
         if len(batch.views) > GLOBAL_CROPS:  # local crops: unmasked, [CLS] loss only

@@ -111,16 +111,9 @@ class SimMIM(BackboneMethod):
     def encode(self, imgs: Tensor, mask: Tensor) -> Tensor:
         """Images [N, C, H, W] and mask [N, g, g] -> [N, 1+L, D]: every patch through the ViT,
         the masked ones as the mask token plus their position embedding."""
-        vit = self.backbone
-        x = vit.patch_embed(imgs)  # [N, L, D]
-        w = mask.flatten(1).unsqueeze(-1).to(x.dtype)  # [N, L, 1]
-        x = x * (1 - w) + self.mask_token.to(x.dtype) * w  # [N, L, D]
-        x = x + vit.pos_embed[:, 1:, :]  # [N, L, D]
-        cls = (vit.cls_token + vit.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)  # [N, 1, D]
-        x = torch.cat([cls, x], dim=1)  # [N, 1+L, D]
-        for block in vit.blocks:
-            x = block(x)  # [N, 1+L, D]
-        return vit.norm(x)  # [N, 1+L, D]
+        # official x * (1 - w) + mask_token * w: the same values for a 0 / 1 mask
+        return self.backbone.forward_features_masked(imgs, mask.flatten(1),
+                                                     self.mask_token)  # [N, 1+L, D]
 
     def predict(self, imgs: Tensor, mask: Tensor) -> Tensor:
         """Pixel predictions [N, C, H, W] for images [N, C, H, W] under mask [N, g, g]."""

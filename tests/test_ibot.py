@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from lightly.loss import IBOTPatchLoss
 
-from baselines.ibot import IBOT, IBOTHead, MaskedPatchLoss, encode_masked
+from baselines.ibot import IBOT, IBOTHead, MaskedPatchLoss
 from baselines.ibot_masks import ibot_masks, prediction_ratio
 from baselines.losses import DINOLoss
 from mae_bench.config import RunConfig
@@ -251,10 +251,10 @@ def test_masked_patches_enter_the_student_as_the_mask_token_the_teacher_sees_all
     out["loss"].backward()
     assert method.mask_token.grad.abs().sum() > 0
     assert out["masked"] == masks.float().mean()
-    # encode_masked without a mask is the backbone's own forward
+    # the masked encoding without a mask is the backbone's own forward
     x = batch.views[0]
     none = torch.zeros(4, 16, dtype=torch.bool)
-    torch.testing.assert_close(encode_masked(method.backbone, x, none, method.mask_token),
+    torch.testing.assert_close(method.backbone.forward_features_masked(x, none, method.mask_token),
                                method.backbone.forward_features(x))
 
 

@@ -86,12 +86,8 @@ def reconstruction_grid(checkpoint: str | Path, out_path: str | Path | None = No
                         seed: int = 0, data_dir: str | Path | None = None,
                         trust: bool = False) -> Path:
     """Draw ``num_images`` images of ``split`` through the run's MAE and save a PNG grid
-    (``trust``: allow full unpickling of the checkpoint)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    (``trust``: allow full unpickling of the checkpoint). A sibling's run (SimMIM, I-JEPA,
+    iBOT, data2vec 2.0) draws its training mask instead (``_sibling_grid``)."""
     cfg, method = load_masked_run(checkpoint, trust)
     if not isinstance(method, MAE):
         return _sibling_grid(cfg, method, checkpoint, out_path, num_images=num_images,
@@ -99,51 +95,48 @@ def reconstruction_grid(checkpoint: str | Path, out_path: str | Path | None = No
     mae = method.mae
     ratio = cfg.mae.mask_ratio if mask_ratio is None else mask_ratio
     validate_mask_ratio(mae.num_patches, ratio)
-    if num_images < 1:
-        raise ConfigError(f"--num-images must be >= 1, got {num_images}")
-    folder = data_dir or cfg.data.data_dir
-    data = load_dataset(cfg.data.dataset, split, folder)
-    if data.info.channels != mae.in_chans:  # the encoder's patch projection could not take them
-        where = f" in {folder}" if folder else ""
-        raise ConfigError(f"{checkpoint} takes {mae.in_chans}-channel images but "
-                          f"{cfg.data.dataset}{where} has {data.info.channels}; draw from "
-                          f"{mae.in_chans}-channel images (--data-dir)")
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(data), generator=g)[:num_images]
-    if hasattr(data, "images"):
-        raw = data.images[idx]
-    else:
-        raw = torch.stack([data[int(i)][0] for i in idx])
-    views = BatchViews(ViewSpec(img_size=method.img_size), data.info.mean, data.info.std)
-    imgs = views.normalize(eval_resize(raw, method.img_size))  # [N, C, H, W]
-    noise = masking_noise(cfg.mae.mask_strategy, len(idx), method.grid_size, ratio, generator=g)
+    imgs, views, g = _draw_images(cfg, method, split, num_images, seed, data_dir, checkpoint)
+    noise = masking_noise(cfg.mae.mask_strategy, len(imgs), method.grid_size, ratio, generator=g)
     mask_img, recon, pasted = reconstruct(mae, imgs, ratio, noise)
 
-    mean, std = views.mean, views.std
-    columns = [("original", imgs), (f"masked {ratio:.0%}", imgs), ("reconstruction", recon),
-               ("reconstruction + visible", pasted)]
-    n = len(idx)
-    fig, axes = plt.subplots(n, 4, figsize=(8, 2 * n), squeeze=False)
-    for col, (title, x) in enumerate(columns):
-        pix = (x * std + mean).clamp(0, 1)  # [N, C, H, W] in [0, 1]
-        if title.startswith("masked"):
-            pix = torch.where(mask_img > 0, torch.full_like(pix, 0.5), pix)  # grey = removed
+    def pixels(x: Tensor) -> Tensor:
+        return (x * views.std + views.mean).clamp(0, 1)  # [N, C, H, W] in [0, 1]
+
+    removed = torch.where(mask_img > 0, torch.full_like(imgs, 0.5), pixels(imgs))  # grey
+    columns = [("original", pixels(imgs)), (f"masked {ratio:.0%}", removed),
+               ("reconstruction", pixels(recon)), ("reconstruction + visible", pixels(pasted))]
+    note = " (norm-pix: each patch's mean/std taken from the original)" if mae.norm_pix_loss \
+        else ""
+    return _save_grid(columns, f"MAE {cfg.model.arch} on {cfg.data.dataset}/{split}{note}",
+                      checkpoint, out_path, "reconstructions.png")
+
+
+def _save_grid(columns: list[tuple[str, Tensor]], title: str, checkpoint: str | Path,
+               out_path: str | Path | None, default_name: str) -> Path:
+    """One PNG: a column per (title, [N, C, H, W] pixels in [0, 1]), a row per image, 2 inches
+    each at 100 dpi; written to ``out_path`` or the run folder's ``default_name``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(columns[0][1])
+    fig, axes = plt.subplots(n, len(columns), figsize=(2 * len(columns), 2 * n), squeeze=False)
+    for col, (name, x) in enumerate(columns):
         for row in range(n):
             ax = axes[row][col]
-            img = pix[row].permute(1, 2, 0).numpy()
+            img = x[row].permute(1, 2, 0).numpy()
             ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img,
                       cmap="gray" if img.shape[-1] == 1 else None, vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
             if row == 0:
-                ax.set_title(title, fontsize=9)
-    note = " (norm-pix: each patch's mean/std taken from the original)" if mae.norm_pix_loss \
-        else ""
-    fig.suptitle(f"MAE {cfg.model.arch} on {cfg.data.dataset}/{split}{note}", fontsize=9)
+                ax.set_title(name, fontsize=9)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     ckpt_path = Path(checkpoint)
     run_dir = ckpt_path if ckpt_path.is_dir() else ckpt_path.parent
-    path = Path(out_path) if out_path is not None else run_dir / "reconstructions.png"
+    path = Path(out_path) if out_path is not None else run_dir / default_name
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -180,11 +173,6 @@ def _sibling_grid(cfg: RunConfig, method: Method, checkpoint: str | Path,
     """A sibling's grid: original; what its encoder sees (grey: masked, black: neither seen
     nor predicted); what its loss predicts (the rest dimmed); its reconstruction where it
     predicts pixels."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     imgs, views, g = _draw_images(cfg, method, split, num_images, seed, data_dir, checkpoint)
     if mask_ratio is not None:
         method = with_mask_ratio(cfg, method, mask_ratio, imgs.shape[1])
@@ -204,26 +192,6 @@ def _sibling_grid(cfg: RunConfig, method: Method, checkpoint: str | Path,
         rec = (recon * views.std + views.mean).clamp(0, 1)
         columns += [("reconstruction", rec), ("reconstruction + visible",
                                               torch.where(up == 1, rec, pix))]
-    n = len(imgs)
-    fig, axes = plt.subplots(n, len(columns), figsize=(2 * len(columns), 2 * n), squeeze=False)
-    for col, (title, x) in enumerate(columns):
-        for row in range(n):
-            ax = axes[row][col]
-            img = x[row].permute(1, 2, 0).numpy()
-            ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img,
-                      cmap="gray" if img.shape[-1] == 1 else None, vmin=0, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if row == 0:
-                ax.set_title(title, fontsize=9)
-    fig.suptitle(f"{cfg.train.method} {cfg.model.arch} on {cfg.data.dataset}/{split}: its "
-                 "training mask", fontsize=9)
-    fig.tight_layout()
-    ckpt_path = Path(checkpoint)
-    run_dir = ckpt_path if ckpt_path.is_dir() else ckpt_path.parent
     name = "reconstructions.png" if recon is not None else "masks.png"
-    path = Path(out_path) if out_path is not None else run_dir / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save_grid(columns, f"{cfg.train.method} {cfg.model.arch} on {cfg.data.dataset}/"
+                      f"{split}: its training mask", checkpoint, out_path, name)

@@ -189,15 +189,7 @@ class MaskedAutoencoder(VisionTransformer):
     def _encode_with_mask_tokens(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Images [N, C, H, W], mask [N, L] -> [N, 1+L, D]: every position through the encoder,
         the masked ones as the shared token plus their position embedding."""
-        x = self.patch_embed(imgs)  # [N, L, D]
-        token = self.encoder_mask_token.to(x.dtype)  # [1, 1, D]
-        x = torch.where(mask.unsqueeze(-1).bool(), token, x)  # [N, L, D]
-        x = x + self.pos_embed[:, 1:, :]  # [N, L, D]
-        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)  # [N, 1, D]
-        x = torch.cat([cls, x], dim=1)  # [N, 1+L, D]
-        for block in self.blocks:
-            x = block(x)  # [N, 1+L, D]
-        return self.norm(x)  # [N, 1+L, D]
+        return self.forward_features_masked(imgs, mask, self.encoder_mask_token)  # [N, 1+L, D]
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """Latent [N, 1+K, D] and ids_restore [N, L] -> pixel predictions [N, L, p*p*C].

@@ -362,6 +362,29 @@ class VisionTransformer(nn.Module):
             x = block(x)  # [N, 1+K, D]
         return self.norm(x)  # [N, 1+K, D]
 
+    def forward_features_masked(self, x: torch.Tensor, mask: torch.Tensor,
+                                token: torch.Tensor) -> torch.Tensor:
+        """Encode every patch, the masked ones as ``token``: SimMIM's and iBOT's student, MAE's
+        Table 1c ablation (mask tokens in the encoder).
+
+        Args:
+            x: images [N, C, H, W].
+            mask: [N, L], nonzero = masked; its patch embedding is replaced by ``token`` before
+                the position embedding is added (so each keeps its position).
+            token: the learnt mask token [1, 1, D].
+
+        Returns:
+            [N, 1+L, D]: cls token then every patch token, after ``norm``.
+        """
+        x = self.patch_embed(x)  # [N, L, D]
+        x = torch.where(mask.unsqueeze(-1).bool(), token.to(x.dtype), x)  # [N, L, D]
+        x = x + self.pos_embed[:, 1:, :]  # [N, L, D]
+        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)  # [N, 1, D]
+        x = torch.cat([cls, x], dim=1)  # [N, 1+L, D]
+        for block in self.blocks:
+            x = block(x)  # [N, 1+L, D]
+        return self.norm(x)  # [N, 1+L, D]
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Pool [N, 1+K, D] tokens to [N, D] features, or [N, num_classes] logits."""
         x = self.fc_norm(POOLS[self.global_pool](x))  # [N, D]
