@@ -392,3 +392,17 @@ def test_cli_refuses_non_positive_barlow_and_vicreg_weights(monkeypatch, capsys,
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
     assert message in lines[0]
     assert not out_dir.exists()
+
+
+def test_maes_display_mask_is_the_mask_its_training_step_drops():
+    """MAE draws its mask through the same ``display_mask`` hook as its siblings (what
+    ``visualize`` asks of a masked method): the patches its forward drops for that noise."""
+    from mae_bench.models.mae import masking_indices
+
+    method = build_method(resolve_config(_cfg("mae")), 3, IMG)
+    imgs = torch.zeros(5, 3, IMG, IMG)
+    shown = method.display_mask(imgs, torch.Generator().manual_seed(4))
+    noise = torch.rand(5, method.grid_size**2, generator=torch.Generator().manual_seed(4))
+    want = masking_indices(noise, 0.75)[1].long().reshape(5, method.grid_size, method.grid_size)
+    assert shown.dtype == torch.int64 and torch.equal(shown, want)
+    assert int(shown.sum()) == 5 * (method.grid_size**2 - int(method.grid_size**2 * 0.25))

@@ -21,9 +21,8 @@ from mae_bench.training.checkpoint import load_checkpoint
 
 
 def draws_masks(method: Method) -> bool:
-    """The method draws masks ``visualize`` can show: MAE, or one that overrides
-    ``display_mask``."""
-    return isinstance(method, MAE) or type(method).display_mask is not Method.display_mask
+    """The method draws masks ``visualize`` can show: it overrides ``display_mask``."""
+    return type(method).display_mask is not Method.display_mask
 
 
 def load_masked_run(checkpoint: str | Path, trust: bool = False) -> tuple[RunConfig, Method]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from baselines.barlowtwins import BarlowTwins
@@ -31,7 +32,7 @@ from mae_bench.data.augment import ViewSpec
 from mae_bench.errors import CheckpointError, ConfigError
 from mae_bench.methods.method import Batch, Method
 from mae_bench.models.backbones import check_arch, family, is_vit
-from mae_bench.models.mae import build_mae, masking_noise, validate_mask_ratio
+from mae_bench.models.mae import build_mae, masking_indices, masking_noise, validate_mask_ratio
 from mae_bench.models.vit import PRESETS, VisionTransformer, get_preset
 from mae_bench.training.optim import optimizer_knobs
 
@@ -190,6 +191,14 @@ class MAE(Method):
 
     def no_weight_decay(self) -> set[str]:
         return {f"mae.{n}" for n in self.mae.no_weight_decay()}
+
+    def display_mask(self, imgs: Tensor, generator: torch.Generator) -> Tensor:
+        """[N, g, g] int64: 0 a visible patch, 1 a masked one (dropped, reconstructed), drawn
+        from ``generator`` as ``forward`` draws it."""
+        noise = masking_noise(self.mask_strategy, imgs.shape[0], self.grid_size, self.mask_ratio,
+                              generator=generator, device=imgs.device)  # [N, L]
+        mask = masking_indices(noise, self.mask_ratio)[1]  # [N, L], 1 = masked
+        return mask.long().reshape(-1, self.grid_size, self.grid_size)
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         imgs = batch.views[0]  # [N, C, H, W]
