@@ -12,13 +12,14 @@ two views given as tensors (no augmentation inside the timed step) and the same 
   heads, queue, temperature, optimizer) through the engine's ``TrainStep``: what a user runs.
   Its convolutional backbone runs in channels-last memory format (the Method's choice).
 * lightly 1.6.0: the method's example as lightly documents it (``examples/pytorch/<method>.py``):
-  the same backbone module in torch's default memory format, lightly's heads of the same widths
-  as mae-bench's, lightly's loss (and memory bank, momentum update), ``torch.optim.SGD`` with
-  lightly's benchmark settings (lr 0.06, momentum 0.9, weight decay 5e-4), one backbone call per
-  view, as the examples run it. Where the example computes less than the method (lightly's MoCo
-  example is MoCo v2's one direction: one query and one key pass), it is made to do the same
-  work as mae-bench's (MoCo v2+ is symmetric: both views are queries and keys), so that the
-  ratio compares implementations, not amounts of work.
+  the same backbone module in torch's default memory format with torch's own convolution
+  kernels (``set_conv(.., "native")``: the rule-picked kernels are mae-bench's), lightly's
+  heads of the same widths as mae-bench's, lightly's loss (and memory bank, momentum update),
+  ``torch.optim.SGD`` with lightly's benchmark settings (lr 0.06, momentum 0.9, weight decay
+  5e-4), one backbone call per view, as the examples run it. Where the example computes less
+  than the method (lightly's MoCo example is MoCo v2's one direction: one query and one key
+  pass), it is made to do the same work as mae-bench's (MoCo v2+ is symmetric: both views are
+  queries and keys), so that the ratio compares implementations, not amounts of work.
 
 The timing is peers.py's: warm-up steps, then round-robin rounds with the order rotated, the
 median img/s of each row, the spread beside it. The issue's targets: mae-bench over lightly at
@@ -44,6 +45,7 @@ from mae_bench.config import RunConfig
 from mae_bench.methods.method import Batch
 from mae_bench.methods.registry import build_method, resolve_config
 from mae_bench.models.backbones import build_backbone, pooled
+from mae_bench.models.conv import set_conv
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peers import (  # noqa: E402  (the sibling script: one timing and report code)
@@ -195,6 +197,7 @@ def zoo_cases(args, views: list[Tensor]) -> list[Case]:
                                                        b=batch: m(b)), cfg.train.optimizer))
             torch.manual_seed(0)
             backbone = build_backbone(args.arch, args.img_size, 3)
+            set_conv(backbone, "native")  # torchvision's plain Conv2d, as lightly's users run it
             model = LightlyModel(name, backbone, int(backbone.num_features), cfg.ssl).train()
             cases.append(Case(LIGHTLY, name, q, lightly_step(model, q, views), "sgd"))
     return cases

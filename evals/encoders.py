@@ -45,6 +45,7 @@ from mae_bench.models.backbones import (
     pooled,
     use_cifar_stem,
 )
+from mae_bench.models.conv import set_conv
 from mae_bench.models.vit import POOLS as VIT_POOLS
 from mae_bench.models.vit import PRESETS, VisionTransformer, vit_kwargs
 from mae_bench.training.checkpoint import find_checkpoint, is_official_mae, load_checkpoint
@@ -95,9 +96,11 @@ class Embedder(nn.Module, metaclass=abc.ABCMeta):
 
     def use_channels_last(self, model: nn.Module) -> None:
         """Convert ``model`` (in place) to channels-last if it is a convolutional network: more
-        than one 2-D convolution (a ViT has one, its patch embedding, and gains nothing)."""
+        than one 2-D convolution (a ViT has one, its patch embedding, and gains nothing); its
+        convolutions pick their kernel by ``mae_bench.models.conv``'s rule."""
         if sum(isinstance(m, nn.Conv2d) for m in model.modules()) > 1:
             model.to(memory_format=torch.channels_last)
+            set_conv(model, "auto")
             self.channels_last = True
 
 

@@ -27,6 +27,7 @@ import yaml
 from mae_bench.errors import ConfigError
 
 ATTENTION_PATHS = ("auto", "fused", "math")  # mae_bench.models.attention
+CONV_PATHS = ("auto", "native", "matmul")  # mae_bench.models.conv
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -121,6 +122,7 @@ ADDED_LATER: dict[tuple[str, str], tuple[Any, ...]] = {
     ("ssl", "norm_last_layer"): (None,),
     ("mae", "encoder_mask_tokens"): (None, False),
     ("train", "attention"): (None, "auto"),
+    ("train", "conv"): (None, "auto"),
     ("ssl", "center_init"): (None,),
     ("train", "warmup_min_steps"): (None,),
     ("ssl", "head_output_bias"): (None,),
@@ -225,6 +227,11 @@ class TrainConfig:
     attention: str | None = _knob(None, "Attention kernel: auto (a rule per call: math under "
                                   "bf16 / fp16 on CPUs, where the flash kernel's backward is "
                                   "slow; fused elsewhere; results/speed-cpu.md) | fused | math.")
+    # Convolution kernel: native (F.conv2d) | matmul (im2col + matmul) | auto (None: a rule per
+    # call on the device, autocast dtype and the layer's size; mae_bench.models.conv).
+    conv: str | None = _knob(None, "Convolution kernel: auto (a rule per call: im2col + matmul "
+                             "for small wide layers under bf16 on CPUs, native elsewhere) | "
+                             "native | matmul.")
 
 
 @dataclass(frozen=True)
@@ -632,6 +639,8 @@ def validate(cfg: RunConfig) -> None:
         (t.clip_grad is None or t.clip_grad > 0, f"--clip-grad must be > 0, got {t.clip_grad}"),
         (t.attention is None or t.attention in ATTENTION_PATHS,
          f"unknown attention path '{t.attention}'; valid: {', '.join(ATTENTION_PATHS)}"),
+        (t.conv is None or t.conv in CONV_PATHS,
+         f"unknown convolution path '{t.conv}'; valid: {', '.join(CONV_PATHS)}"),
         (cfg.mae.mask_ratio is None or 0.0 < cfg.mae.mask_ratio < 1.0,
          f"--mask-ratio must be strictly between 0 and 1, got {cfg.mae.mask_ratio}"),
         (t.weight_decay_end is None or t.weight_decay_end >= 0,

@@ -72,7 +72,7 @@ PANELS: dict[str, tuple[str, ...]] = {
         "ssl.sinkhorn_iterations", "ssl.sinkhorn_epsilon", "ssl.pred_hidden_dim"),
     "Loading, logging, kernels (data., train.)": (
         "data.split", "data.num_workers", "train.log_every", "train.save_every",
-        "train.attention"),
+        "train.attention", "train.conv"),
     "Switches (mae., model., ssl., train.)": (
         "mae.norm_pix_loss", "mae.encoder_mask_tokens", "model.cifar_stem",
         "ssl.norm_last_layer", "ssl.freeze_patch_embed", "ssl.head_output_bias",

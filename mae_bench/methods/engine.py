@@ -70,6 +70,7 @@ from mae_bench.methods.run_folder import (
 from mae_bench.methods.train_log import FittedText, MetricLogger, StopSignals, progress_bar
 from mae_bench.models.attention import choose_attention
 from mae_bench.models.backbones import is_vit
+from mae_bench.models.conv import set_conv
 from mae_bench.models.vit import get_preset
 from mae_bench.training import optim
 from mae_bench.training.checkpoint import (
@@ -207,6 +208,7 @@ class Setup:
     views: list[BatchViews]  # one per view spec of the method
     attention: str  # the setting ("auto" or a forced path), kept by a resumed run
     kernel: str  # what the encoder runs on the whole image
+    conv: str  # the convolution setting ("auto" or a forced path), kept by a resumed run
     plan: Plan
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None
@@ -314,11 +316,12 @@ def build_setup(cfg: RunConfig, where: Where, ckpt: dict | None) -> Setup:
         build_method(cfg, info.channels, img_size).to(where.device), where.device)
     views = [BatchViews(spec, info.mean, info.std) for spec in method.view_specs()]
     attention, kernel = _attention(cfg, method, img_size, where, ckpt)
+    conv = _conv(cfg, method, ckpt)
     type(method).check_data(cfg, len(dataset))
     plan = plan_run(cfg, len(dataset), where.world_size)
     optimizer = build_optimizer(method, t, where.device)
-    return Setup(cfg, dataset, img_size, method, views, attention, kernel, plan, optimizer,
-                 grad_scaler(where.precision))
+    return Setup(cfg, dataset, img_size, method, views, attention, kernel, conv, plan,
+                 optimizer, grad_scaler(where.precision))
 
 
 def _attention(cfg: RunConfig, method: Method, img_size: int, where: Where,
@@ -335,6 +338,18 @@ def _attention(cfg: RunConfig, method: Method, img_size: int, where: Where,
         return attention, "-"
     tokens = 1 + (img_size // get_preset(cfg.model.arch).patch_size) ** 2
     return attention, choose_attention(method, attention, tokens, where.device, where.precision)
+
+
+def _conv(cfg: RunConfig, method: Method, ckpt: dict | None) -> str:
+    """The convolution setting ("auto": the rule, per call; or a forced path), applied to every
+    2-D convolution of ``method``. A resumed run keeps the setting it started with, and one
+    whose checkpoint predates the rule ran every convolution natively, so it resumes natively:
+    the same kernels, the same rounding, as an uninterrupted run."""
+    conv = cfg.train.conv or "auto"
+    if cfg.train.conv is None and ckpt is not None:
+        conv = ckpt.get("extra", {}).get("conv", "native")
+    set_conv(method, conv)
+    return conv
 
 
 def plan_run(cfg: RunConfig, n_images: int, world_size: int) -> Plan:
@@ -411,7 +426,7 @@ def _write_run_files(setup: Setup, where: Where, run_dir: Path, step: int) -> No
     write_text_atomic(run_dir / CONFIG_FILE, cfg.to_yaml())
     now = provenance(cfg, where.device, where.precision, setup.img_size, plan.peak_lr,
                      plan.eff_batch, plan.total_steps) | {
-        "attention": setup.attention, "attention_kernel": setup.kernel,
+        "attention": setup.attention, "attention_kernel": setup.kernel, "conv": setup.conv,
         "warmup_epochs": plan.warm_epochs}
     write_text_atomic(run_dir / RUN_FILE, json.dumps(run_history(run_dir / RUN_FILE, now, step),
                                                      indent=2))
@@ -530,7 +545,8 @@ def checkpoint_state(setup: Setup, step: int, train_seconds: float) -> dict[str,
                                       "total_steps": setup.plan.total_steps,
                                       "img_size": setup.img_size,
                                       "channels": setup.dataset.info.channels,
-                                      "attention": setup.attention},
+                                      "attention": setup.attention,
+                                      "conv": setup.conv},
     }
 
 

@@ -174,10 +174,11 @@ def truncate_metrics(path: Path, step: int) -> None:
 def run_history(path: Path, now: dict[str, Any], step: int) -> dict[str, Any]:
     """``run.json`` for a run (re)starting at ``step``: this segment's provenance, the first
     segment's ``command``, and ``segments``: one entry per start (command, step, commit,
-    device, precision, time), so a resumed run never loses how it was made."""
+    device, precision, convolution kernels, time), so a resumed run never loses how it was
+    made."""
     segment = {"command": now["command"], "start_step": step, "git_sha": now["git_sha"],
                "device_name": now["device_name"], "precision": now["precision"],
-               "mae_bench": now["mae_bench"],
+               "mae_bench": now["mae_bench"], "conv": now.get("conv"),
                "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     try:
         old = json.loads(path.read_text()) if step > 0 else {}

@@ -37,6 +37,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.models.resnet import ResNet as TorchvisionResNet
 
 from mae_bench.errors import ConfigError
+from mae_bench.models.conv import set_conv
 from mae_bench.models.vit import PRESETS, VisionTransformer, build_vit
 
 CIFAR_STEM_MAX_SIZE = 64  # solo-learn: the CIFAR stem for CIFAR and STL-sized (64 px) crops
@@ -129,9 +130,13 @@ def build_backbone(arch: str, img_size: int, in_chans: int = 3,
         return build_vit(arch, img_size, in_chans, num_classes=num_classes, **vit_kwargs)
     if arch in RESNETS:
         block, layers = RESNETS[arch]
-        return ResNet(block, layers, in_chans=in_chans, num_classes=num_classes,
-                      cifar_stem=use_cifar_stem(img_size, cifar_stem))
-    return TimmBackbone(arch.removeprefix(TIMM_PREFIX), img_size, in_chans, num_classes)
+        model: nn.Module = ResNet(block, layers, in_chans=in_chans, num_classes=num_classes,
+                                  cifar_stem=use_cifar_stem(img_size, cifar_stem))
+    else:
+        model = TimmBackbone(arch.removeprefix(TIMM_PREFIX), img_size, in_chans, num_classes)
+    if is_convnet(model):
+        set_conv(model, "auto")  # each convolution's kernel by mae_bench.models.conv's rule
+    return model
 
 
 def pooled(encoder: nn.Module, images: Tensor) -> Tensor:
