@@ -64,13 +64,30 @@ class BackboneMethod(Method):
     def encoder(self) -> nn.Module:
         return self.backbone
 
-    def embed(self, views: list[Tensor], backbone: nn.Module | None = None) -> list[Tensor]:
+    def embed(self, views: list[Tensor], backbone: nn.Module | None = None,
+              record: bool = True) -> list[Tensor]:
         """One [N, feature_dim] embedding per view, from ``backbone`` (default: the student's;
-        a teacher's under ``torch.no_grad``)."""
-        return embed_views(self.backbone if backbone is None else backbone, views)
+        a teacher's under ``torch.no_grad``). The student's embedding of the batch's first view
+        is kept, detached, as ``train_features`` for the online classifier (``record=False``
+        where ``views`` does not start with it)."""
+        out = embed_views(self.backbone if backbone is None else backbone, views)
+        if backbone is None and record:
+            self.train_features = out[0].detach()  # [N, D]
+        return out
 
     def no_weight_decay(self) -> set[str]:
         return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
+
+    def after_init(self) -> None:
+        """Every EMA teacher starts again as a copy of its student (``--init``)."""
+        for teacher, student in self.teacher_pairs:
+            getattr(self, teacher).load_state_dict(getattr(self, student).state_dict())
+
+    def embedding(self, features: Tensor) -> Tensor | None:
+        """The projector's output (``self.projector``, the space the loss compares); a method
+        whose head is built otherwise overrides this."""
+        projector = getattr(self, "projector", None)
+        return None if projector is None else projector(features)  # [N, P]
 
     def add_teacher(self, student: str, teacher: str) -> nn.Module:
         """Create ``self.<teacher>``: a frozen copy of ``self.<student>``, updated by EMA."""

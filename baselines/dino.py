@@ -47,6 +47,7 @@ Changed for small data and short runs:
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from baselines.base import BackboneMethod, solo_learn_cifar
@@ -123,6 +124,10 @@ class DINO(BackboneMethod):
 
     def view_specs(self) -> list[ViewSpec]:
         return dino_views(self.img_size, self.local_crops, self.local_size)
+
+    def embedding(self, features: Tensor) -> Tensor:
+        """The head's l2-normalised bottleneck (before its prototype layer)."""
+        return F.normalize(self.head.mlp(features), dim=-1)  # [N, bottleneck]
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         epoch = batch.step * self.epochs / batch.total_steps  # whole at each epoch's first step

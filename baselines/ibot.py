@@ -208,6 +208,10 @@ class IBOT(BackboneMethod):
         return draw_masks(generator, n, GLOBAL_CROPS, self.grid, self.mask_ratio,
                           self.mask_ratio_var)
 
+    def embedding(self, features: Tensor) -> Tensor:
+        """The head's l2-normalised bottleneck (before its prototype layer)."""
+        return F.normalize(self.head.mlp(features), dim=-1)  # [N, bottleneck]
+
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         epoch = batch.step * self.epochs / batch.total_steps  # whole at each epoch's first step
         temp = teacher_temperature(epoch, *self.temps, self.temp_warmup)
@@ -221,7 +225,8 @@ class IBOT(BackboneMethod):
             student_cls.append(cls)
             student_patch.append(patch)
         if len(batch.views) > GLOBAL_CROPS:  # local crops: unmasked, [CLS] loss only
-            student_cls += [self.head(h) for h in self.embed(batch.views[GLOBAL_CROPS:])]
+            student_cls += [self.head(h) for h in self.embed(batch.views[GLOBAL_CROPS:],
+                                                                  record=False)]
         with torch.no_grad():
             teacher = [self.teacher_head.forward_tokens(self.teacher_backbone.forward_features(v))
                        for v in views]  # ([N, K], [N, L, K2]) per crop

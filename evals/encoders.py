@@ -616,6 +616,11 @@ def _from_run(path: Path, ckpt: dict[str, Any]) -> EncoderSource:
     }
     if command:
         pretrain["pretrain_command"] = command
+    if extra.get("collapse"):  # the online evaluation saw the representation collapse
+        pretrain["pretrain_collapse_step"] = extra["collapse"]["step"]
+    if cfg.train.init is not None:  # started from earlier or outside weights (--init)
+        pretrain["pretrain_init"] = cfg.train.init
+        pretrain["pretrain_init_sha256"] = (extra.get("init") or {}).get("sha256")
     pretrain |= method_class(cfg.train.method).row_fields(cfg)  # its mask knobs, if any
     if cfg.train.method == "mae":
         pretrain |= {"mask_strategy": cfg.mae.mask_strategy,

@@ -28,6 +28,7 @@ from mae_bench.errors import ConfigError
 
 ATTENTION_PATHS = ("auto", "fused", "math")  # mae_bench.models.attention
 CONV_PATHS = ("auto", "native", "matmul")  # mae_bench.models.conv
+TRACKERS = ("none", "tensorboard", "wandb")  # mae_bench.methods.trackers
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -123,6 +124,12 @@ ADDED_LATER: dict[tuple[str, str], tuple[Any, ...]] = {
     ("mae", "encoder_mask_tokens"): (None, False),
     ("train", "attention"): (None, "auto"),
     ("train", "conv"): (None, "auto"),
+    ("train", "online_eval"): (None,),
+    ("train", "online_every"): (None,),
+    ("train", "stop_on_collapse"): (False,),
+    ("train", "tracker"): (None,),
+    ("train", "init"): (None,),
+    ("train", "init_weights"): (None,),
     ("ssl", "center_init"): (None,),
     ("train", "warmup_min_steps"): (None,),
     ("ssl", "head_output_bias"): (None,),
@@ -232,6 +239,18 @@ class TrainConfig:
     conv: str | None = _knob(None, "Convolution kernel: auto (a rule per call: im2col + matmul "
                              "for small wide layers under bf16 on CPUs, native elsewhere) | "
                              "native | matmul.")
+    # Online evaluation while pretraining (evals/online.py); None: on where the data has labels.
+    online_eval: bool | None = _knob(None, "Online k-NN, linear probe and collapse signals while "
+                                     "pretraining (default: on for labelled data).")
+    online_every: int | None = _knob(None, "Steps between online evaluations (default: whole "
+                                     "epochs, about 2 % of the time).")
+    stop_on_collapse: bool = _knob(False, "Stop at a collapse seen online instead of warning.")
+    init: str | None = _knob(None, "Start the encoder from a run folder, an official MAE "
+                             "checkpoint, timm:NAME or hf:ID (heads start random).")
+    init_weights: str | None = _knob(None, "--init timm:NAME: a weights file instead of timm's "
+                                     "download.")
+    tracker: str | None = _knob(None, "Tracker besides the run folder: none | tensorboard | "
+                                "wandb (default: tensorboard when installed).")
 
 
 @dataclass(frozen=True)
@@ -641,6 +660,12 @@ def validate(cfg: RunConfig) -> None:
          f"unknown attention path '{t.attention}'; valid: {', '.join(ATTENTION_PATHS)}"),
         (t.conv is None or t.conv in CONV_PATHS,
          f"unknown convolution path '{t.conv}'; valid: {', '.join(CONV_PATHS)}"),
+        (t.online_every is None or t.online_every >= 1,
+         f"--online-every must be >= 1, got {t.online_every}"),
+        (t.tracker is None or t.tracker in TRACKERS,
+         f"unknown tracker '{t.tracker}'; valid: {', '.join(TRACKERS)}"),
+        (t.init_weights is None or (t.init or "").startswith("timm:"),
+         "--init-weights goes with --init timm:NAME"),
         (cfg.mae.mask_ratio is None or 0.0 < cfg.mae.mask_ratio < 1.0,
          f"--mask-ratio must be strictly between 0 and 1, got {cfg.mae.mask_ratio}"),
         (t.weight_decay_end is None or t.weight_decay_end >= 0,

@@ -56,6 +56,9 @@ def test_compare_trains_evaluates_and_reuses(tmp_path):
     rows = read_results(tmp_path / "results")
     summary = json.loads((first.run_dirs["mae"] / "summary.json").read_text())
     assert summary["finished"]
+    # every run measured online at its last step, drawn in one figure beside the store
+    assert first.online_figure == tmp_path / "results" / "compare-online-digits.png"
+    assert first.online_figure.read_bytes().startswith(b"\x89PNG")
 
     run_json = (first.run_dirs["mae"] / "run.json").read_bytes()
     again = run_compare(_spec(tmp_path), log=logs.append, progress=False)

@@ -274,8 +274,10 @@ def drawn(tmp_path, monkeypatch):
         for seed in range(3):
             run_dir = tmp_path / "runs" / f"mr{ratio}-s{seed}"
             run_dir.mkdir(parents=True)
-            (run_dir / "metrics.jsonl").write_text("".join(
-                json.dumps({"step": 10 * j, "loss": 1.0 - ratio / 2 - 0.01 * (j + seed)}) + "\n"
+            online = [{"epoch": j, "train_seconds": 60.0 * j, "online_knn_top1": 50 + j + seed,
+                       "online_linear_top1": 40 + j} if j else {} for j in range(3)]
+            (run_dir / "metrics.jsonl").write_text("".join(json.dumps(
+                {"step": 10 * j, "loss": 1.0 - ratio / 2 - 0.01 * (j + seed)} | online[j]) + "\n"
                 for j in range(3)))
             entries.append(_entry(ratio, seed, run_dir))
     _write_manifest(store, entries)
@@ -309,6 +311,18 @@ def test_loss_figure_has_one_legend_entry_per_run(drawn):
     legend = panel[3]
     assert len(legend) == 9 and len(set(legend)) == 9  # 3 values x 3 seeds
     assert "mask_ratio=0.5, seed 2" in legend
+
+
+def test_online_figure_draws_both_accuracies_against_epochs_and_wall_time(drawn):
+    """Runs with an online evaluation get its curves: k-NN and linear (rows) against epochs and
+    minutes (columns), one legend entry per run; the report fixture's runs have none and get
+    no such figure (test_figures_are_pngs_referenced_by_both_documents)."""
+    panels = drawn["mask-ratio-online.png"]
+    assert len(panels) == 4
+    legend = panels[0][3]
+    assert len(legend) == 9 and "mask_ratio=0.75, seed 1" in legend
+    low, high = panels[0][1]  # k-NN: 51 .. 54 over the runs
+    assert low <= 51 and high >= 54
 
 
 def test_commands_are_listed_once_whatever_program_path_recorded_them(tmp_path):

@@ -29,6 +29,7 @@ import pandas as pd
 from evals.protocols import get_protocol, headline
 from mae_bench.app.campaign import Campaign, Todo, run_campaign
 from mae_bench.app.evaluation import EvalSpec, source_of, validate_spec
+from mae_bench.app.report import OnlineCurve, online_curves
 from mae_bench.config import RunConfig, validate
 from mae_bench.data import load_dataset
 from mae_bench.errors import ConfigError, TrainingError
@@ -96,6 +97,7 @@ class CompareOutcome:
     evaluated: list[str]  # "method/protocol" evaluated by this call
     seconds: float
     failed: list[str] = field(default_factory=list)  # "method: error" of stopped trainings
+    online_figure: Path | None = None  # the runs' online curves, where they have them
 
 
 def entry(spec: CompareSpec, name: str) -> tuple[str, str]:
@@ -213,7 +215,26 @@ def run_compare(spec: CompareSpec, log: Log = print, progress: bool = True,
                               time.perf_counter() - start, failed)
     table = compare_table(read_store(spec.results_dir), spec, run_ids, run_dirs)
     return CompareOutcome(table, run_dirs, trained.trained, evaluated,
-                          time.perf_counter() - start, failed)
+                          time.perf_counter() - start, failed, _online_figure(spec, run_dirs))
+
+
+def _online_figure(spec: CompareSpec, run_dirs: dict[str, Path]) -> Path | None:
+    """``compare-online-<dataset>.png`` in the results folder: every method's online k-NN and
+    linear top-1 against epochs and wall time (``report.online_curves``); None when no run has
+    an online evaluation."""
+    curves = [OnlineCurve(name, i, 0, run_dir) for i, (name, run_dir) in
+              enumerate(run_dirs.items())]
+    budget = (f"{spec.budget_seconds / 60:g} min each" if spec.budget_seconds is not None
+              else f"{spec.epochs:g} epochs each")
+    fig = online_curves(curves, f"compare on {spec.dataset} ({budget}): online evaluation")
+    if fig is None:
+        return None
+    path = Path(spec.results_dir) / f"compare-online-{spec.dataset}.png"
+    fig.savefig(path, dpi=100)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
 
 
 class _Pretrainings(Campaign[str]):

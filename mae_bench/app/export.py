@@ -247,6 +247,58 @@ def hf_state(state: dict[str, Tensor], depth: int) -> dict[str, Tensor]:
     return out
 
 
+def vit_state_from_hf(hf: dict[str, Tensor], depth: int) -> dict[str, Tensor]:
+    """The inverse of ``hf_state``: a transformers ViT / ViTMAE encoder's tensors -> mae-bench
+    ViT keys (query, key and value fused into qkv). Tensors outside the encoder (a ViTModel's
+    pooler) are left out.
+
+    Raises:
+        ConfigError: a tensor the ViT needs is missing (naming it and the depth expected).
+    """
+    renames = {"norm1": "layernorm_before", "norm2": "layernorm_after",
+               "attn.proj": "attention.output.dense", "mlp.fc1": "intermediate.dense",
+               "mlp.fc2": "output.dense"}
+    hf = {_checkpoint_name(k): v for k, v in hf.items()}
+    try:
+        out = {"cls_token": hf["embeddings.cls_token"],
+               "pos_embed": hf["embeddings.position_embeddings"],
+               "patch_embed.proj.weight": hf["embeddings.patch_embeddings.projection.weight"],
+               "patch_embed.proj.bias": hf["embeddings.patch_embeddings.projection.bias"],
+               "norm.weight": hf["layernorm.weight"], "norm.bias": hf["layernorm.bias"]}
+        for i in range(depth):
+            block, layer = f"blocks.{i}.", f"encoder.layer.{i}."
+            for param in ("weight", "bias"):
+                out[f"{block}attn.qkv.{param}"] = torch.cat(
+                    [hf[f"{layer}attention.attention.{n}.{param}"]
+                     for n in ("query", "key", "value")])  # 3 x [D, ...] -> [3D, ...]
+                for mine, theirs in renames.items():
+                    out[f"{block}{mine}.{param}"] = hf[f"{layer}{theirs}.{param}"]
+    except KeyError as exc:
+        raise ConfigError(f"the Hugging Face model has no {exc.args[0]} (a ViT / ViTMAE of "
+                          f"depth {depth} is expected)") from None
+    if f"encoder.layer.{depth}.layernorm_before.weight" in hf:
+        raise ConfigError(f"the Hugging Face model is deeper than {depth} blocks")
+    return out
+
+
+# transformers 5 names a loaded ViT's modules otherwise than its checkpoints do (it converts on
+# load): its in-memory names -> the checkpoint names ``hf_state`` writes
+_HF5_NAMES = (("attention.q_proj.", "attention.attention.query."),
+              ("attention.k_proj.", "attention.attention.key."),
+              ("attention.v_proj.", "attention.attention.value."),
+              ("attention.o_proj.", "attention.output.dense."),
+              ("mlp.fc1.", "intermediate.dense."), ("mlp.fc2.", "output.dense."))
+
+
+def _checkpoint_name(key: str) -> str:
+    if not key.startswith("layers."):
+        return key
+    key = "encoder.layer." + key.removeprefix("layers.")
+    for new, old in _HF5_NAMES:
+        key = key.replace(new, old)
+    return key
+
+
 def _write_hf(source: EncoderSource, folder: Path, hf_class: str, mean: tuple[float, ...],
               std: tuple[float, ...]) -> float:
     import transformers

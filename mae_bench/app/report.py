@@ -193,7 +193,7 @@ def _group_section(rows: pd.DataFrame, g: _Group, entries: list[dict], w: _Write
     ]
     figures = [_accuracy_figure(values, raw, g, columns, stats, w),
                _cost_figure(values, g, columns, stats, costs, w),
-               _loss_figure(values, g, entries, w)]
+               _loss_figure(values, g, entries, w), _online_figure(values, g, entries, w)]
     blocks += [f for f in figures if f is not None]
     return blocks + _grids(values, g, entries, w)
 
@@ -663,6 +663,83 @@ def _read_manifest(path: Path) -> tuple[list[dict], list[str]]:
                str(entry.get("run_dir")))
         latest[key] = entry
     return list(latest.values()), [f"skipped {bad} unreadable line(s) in {path}"] if bad else []
+
+
+ONLINE_CURVES = (("online_knn_top1", "online k-NN top-1 (%)"),
+                 ("online_linear_top1", "online linear top-1 (%)"))
+
+
+def _online_figure(values: list[str], g: _Group, entries: list[dict], w: _Writer
+                   ) -> Figure | None:
+    """The online evaluation of every manifest run that has one (``evals/online.py``), one
+    colour per knob value, one line style per seed (``online_curves``)."""
+    labels = values + sorted({_fmt_value(e.get("value")) for e in entries} - set(values))
+    runs = sorted(entries, key=lambda e: (_sort_key(e.get("value")), str(e.get("seed"))))
+    seeds = list(dict.fromkeys(str(e.get("seed")) for e in runs))
+    curves = [OnlineCurve(f"{g.column}={_fmt_value(e.get('value'))}, seed "
+                          f"{_fmt_value(e.get('seed'))}",
+                          labels.index(_fmt_value(e.get("value"))),
+                          seeds.index(str(e.get("seed"))), Path(str(e["run_dir"])))
+              for e in runs if e.get("run_dir")]
+    fig = online_curves(curves, f"{g.sweep}: online evaluation during pretraining, "
+                        f"{_dataset_label(g.dataset)}")
+    if fig is None:
+        return None
+    return _save(fig, f"{g.slug}-online.png", "Online k-NN and linear top-1 while pretraining "
+                 "(fixed train / test subsets; the final evaluation is in the tables)", w)
+
+
+@dataclass(frozen=True)
+class OnlineCurve:
+    """One run's line in ``online_curves``: its legend label, colour and line-style indices
+    and its folder (whose metrics.jsonl holds the online rows)."""
+
+    label: str
+    colour: int
+    style: int
+    run_dir: Path
+
+
+def online_curves(curves: list[OnlineCurve], title: str) -> Any | None:
+    """A figure of the runs' online k-NN and linear top-1 (rows) against pretraining epochs and
+    wall time (columns); None when no run has an online row."""
+    rows = [(c, _read_online(c.run_dir / METRICS_FILE)) for c in curves]
+    rows = [(c, r) for c, r in rows if r]
+    if not rows:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, 2, figsize=(9, 6), sharey="row")
+    for c, run in rows:
+        style = {"color": plt.get_cmap("tab10")(c.colour % 10), "alpha": 0.85, "marker": ".",
+                 "linestyle": LINE_STYLES[c.style % len(LINE_STYLES)]}
+        for i, (key, _) in enumerate(ONLINE_CURVES):
+            axes[i][0].plot([r["epoch"] for r in run], [r[key] for r in run], **style,
+                            label=c.label)
+            axes[i][1].plot([r["train_seconds"] / 60 for r in run], [r[key] for r in run],
+                            **style)
+    for i, (_, name) in enumerate(ONLINE_CURVES):
+        axes[i][0].set(xlabel="pretraining epoch", ylabel=name)
+        axes[i][1].set(xlabel="pretraining wall time (min)")
+    axes[0][0].legend(fontsize=7, loc="lower right")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def _read_online(path: Path) -> list[dict[str, float]]:
+    """The online-evaluation rows of a run's metrics.jsonl (epoch, training seconds and the
+    accuracies); empty when it has none. Bad lines are skipped."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+            rows.append({k: float(row[k]) for k in
+                         ("epoch", "train_seconds", *(key for key, _ in ONLINE_CURVES))})
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            continue
+    return rows
 
 
 def _read_curve(path: Path) -> tuple[list[float], list[float]]:

@@ -139,6 +139,9 @@ def compare(
               f"{results_dir / 'results.jsonl'}")
     for path in export or []:
         out.print(f"wrote {export_table(outcome.table, path)}")
+    if outcome.online_figure is not None:
+        out.print(f"wrote {outcome.online_figure} (online k-NN and linear top-1 while "
+                  "pretraining)")
     if outcome.failed:  # recorded as failed rows; the other methods' numbers stand
         raise TrainingError(f"{len(outcome.failed)} pretraining(s) stopped: "
                             + "; ".join(outcome.failed))

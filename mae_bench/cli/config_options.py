@@ -45,7 +45,8 @@ def param_name(knob: Knob) -> str:
 PANELS: dict[str, tuple[str, ...]] = {
     "Everyday (train., data., model.)": (
         "train.method", "data.dataset", "data.data_dir", "model.arch", "train.epochs",
-        "train.batch_size", "train.device", "train.precision", "train.seed", "model.img_size"),
+        "train.batch_size", "train.device", "train.precision", "train.seed", "model.img_size",
+        "train.init", "train.init_weights"),
     "MAE and its masked siblings (mae., model.)": (
         "mae.mask_ratio", "mae.mask_strategy", "model.decoder_embed_dim", "model.decoder_depth",
         "model.decoder_num_heads", "mae.mask_ratio_var", "mae.mask_patch_size",
@@ -72,11 +73,12 @@ PANELS: dict[str, tuple[str, ...]] = {
         "ssl.sinkhorn_iterations", "ssl.sinkhorn_epsilon", "ssl.pred_hidden_dim"),
     "Loading, logging, kernels (data., train.)": (
         "data.split", "data.num_workers", "train.log_every", "train.save_every",
-        "train.attention", "train.conv"),
+        "train.attention", "train.conv", "train.online_every", "train.tracker"),
     "Switches (mae., model., ssl., train.)": (
         "mae.norm_pix_loss", "mae.encoder_mask_tokens", "model.cifar_stem",
         "ssl.norm_last_layer", "ssl.freeze_patch_embed", "ssl.head_output_bias",
-        "ssl.stop_gradient", "ssl.shared_head", "train.lars_clip_lr", "train.deterministic"),
+        "ssl.stop_gradient", "ssl.shared_head", "train.lars_clip_lr", "train.deterministic",
+        "train.online_eval", "train.stop_on_collapse"),
 }
 _PANEL_OF = {name: panel for panel, fields in PANELS.items() for name in fields}
 _ORDER = {name: i for i, name in enumerate(_PANEL_OF)}

@@ -132,6 +132,19 @@ def _read_by_others(name: str, root: Path) -> list[str]:
     return generic or others
 
 
+def available_splits(name: str, data_dir: str | Path | None) -> tuple[str, ...]:
+    """The splits of ``name`` found in ``data_dir`` (all of an embedded data set's); none when
+    the folder is missing or holds something else. Decodes nothing."""
+    info = get_dataset_info(name)
+    if not info.needs_data_dir:
+        return info.splits
+    try:
+        found = _find(info, _checked_root(info, data_dir))
+    except DataError:
+        return ()
+    return tuple(s for s in info.splits if s in found)
+
+
 def dataset_status(name: str, data_dir: str | Path | None) -> tuple[bool, str]:
     """(found, one line: the folder looked at and which splits are there). Decodes nothing."""
     info = get_dataset_info(name)

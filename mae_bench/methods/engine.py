@@ -57,6 +57,7 @@ from mae_bench.files import (
     FolderLock,
     write_text_atomic,
 )
+from mae_bench.methods.monitor import Monitor
 from mae_bench.methods.registry import Batch, Method, build_method, resolve_config
 from mae_bench.methods.run_folder import (
     check_out_folder,
@@ -67,6 +68,7 @@ from mae_bench.methods.run_folder import (
     run_history,
     truncate_metrics,
 )
+from mae_bench.methods.trackers import check_tracker, open_tracker
 from mae_bench.methods.train_log import FittedText, MetricLogger, StopSignals, progress_bar
 from mae_bench.models.attention import choose_attention
 from mae_bench.models.backbones import is_vit
@@ -224,6 +226,56 @@ class Start:
 
 
 @dataclass(frozen=True)
+class EncoderInit:
+    """Weights a run's encoder starts from (``--init``), resolved by the application: the
+    source as given, the tensors (the encoder's keys; a MAE encoder's without its decoder) and
+    their content hash."""
+
+    source: str
+    state: dict[str, Tensor]
+    sha256: str
+
+    def record(self) -> dict[str, str]:
+        return {"source": self.source, "sha256": self.sha256}
+
+
+def load_init(method: Method, init: EncoderInit, arch: str) -> None:
+    """Load ``init`` into ``method.encoder``: every tensor of the source must be one of the
+    encoder's with the same shape, and every encoder tensor must come from it (a MAE model's
+    decoder excepted: it starts at random); then the method's teachers copy the encoder.
+
+    Raises:
+        ConfigError: one line naming the missing, unexpected and mis-shaped keys.
+    """
+    encoder = method.encoder
+    own = encoder.state_dict()
+    needed = (encoder.encoder_state_dict().keys() if hasattr(encoder, "encoder_state_dict")
+              else own.keys())
+    missing = [k for k in needed if k not in init.state]
+    unexpected = [k for k in init.state if k not in own]
+    shapes = [f"{k} {list(init.state[k].shape)} vs {list(own[k].shape)}" for k in own
+              if k in init.state and init.state[k].shape != own[k].shape]
+    problems = [f"{what} {len(keys)} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+                for what, keys in (("missing", missing), ("unexpected", unexpected),
+                                   ("shape mismatch in", shapes)) if keys]
+    if problems:
+        raise ConfigError(f"--init {init.source} does not fit --arch {arch}: "
+                          f"{'; '.join(problems)}")
+    encoder.load_state_dict(init.state, strict=False)
+    method.after_init()
+
+
+@dataclass
+class Watch:
+    """What watches a segment: the monitor (None: nothing) and what it saw so far."""
+
+    monitor: Monitor | None = None  # the online evaluation, measured between steps
+    collapse: dict[str, Any] | None = None  # the run's first collapse: step, reason
+    seconds: float = 0.0  # the run's time in the monitor (every segment)
+    stopping: bool = False  # a collapse under --stop-on-collapse: stop after this step
+
+
+@dataclass(frozen=True)
 class Segment:
     """One start of a run, up to its stop: what was built, and what this start opened."""
 
@@ -238,6 +290,8 @@ class Segment:
     logger: MetricLogger
     gen: torch.Generator  # reseeded for every micro-batch
     t_start: float  # perf_counter when its training began
+    watch: Watch  # the monitor and what it saw
+    init: dict[str, str] | None = None  # the --init weights the encoder started from
 
     def seconds(self) -> float:
         """Training time of the whole run so far (every segment)."""
@@ -246,7 +300,8 @@ class Segment:
 
 def pretrain(cfg: RunConfig, run_dir: str | Path, *, resume: bool = True,
              max_steps: int | None = None, progress: bool = True,
-             console: Console | None = None) -> PretrainResult:
+             console: Console | None = None, monitor: Monitor | None = None,
+             init: EncoderInit | None = None) -> PretrainResult:
     """Pretrain ``cfg.train.method`` on ``cfg.data`` into ``run_dir``.
 
     Args:
@@ -258,6 +313,10 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, *, resume: bool = True,
             run can be resumed later). For quick checks and tests.
         progress: show a rich progress bar.
         console: where to print (default: stderr).
+        monitor: what measures the method between steps (``mae_bench.methods.monitor``; the
+            application's online evaluation); None: nothing.
+        init: weights the encoder starts from (``--init``, resolved by the application); a
+            resumed run takes its weights from its checkpoint instead.
 
     Raises:
         ConfigError / DataError: bad configuration or data (nothing is written).
@@ -276,15 +335,28 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, *, resume: bool = True,
     try:
         # Everything that can fail on user input happens before anything is written.
         check_out_folder(run_dir, console if where.is_main else None)
+        check_tracker(cfg.train.tracker)
         ckpt = checkpoint_to_resume(cfg, run_dir, resume, console)
         with cache_writes_held():  # a decoded image folder's cache is written once checks pass
             setup = build_setup(cfg, where, ckpt)
+        if init is not None and ckpt is None:  # a resumed run has its weights already
+            load_init(setup.method, init, cfg.model.arch)
         if where.is_main:
             lock.claim()
             remove_stale_temp_files(run_dir)  # the lock: no live writer made them
         start = restore(setup, ckpt)
+        if monitor is not None and ckpt is not None and ckpt.get("monitor"):
+            monitor.load_state_dict(ckpt["monitor"])
+        extra = ckpt.get("extra", {}) if ckpt else {}
+        watch = Watch(monitor, extra.get("collapse"), float(extra.get("online_seconds", 0.0)))
+        started_from = extra.get("init") if ckpt else (init.record() if init else None)
         del ckpt  # the weights are loaded: the checkpoint's memory can go
-        segment = open_segment(setup, where, start, run_dir, console)
+        segment = open_segment(setup, where, start, run_dir, console, watch, started_from)
+        if monitor is not None:
+            plan = setup.plan
+            monitor.start(device=where.device, precision=where.precision,
+                          img_size=setup.img_size, steps_per_epoch=plan.steps_per_epoch,
+                          images_per_epoch=plan.steps_per_epoch * plan.eff_batch)
         train_segment(segment, max_steps, progress)
         return finish(segment)
     finally:
@@ -392,7 +464,8 @@ def restore(setup: Setup, ckpt: dict | None) -> Start:
 
 
 def open_segment(setup: Setup, where: Where, start: Start, run_dir: Path,
-                 console: Console) -> Segment:
+                 console: Console, watch: Watch | None = None,
+                 init: dict[str, str] | None = None) -> Segment:
     """The DDP wrapper, the train step, the run folder's files, the batches, the logger."""
     cfg, device = setup.cfg, where.device
     module: nn.Module = setup.method
@@ -404,21 +477,23 @@ def open_segment(setup: Setup, where: Where, start: Start, run_dir: Path,
         precision=where.precision, total_steps=setup.plan.total_steps, module=module,
         scaler=setup.scaler, step=start.step)
     if where.is_main:
-        _write_run_files(setup, where, run_dir, start.step)
+        _write_run_files(setup, where, run_dir, start.step, init)
     batches = TrainBatches(
         setup.dataset, cfg.train.batch_size, setup.plan.micro_per_epoch, cfg.train.seed,
         cfg.data.num_workers, setup.method.view_specs(), pin_memory=device.type == "cuda",
         rank=where.rank, world_size=where.world_size)
-    logger = MetricLogger(run_dir, where.is_main, console)
+    tracker = open_tracker(cfg.train.tracker, run_dir, cfg) if where.is_main else None
+    logger = MetricLogger(run_dir, where.is_main, console, tracker)
     if start.resumed:
         logger.last_loss = last_logged_loss(run_dir / METRICS_FILE)
     gen = torch.Generator(device=device)
     setup.method.train()
     return Segment(setup, where, start, run_dir, console, train_step, module, batches, logger,
-                   gen, t_start=time.perf_counter())
+                   gen, t_start=time.perf_counter(), watch=watch or Watch(), init=init)
 
 
-def _write_run_files(setup: Setup, where: Where, run_dir: Path, step: int) -> None:
+def _write_run_files(setup: Setup, where: Where, run_dir: Path, step: int,
+                     init: dict[str, str] | None = None) -> None:
     """config.yaml, run.json (with this start added to its history), metrics.jsonl cut back to
     ``step`` (a resumed run never logs a step twice)."""
     cfg, plan = setup.cfg, setup.plan
@@ -427,7 +502,7 @@ def _write_run_files(setup: Setup, where: Where, run_dir: Path, step: int) -> No
     now = provenance(cfg, where.device, where.precision, setup.img_size, plan.peak_lr,
                      plan.eff_batch, plan.total_steps) | {
         "attention": setup.attention, "attention_kernel": setup.kernel, "conv": setup.conv,
-        "warmup_epochs": plan.warm_epochs}
+        "warmup_epochs": plan.warm_epochs, "init": init}
     write_text_atomic(run_dir / RUN_FILE, json.dumps(run_history(run_dir / RUN_FILE, now, step),
                                                      indent=2))
     truncate_metrics(run_dir / METRICS_FILE, step)
@@ -455,17 +530,20 @@ def _train(seg: Segment, stop_at: int, after_step: Callable[[], bool]) -> None:
     t, step = seg.setup.cfg.train, seg.train_step
     per_epoch = seg.setup.plan.micro_per_epoch
     micro = step.step * t.accum_iter  # global micro-batch index
-    while step.step < stop_at:
+    while step.step < stop_at and not seg.watch.stopping:
         epoch = micro // per_epoch
         for images, labels in seg.batches.epoch(epoch, micro % per_epoch):
             forward = _forward(seg, images, labels, micro)
             micro += 1
             stepped = step.micro_batch(forward)
+            if seg.watch.monitor is not None:  # the online classifier's step on this batch
+                seg.watch.monitor.observe(seg.setup.method, labels)
             seg.logger.images += labels.shape[0] * seg.where.world_size
             if stepped and after_step():
                 break
         epoch_done = micro % per_epoch == 0
-        if step.step >= stop_at or (epoch_done and (epoch + 1) % t.save_every == 0):
+        if (step.step >= stop_at or seg.watch.stopping
+                or (epoch_done and (epoch + 1) % t.save_every == 0)):
             _save(seg)
 
 
@@ -486,29 +564,63 @@ def _forward(seg: Segment, images: Tensor | list[Tensor], labels: Tensor,
 
 def _after_step(seg: Segment, stop_at: int, bar: Progress, task: TaskID, stop: StopSignals,
                 progress: bool) -> bool:
-    """Log, show progress, honour a signal; True when the run has reached ``stop_at``."""
+    """Measure (when the monitor is due), log, show progress, honour a signal; True when the
+    run has reached ``stop_at`` or a collapse stops it."""
     step = seg.train_step.step
-    if step % seg.setup.cfg.train.log_every == 0 or step == stop_at:
-        _log(seg, bar, task, progress)
+    online = None
+    monitor = seg.watch.monitor
+    if monitor is not None and monitor.due(step, seg.setup.plan.total_steps):
+        online = _measure(seg, monitor, step)
+    if online is not None or step % seg.setup.cfg.train.log_every == 0 or step == stop_at:
+        _log(seg, bar, task, progress, online)
     bar.update(task, completed=step)
     if stop.requested(seg.where.world_size):  # SIGTERM / SIGINT: save here, then stop
         _stop(seg, stop.signum)
-    return step >= stop_at
+    return step >= stop_at or seg.watch.stopping
+
+
+def _measure(seg: Segment, monitor: Monitor, step: int) -> dict[str, float]:
+    """The monitor's values at ``step`` (its time left out of the logged img/s); a first
+    collapse is one warning line, kept for summary.json, and stops the run under
+    ``--stop-on-collapse``."""
+    t0, watch = time.perf_counter(), seg.watch
+    values = monitor.measure(seg.setup.method, step)
+    seconds = time.perf_counter() - t0
+    watch.seconds += seconds
+    seg.logger.t0 += seconds  # img/s counts training only
+    why = monitor.collapse(values)
+    if why is not None and watch.collapse is None:
+        watch.collapse = {"step": step, "reason": why}
+        if seg.where.is_main:
+            seg.console.print(f"warning: the representation collapsed at step {step}: {why}"
+                              + ("; stopping (--stop-on-collapse)"
+                                 if seg.setup.cfg.train.stop_on_collapse else ""),
+                              markup=False, highlight=False)
+    if why is not None and seg.setup.cfg.train.stop_on_collapse:
+        watch.stopping = True
+    # the run's training time at this step (every segment, the monitor's own time left out):
+    # the x axis of the report's online curves
+    return {**values, "online_seconds": seconds,
+            "train_seconds": seg.seconds() - watch.seconds}
 
 
 # --- log, save, stop, finish -----------------------------------------------------------------
 
 
-def _log(seg: Segment, bar: Progress, task: TaskID, progress: bool) -> None:
+def _log(seg: Segment, bar: Progress, task: TaskID, progress: bool,
+         online: dict[str, float] | None = None) -> None:
     step, lr = seg.train_step.step, seg.train_step.lr
     plan = seg.setup.plan
-    row = seg.logger.flush(seg.train_step, step / plan.steps_per_epoch)  # non-finite: raises
+    row = seg.logger.flush(seg.train_step, step / plan.steps_per_epoch, online)  # NaN: raises
     bar.update(task, loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", ips=f"{row['img_per_s']:.0f}")
     if progress and seg.where.is_main and not seg.console.is_terminal:
         # no live bar in a log file (nohup, a cluster job): plain lines instead
         seg.console.print(f"step {step}/{plan.total_steps} epoch {row['epoch']:.2f} "
                           f"loss {row['loss']:.4f} lr {lr:.2e} "
                           f"{row['img_per_s']:.0f} img/s", highlight=False)
+    if online and progress and seg.where.is_main:
+        shown = " ".join(f"{k} {v:.4g}" for k, v in online.items() if k != "online_seconds")
+        seg.console.print(f"step {step} online: {shown}", highlight=False, markup=False)
     if seg.batches.streaming:
         seg.setup.dataset.check_bad_fraction()
 
@@ -519,7 +631,7 @@ def _save(seg: Segment) -> None:
     seg.logger.flush(seg.train_step, step / seg.setup.plan.steps_per_epoch)
     if seg.where.is_main:
         try:
-            save_checkpoint(seg.run_dir, checkpoint_state(seg.setup, step, seg.seconds()))
+            save_checkpoint(seg.run_dir, checkpoint_state(seg.setup, step, seg.seconds(), seg))
         except CheckpointSaveError as exc:  # a full disk: one line, not torch's tracebacks
             raise CheckpointSaveError(f"{exc}, then resume with: mae-bench pretrain "
                                       f"--resume {seg.run_dir}", step) from None
@@ -532,9 +644,13 @@ def _stop(seg: Segment, signum: int) -> None:
     raise RunInterrupted(signum, seg.train_step.step, str(seg.run_dir))
 
 
-def checkpoint_state(setup: Setup, step: int, train_seconds: float) -> dict[str, Any]:
-    """The checkpoint of a run at optimizer step ``step``: tensors and plain values only."""
+def checkpoint_state(setup: Setup, step: int, train_seconds: float,
+                     seg: Segment | None = None) -> dict[str, Any]:
+    """The checkpoint of a run at optimizer step ``step``: tensors and plain values only (with
+    the monitor's state and the first collapse of ``seg``, when given)."""
     t = setup.cfg.train
+    watch = seg.watch if seg is not None else Watch()
+    monitor = watch.monitor.state_dict() if watch.monitor is not None else None
     return {
         "format_version": FORMAT_VERSION, "method": t.method, "config": setup.cfg.to_dict(),
         "model": setup.method.state_dict(), "optimizer": setup.optimizer.state_dict(),
@@ -546,7 +662,11 @@ def checkpoint_state(setup: Setup, step: int, train_seconds: float) -> dict[str,
                                       "img_size": setup.img_size,
                                       "channels": setup.dataset.info.channels,
                                       "attention": setup.attention,
-                                      "conv": setup.conv},
+                                      "conv": setup.conv,
+                                      "collapse": watch.collapse,
+                                      "online_seconds": watch.seconds,
+                                      "init": seg.init if seg is not None else None},
+        "monitor": monitor,
     }
 
 
@@ -569,7 +689,11 @@ def finish(seg: Segment) -> PretrainResult:
         summary = {k: (str(v) if isinstance(v, Path) else v)
                    for k, v in result.__dict__.items()}
         summary["segment_images_per_second"] = seg.logger.overall_ips()  # this one only
+        if seg.watch.monitor is not None:
+            summary["online_seconds"] = seg.watch.seconds  # the run's, within train_seconds
+        summary["collapse"] = seg.watch.collapse  # the first collapse the monitor saw, or None
         write_text_atomic(seg.run_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
+        seg.logger.close(summary)
     seg.logger.close()
     wait_for_main()  # every rank returns once rank 0's checkpoint and summary are on disk
     return result

@@ -25,6 +25,11 @@ A Method is an ``nn.Module`` that the one training loop (``mae_bench.methods.eng
 - ``no_weight_decay()``: parameter names that get no weight decay.
 - ``display_mask(imgs, generator)`` / ``reconstruct(imgs, generator)``: what ``visualize``
   draws of a masked method (its mask; its pixel predictions where it has them).
+- ``embedding(features)``: the projector's output where the loss compares embeddings, for the
+  online evaluation's collapse signals.
+- ``after_init()``: the encoder was loaded from ``--init`` weights: teachers copy it.
+- ``train_features``: the last batch's first-view features (detached), where the forward embeds
+  whole views, for the online classifier.
 - ``own_knobs``: the config fields ("section.key") that only this method reads, so that a sweep
   of one of them with another method is refused instead of training identical runs.
 - ``row_fields(cfg)``: the knobs every result row of its runs carries (MAE: ``mask_ratio``).
@@ -78,6 +83,9 @@ class Method(nn.Module, abc.ABC):
     # ipe_scale: 1 in its released configs, its code's default 1.25 never reaches the end).
     schedule_stretch: float = 1.0
     own_knobs: frozenset[str] = frozenset()
+    # The pooled encoder features [N, D] of the last batch's first view, detached, where the
+    # forward computed them whole (joint-embedding methods): the online classifier's data.
+    train_features: Tensor | None = None
 
     @classmethod
     def row_fields(cls, cfg: RunConfig) -> dict[str, Any]:
@@ -131,6 +139,18 @@ class Method(nn.Module, abc.ABC):
         ViT's patch grid for images [N, C, H, W], drawn with ``generator`` as a training step
         draws it: 0 = a patch the encoder sees, 1 = one the loss predicts, 2 = neither (I-JEPA:
         outside the context and every target). None: the method draws no mask."""
+        return None
+
+    def after_init(self) -> None:
+        """The encoder's weights were just replaced (``--init``): copy them to whatever mirrors
+        the encoder (EMA teachers, which start as the student's copy)."""
+        return
+
+    def embedding(self, features: Tensor) -> Tensor | None:
+        """The training embedding [N, P] of pooled encoder features [N, D]: the space the
+        method's loss compares (a projector's output), where a joint-embedding method collapses;
+        the online evaluation's health signals are computed on it. None: the method has none
+        (MAE and its siblings predict pixels or tokens); the signals then use the features."""
         return None
 
     def reconstruct(self, imgs: Tensor, generator: torch.Generator) -> Tensor | None:

@@ -1,5 +1,5 @@
 """What a pretraining shows and logs while it runs: the metrics logger (``metrics.jsonl`` and
-TensorBoard), the stop-on-signal flag, and the progress bar.
+the tracker, ``mae_bench.methods.trackers``), the stop-on-signal flag, and the progress bar.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from rich.table import Column
 from rich.text import Text
 
 from mae_bench.files import METRICS_FILE
+from mae_bench.methods.trackers import Tracker
 from mae_bench.training.step import TrainStep
 
 
@@ -36,7 +37,8 @@ class MetricLogger:
     per-step scalars, which are read from the device only then; a non-finite loss raises
     TrainingError naming the exact step (``TrainStep.flush``)."""
 
-    def __init__(self, run_dir: Path, is_main: bool, console: Console):
+    def __init__(self, run_dir: Path, is_main: bool, console: Console,
+                 tracker: Tracker | None = None):
         self.path = run_dir / METRICS_FILE
         self.is_main = is_main
         self.console = console
@@ -45,9 +47,12 @@ class MetricLogger:
         self.total_time = 0.0
         self.t0 = time.perf_counter()
         self.last_loss: float | None = None
-        self.tb = _tensorboard(run_dir) if is_main else None
+        self.tracker = tracker or Tracker()  # rank 0's; the others get none
 
-    def flush(self, train_step: TrainStep, epoch: float) -> dict[str, Any]:
+    def flush(self, train_step: TrainStep, epoch: float,
+              extra: dict[str, float] | None = None) -> dict[str, Any]:
+        """Write the row of the steps since the last flush, with ``extra`` values (the online
+        evaluation's) beside the training scalars."""
         # the mean over processes (identical on every rank, so all stop on a bad loss together)
         values = train_step.flush()  # key -> [steps since the last flush]
         if not values:
@@ -59,24 +64,25 @@ class MetricLogger:
         self.total_images += self.images
         row = {"step": step, "epoch": round(epoch, 4), "lr": train_step.lr,
                **{k: float(v.mean()) for k, v in values.items()},
-               "img_per_s": self.images / dt if dt > 0 else 0.0, "time": time.time()}
+               "img_per_s": self.images / dt if dt > 0 else 0.0, **(extra or {}),
+               "time": time.time()}
         self.last_loss = row["loss"]
         if self.is_main:
             with open(self.path, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
-            if self.tb is not None:
-                for k, v in row.items():
-                    if k not in ("step", "time"):
-                        self.tb.add_scalar(f"train/{k}", v, step)
+            self.tracker.log_row(row, step)
         self.images, self.t0 = 0, now
         return row
 
     def overall_ips(self) -> float | None:
         return self.total_images / self.total_time if self.total_time > 0 else None
 
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+    def close(self, summary: dict[str, Any] | None = None) -> None:
+        """Close the tracker, giving it the run's summary when there is one."""
+        if summary is not None:
+            self.tracker.log_summary(summary)
+        self.tracker.close()
+        self.tracker = Tracker()  # closed: a second close does nothing
 
 
 class StopSignals:
@@ -115,14 +121,6 @@ class StopSignals:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         self.signum = int(flag.item())
         return self.signum != 0
-
-
-def _tensorboard(run_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional
-        return None
-    return SummaryWriter(str(run_dir / "tb"))
 
 
 class FittedText(ProgressColumn):
