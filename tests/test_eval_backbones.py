@@ -27,8 +27,11 @@ from mae_bench.methods.registry import method_from_checkpoint
 from mae_bench.models.backbones import pooled
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+# fp32: these runs test export and evaluation; a bf16 LARS step of the ImageNet-stem ResNet at
+# 8 px (1 x 1 maps from the third stage on, batch 16) gave a non-finite loss once in CI
 SIMCLR = RunConfig().replace(model={"img_size": 8}, train={"method": "simclr", "epochs": 1,
-                                                           "batch_size": 16})
+                                                           "batch_size": 16,
+                                                           "precision": "fp32"})
 
 
 def _run(tmp_path_factory, name: str, **model) -> Path:

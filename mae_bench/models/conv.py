@@ -77,7 +77,8 @@ def fold_columns(cols: Tensor, shape: tuple[int, int, int, int], kernel: tuple[i
     of nine terms would lose bits that oneDNN's kernel keeps)."""
     (n, h, w, c), (kh, kw), (sh, sw), (ph, pw), (ho, wo) = shape, kernel, stride, padding, out_hw
     parts = cols.view(n, ho, wo, kh * kw, c)
-    out = cols.new_zeros(n, h + 2 * ph, w + 2 * pw, c, dtype=torch.float32)  # [N, H+2ph, W+2pw, C]
+    acc = torch.promote_types(cols.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
+    out = cols.new_zeros(n, h + 2 * ph, w + 2 * pw, c, dtype=acc)  # [N, H+2ph, W+2pw, C]
     for k in range(kh * kw):
         i, j = divmod(k, kw)
         out[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw, :] += parts[:, :, :, k]
