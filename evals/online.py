@@ -119,8 +119,8 @@ class OnlineMonitor(Monitor):
         data, (n_train, n_test) = self.data, self.sizes
         train, test = (load_dataset(data.dataset, split, data.data_dir)
                        for split in ("train", "test"))
-        self.mean = torch.tensor(train.info.mean).view(1, -1, 1, 1)
-        self.std = torch.tensor(train.info.std).view(1, -1, 1, 1)
+        self.mean = torch.tensor(train.info.mean, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(train.info.std, device=device).view(1, -1, 1, 1)
         self.train_x, self.train_y = subset_images(train, n_train, self.seed, img_size)
         self.test_x, self.test_y = subset_images(test, n_test, self.seed + 1, img_size)
         self.num_classes = int(max(self.train_y.max(), self.test_y.max())) + 1
@@ -143,7 +143,7 @@ class OnlineMonitor(Monitor):
             x = images[lo:lo + 256].to(self.device)
             if not normalised:
                 x = eval_resize(x, self.img_size)  # [B, C, S, S] 0..255
-                x = (x / 255.0 - self.mean.to(self.device)) / self.std.to(self.device)
+                x = (x / 255.0 - self.mean) / self.std
             if is_convnet(encoder):
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(self.device, self.precision):

@@ -47,6 +47,7 @@ from evals.encoders import (
     load_source,
 )
 from mae_bench.errors import CheckpointError, ConfigError, MaeBenchError
+from mae_bench.training.checkpoint import state_mismatch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # timm.data.IMAGENET_DEFAULT_MEAN / _STD
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -519,15 +520,9 @@ def load_weights(model: nn.Module, path: str | Path, label: str, *, trust: bool 
     heads = (classifier,) if isinstance(classifier, str) else tuple(classifier or ())
     state = {k: v for k, v in state.items()
              if k in own or not any(k.startswith(f"{h}.") for h in heads)}
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {list(state[k].shape)} vs {list(own[k].shape)}" for k in own
-              if k in state and state[k].shape != own[k].shape]
-    problems = [f"{what} {len(keys)} key{'s' if len(keys) > 1 else ''} ({_some(keys)})"
-                for what, keys in (("missing", missing), ("unexpected", unexpected),
-                                   ("shape mismatch in", shapes)) if keys]
+    problems = state_mismatch(own, state)
     if problems:
-        raise CheckpointError(f"--weights {file} does not fit {label}: {'; '.join(problems)}")
+        raise CheckpointError(f"--weights {file} does not fit {label}: {problems}")
     model.load_state_dict(state)
 
 
@@ -650,10 +645,6 @@ def _code_digest(obj: Any) -> str:
     except (OSError, TypeError):
         text = f"{getattr(target, '__module__', '')}.{getattr(target, '__qualname__', '')}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _some(keys: list[str], n: int = 3) -> str:
-    return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
 
 
 def _reason(exc: BaseException) -> str:

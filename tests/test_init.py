@@ -90,8 +90,8 @@ def test_weights_that_do_not_fit_are_one_line(mae_run, monkeypatch, capsys, tmp_
     cfg = BASE.replace(model={"arch": "vit_tiny_patch4", "img_size": 8},
                        train={"init": str(mae_run)})
     with pytest.raises(ConfigError, match=r"^--init .* does not fit --arch vit_tiny_patch4: "
-                                          r"missing 120 \(blocks\.2\.norm1\.weight, .*; shape "
-                                          r"mismatch in 30 \(cls_token \[1, 1, 32\] vs "
+                                          r"missing 120 keys \(blocks\.2\.norm1\.weight, .*; "
+                                          r"shape mismatch in 30 keys \(cls_token \[1, 1, 32\] vs "
                                           r"\[1, 1, 192\]"):
         load_init(build_method(cfg, 1, 8), encoder_init(cfg), cfg.model.arch)
     code, _, err = run_cli(monkeypatch, capsys, "pretrain", "--arch", "vit_tiny_patch4",

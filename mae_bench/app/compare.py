@@ -29,7 +29,7 @@ import pandas as pd
 from evals.protocols import get_protocol, headline
 from mae_bench.app.campaign import Campaign, Todo, run_campaign
 from mae_bench.app.evaluation import EvalSpec, source_of, validate_spec
-from mae_bench.app.report import OnlineCurve, online_curves
+from mae_bench.app.report import OnlineCurve, write_online_curves
 from mae_bench.config import RunConfig, validate
 from mae_bench.data import load_dataset
 from mae_bench.errors import ConfigError, TrainingError
@@ -226,15 +226,9 @@ def _online_figure(spec: CompareSpec, run_dirs: dict[str, Path]) -> Path | None:
               enumerate(run_dirs.items())]
     budget = (f"{spec.budget_seconds / 60:g} min each" if spec.budget_seconds is not None
               else f"{spec.epochs:g} epochs each")
-    fig = online_curves(curves, f"compare on {spec.dataset} ({budget}): online evaluation")
-    if fig is None:
-        return None
-    path = Path(spec.results_dir) / f"compare-online-{spec.dataset}.png"
-    fig.savefig(path, dpi=100)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return path
+    return write_online_curves(curves, f"compare on {spec.dataset} ({budget}): online "
+                               "evaluation",
+                               Path(spec.results_dir) / f"compare-online-{spec.dataset}.png")
 
 
 class _Pretrainings(Campaign[str]):

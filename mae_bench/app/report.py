@@ -726,6 +726,16 @@ def online_curves(curves: list[OnlineCurve], title: str) -> Any | None:
     return fig
 
 
+def write_online_curves(curves: list[OnlineCurve], title: str, path: Path) -> Path | None:
+    """``online_curves`` saved as the PNG ``path``; None (nothing written) without online rows."""
+    fig = online_curves(curves, title)
+    if fig is None:
+        return None
+    fig.savefig(path, dpi=100)
+    _pyplot().close(fig)
+    return path
+
+
 def _read_online(path: Path) -> list[dict[str, float]]:
     """The online-evaluation rows of a run's metrics.jsonl (epoch, training seconds and the
     accuracies); empty when it has none. Bad lines are skipped."""

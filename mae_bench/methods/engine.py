@@ -81,6 +81,7 @@ from mae_bench.training.checkpoint import (
     rng_state,
     save_checkpoint,
     set_rng_state,
+    state_mismatch,
 )
 from mae_bench.training.distributed import (
     join_process_group,
@@ -250,17 +251,10 @@ def load_init(method: Method, init: EncoderInit, arch: str) -> None:
     encoder = method.encoder
     own = encoder.state_dict()
     needed = (encoder.encoder_state_dict().keys() if hasattr(encoder, "encoder_state_dict")
-              else own.keys())
-    missing = [k for k in needed if k not in init.state]
-    unexpected = [k for k in init.state if k not in own]
-    shapes = [f"{k} {list(init.state[k].shape)} vs {list(own[k].shape)}" for k in own
-              if k in init.state and init.state[k].shape != own[k].shape]
-    problems = [f"{what} {len(keys)} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
-                for what, keys in (("missing", missing), ("unexpected", unexpected),
-                                   ("shape mismatch in", shapes)) if keys]
+              else None)
+    problems = state_mismatch(own, init.state, needed)
     if problems:
-        raise ConfigError(f"--init {init.source} does not fit --arch {arch}: "
-                          f"{'; '.join(problems)}")
+        raise ConfigError(f"--init {init.source} does not fit --arch {arch}: {problems}")
     encoder.load_state_dict(init.state, strict=False)
     method.after_init()
 
@@ -685,6 +679,7 @@ def finish(seg: Segment) -> PretrainResult:
         images_per_second=step * plan.eff_batch / train_seconds if train_seconds else 0.0,
         device=str(seg.where.device), precision=seg.where.precision,
         finished=step >= plan.total_steps)
+    summary = None
     if seg.where.is_main and step > start.step:
         summary = {k: (str(v) if isinstance(v, Path) else v)
                    for k, v in result.__dict__.items()}
@@ -693,7 +688,6 @@ def finish(seg: Segment) -> PretrainResult:
             summary["online_seconds"] = seg.watch.seconds  # the run's, within train_seconds
         summary["collapse"] = seg.watch.collapse  # the first collapse the monitor saw, or None
         write_text_atomic(seg.run_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
-        seg.logger.close(summary)
-    seg.logger.close()
+    seg.logger.close(summary)  # the tracker gets the summary this segment wrote, if any
     wait_for_main()  # every rank returns once rank 0's checkpoint and summary are on disk
     return result

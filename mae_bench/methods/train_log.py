@@ -82,7 +82,6 @@ class MetricLogger:
         if summary is not None:
             self.tracker.log_summary(summary)
         self.tracker.close()
-        self.tracker = Tracker()  # closed: a second close does nothing
 
 
 class StopSignals:

@@ -111,6 +111,22 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def state_mismatch(own: dict[str, Any], given: dict[str, Any],
+                   needed: Any = None) -> str | None:
+    """Why ``given`` tensors do not load into a module whose state dict is ``own``: the missing
+    (of ``needed``, default every key of ``own``), unexpected and mis-shaped keys, counted and
+    the first few named, in one phrase; None when they fit."""
+    missing = [k for k in (own if needed is None else needed) if k not in given]
+    unexpected = [k for k in given if k not in own]
+    shapes = [f"{k} {list(given[k].shape)} vs {list(own[k].shape)}" for k in own
+              if k in given and given[k].shape != own[k].shape]
+    problems = [f"{what} {len(keys)} key{'s' if len(keys) > 1 else ''} "
+                f"({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+                for what, keys in (("missing", missing), ("unexpected", unexpected),
+                                   ("shape mismatch in", shapes)) if keys]
+    return "; ".join(problems) or None
+
+
 def find_checkpoint(path: str | Path) -> Path | None:
     """The checkpoint file for a run folder or a file path; None when the folder has none."""
     path = Path(path)
