@@ -7,10 +7,12 @@ as a fraction of the training time, measured side by side in one process.
 
 For each ``--runs`` entry (``method@arch``): the method as ``mae-bench pretrain`` builds it on the
 data set, its training step through the engine's ``TrainStep`` on real augmented batches
-(median of ``--steps`` steps after one warm-up), one measurement of the online evaluation
-(median of ``--measures``), and the default interval between measurements for this data set
-(``OnlineMonitor.start``: whole epochs holding at least 20x the monitor's images). The cost is
-measurement / (interval x step): the share of a run's time the monitor adds.
+(median of ``--steps`` steps after one warm-up), the online classifier's step on that batch's
+features (``OnlineMonitor.observe``, joint-embedding methods; median), one measurement of the
+online evaluation (median of ``--measures``), and the default interval between measurements for
+this data set (``OnlineMonitor.start``: whole epochs holding at least 20x the monitor's
+images). The cost is (measurement + interval x classifier step) / (interval x step): the share of
+a run's time the monitor adds.
 """
 
 from __future__ import annotations
@@ -54,28 +56,33 @@ def measure_run(spec: str, args) -> dict:
     n = cfg.train.batch_size
     images = data.images[:n] if hasattr(data, "images") else torch.stack(
         [torch.as_tensor(data[i][0]) for i in range(n)])
-    batch = Batch([v(images, gen) for v in views], torch.full((n,), -1), gen, 0, 10**6)
+    labels = data.labels[:n]
+    batch = Batch([v(images, gen) for v in views], labels, gen, 0, 10**6)
     step = engine_step(method, cfg, precision, lambda: method(batch))
-    step()  # warm-up
-    times = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
     steps_per_epoch = len(data) // n
     monitor = OnlineMonitor(cfg)
     monitor.start(device=torch.device("cpu"), precision=precision, img_size=img_size,
                   steps_per_epoch=steps_per_epoch, images_per_epoch=steps_per_epoch * n)
+    step()  # warm-up
+    monitor.observe(method, labels)
+    times, observes = [], []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        step()
+        t1 = time.perf_counter()
+        monitor.observe(method, labels)  # the per-batch online classifier step (if any)
+        observes.append(time.perf_counter() - t1)
+        times.append(t1 - t0)
     measures = []
     for k in range(args.measures):
         t0 = time.perf_counter()
         monitor.measure(method, k + 1)
         measures.append(time.perf_counter() - t0)
-    step_s, measure_s = median(times), median(measures)
+    step_s, observe_s, measure_s = median(times), median(observes), median(measures)
     return {"spec": spec, "precision": precision, "batch": n, "step_s": step_s,
-            "measure_s": measure_s, "every": monitor.every, "epochs": monitor.every
-            // steps_per_epoch, "images": monitor.images_per_measurement,
-            "cost": measure_s / (monitor.every * step_s)}
+            "observe_s": observe_s, "measure_s": measure_s, "every": monitor.every,
+            "epochs": monitor.every // steps_per_epoch, "images": monitor.images_per_measurement,
+            "cost": (measure_s + monitor.every * observe_s) / (monitor.every * step_s)}
 
 
 def main() -> None:
@@ -107,13 +114,13 @@ def main() -> None:
              f"torch {torch.__version__}.",
              f"- **Data:** {args.dataset} (train split for the step and the interval).", "",
              "```bash", " ".join(["python", *sys.argv]), "```", "",
-             "| method@arch | precision | batch | step s | measurement s | monitored images "
-             "| interval (steps = epochs) | cost |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| method@arch | precision | batch | step s | classifier step ms | measurement s "
+             "| monitored images | interval (steps = epochs) | cost |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['spec']} | {r['precision']} | {r['batch']} | {r['step_s']:.3f} | "
-                     f"{r['measure_s']:.2f} | {r['images']} | {r['every']} = {r['epochs']} | "
-                     f"{100 * r['cost']:.1f} % |")
+                     f"{1e3 * r['observe_s']:.2f} | {r['measure_s']:.2f} | {r['images']} | "
+                     f"{r['every']} = {r['epochs']} | {100 * r['cost']:.1f} % |")
     lines.append("")
     publish("\n".join(lines), args.markdown)
 
