@@ -28,6 +28,7 @@ from mae_bench.errors import ConfigError
 
 ATTENTION_PATHS = ("auto", "fused", "math")  # mae_bench.models.attention
 CONV_PATHS = ("auto", "native", "matmul")  # mae_bench.models.conv
+DATA_PIPELINES = ("auto", "device-resize", "device-decode", "workers")  # mae_bench.data.pipeline
 TRACKERS = ("none", "tensorboard", "wandb")  # mae_bench.methods.trackers
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
@@ -79,6 +80,11 @@ class DataConfig:
                        "train+unlabeled, its 100k unlabeled images).")
     num_workers: int = _knob(4, "DataLoader workers for streamed (large) data sets only; "
                              "in-memory sets are batched on the main process.")
+    stream: bool = _knob(False, "Stream an image folder from its files even when it fits in "
+                         "memory (default: past 4 GiB of pixels): crops from full resolution.")
+    pipeline: str | None = _knob(None, "Streamed data: device-resize (auto: workers decode and "
+                                 "crop, the device resizes) | device-decode (nvJPEG on CUDA) "
+                                 "| workers (all in the workers).")
 
 
 @dataclass(frozen=True)
@@ -124,6 +130,8 @@ ADDED_LATER: dict[tuple[str, str], tuple[Any, ...]] = {
     ("mae", "encoder_mask_tokens"): (None, False),
     ("train", "attention"): (None, "auto"),
     ("train", "conv"): (None, "auto"),
+    ("data", "stream"): (False,),
+    ("data", "pipeline"): (None, "auto"),
     ("train", "online_eval"): (None,),
     ("train", "online_every"): (None,),
     ("train", "stop_on_collapse"): (False,),
@@ -671,6 +679,8 @@ def validate(cfg: RunConfig) -> None:
         (t.weight_decay_end is None or t.weight_decay_end >= 0,
          f"--weight-decay-end must be >= 0, got {t.weight_decay_end}"),
         (cfg.data.num_workers >= 0, f"--num-workers must be >= 0, got {cfg.data.num_workers}"),
+        (cfg.data.pipeline is None or cfg.data.pipeline in DATA_PIPELINES,
+         f"unknown data pipeline '{cfg.data.pipeline}'; valid: {', '.join(DATA_PIPELINES)}"),
         (cfg.model.img_size is None or cfg.model.img_size > 0,
          f"--img-size must be > 0, got {cfg.model.img_size}"),
         (t.optimizer is None or t.optimizer in OPTIMIZERS,

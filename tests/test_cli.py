@@ -302,7 +302,7 @@ def test_pretrain_help_at_80_columns_is_grouped_and_short(monkeypatch, capsys):
     titles = [line.split("─ ", 1)[1].split(" ─")[0] for line in lines if line.startswith("╭─ ")]
     assert titles[:3] == ["Options", "Everyday (train., data., model.)",
                           "MAE and its masked siblings (mae., model.)"]
-    assert titles[-1] == "Switches (mae., model., ssl., train.)"
+    assert titles[-1] == "Switches (data., mae., model., ssl., train.)"
     assert out.index("--method") < out.index("--mask-ratio") < out.index("--blr")
 
 

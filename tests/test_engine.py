@@ -317,6 +317,38 @@ def test_streamed_image_folder_trains_through_workers(tmp_path, monkeypatch):
     assert all(math.isfinite(r["loss"]) for r in _metrics(tmp_path / "run"))
 
 
+@pytest.mark.parametrize("pipeline", ["device-resize", "device-decode"])
+def test_streamed_folder_resumes_exactly_with_crops_cut_in_workers(tmp_path, pipeline):
+    """``--stream`` reads a small JPEG folder from its files; the workers decode and cut, the
+    device resizes (or decodes too). Crops are drawn per sample, so a run stopped mid-epoch and
+    resumed equals an uninterrupted one, weights and losses; run.json names the pipeline."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        folder = tmp_path / "data" / "train" / cls
+        folder.mkdir(parents=True)
+        for i in range(8):
+            pixels = rng.integers(0, 256, (20 + i, 28 - i, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i}.jpg", quality=90)
+    cfg = RunConfig().replace(
+        model={"arch": "vit_micro_patch4", "img_size": 16},
+        data={"dataset": "imagefolder", "data_dir": str(tmp_path / "data"), "num_workers": 0,
+              "stream": True, "pipeline": pipeline},
+        train={"epochs": 2, "batch_size": 4, "log_every": 1})
+    pretrain(cfg, tmp_path / "full", progress=False)
+    pretrain(cfg, tmp_path / "part", max_steps=3, progress=False)
+    res = pretrain(cfg, tmp_path / "part", progress=False)
+    assert res.finished and res.step == 8
+    a, b = load_checkpoint(tmp_path / "full"), load_checkpoint(tmp_path / "part")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    ma, mb = _metrics(tmp_path / "full"), _metrics(tmp_path / "part")
+    assert [(r["step"], r["loss"]) for r in ma] == [(r["step"], r["loss"]) for r in mb]
+    run = json.loads((tmp_path / "full" / "run.json").read_text())
+    assert run["data_pipeline"] == run["segments"][-1]["data_pipeline"] == pipeline
+
+
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_saves_at_a_step_boundary_and_resume_continues(tmp_path, sig, code):

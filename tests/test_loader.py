@@ -1,5 +1,6 @@
 """Training batches: the sample order is a pure function of (seed, epoch), and streamed data sets
-give one uint8 batch per view, each cropped to its view's size."""
+give one batch per view, each cropped to its view's size (resized in the workers or on the device,
+by the pipeline)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from PIL import Image
 
 from mae_bench.data import ArrayDataset, StreamingDataset, get_dataset_info, load_dataset
 from mae_bench.data.augment import ViewSpec, sample_transform
+from mae_bench.data.crops import CropBatch, EncodedView
 from mae_bench.data.loader import TrainBatches, epoch_order
+from mae_bench.data.pipeline import PIPELINES
 
 GLOBAL, LOCAL = ViewSpec(8), ViewSpec(4, scale=(0.05, 0.4))
 
@@ -46,13 +49,26 @@ def _streamed(root: Path, n: int = 12) -> tuple[StreamingDataset, list[int]]:
 
 
 def _epoch(batches: TrainBatches, epoch: int, start: int = 0) -> list:
-    return list(batches.epoch(epoch, start))
+    """One epoch's batches, the views as uint8 [B, C, s, s] (resized here when the pipeline
+    leaves the resize to the device)."""
+    specs = batches.views if isinstance(batches.views, list) else [batches.views]
+    out = []
+    for views, labels in batches.epoch(epoch, start):
+        if isinstance(views, list):
+            views = [v.resize(s.img_size, s.interpolation)
+                     if isinstance(v, CropBatch | EncodedView) else v
+                     for v, s in zip(views, specs, strict=True)]
+        out.append((views, labels))
+    return out
 
 
 @pytest.mark.multiprocess
-def test_streamed_views_give_one_batch_per_view_in_the_seeded_order(tmp_path: Path) -> None:
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_streamed_views_give_one_batch_per_view_in_the_seeded_order(tmp_path: Path,
+                                                                    pipeline: str) -> None:
     ds, value = _streamed(tmp_path)
-    batches = TrainBatches(ds, 4, 3, seed=5, num_workers=2, views=[GLOBAL, GLOBAL, LOCAL])
+    batches = TrainBatches(ds, 4, 3, seed=5, num_workers=2, views=[GLOBAL, GLOBAL, LOCAL],
+                           pipeline=pipeline)
     first = _epoch(batches, 0)
     order = epoch_order(len(ds), 5, 0)
     assert len(first) == 3
@@ -70,19 +86,29 @@ def test_streamed_views_give_one_batch_per_view_in_the_seeded_order(tmp_path: Pa
     again = _epoch(batches, 0)
     for (a, la), (b, lb) in zip(first, again, strict=True):
         assert torch.equal(la, lb) and all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
-    other = _epoch(TrainBatches(ds, 4, 3, seed=5, views=[GLOBAL, LOCAL]), 1)  # no workers
-    assert [b[1].tolist() for b in other] != [b[1].tolist() for b in first]
+    other = _epoch(TrainBatches(ds, 4, 3, seed=5, views=[GLOBAL, LOCAL], pipeline=pipeline), 1)
+    assert [b[1].tolist() for b in other] != [b[1].tolist() for b in first]  # no workers
+    if pipeline != "workers":  # crops drawn per sample: the same with or without workers
+        alone = _epoch(TrainBatches(ds, 4, 3, seed=5, views=[GLOBAL, GLOBAL, LOCAL],
+                                    pipeline=pipeline), 0)
+        for (a, _), (b, _) in zip(first, alone, strict=True):
+            assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
 
 
-def test_resuming_mid_epoch_continues_with_the_same_samples(tmp_path: Path) -> None:
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_resuming_mid_epoch_continues_with_the_same_samples(tmp_path: Path, pipeline: str) -> None:
     ds, value = _streamed(tmp_path)
-    batches = TrainBatches(ds, 4, 3, seed=1, views=[GLOBAL, LOCAL])
+    batches = TrainBatches(ds, 4, 3, seed=1, views=[GLOBAL, LOCAL], pipeline=pipeline)
 
     def names(run: list) -> list[list[int]]:
         return [views[1][:, 0, 0, 0].tolist() for views, _ in run]
 
     whole = _epoch(batches, 2)
-    assert names(_epoch(batches, 2, start=1)) == names(whole)[1:]
+    resumed = _epoch(batches, 2, start=1)
+    assert names(resumed) == names(whole)[1:]
+    if pipeline != "workers":  # and with the very same crops (drawn per sample)
+        for (a, _), (b, _) in zip(resumed, whole[1:], strict=True):
+            assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
     assert sorted(sum(names(whole), [])) == sorted(value)  # 12 images, 3 batches of 4: each once
 
 

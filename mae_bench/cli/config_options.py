@@ -72,10 +72,10 @@ PANELS: dict[str, tuple[str, ...]] = {
         "ssl.queue_size", "ssl.queue_start_epochs", "ssl.num_prototypes",
         "ssl.sinkhorn_iterations", "ssl.sinkhorn_epsilon", "ssl.pred_hidden_dim"),
     "Loading, logging, kernels (data., train.)": (
-        "data.split", "data.num_workers", "train.log_every", "train.save_every",
+        "data.split", "data.num_workers", "data.pipeline", "train.log_every", "train.save_every",
         "train.attention", "train.conv", "train.online_every", "train.tracker"),
-    "Switches (mae., model., ssl., train.)": (
-        "mae.norm_pix_loss", "mae.encoder_mask_tokens", "model.cifar_stem",
+    "Switches (data., mae., model., ssl., train.)": (
+        "data.stream", "mae.norm_pix_loss", "mae.encoder_mask_tokens", "model.cifar_stem",
         "ssl.norm_last_layer", "ssl.freeze_patch_embed", "ssl.head_output_bias",
         "ssl.stop_gradient", "ssl.shared_head", "train.lars_clip_lr", "train.deterministic",
         "train.online_eval", "train.stop_on_collapse"),

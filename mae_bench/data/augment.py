@@ -11,9 +11,9 @@ drawn on the images' device, and follow ``torchvision.transforms.v2.functional``
 factor. A ``ViewSpec`` with none of them enabled (MAE's) draws no extra random numbers, so its
 views are exactly those of a crop + flip.
 
-Streamed (large) data sets get the same crop per image in their DataLoader workers
-(``sample_transform``); the photometric ops and normalisation then run on the device
-(``BatchViews.finish``).
+Streamed (large) data sets get the same crop boxes per image in their DataLoader workers
+(``mae_bench.data.pipeline``); the resize (by default), the photometric ops and normalisation then
+run on the device (``BatchViews.finish``).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mae_bench.data.crops import CropBatch, DeviceCrops, EncodedView
 from mae_bench.data.randaugment import RandAugmentSpec, rand_augment
 
 
@@ -471,17 +472,21 @@ class BatchViews:
             return self.normalize(x.clamp_(0, 255))
         return self._normalize01_(_photometric_(x.clamp_(0, 255).div_(255.0), s, generator))
 
-    def finish(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """RandAugment (when the spec has it), photometric ops and normalisation for an already
-        cropped batch; ``images`` is left as it is.
+    def finish(self, images: Tensor | DeviceCrops,
+               generator: torch.Generator | None = None) -> Tensor:
+        """The resize (for crops cut in the workers), RandAugment (when the spec has it),
+        photometric ops and normalisation of a streamed batch; ``images`` is left as it is.
 
         Args:
-            images: [N, C, h, w] uint8 or float in 0..255 (streamed views, cropped in workers).
+            images: [N, C, h, w] uint8 or float in 0..255 (views cropped and resized in the
+                workers), or crops still to resize here (``mae_bench.data.crops``).
             generator: on the images' device.
 
         Returns:
-            [N, C, h, w] float, normalised.
+            [N, C, h, w] float, normalised (h = w = the spec's img_size for crops).
         """
+        if isinstance(images, CropBatch | EncodedView):
+            images = images.resize(self.spec.img_size, self.spec.interpolation)
         x = self._rand_augment(images.float(), generator)
         if not self.spec.photometric:
             return self.normalize(x)

@@ -47,7 +47,24 @@ class ArrayDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def _sample(self, i: int) -> Any:
+        """Image ``i`` through the transform; None (warned) when unreadable. A transform with
+        ``reads_bytes`` (``mae_bench.data.pipeline``) gets the file's bytes, its location and
+        ``i``, and decodes what it needs itself."""
+        try:
+            data = self._read(i)
+        except OSError as e:
+            log.warning("skipping unreadable image %s (%s)", self.where(i), e)
+            return None
+        if getattr(self.transform, "reads_bytes", False):
+            return self.transform(data, self.where(i), i)  # type: ignore[call-arg]
+        image = images._open_rgb(data, self.where(i))
+        if image is None:
+            return None
+        chw = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # [3, H, W]
+        return chw if self.transform is None else self.transform(chw)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
         return self.images[index], int(self.labels[index])
 
 
@@ -69,7 +86,9 @@ class StreamingDataset(torch.utils.data.Dataset):
         classes: class names.
         info: the registry entry handed on to the models (stats, img_size).
         offsets: [N, 2] (data offset, size) inside the tar; None for a folder.
-        transform: maps uint8 [C, H, W] to uint8 [C, h, w] of a fixed size.
+        transform: maps uint8 [C, H, W] to uint8 [C, h, w] of a fixed size; or, when it has a
+            true ``reads_bytes`` attribute, ``(file bytes, where, index)`` to what the collate
+            function of ``mae_bench.data.pipeline`` batches.
     """
 
     def __init__(
@@ -80,7 +99,7 @@ class StreamingDataset(torch.utils.data.Dataset):
         classes: list[str],
         info: DatasetInfo,
         offsets: np.ndarray | None = None,
-        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        transform: Callable[..., Any] | None = None,
     ) -> None:
         self.root = Path(root)
         self._members = np.array([m.encode() for m in members])  # bytes, not objects: fork-friendly
@@ -93,8 +112,8 @@ class StreamingDataset(torch.utils.data.Dataset):
         self._handle: io.BufferedReader | None = None
         self._pid = -1
 
-    def set_transform(self, transform: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
-        """Sets the uint8 CHW -> uint8 CHW transform applied to every image."""
+    def set_transform(self, transform: Callable[..., Any] | None) -> None:
+        """Sets the transform applied to every image (see the class docstring)."""
         self.transform = transform
 
     def __len__(self) -> int:
@@ -133,20 +152,32 @@ class StreamingDataset(torch.utils.data.Dataset):
         self._handle.seek(int(offset))
         return self._handle.read(int(size))
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def _sample(self, i: int) -> Any:
+        """Image ``i`` through the transform; None (warned) when unreadable. A transform with
+        ``reads_bytes`` (``mae_bench.data.pipeline``) gets the file's bytes, its location and
+        ``i``, and decodes what it needs itself."""
+        try:
+            data = self._read(i)
+        except OSError as e:
+            log.warning("skipping unreadable image %s (%s)", self.where(i), e)
+            return None
+        if getattr(self.transform, "reads_bytes", False):
+            return self.transform(data, self.where(i), i)  # type: ignore[call-arg]
+        image = images._open_rgb(data, self.where(i))
+        if image is None:
+            return None
+        chw = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # [3, H, W]
+        return chw if self.transform is None else self.transform(chw)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
         worker = torch.utils.data.get_worker_info()
         slot = 0 if worker is None else 1 + worker.id % (_COUNT_SLOTS - 1)
         for step in range(len(self)):
             i = (index + step) % len(self)
-            try:
-                image = images._open_rgb(self._read(i), self.where(i))
-            except OSError as e:
-                log.warning("skipping unreadable image %s (%s)", self.where(i), e)
-                image = None
+            sample = self._sample(i)
             self._counts[slot, 1] += 1
-            if image is not None:
-                chw = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # [3, H, W]
-                return (chw if self.transform is None else self.transform(chw)), int(self.labels[i])
+            if sample is not None:
+                return sample, int(self.labels[i])
             self._counts[slot, 0] += 1
         raise DataError(f"no image in {self.root} could be read; check the warnings above")
 

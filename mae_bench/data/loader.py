@@ -5,9 +5,10 @@ exactly the batches it already saw and continues with the same ones as an uninte
 
 - In-memory data sets (``ArrayDataset``): a batch is one index-select from the uint8 tensor; the
   crop / flip / normalisation then run batched on the training device (``mae_bench.data.augment``).
-- Streamed data sets (``StreamingDataset``): a DataLoader with worker processes decodes and crops
-  each image, once per view (``augment.sample_transform``); the photometric ops and normalisation
-  run on the device (``augment.BatchViews.finish``).
+- Streamed data sets (``StreamingDataset``): a DataLoader with worker processes reads each file
+  and does the part of the view that ``pipeline`` gives the workers (``mae_bench.data.pipeline``:
+  by default decode and cut the crop boxes); the rest (the resize, the photometric ops,
+  normalisation) runs on the device (``augment.BatchViews.finish``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from mae_bench.data import ArrayDataset, StreamingDataset
 from mae_bench.data.augment import ViewSpec, sample_transform
+from mae_bench.data.pipeline import DEFAULT_PIPELINE, worker_transform
 
 
 def epoch_order(n: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1) -> Tensor:
@@ -58,10 +60,13 @@ class TrainBatches:
 
     - in-memory data set: uint8 [B, C, H, W], the stored images (``views`` is not used here: the
       crops run batched on the device, ``BatchViews(spec)(images)`` per view);
-    - streamed data set, ``views`` one ViewSpec: uint8 [B, C, s, s], cropped in the workers;
-    - streamed data set, ``views`` a list of ViewSpecs: a list with one uint8 [B, C, s_i, s_i]
-      per spec, each cropped independently to its own size (e.g. DINO's smaller local crops);
-      finish view i on the device with ``BatchViews(views[i]).finish``;
+    - streamed data set, ``views`` one ViewSpec: uint8 [B, C, s, s], cropped in the workers
+      (the ``workers`` pipeline only; kept for older callers);
+    - streamed data set, ``views`` a list of ViewSpecs: a list with one batch per spec, each
+      view cropped independently to its own size (e.g. DINO's smaller local crops): uint8
+      [B, C, s_i, s_i] (``workers`` pipeline) or the crops still to resize on the device
+      (``crops.CropBatch`` / ``crops.EncodedView``); finish view i on the device with
+      ``BatchViews(views[i]).finish``;
     - streamed data set, ``views`` None: uint8 [B, C, H, W] as decoded (same-size images only).
 
     Args:
@@ -75,12 +80,15 @@ class TrainBatches:
         rank: this process's rank.
         world_size: the number of processes.
         view: the former name of ``views`` (one spec); give one of the two.
+        pipeline: how streamed views are split between the workers and the device
+            (``mae_bench.data.pipeline.PIPELINES``).
     """
 
     def __init__(self, dataset: ArrayDataset | StreamingDataset, batch_size: int,
                  micro_per_epoch: int, seed: int, num_workers: int = 0,
                  views: ViewSpec | list[ViewSpec] | None = None, pin_memory: bool = False,
-                 rank: int = 0, world_size: int = 1, *, view: ViewSpec | None = None):
+                 rank: int = 0, world_size: int = 1, *, view: ViewSpec | None = None,
+                 pipeline: str = DEFAULT_PIPELINE):
         if view is not None:
             if views is not None:
                 raise TypeError("TrainBatches: give views or view, not both")
@@ -95,23 +103,32 @@ class TrainBatches:
         self.world_size = world_size
         self.views = views
         self.streaming = isinstance(dataset, StreamingDataset)
-        if self.streaming and views is not None:
+        self.collate = None
+        if self.streaming and isinstance(views, ViewSpec):
             dataset.set_transform(sample_transform(views))
+        elif self.streaming and views is not None:
+            transform, self.collate = worker_transform(views, pipeline)
+            dataset.set_transform(transform)
 
     def epoch(self, epoch: int,
               start: int = 0) -> Iterator[tuple[Tensor | list[Tensor], Tensor]]:
-        order = epoch_order(len(self.dataset), self.seed, epoch, self.rank, self.world_size)
+        # a data set with its own order (tar shards: shard order plus a shuffle buffer) gives it
+        custom = getattr(self.dataset, "epoch_order", None)
+        order = (custom(self.seed, epoch, self.rank, self.world_size) if custom is not None
+                 else epoch_order(len(self.dataset), self.seed, epoch, self.rank, self.world_size))
         order = order[start * self.batch_size:self.micro_per_epoch * self.batch_size]
         if not self.streaming:
             images, labels = self.dataset.images, self.dataset.labels
             for idx in order.split(self.batch_size):
                 yield images.index_select(0, idx), labels.index_select(0, idx)
             return
+        if hasattr(self.dataset.transform, "epoch_seed"):  # per-sample crop draws (pipeline.py)
+            self.dataset.transform.epoch_seed = self.seed * 100_003 + epoch
         loader = DataLoader(
             self.dataset, batch_size=self.batch_size, sampler=_ListSampler(order),
             num_workers=self.num_workers, pin_memory=self.pin_memory, drop_last=True,
             generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch),
-            persistent_workers=False,
+            persistent_workers=False, collate_fn=self.collate,
         )
         for images, labels in loader:  # images: a tensor, or a list of them (several views)
             yield images, torch.as_tensor(labels)

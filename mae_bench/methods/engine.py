@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,9 +46,10 @@ from torch import Tensor, nn
 
 from mae_bench.config import RunConfig, TrainConfig, validate, warmup_epochs
 from mae_bench.config import peak_lr as config_peak_lr
-from mae_bench.data import cache_writes_held, load_dataset
+from mae_bench.data import StreamingDataset, cache_writes_held, load_dataset
 from mae_bench.data.augment import BatchViews
 from mae_bench.data.loader import TrainBatches
+from mae_bench.data.pipeline import resolve_pipeline
 from mae_bench.errors import ConfigError, RunInterrupted
 from mae_bench.files import (
     CONFIG_FILE,
@@ -374,7 +376,12 @@ def build_setup(cfg: RunConfig, where: Where, ckpt: dict | None) -> Setup:
         ConfigError / DataError: what the data or the model cannot take.
     """
     t = cfg.train
-    dataset = load_dataset(cfg.data.dataset, cfg.data.split, cfg.data.data_dir)
+    dataset = load_dataset(cfg.data.dataset, cfg.data.split, cfg.data.data_dir,
+                           **({"max_in_memory_bytes": 0} if cfg.data.stream else {}))
+    if cfg.data.stream and not isinstance(dataset, StreamingDataset):
+        logging.getLogger("mae_bench.data").warning(
+            "%s is held in memory whatever --stream says (it is not read from image files)",
+            cfg.data.dataset)
     info = dataset.info
     img_size = cfg.model.img_size or info.img_size
     seed_everything(t.seed + where.rank, t.deterministic)
@@ -475,7 +482,7 @@ def open_segment(setup: Setup, where: Where, start: Start, run_dir: Path,
     batches = TrainBatches(
         setup.dataset, cfg.train.batch_size, setup.plan.micro_per_epoch, cfg.train.seed,
         cfg.data.num_workers, setup.method.view_specs(), pin_memory=device.type == "cuda",
-        rank=where.rank, world_size=where.world_size)
+        rank=where.rank, world_size=where.world_size, pipeline=resolve_pipeline(cfg.data.pipeline))
     tracker = open_tracker(cfg.train.tracker, run_dir, cfg) if where.is_main else None
     logger = MetricLogger(run_dir, where.is_main, console, tracker)
     if start.resumed:
@@ -496,6 +503,8 @@ def _write_run_files(setup: Setup, where: Where, run_dir: Path, step: int,
     now = provenance(cfg, where.device, where.precision, setup.img_size, plan.peak_lr,
                      plan.eff_batch, plan.total_steps) | {
         "attention": setup.attention, "attention_kernel": setup.kernel, "conv": setup.conv,
+        "data_pipeline": (resolve_pipeline(cfg.data.pipeline)
+                          if isinstance(setup.dataset, StreamingDataset) else None),
         "warmup_epochs": plan.warm_epochs, "init": init}
     write_text_atomic(run_dir / RUN_FILE, json.dumps(run_history(run_dir / RUN_FILE, now, step),
                                                      indent=2))

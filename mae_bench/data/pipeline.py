@@ -1,0 +1,251 @@
+"""The streamed data path: what the DataLoader workers do with each image file, what is left for
+the training device, and how a batch is put together in between.
+
+Three splits of the work (``data.pipeline``):
+
+- ``device-resize`` (the default): a worker reads the file's header, draws each view's crop box
+  and flip, decodes with the fastest decoder for that box (a DCT-scaled JPEG decode when even
+  the smallest box keeps twice the output size at 1/4 or 1/8 scale, else
+  ``torchvision.io.decode_jpeg``, else PIL for other formats) and cuts the boxes; the resize to
+  the training size runs on the device (``crops.CropBatch``), beside the colour augmentations.
+  The resize is what costs a worker most after the decode, and a GPU does it almost for free;
+- ``device-decode``: a worker reads the header and draws the boxes only; the device decodes the
+  JPEG bytes (batched nvJPEG on CUDA), crops and resizes (``crops.EncodedBatch``). Other
+  formats are decoded in the worker;
+- ``workers``: the decode, crop and resize all in the worker, as torchvision's
+  ``RandomResizedCrop`` does it (kept for comparison and for old runs).
+
+The boxes and flips follow torchvision's ``RandomResizedCrop`` + ``RandomHorizontalFlip`` draws
+exactly, from a generator seeded by (run seed, epoch, sample index): a sample's crops do not
+depend on the number of workers, and a resumed run replays them.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import re
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+import mae_bench.data.images as images  # the module, so a patched _open_rgb reaches workers
+from mae_bench.data.augment import ViewSpec
+from mae_bench.data.crops import CropBatch, EncodedBatch, decode_jpeg
+
+log = logging.getLogger("mae_bench.data")  # one logger name for the whole package
+
+PIPELINES = ("device-resize", "device-decode", "workers")
+DEFAULT_PIPELINE = "device-resize"
+# A JPEG is decoded at 1/s scale by PIL (DCT scaling) only for s = 8 or 4: at 1/2 scale PIL's
+# decode is hardly faster than libjpeg-turbo's full decode through torchvision.
+_DCT_SCALES = (8, 4)
+Box = tuple[int, int, int, int]  # (top, left, height, width) in pixels
+
+
+def sample_box(height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
+               generator: torch.Generator | None = None) -> Box:
+    """One RandomResizedCrop box, drawn exactly as torchvision's ``v2.RandomResizedCrop`` draws
+    it (the same random calls in the same order: ten tries, then the centre-crop fallback)."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
+        aspect = math.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1],
+                                                  generator=generator).item())
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (1,), generator=generator).item())
+            left = int(torch.randint(0, width - w + 1, (1,), generator=generator).item())
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def sample_flip(p: float, generator: torch.Generator | None = None) -> bool:
+    """torchvision's ``RandomHorizontalFlip(p)`` draw: flip when a uniform number is below p."""
+    return bool(torch.rand(1, generator=generator).item() < p)
+
+
+def dct_scale(boxes: Sequence[Box], out_sizes: Sequence[int]) -> int:
+    """The JPEG decode scale 1/s (s = 8 or 4; else 1: a full decode) that leaves every box at
+    least twice its output size on both sides.
+
+    Twice, not once: the box's edges are rounded to the reduced pixels (up to s / 2 pixels at
+    full resolution), which then moves them by at most a quarter of an output pixel, and the
+    antialiased resize after the decode still does most of the filtering, as it does on the
+    full-resolution crop.
+
+    Args:
+        boxes: (top, left, height, width) per view, full-resolution pixels.
+        out_sizes: each view's output side.
+    """
+    room = min(min(h, w) / size for (_, _, h, w), size in zip(boxes, out_sizes, strict=True))
+    return next((s for s in _DCT_SCALES if room >= 2 * s), 1)
+
+
+def scaled_box(box: Box, s: int, height: int, width: int) -> Box:
+    """A full-resolution box in the pixels of an image decoded at 1/s scale (``height`` x
+    ``width``): its edges rounded to the nearest reduced pixel, at least one pixel kept."""
+    top, left, h, w = box
+    t, le = min(round(top / s), height - 1), min(round(left / s), width - 1)
+    b = min(height, max(round((top + h) / s), t + 1))
+    r = min(width, max(round((left + w) / s), le + 1))
+    return t, le, b - t, r - le
+
+
+def _warn_unreadable(where: str, data: bytes, e: Exception) -> None:
+    # PIL names the in-memory buffer ("<_io.BytesIO object at 0x...>"), not the file
+    reason = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e)).strip()
+    log.warning("skipping unreadable image %s (%s: %s)", where, type(e).__name__,
+                "empty file" if not data else reason or "cannot be decoded")
+
+
+class _SampleDraws:
+    """Per-sample generators: seeded by (run seed, epoch, sample index), so that a sample's
+    boxes and flips are the same whichever worker reads it and whenever (a resumed run)."""
+
+    def __init__(self) -> None:
+        self.epoch_seed = 0
+
+    def generator(self, index: int) -> torch.Generator:
+        return torch.Generator().manual_seed((self.epoch_seed * 1_000_003 + index) % 2**63)
+
+
+class DecodeCrop(_SampleDraws):
+    """Worker side of ``device-resize``: file bytes -> one (crop, flip) per view.
+
+    ``__call__(data, where, index)`` returns a tuple with, per view, a uint8 crop [C, h, w] at
+    the decode scale and its flip; None (warned) when the file cannot be read.
+    """
+
+    reads_bytes = True  # StreamingDataset hands over the file's bytes, not decoded pixels
+
+    def __init__(self, specs: Sequence[ViewSpec]):
+        super().__init__()
+        self.specs = list(specs)
+
+    def _draw(self, height: int, width: int, index: int) -> tuple[list[Box], list[bool]]:
+        g = self.generator(index)
+        boxes, flips = [], []
+        for s in self.specs:
+            boxes.append(sample_box(height, width, s.scale, s.ratio, g))
+            flips.append(sample_flip(s.hflip, g))
+        return boxes, flips
+
+    def __call__(self, data: bytes, where: str, index: int) -> tuple | None:
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                width, height = im.size
+                fmt = im.format
+        except Exception as e:  # PIL raises many types for broken files
+            _warn_unreadable(where, data, e)
+            return None
+        boxes, flips = self._draw(height, width, index)
+        pixels, s = self._decode(data, where, fmt, (width, height), boxes)
+        if pixels is None:
+            return None
+        _, dh, dw = pixels.shape
+        crops = []
+        for box in boxes:
+            t, left, h, w = scaled_box(box, s, dh, dw) if s > 1 else box
+            crops.append(pixels[:, t:t + h, left:left + w])
+        return tuple(zip(crops, flips, strict=True))
+
+    def _decode(self, data: bytes, where: str, fmt: str | None, size: tuple[int, int],
+                boxes: list[Box]) -> tuple[Tensor | None, int]:
+        """uint8 [C, H/s, W/s] and s; (None, 1) when unreadable (warned)."""
+        if fmt == "JPEG":
+            s = dct_scale(boxes, [sp.img_size for sp in self.specs])
+            try:
+                if s > 1:
+                    with Image.open(io.BytesIO(data)) as im:
+                        im.draft("RGB", (math.ceil(size[0] / s), math.ceil(size[1] / s)))
+                        rgb = np.array(im.convert("RGB") if im.mode != "RGB" else im)
+                    return torch.from_numpy(rgb).permute(2, 0, 1), s  # [3, H/s, W/s]
+                return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8)), 1
+            except Exception:  # libjpeg's verdict on a broken file: let PIL say why, below
+                pass
+        rgb = images._open_rgb(data, where)
+        if rgb is None:
+            return None, 1
+        return torch.from_numpy(np.array(rgb)).permute(2, 0, 1), 1
+
+
+class ReadBoxes(DecodeCrop):
+    """Worker side of ``device-decode``: file bytes -> the bytes again (JPEG) or the decoded
+    pixels (other formats), with every view's full-resolution box and flip."""
+
+    def __call__(self, data: bytes, where: str, index: int) -> tuple | None:
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                width, height = im.size
+                fmt = im.format
+        except Exception as e:
+            _warn_unreadable(where, data, e)
+            return None
+        boxes, flips = self._draw(height, width, index)
+        if fmt == "JPEG":
+            return torch.frombuffer(bytearray(data), dtype=torch.uint8), (0, height, width), \
+                boxes, flips
+        rgb = images._open_rgb(data, where)
+        if rgb is None:
+            return None
+        pixels = torch.from_numpy(np.array(rgb)).permute(2, 0, 1).contiguous()  # [3, H, W]
+        return pixels.reshape(-1), tuple(pixels.shape), boxes, flips
+
+
+def collate_crops(samples: list[tuple[tuple, int]]) -> tuple[list[CropBatch], Tensor]:
+    """DataLoader collate for ``DecodeCrop`` samples: one CropBatch per view, and the labels."""
+    views = len(samples[0][0])
+    batches = [CropBatch.pack([s[0][v][0] for s in samples], [s[0][v][1] for s in samples])
+               for v in range(views)]
+    return batches, torch.tensor([s[1] for s in samples], dtype=torch.int64)
+
+
+def collate_encoded(samples: list[tuple[tuple, int]]) -> tuple[list, Tensor]:
+    """DataLoader collate for ``ReadBoxes`` samples: one view object per view, sharing one
+    ``EncodedBatch`` (each image decoded once for all its views), and the labels."""
+    data = [s[0][0] for s in samples]
+    batch = EncodedBatch(
+        data=torch.cat(data), lengths=torch.tensor([len(d) for d in data], dtype=torch.int64),
+        shapes=torch.tensor([s[0][1] for s in samples], dtype=torch.int64),
+        boxes=torch.tensor([s[0][2] for s in samples], dtype=torch.int64),  # [B, V, 4]
+        flips=torch.tensor([s[0][3] for s in samples], dtype=torch.bool))  # [B, V]
+    views = batch.boxes.shape[1]
+    return [batch.view(v) for v in range(views)], \
+        torch.tensor([s[1] for s in samples], dtype=torch.int64)
+
+
+def resolve_pipeline(name: str | None) -> str:
+    """The pipeline a setting names: None and "auto" are ``DEFAULT_PIPELINE``."""
+    return DEFAULT_PIPELINE if name in (None, "auto") else str(name)
+
+
+def worker_transform(specs: Sequence[ViewSpec], pipeline: str):
+    """The per-sample transform of ``pipeline`` for ``specs`` and its collate function (None:
+    the DataLoader's default).
+
+    Raises:
+        ValueError: an unknown pipeline.
+    """
+    from mae_bench.data.augment import sample_transform
+
+    if pipeline == "device-resize":
+        return DecodeCrop(specs), collate_crops
+    if pipeline == "device-decode":
+        return ReadBoxes(specs), collate_encoded
+    if pipeline == "workers":
+        return sample_transform(list(specs)), None
+    raise ValueError(f"unknown data pipeline {pipeline!r}; valid: {', '.join(PIPELINES)}")
