@@ -148,6 +148,11 @@ EXPECTED = {  # name: (channels, img_size, mean, std)
     "fashion-mnist": (1, 28, (0.2860,), (0.3530,)),
     "svhn": (3, 32, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
     "imagefolder": (3, 224, data.IMAGENET_MEAN, data.IMAGENET_STD),
+    "imagenet": (3, 224, data.IMAGENET_MEAN, data.IMAGENET_STD),
+    "imagenet100": (3, 224, data.IMAGENET_MEAN, data.IMAGENET_STD),
+    "imagenette": (3, 224, data.IMAGENET_MEAN, data.IMAGENET_STD),
+    "shards": (3, 224, data.IMAGENET_MEAN, data.IMAGENET_STD),
+    "hf-disk": (3, 224, data.IMAGENET_MEAN, data.IMAGENET_STD),
 }
 
 
@@ -186,11 +191,11 @@ def test_registering_a_name_twice_fails() -> None:
 
 def test_unknown_name_lists_valid_names() -> None:
     with pytest.raises(
-        DataError, match=r"unknown dataset 'imagenet'; valid names: digits, cifar10"
+        DataError, match=r"unknown dataset 'imagenet21k'; valid names: digits, cifar10"
     ):
-        get_dataset_info("imagenet")
+        get_dataset_info("imagenet21k")
     with pytest.raises(MaeBenchError):  # the CLI catches this base class
-        load_dataset("imagenet", "train")
+        load_dataset("imagenet21k", "train")
 
 
 def test_unknown_split_lists_valid_splits(tmp_path: Path) -> None:

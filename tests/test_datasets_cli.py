@@ -48,7 +48,8 @@ def test_an_mnist_image_folder_is_imagefolder_data_only(monkeypatch, capsys, tmp
     assert code in (0, None) and out.endswith("\n")
     assert {name: cells[0] for name, cells in table.items()} == {
         "digits": "yes", "cifar10": "no", "cifar100": "no", "stl10": "no", "mnist": "no",
-        "fashion-mnist": "no", "svhn": "no", "imagefolder": "yes"}
+        "fashion-mnist": "no", "svhn": "no", "imagefolder": "yes", "imagenet": "no",
+        "imagenet100": "no", "imagenette": "no", "shards": "no", "hf-disk": "no"}
     assert table["cifar10"][1].startswith(f"class folders in {data}/train (0, 1, 2, 3, 4, 5")
     assert table["imagefolder"][1:5] == [f"{data}: found train, test", "28", "1", "10"]
 

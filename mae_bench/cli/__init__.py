@@ -21,6 +21,7 @@ from mae_bench.cli import (
     report,
     reproduce,
     results,
+    shard,
     speed,
     sweep,
     visualize,
@@ -42,6 +43,7 @@ app = typer.Typer(
 COMMANDS = {
     "pretrain": pretrain.pretrain,
     "datasets": datasets.datasets,
+    "shard": shard.shard,
     "visualize": visualize.visualize,
     "eval": evaluate.eval_,
     "export": export.export,

@@ -13,9 +13,15 @@ Modules, one concept each:
     datasets            ``ArrayDataset`` (in memory) and ``StreamingDataset`` (decoded per item).
     index, images       where a split's images are (folders, tars); decoding them (bad images).
     cache               decoded image splits stored as .npz.
-    image_splits        splits stored as class folders of images, shared by cifar and imagefolder.
-    digits, cifar, stl10, idx (mnist, fashion-mnist), svhn, imagefolder: one format family each,
-                        with a ``register()`` that adds its data sets.
+    image_splits        splits stored as class folders of images (cifar, imagefolder, imagenet).
+    digits, cifar, stl10, idx (mnist, fashion-mnist), svhn, imagefolder, imagenet (imagenet,
+                        imagenet100, imagenette): one format family each, with a ``register()``
+                        that adds its data sets.
+    shards, hf_disk     streamed splits: WebDataset tar shards (shard_writer writes them) and
+                        Hugging Face ``datasets`` folders saved to disk.
+    pipeline, crops     the streamed path: what DataLoader workers do with each file, and the
+                        crops the training device resizes (or decodes).
+    sample_photos       a folder of ImageNet-sized JPEGs made from scikit-learn's sample photos.
     catalog             the one place that registers the built-in formats, in listing order.
 """
 
@@ -26,6 +32,7 @@ from mae_bench.data.classes import (
     CIFAR100_CLASSES,
     DIGIT_CLASSES,
     FASHION_CLASSES,
+    IMAGENET_WNIDS,
     STL10_CLASSES,
 )
 from mae_bench.data.datasets import AnyDataset, ArrayDataset, StreamingDataset
@@ -62,6 +69,7 @@ __all__ = [
     "FASHION_CLASSES",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "IMAGENET_WNIDS",
     "IMAGE_SUFFIXES",
     "STL10_CLASSES",
     "AnyDataset",

@@ -7,10 +7,10 @@ only defines its data sets; nothing is registered as a side effect of importing 
 
 from __future__ import annotations
 
-from mae_bench.data import cifar, digits, idx, imagefolder, stl10, svhn
+from mae_bench.data import cifar, digits, hf_disk, idx, imagefolder, imagenet, shards, stl10, svhn
 from mae_bench.data.registry import DATASETS
 
-BUILTIN_FORMATS = (digits, cifar, stl10, idx, svhn, imagefolder)
+BUILTIN_FORMATS = (digits, cifar, stl10, idx, svhn, imagefolder, imagenet, shards, hf_disk)
 
 
 def register_builtin() -> None:

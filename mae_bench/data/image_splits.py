@@ -1,7 +1,9 @@
 """Splits stored as class folders of image files (a folder or a .tar/.tar.gz of it).
 
-Shared by imagefolder and by CIFAR stored as images: find the split entries, decode a split into
-memory through the cache, or stream it when its pixels exceed the memory budget.
+Shared by imagefolder, CIFAR stored as images and the ImageNet presets: find the split entries,
+decode a split into memory through the cache, or stream it when its pixels exceed the memory
+budget. A data set of known classes may take them from a folder holding more (ImageNet-100 from
+ImageNet-1k); the other class folders are left out before anything is decoded.
 """
 
 from __future__ import annotations
@@ -34,14 +36,17 @@ log = logging.getLogger("mae_bench.data")  # one logger name for the whole packa
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
-_SPLIT_NAMES = {"train": ("train",), "test": ("test", "val")}
 _EXAMPLES = 3  # colour images a warning names (and the decode cache keeps the names of)
 
 
-def _find_image_splits(root: Path) -> dict[str, Path]:
-    """{split: folder or archive} for ``train`` and ``test`` (or ``val``) entries in ``root``."""
+def _find_image_splits(
+    root: Path, test_names: tuple[str, ...] = ("test", "val")
+) -> dict[str, Path]:
+    """{split: folder or archive} for ``train`` and ``test`` (or ``val``) entries in ``root``;
+    ``test_names``: the names the test split may have, the first found wins (ImageNet's test/
+    holds unlabelled images, so its presets look for val/ first)."""
     found = {}
-    for split, names in _SPLIT_NAMES.items():
+    for split, names in (("train", ("train",)), ("test", test_names)):
         for name in names:
             hits = [root / name] if (root / name).is_dir() else []
             hits += [
@@ -53,11 +58,43 @@ def _find_image_splits(root: Path) -> dict[str, Path]:
     return found
 
 
+def _only(index: _Index, classes: tuple[str, ...] | None) -> tuple[_Index, list[int]]:
+    """The images of ``index`` whose class folder is one of ``classes`` (all when None), and
+    their positions in ``index``."""
+    positions = list(range(len(index.members)))
+    if classes is None:
+        return index, positions
+    wanted = set(classes)
+    positions = [i for i in positions if index.class_names[i] in wanted]
+    if len(positions) < len(index.members):
+        others = len(set(index.class_names) - wanted)
+        log.info("%s: %d other class folder(s) left out", index.root, others)
+    return _Index(
+        index.root,
+        [index.members[i] for i in positions],
+        [index.class_names[i] for i in positions],
+        None if index.offsets is None else index.offsets[positions],
+    ), positions
+
+
 def _labels(
-    index: _Index, class_order: tuple[str, ...] | None, info: DatasetInfo
+    index: _Index,
+    class_order: tuple[str, ...] | None,
+    info: DatasetInfo,
+    from_superset: bool = False,
 ) -> tuple[list[str], list[int]]:
     """Class names and per-image label ids; DataError when there are no images or (for CIFAR
-    stored as image folders) the class folders are not the data set's classes."""
+    stored as image folders, the ImageNet presets) the class folders are not the data set's
+    classes. ``from_superset``: other class folders were left out already, so only missing
+    ones can be wrong; the error names a few."""
+    if class_order is not None and from_superset:
+        missing = sorted(set(class_order) - set(index.class_names))
+        if missing:
+            raise DataError(
+                f"class folders in {index.root} lack {len(missing)} of the {len(class_order)} "
+                f"{info.name} classes ({', '.join(missing[:5])}{', ...' * (len(missing) > 5)}); "
+                "give a folder that holds all of them (more class folders are left out)"
+            )
     if not index.members:
         raise DataError(
             f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in class folders under "
@@ -77,11 +114,25 @@ def _labels(
 
 
 def _load_image_split(
-    info: DatasetInfo, source: Path, class_order: tuple[str, ...] | None, opts: _Options
+    info: DatasetInfo,
+    source: Path,
+    class_order: tuple[str, ...] | None,
+    opts: _Options,
+    from_superset: bool = False,
 ) -> _Decoded | StreamingDataset:
     """Decodes one split (a folder or an archive of class folders) into memory, through the
-    cache, or returns a StreamingDataset when its pixels exceed ``opts.max_in_memory_bytes``."""
+    cache, or returns a StreamingDataset when its pixels exceed ``opts.max_in_memory_bytes``.
+
+    Args:
+        info: the data set (its name keys the cache and the errors).
+        source: the split's folder or archive.
+        class_order: the data set's classes in label order; None: the folder's own, sorted.
+        opts: cache folder and memory budget.
+        from_superset: the folder may hold more classes than ``class_order`` (ImageNet-100
+            read from all of ImageNet-1k); the others are left out before anything is decoded.
+    """
     budget = opts.max_in_memory_bytes
+    keep = class_order if from_superset else None
     if source.is_dir():
         names, stamp = _walk(source)
         index: _Index | None = _classify(source, names, strip_prefix=False)
@@ -94,8 +145,8 @@ def _load_image_split(
         log.info("%s: read decoded images from cache %s", source, cache)
         return cached
     if index is not None or _is_plain_tar(source):
-        index = index or _index_tar(source)
-        classes, labels = _labels(index, class_order, info)
+        index, _ = _only(index or _index_tar(source), keep)
+        classes, labels = _labels(index, class_order, info, from_superset)
         picks = _sample(len(index.members))
         sample = _Index(index.root, [index.members[i] for i in picks], [], _rows(index, picks))
         size = _common_size(sample.read_all())
@@ -103,13 +154,15 @@ def _load_image_split(
         decoded = _decode(index, index.read_all(), labels, size, budget) if fits else None
     else:  # a compressed tar: one pass reads it all, unless it is obviously too big
         index, blobs = _read_compressed_tar(source, budget)
-        classes, labels = _labels(index, class_order, info)
+        index, kept = _only(index, keep)
+        blobs = None if blobs is None else [blobs[i] for i in kept]
+        classes, labels = _labels(index, class_order, info, from_superset)
         size = _common_size(blobs, _sample(len(blobs))) if blobs else (1, 1)
         decoded = None if blobs is None else _decode(index, blobs, labels, size, budget)
         if decoded is None:  # stream from an extracted copy, made once in the cache
             extracted = _extract(source, opts.cache_dir / "extracted" / cache.stem)
-            index = _classify(extracted, _walk(extracted)[0], strip_prefix=True)
-            classes, labels = _labels(index, class_order, info)
+            index, _ = _only(_classify(extracted, _walk(extracted)[0], strip_prefix=True), keep)
+            classes, labels = _labels(index, class_order, info, from_superset)
     if decoded is None:
         log.info("%s: %d images exceed %d bytes in memory; streaming", source, len(labels), budget)
         info = replace(info, num_classes=len(classes))

@@ -21,6 +21,8 @@ class DatasetInfo:
         needs_data_dir: False only for embedded data (digits).
         formats: the files it reads, for ``mae-bench datasets``.
         how_to_get: one line: where the files come from.
+        notes: more lines for ``mae-bench datasets NAME``: how it is read, the published recipes
+            that use it.
     """
 
     name: str
@@ -34,3 +36,4 @@ class DatasetInfo:
     needs_data_dir: bool
     formats: str
     how_to_get: str
+    notes: tuple[str, ...] = ()

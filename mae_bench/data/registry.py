@@ -38,6 +38,7 @@ class _Format:
     find: Finder
     load: Loader
     expected: str  # the layout ``find`` looks for, for error messages
+    patterns: bool = False  # the data dir may be a file-name pattern (see register_dataset)
 
 
 DATASETS: dict[str, DatasetInfo] = {}
@@ -48,7 +49,8 @@ _SYSTEM_DIRS: dict[str, tuple[Path, ...]] = {
 }
 
 
-def register_dataset(info: DatasetInfo, find: Finder, load: Loader, expected: str) -> DatasetInfo:
+def register_dataset(info: DatasetInfo, find: Finder, load: Loader, expected: str, *,
+                     patterns: bool = False) -> DatasetInfo:
     """Adds a data set to the registry.
 
     Args:
@@ -56,11 +58,14 @@ def register_dataset(info: DatasetInfo, find: Finder, load: Loader, expected: st
         find: maps a data folder to ``{split: source}`` without decoding anything.
         load: ``(info, split, found, options) -> ArrayDataset | StreamingDataset``.
         expected: the files ``find`` looks for, quoted in error messages.
+        patterns: the data dir may also be a pattern of file names, with braces in its last
+            part (shards: ``DIR/train-{000000..000099}.tar``): the folder holding the files is
+            checked, and ``find`` gets the pattern itself.
     """
     if info.name in DATASETS:
         raise ValueError(f"dataset {info.name!r} is registered twice")
     DATASETS[info.name] = info
-    _FORMATS[info.name] = _Format(find, load, expected)
+    _FORMATS[info.name] = _Format(find, load, expected, patterns)
     return info
 
 
@@ -93,10 +98,15 @@ def _default_cache_dir() -> Path:
 
 
 def _checked_root(info: DatasetInfo, data_dir: str | Path | None) -> Path:
-    """The data folder to read: it exists, is a folder and is not empty."""
+    """The data folder to read: it exists, is a folder and is not empty. For a format that reads
+    file-name patterns, a pattern is returned as given once the folder holding it passes."""
     given = data_dir is not None
-    root = Path(data_dir).expanduser() if given else default_data_dir(info.name)
-    assert root is not None  # only embedded data sets have no folder
+    path = Path(data_dir).expanduser() if given else default_data_dir(info.name)
+    assert path is not None  # only embedded data sets have no folder
+    # Only a pattern's folder can be checked here; ``find`` expands the names (and says when
+    # none exists). Every other data dir is the folder itself, with the messages below.
+    braces = "{" in path.name or "}" in path.name
+    root = path.parent if _FORMATS[info.name].patterns and braces else path
     origin = "data dir" if given else "default data dir (pass --data-dir or set MAE_BENCH_DATA)"
     if not root.exists():
         raise DataError(
@@ -106,7 +116,7 @@ def _checked_root(info: DatasetInfo, data_dir: str | Path | None) -> Path:
         raise DataError(f"{origin} {root} for {info.name} is a file; pass the folder that holds it")
     if next(root.iterdir(), None) is None:
         raise DataError(f"{origin} {root} for {info.name} is empty; get it: {info.how_to_get}")
-    return root
+    return path
 
 
 def _find(info: DatasetInfo, root: Path) -> dict[str, Any]:
