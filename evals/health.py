@@ -55,8 +55,9 @@ def collapsed(std: float, rank: float, dim: int) -> str | None:
     """Why the representation has collapsed, in words, or None when it has not."""
     floor = COLLAPSE_STD_FRACTION / math.sqrt(dim)
     if std < floor:
-        return (f"embedding std {std:.2g} < {COLLAPSE_STD_FRACTION:g}/sqrt({dim}) = "
-                f"{floor:.2g}")
+        # three significant digits: at two, a std just under the floor printed as equal to it
+        return (f"embedding std {std:.3g} < {COLLAPSE_STD_FRACTION:g}/sqrt({dim}) = "
+                f"{floor:.3g}")
     if rank < COLLAPSE_RANK:
         return f"effective rank (RankMe) {rank:.2f} < {COLLAPSE_RANK:g}"
     return None

@@ -181,3 +181,37 @@ def test_a_gpu_checkpoint_evaluates_the_same_on_the_cpu_and_the_gpu(tmp_path):
     assert accs["cpu"] and len(accs["cpu"]) == len(accs["cuda"])
     # fp32 features from two devices: the same neighbours up to a tie or two in 360 test images
     assert all(abs(c - g) <= 0.6 for c, g in zip(accs["cpu"], accs["cuda"], strict=True)), accs
+
+
+def test_crops_resized_and_jpegs_decoded_on_the_gpu_match_the_cpu():
+    """The streamed path's device half on CUDA: crops resized there are within a level of the
+    CPU's (float kernel against the CPU's uint8 one), and nvJPEG's batched decode of the files
+    gives the CPU decoder's crops within a few levels (the IDCTs differ)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from mae_bench.data.augment import ViewSpec
+    from mae_bench.data.pipeline import DecodeCrop, ReadBoxes, collate_crops, collate_encoded
+
+    rng = np.random.default_rng(0)
+    spec = ViewSpec(24)
+    files = []
+    for i in range(6):
+        y, x = np.mgrid[0:60 + 5 * i, 0:80] / 80
+        pixels = np.stack([127 + 100 * np.sin(6 * (x + c * y) + i) for c in range(3)], -1)
+        pixels += rng.normal(0, 3, pixels.shape)
+        buf = io.BytesIO()
+        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(buf, "JPEG", quality=92)
+        files.append(buf.getvalue())
+    for transform, collate, tol in ((DecodeCrop([spec]), collate_crops, 1),
+                                    (ReadBoxes([spec]), collate_encoded, 4)):
+        transform.epoch_seed = 5
+        (view,), _ = collate([(transform(f, str(i), i), i) for i, f in enumerate(files)])
+        cpu = view.to("cpu").resize(24)
+        (view,), _ = collate([(transform(f, str(i), i), i) for i, f in enumerate(files)])
+        gpu = view.to("cuda").resize(24)
+        assert gpu.device.type == "cuda" and gpu.shape == cpu.shape == (6, 3, 24, 24)
+        diff = (gpu.cpu().int() - cpu.int()).abs()
+        assert int(diff.max()) <= 3 * tol and float(diff.float().mean()) <= tol / 2, transform

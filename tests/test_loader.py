@@ -82,17 +82,17 @@ def test_streamed_views_give_one_batch_per_view_in_the_seeded_order(tmp_path: Pa
         for v in views:  # every view of a sample is a crop of that sample
             assert torch.equal(v[:, 0], want.view(4, 1, 1).expand(4, *v.shape[2:]))
         assert not torch.equal(views[0], views[1])  # two independent crops of each image
-    # with workers, even the crops are a function of (seed, epoch): worker seeds come from it
+    # with workers, the crops are a function of (seed, epoch) too
     again = _epoch(batches, 0)
     for (a, la), (b, lb) in zip(first, again, strict=True):
         assert torch.equal(la, lb) and all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
     other = _epoch(TrainBatches(ds, 4, 3, seed=5, views=[GLOBAL, LOCAL], pipeline=pipeline), 1)
     assert [b[1].tolist() for b in other] != [b[1].tolist() for b in first]  # no workers
-    if pipeline != "workers":  # crops drawn per sample: the same with or without workers
-        alone = _epoch(TrainBatches(ds, 4, 3, seed=5, views=[GLOBAL, GLOBAL, LOCAL],
-                                    pipeline=pipeline), 0)
-        for (a, _), (b, _) in zip(first, alone, strict=True):
-            assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
+    # crops drawn per sample: the same with or without workers
+    alone = _epoch(TrainBatches(ds, 4, 3, seed=5, views=[GLOBAL, GLOBAL, LOCAL],
+                                pipeline=pipeline), 0)
+    for (a, _), (b, _) in zip(first, alone, strict=True):
+        assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
 
 
 @pytest.mark.parametrize("pipeline", PIPELINES)
@@ -106,9 +106,9 @@ def test_resuming_mid_epoch_continues_with_the_same_samples(tmp_path: Path, pipe
     whole = _epoch(batches, 2)
     resumed = _epoch(batches, 2, start=1)
     assert names(resumed) == names(whole)[1:]
-    if pipeline != "workers":  # and with the very same crops (drawn per sample)
-        for (a, _), (b, _) in zip(resumed, whole[1:], strict=True):
-            assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
+    # and with the very same crops (drawn per sample)
+    for (a, _), (b, _) in zip(resumed, whole[1:], strict=True):
+        assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
     assert sorted(sum(names(whole), [])) == sorted(value)  # 12 images, 3 batches of 4: each once
 
 

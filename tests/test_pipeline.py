@@ -134,6 +134,12 @@ def test_device_resize_gives_the_all_in_workers_pixels_for_the_same_boxes(fmt: s
             assert out[v].shape == (6, 3, spec.img_size, spec.img_size)
             diff = (out[v].int() - want.int()).abs()
             assert int(diff.max()) <= (0 if fmt == "PNG" else 2), (transform, v)
+    # the workers pipeline: the same decode, cut and kernel in the worker, so the same pixels
+    done = DecodeCrop(specs, resize=True)
+    done.epoch_seed = 11
+    finished = [done(d, f"img{i}", i) for i, d in enumerate(data)]
+    for v in range(len(specs)):
+        assert torch.equal(torch.stack([f[v] for f in finished]), out[v])
 
 
 @pytest.mark.parametrize("size", [16, 24, 48])
@@ -248,7 +254,9 @@ def test_draws_depend_on_the_sample_and_epoch_not_the_worker() -> None:
 
 
 def test_pipeline_names() -> None:
-    assert resolve_pipeline(None) == resolve_pipeline("auto") == "device-resize"
+    assert resolve_pipeline(None, "cuda") == resolve_pipeline("auto", "cuda") == "device-resize"
+    assert resolve_pipeline(None) == resolve_pipeline("auto", "cpu") == "workers"
+    assert resolve_pipeline("device-decode", "cpu") == "device-decode"
     assert isinstance(worker_transform([ViewSpec(8)], "device-decode")[0], ReadBoxes)
     with pytest.raises(ValueError, match="unknown data pipeline 'gpu'; valid: device-resize"):
         worker_transform([ViewSpec(8)], "gpu")

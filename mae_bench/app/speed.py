@@ -355,9 +355,11 @@ def _memory_peak(device: torch.device, base: float | None) -> float | None:
     return None if peak is None else peak - base
 
 
-def _status_mib(key: str) -> float | None:
+def _status_mib(key: str, status: Path = _PROC_STATUS) -> float | None:
+    """A ``/proc/<pid>/status`` memory field in MiB (this process's by default); None where
+    it cannot be read."""
     try:
-        match = re.search(rf"{key}:\s+(\d+) kB", _PROC_STATUS.read_text())
+        match = re.search(rf"{key}:\s+(\d+) kB", status.read_text())
     except OSError:
         return None
     return int(match.group(1)) / 1024 if match else None

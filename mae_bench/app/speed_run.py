@@ -160,7 +160,7 @@ def run_speed(spec: SpeedSpec, log: Callable[[str], None] = lambda _: None) -> S
     log(f"training measured in {time.perf_counter() - started:.0f} s")
     ratios = _ratios(train)
     evals = _measure_evals(spec, configs, info, images, device, log)
-    outcome = SpeedOutcome(train, peaks, ratios, evals, machine=_machine(device),
+    outcome = SpeedOutcome(train, peaks, ratios, evals, machine=describe_machine(device),
                            configs=configs)
     outcome.rows = _rows(spec, outcome, device)
     outcome.markdown = to_markdown(spec, outcome)
@@ -232,7 +232,10 @@ def _measure_evals(spec: SpeedSpec, configs: dict[str, RunConfig], info: Dataset
     return out
 
 
-def _machine(device: torch.device) -> str:
+def describe_machine(device: torch.device) -> str:
+    """One line naming the machine: the GPU, or the CPU model (from /proc/cpuinfo, as ``lscpu``
+    shows it) with torch's thread count, whether it has bf16 matrix instructions and the host
+    allocator; then torch's version and the platform."""
     extra = ""
     if device.type == "cpu":
         extra = (f" (torch uses {torch.get_num_threads()} threads; bf16 matrix instructions: "

@@ -37,6 +37,20 @@ def _resize(crop: Tensor, size: int, interpolation: str) -> Tensor:
     return TF.resize(crop, [size, size], interpolation=mode, antialias=True)
 
 
+def _empty(n: int) -> Tensor:
+    """uint8 [n], in shared memory when called in a DataLoader worker."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(n, dtype=torch.uint8)
+    return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(n), 0, (n,),
+                                                  (1,))
+
+
+def resize_crop(crop: Tensor, size: int, interpolation: str, flip: bool) -> Tensor:
+    """One crop uint8 [C, h, w] -> uint8 [C, size, size], flipped when ``flip``."""
+    out = _resize(crop, size, interpolation)
+    return out.flip(-1) if flip else out
+
+
 def _flip_where(images: Tensor, flips: Tensor) -> Tensor:
     """Flips the images [B, C, S, S] whose ``flips`` [B] is True, in place."""
     if bool(flips.any()):
@@ -81,9 +95,7 @@ class CropBatch:
     """Crops of different sizes, one per image, packed for a single transfer.
 
     Attributes:
-        pixels: uint8 [sum of h * w * C], every crop's pixels one after the other, channels
-            last (HWC: the decoders' own order, and the layout torch's uint8 resize is fastest
-            on).
+        pixels: uint8 [sum of C * h * w], every crop's CHW pixels one after the other.
         shapes: int64 [B, 3] (C, h, w) per crop; stays on the CPU (sizes are needed in Python).
         flips: bool [B], flip horizontally after the resize.
     """
@@ -94,10 +106,15 @@ class CropBatch:
 
     @classmethod
     def pack(cls, crops: list[Tensor], flips: list[bool]) -> CropBatch:
-        """One batch from per-image uint8 crops [C, h_i, w_i] and their flips."""
+        """One batch from per-image uint8 crops [C, h_i, w_i] and their flips, copied once into
+        one buffer (in shared memory inside a DataLoader worker, as the default collate does,
+        so that handing the batch over copies nothing more)."""
         shapes = torch.tensor([list(c.shape) for c in crops], dtype=torch.int64)  # [B, 3]
-        pixels = (torch.cat([c.permute(1, 2, 0).reshape(-1) for c in crops]) if crops
-                  else torch.zeros(0, dtype=torch.uint8))
+        pixels = _empty(int(shapes.prod(dim=1).sum()) if crops else 0)
+        start = 0
+        for c in crops:
+            pixels[start:start + c.numel()].view(c.shape).copy_(c)
+            start += c.numel()
         return cls(pixels, shapes, torch.tensor(flips, dtype=torch.bool))
 
     def __len__(self) -> int:
@@ -112,11 +129,10 @@ class CropBatch:
                          self.flips)
 
     def crops(self) -> list[Tensor]:
-        """The crops as uint8 [C, h_i, w_i] (channels-last) views into ``pixels``."""
+        """The crops as uint8 [C, h_i, w_i] views into ``pixels``."""
         sizes = self.shapes.prod(dim=1).tolist()
-        return [p.view(h, w, c).permute(2, 0, 1)
-                for p, (c, h, w) in zip(self.pixels.split(sizes), self.shapes.tolist(),
-                                        strict=True)]
+        return [p.view(*s) for p, s in zip(self.pixels.split(sizes), self.shapes.tolist(),
+                                           strict=True)]
 
     def resize(self, size: int, interpolation: str = "bicubic") -> Tensor:
         """uint8 [B, C, size, size]: every crop resized, then flipped where drawn."""

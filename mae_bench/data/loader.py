@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from mae_bench.data import ArrayDataset, StreamingDataset
 from mae_bench.data.augment import ViewSpec, sample_transform
-from mae_bench.data.pipeline import DEFAULT_PIPELINE, worker_transform
+from mae_bench.data.pipeline import worker_transform
 
 
 def epoch_order(n: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1) -> Tensor:
@@ -81,14 +81,15 @@ class TrainBatches:
         world_size: the number of processes.
         view: the former name of ``views`` (one spec); give one of the two.
         pipeline: how streamed views are split between the workers and the device
-            (``mae_bench.data.pipeline.PIPELINES``).
+            (``mae_bench.data.pipeline.PIPELINES``; the default gives finished uint8 views, as
+            before the split existed).
     """
 
     def __init__(self, dataset: ArrayDataset | StreamingDataset, batch_size: int,
                  micro_per_epoch: int, seed: int, num_workers: int = 0,
                  views: ViewSpec | list[ViewSpec] | None = None, pin_memory: bool = False,
                  rank: int = 0, world_size: int = 1, *, view: ViewSpec | None = None,
-                 pipeline: str = DEFAULT_PIPELINE):
+                 pipeline: str = "workers"):
         if view is not None:
             if views is not None:
                 raise TypeError("TrainBatches: give views or view, not both")

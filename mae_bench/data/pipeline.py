@@ -1,19 +1,20 @@
 """The streamed data path: what the DataLoader workers do with each image file, what is left for
 the training device, and how a batch is put together in between.
 
-Three splits of the work (``data.pipeline``):
+Three splits of the work (``data.pipeline``; auto: ``device-resize`` on a GPU, ``workers`` on
+the CPU):
 
-- ``device-resize`` (the default): a worker reads the file's header, draws each view's crop box
-  and flip, decodes with the fastest decoder for that box (a DCT-scaled JPEG decode when even
-  the smallest box keeps twice the output size at 1/4 or 1/8 scale, else
+- ``device-resize``: a worker reads the file's header, draws each view's crop box and flip,
+  decodes with the fastest decoder for that box (a DCT-scaled JPEG decode when even the
+  smallest box keeps twice the output size at 1/4 or 1/8 scale, else
   ``torchvision.io.decode_jpeg``, else PIL for other formats) and cuts the boxes; the resize to
   the training size runs on the device (``crops.CropBatch``), beside the colour augmentations.
   The resize is what costs a worker most after the decode, and a GPU does it almost for free;
 - ``device-decode``: a worker reads the header and draws the boxes only; the device decodes the
   JPEG bytes (batched nvJPEG on CUDA), crops and resizes (``crops.EncodedBatch``). Other
   formats are decoded in the worker;
-- ``workers``: the decode, crop and resize all in the worker, as torchvision's
-  ``RandomResizedCrop`` does it (kept for comparison and for old runs).
+- ``workers``: the same decode and cut, and the resize too, in the worker (with the same kernel,
+  so the same pixels): on a CPU-only machine the device is the very cores that train.
 
 The boxes and flips follow torchvision's ``RandomResizedCrop`` + ``RandomHorizontalFlip`` draws
 exactly, from a generator seeded by (run seed, epoch, sample index): a sample's crops do not
@@ -35,12 +36,11 @@ from torch import Tensor
 
 import mae_bench.data.images as images  # the module, so a patched _open_rgb reaches workers
 from mae_bench.data.augment import ViewSpec
-from mae_bench.data.crops import CropBatch, EncodedBatch, decode_jpeg
+from mae_bench.data.crops import CropBatch, EncodedBatch, decode_jpeg, resize_crop
 
 log = logging.getLogger("mae_bench.data")  # one logger name for the whole package
 
 PIPELINES = ("device-resize", "device-decode", "workers")
-DEFAULT_PIPELINE = "device-resize"
 # A JPEG is decoded at 1/s scale by PIL (DCT scaling) only for s = 8 or 4: at 1/2 scale PIL's
 # decode is hardly faster than libjpeg-turbo's full decode through torchvision.
 _DCT_SCALES = (8, 4)
@@ -124,17 +124,20 @@ class _SampleDraws:
 
 
 class DecodeCrop(_SampleDraws):
-    """Worker side of ``device-resize``: file bytes -> one (crop, flip) per view.
+    """Worker side of ``device-resize``: file bytes -> one (crop, flip) per view; with
+    ``resize`` (the ``workers`` pipeline), one finished view per view instead.
 
     ``__call__(data, where, index)`` returns a tuple with, per view, a uint8 crop [C, h, w] at
-    the decode scale and its flip; None (warned) when the file cannot be read.
+    the decode scale and its flip, or (``resize``) the crop resized to the view's size and
+    flipped, uint8 [C, s, s]; None (warned) when the file cannot be read.
     """
 
     reads_bytes = True  # StreamingDataset hands over the file's bytes, not decoded pixels
 
-    def __init__(self, specs: Sequence[ViewSpec]):
+    def __init__(self, specs: Sequence[ViewSpec], resize: bool = False):
         super().__init__()
         self.specs = list(specs)
+        self.resize = resize
 
     def _draw(self, height: int, width: int, index: int) -> tuple[list[Box], list[bool]]:
         g = self.generator(index)
@@ -161,6 +164,9 @@ class DecodeCrop(_SampleDraws):
         for box in boxes:
             t, left, h, w = scaled_box(box, s, dh, dw) if s > 1 else box
             crops.append(pixels[:, t:t + h, left:left + w])
+        if self.resize:
+            return tuple(resize_crop(c, sp.img_size, sp.interpolation, f)
+                         for c, sp, f in zip(crops, self.specs, flips, strict=True))
         return tuple(zip(crops, flips, strict=True))
 
     def _decode(self, data: bytes, where: str, fmt: str | None, size: tuple[int, int],
@@ -228,9 +234,13 @@ def collate_encoded(samples: list[tuple[tuple, int]]) -> tuple[list, Tensor]:
         torch.tensor([s[1] for s in samples], dtype=torch.int64)
 
 
-def resolve_pipeline(name: str | None) -> str:
-    """The pipeline a setting names: None and "auto" are ``DEFAULT_PIPELINE``."""
-    return DEFAULT_PIPELINE if name in (None, "auto") else str(name)
+def resolve_pipeline(name: str | None, device: torch.device | str = "cpu") -> str:
+    """The pipeline a setting names on ``device``. None and "auto": ``device-resize`` on a GPU,
+    where the resize is almost free; ``workers`` on the CPU, where the device is the same cores
+    and a worker process resizes in parallel with the training step instead of inside it."""
+    if name in (None, "auto"):
+        return "device-resize" if torch.device(device).type == "cuda" else "workers"
+    return str(name)
 
 
 def worker_transform(specs: Sequence[ViewSpec], pipeline: str):
@@ -240,12 +250,16 @@ def worker_transform(specs: Sequence[ViewSpec], pipeline: str):
     Raises:
         ValueError: an unknown pipeline.
     """
-    from mae_bench.data.augment import sample_transform
+    # Imported here, in the main process, so that forked workers inherit them: importing
+    # torchvision's decoders and resize costs each worker about a second of CPU, every epoch
+    # (workers are not persistent).
+    import torchvision.io  # noqa: F401
+    import torchvision.transforms.v2.functional  # noqa: F401
 
     if pipeline == "device-resize":
         return DecodeCrop(specs), collate_crops
     if pipeline == "device-decode":
         return ReadBoxes(specs), collate_encoded
     if pipeline == "workers":
-        return sample_transform(list(specs)), None
+        return DecodeCrop(specs, resize=True), None
     raise ValueError(f"unknown data pipeline {pipeline!r}; valid: {', '.join(PIPELINES)}")
