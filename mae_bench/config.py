@@ -82,6 +82,8 @@ class DataConfig:
                              "in-memory sets are batched on the main process.")
     stream: bool = _knob(False, "Stream an image folder from its files even when it fits in "
                          "memory (default: past 4 GiB of pixels): crops from full resolution.")
+    shuffle_buffer: int | None = _knob(None, "Tar shards: samples in the shuffle buffer that "
+                                       "reorders each rank's stream (default 1000).")
     pipeline: str | None = _knob(None, "Streamed data: device-resize (auto: workers decode and "
                                  "crop, the device resizes) | device-decode (nvJPEG on CUDA) "
                                  "| workers (all in the workers).")
@@ -132,6 +134,7 @@ ADDED_LATER: dict[tuple[str, str], tuple[Any, ...]] = {
     ("train", "conv"): (None, "auto"),
     ("data", "stream"): (False,),
     ("data", "pipeline"): (None, "auto"),
+    ("data", "shuffle_buffer"): (None,),
     ("train", "online_eval"): (None,),
     ("train", "online_every"): (None,),
     ("train", "stop_on_collapse"): (False,),
@@ -679,6 +682,8 @@ def validate(cfg: RunConfig) -> None:
         (t.weight_decay_end is None or t.weight_decay_end >= 0,
          f"--weight-decay-end must be >= 0, got {t.weight_decay_end}"),
         (cfg.data.num_workers >= 0, f"--num-workers must be >= 0, got {cfg.data.num_workers}"),
+        (cfg.data.shuffle_buffer is None or cfg.data.shuffle_buffer >= 1,
+         f"--shuffle-buffer must be >= 1, got {cfg.data.shuffle_buffer}"),
         (cfg.data.pipeline is None or cfg.data.pipeline in DATA_PIPELINES,
          f"unknown data pipeline '{cfg.data.pipeline}'; valid: {', '.join(DATA_PIPELINES)}"),
         (cfg.model.img_size is None or cfg.model.img_size > 0,

@@ -109,7 +109,7 @@ def test_every_field_is_a_knob_with_help():
     from mae_bench.config import _SECTIONS, KNOBS
 
     declared = [f"{s}.{f.name}" for s, cls in _SECTIONS.items() for f in fields(cls)]
-    assert [k.name for k in KNOBS] == declared and len(declared) == 87
+    assert [k.name for k in KNOBS] == declared and len(declared) == 88
     for knob in KNOBS:
         assert len(knob.help) > 20 and knob.help.endswith("."), knob.name
         assert knob.flags[0] == "--" + knob.key.replace("_", "-")

@@ -224,8 +224,9 @@ def test_a_folder_and_a_pattern_load_the_same_samples(written, tmp_path):
 
 def test_train_batches_give_the_right_labels_and_resume_exactly(written):
     shards, labels = written
-    ds = load_dataset("shards", "train", shards)
-    ds.buffer_size = 5
+    assert load_dataset("shards", "train", shards).buffer_size == 1000  # the default
+    ds = load_dataset("shards", "train", shards, shuffle_buffer=5)  # --shuffle-buffer 5
+    assert ds.buffer_size == 5
     decoded = {b: torch.from_numpy(np.array(Image.open(io.BytesIO(b)).convert("RGB")))
                .permute(2, 0, 1) for b in labels}
     batches = TrainBatches(ds, batch_size=4, micro_per_epoch=8, seed=3)

@@ -72,7 +72,8 @@ PANELS: dict[str, tuple[str, ...]] = {
         "ssl.queue_size", "ssl.queue_start_epochs", "ssl.num_prototypes",
         "ssl.sinkhorn_iterations", "ssl.sinkhorn_epsilon", "ssl.pred_hidden_dim"),
     "Loading, logging, kernels (data., train.)": (
-        "data.split", "data.num_workers", "data.pipeline", "train.log_every", "train.save_every",
+        "data.split", "data.num_workers", "data.pipeline", "data.shuffle_buffer",
+        "train.log_every", "train.save_every",
         "train.attention", "train.conv", "train.online_every", "train.tracker"),
     "Switches (data., mae., model., ssl., train.)": (
         "data.stream", "mae.norm_pix_loss", "mae.encoder_mask_tokens", "model.cifar_stem",

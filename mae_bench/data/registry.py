@@ -25,6 +25,7 @@ log = logging.getLogger("mae_bench.data")  # one logger name for the whole packa
 class _Options:
     cache_dir: Path
     max_in_memory_bytes: int
+    shuffle_buffer: int | None = None  # tar shards' shuffle buffer (None: the format's default)
 
 
 # find(root) -> {split: where its files are}; cheap (names and sizes only), {} when nothing fits.
@@ -178,6 +179,7 @@ def load_dataset(
     *,
     cache_dir: str | Path | None = None,
     max_in_memory_bytes: int = 4 * 2**30,
+    shuffle_buffer: int | None = None,
 ) -> ArrayDataset | StreamingDataset:
     """Loads one split of a registered data set.
 
@@ -188,6 +190,8 @@ def load_dataset(
         cache_dir: where decoded image folders (.npz) and extracted .tar.gz archives go;
             None: ``$MAE_BENCH_CACHE`` or ``~/.cache/mae-bench``. Sources are never written.
         max_in_memory_bytes: image folders whose decoded pixels exceed this are streamed.
+        shuffle_buffer: samples in a streamed format's shuffle buffer (tar shards); None: its
+            default.
 
     Returns:
         An ArrayDataset (uint8 [N, C, H, W] in memory) or, for large image folders, a
@@ -198,7 +202,8 @@ def load_dataset(
         raise DataError(
             f"unknown split {split!r} for {name}; valid splits: {', '.join(info.splits)}"
         )
-    options = _Options(Path(cache_dir or _default_cache_dir()).expanduser(), max_in_memory_bytes)
+    options = _Options(Path(cache_dir or _default_cache_dir()).expanduser(), max_in_memory_bytes,
+                       shuffle_buffer)
     if not info.needs_data_dir:
         if data_dir is not None:
             log.warning("%s is embedded; data dir %s is ignored", name, data_dir)

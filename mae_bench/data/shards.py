@@ -442,6 +442,7 @@ def _load_shards(info: DatasetInfo, split: str, found: dict[str, list[Path]],
         folder, shards, [len(p.labels) for p in parts], members,
         np.concatenate([p.labels for p in parts]).tolist(), classes, info,
         np.concatenate([p.offsets for p in parts]),
+        buffer_size=opts.shuffle_buffer or DEFAULT_SHUFFLE_BUFFER,
     )
 
 
@@ -466,8 +467,8 @@ def register() -> None:
                 "classes.json, which may also give mean, std and img_size) beside the shards, "
                 "else 0 .. the largest label",
                 "order: shards permuted per (seed, epoch), a contiguous slice of their stream "
-                f"per rank, a shuffle buffer of {DEFAULT_SHUFFLE_BUFFER} samples; reads stay "
-                "near-sequential inside a shard",
+                f"per rank, a shuffle buffer of {DEFAULT_SHUFFLE_BUFFER} samples "
+                "(--shuffle-buffer); reads stay near-sequential inside a shard",
                 "index: member offsets read once per shard and cached (<cache>/shards), keyed "
                 "by the shard's path, size and mtime",
             ),

@@ -377,6 +377,7 @@ def build_setup(cfg: RunConfig, where: Where, ckpt: dict | None) -> Setup:
     """
     t = cfg.train
     dataset = load_dataset(cfg.data.dataset, cfg.data.split, cfg.data.data_dir,
+                           shuffle_buffer=cfg.data.shuffle_buffer,
                            **({"max_in_memory_bytes": 0} if cfg.data.stream else {}))
     if cfg.data.stream and not isinstance(dataset, StreamingDataset):
         logging.getLogger("mae_bench.data").warning(
