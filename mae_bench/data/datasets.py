@@ -47,24 +47,7 @@ class ArrayDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def _sample(self, i: int) -> Any:
-        """Image ``i`` through the transform; None (warned) when unreadable. A transform with
-        ``reads_bytes`` (``mae_bench.data.pipeline``) gets the file's bytes, its location and
-        ``i``, and decodes what it needs itself."""
-        try:
-            data = self._read(i)
-        except OSError as e:
-            log.warning("skipping unreadable image %s (%s)", self.where(i), e)
-            return None
-        if getattr(self.transform, "reads_bytes", False):
-            return self.transform(data, self.where(i), i)  # type: ignore[call-arg]
-        image = images._open_rgb(data, self.where(i))
-        if image is None:
-            return None
-        chw = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # [3, H, W]
-        return chw if self.transform is None else self.transform(chw)
-
-    def __getitem__(self, index: int) -> tuple[Any, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self.images[index], int(self.labels[index])
 
 
