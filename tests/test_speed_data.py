@@ -193,6 +193,9 @@ def test_the_command_prints_the_ratio_and_writes_markdown(folder, tmp_path, monk
     (("--data-only", "--images", "0"), "error: --images must be >= 1, got 0"),
     (("--data-only", "--methods", "mae"), "error: --methods does not apply to --data-only"),
     (("--workers", "2"), "error: --workers is an option of --data-only"),
+    (("--data-only", "--pipeline", "gpu"), "error: unknown --pipeline 'gpu'; valid: auto, "
+     "device-resize, device-decode, workers"),
+    (("--pipeline", "workers"), "error: --pipeline is an option of --data-only"),
     (("--data-only", "--dataset", "digits"), "error: --dataset digits is held in memory, not "
      "streamed"),
     (("--data-only", "--data-dir", "{tmp}/nothing"), "error: data dir {tmp}/nothing for "
