@@ -95,7 +95,9 @@ class CropBatch:
     """Crops of different sizes, one per image, packed for a single transfer.
 
     Attributes:
-        pixels: uint8 [sum of C * h * w], every crop's CHW pixels one after the other.
+        pixels: uint8 [sum of h * w * C], every crop's pixels one after the other, channels
+            last: the decoders' own order (a crop of their CHW view copies whole rows), and the
+            layout torch's uint8 resize is fastest on.
         shapes: int64 [B, 3] (C, h, w) per crop; stays on the CPU (sizes are needed in Python).
         flips: bool [B], flip horizontally after the resize.
     """
@@ -112,8 +114,8 @@ class CropBatch:
         shapes = torch.tensor([list(c.shape) for c in crops], dtype=torch.int64)  # [B, 3]
         pixels = _empty(int(shapes.prod(dim=1).sum()) if crops else 0)
         start = 0
-        for c in crops:
-            pixels[start:start + c.numel()].view(c.shape).copy_(c)
+        for c in crops:  # [C, h, w] -> HWC
+            pixels[start:start + c.numel()].view(*c.shape[1:], c.shape[0]).copy_(c.permute(1, 2, 0))
             start += c.numel()
         return cls(pixels, shapes, torch.tensor(flips, dtype=torch.bool))
 
@@ -129,10 +131,11 @@ class CropBatch:
                          self.flips)
 
     def crops(self) -> list[Tensor]:
-        """The crops as uint8 [C, h_i, w_i] views into ``pixels``."""
+        """The crops as uint8 [C, h_i, w_i] (channels-last) views into ``pixels``."""
         sizes = self.shapes.prod(dim=1).tolist()
-        return [p.view(*s) for p, s in zip(self.pixels.split(sizes), self.shapes.tolist(),
-                                           strict=True)]
+        return [p.view(h, w, c).permute(2, 0, 1)
+                for p, (c, h, w) in zip(self.pixels.split(sizes), self.shapes.tolist(),
+                                        strict=True)]
 
     def resize(self, size: int, interpolation: str = "bicubic") -> Tensor:
         """uint8 [B, C, size, size]: every crop resized, then flipped where drawn."""
