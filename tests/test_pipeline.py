@@ -254,8 +254,8 @@ def test_draws_depend_on_the_sample_and_epoch_not_the_worker() -> None:
 
 
 def test_pipeline_names() -> None:
-    assert resolve_pipeline(None, "cuda") == resolve_pipeline("auto", "cpu") == "device-resize"
-    assert resolve_pipeline("device-decode", "cpu") == "device-decode"
+    assert resolve_pipeline(None) == resolve_pipeline("auto") == "device-resize"
+    assert resolve_pipeline("device-decode") == "device-decode"
     assert isinstance(worker_transform([ViewSpec(8)], "device-decode")[0], ReadBoxes)
     with pytest.raises(ValueError, match="unknown data pipeline 'gpu'; valid: device-resize"):
         worker_transform([ViewSpec(8)], "gpu")

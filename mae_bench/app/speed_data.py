@@ -331,7 +331,7 @@ def _run(spec: DataSpeedSpec, device: torch.device,
                                spec.warm_batches(workers) + spec.timed_batches, spec.seed,
                                num_workers=workers, views=[view],
                                pin_memory=device.type == "cuda",
-                               pipeline=resolve_pipeline(spec.pipeline, device))
+                               pipeline=resolve_pipeline(spec.pipeline))
         paths: dict[str, list[RoundTiming]] = {OURS: []}
         if baseline_set is not None:
             paths[TORCHVISION] = []
@@ -615,7 +615,7 @@ def to_markdown(o: DataSpeedOutcome) -> str:
               f" images timed after {spec.warmup} warm-up batch(es) per worker; median of "
               f"{spec.rounds} interleaved rounds; device-side work on {o.device}"
               f"{' (one thread)' if o.device == 'cpu' else ''}; mae-bench's "
-              f"pipeline {resolve_pipeline(spec.pipeline, o.device)}.", "",
+              f"pipeline {resolve_pipeline(spec.pipeline)}.", "",
               f"Versions: {o.versions}.", ""]
     if o.sizes:
         lines += [f"Image sizes: {o.sizes}.", ""]

@@ -38,13 +38,16 @@ def _open_rgb(data: bytes, where: str) -> Image.Image | None:
                 im = im.convert("RGBA")  # PIL warns when palette transparency meets RGB directly
             return im.convert("RGB")
     except Exception as e:  # PIL raises many types for broken files
-        # PIL names the in-memory buffer ("<_io.BytesIO object at 0x...>"), not the file
-        reason = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e)).strip()
-        if not data:
-            reason = "empty file"
-        log.warning("skipping unreadable image %s (%s: %s)", where, type(e).__name__,
-                    reason or "cannot be decoded")
+        warn_unreadable(where, data, e)
         return None
+
+
+def warn_unreadable(where: str, data: bytes, e: Exception) -> None:
+    """The one warning for an image that cannot be read (a worker's crop path uses it too)."""
+    # PIL names the in-memory buffer ("<_io.BytesIO object at 0x...>"), not the file
+    reason = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e)).strip()
+    log.warning("skipping unreadable image %s (%s: %s)", where, type(e).__name__,
+                "empty file" if not data else reason or "cannot be decoded")
 
 
 def _resize_crop(image: Image.Image, size: tuple[int, int]) -> Image.Image:

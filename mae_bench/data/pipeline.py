@@ -28,7 +28,6 @@ from __future__ import annotations
 import io
 import logging
 import math
-import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -107,11 +106,15 @@ def scaled_box(box: Box, s: int, height: int, width: int) -> Box:
     return t, le, b - t, r - le
 
 
-def _warn_unreadable(where: str, data: bytes, e: Exception) -> None:
-    # PIL names the in-memory buffer ("<_io.BytesIO object at 0x...>"), not the file
-    reason = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e)).strip()
-    log.warning("skipping unreadable image %s (%s: %s)", where, type(e).__name__,
-                "empty file" if not data else reason or "cannot be decoded")
+def _header(data: bytes, where: str) -> tuple[int, int, str | None] | None:
+    """(height, width, format) from the file's header, nothing decoded; None (warned) when it
+    cannot be read."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.size[1], im.size[0], im.format
+    except Exception as e:  # PIL raises many types for broken files
+        images.warn_unreadable(where, data, e)
+        return None
 
 
 class _SampleDraws:
@@ -150,13 +153,10 @@ class DecodeCrop(_SampleDraws):
         return boxes, flips
 
     def __call__(self, data: bytes, where: str, index: int) -> tuple | None:
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                width, height = im.size
-                fmt = im.format
-        except Exception as e:  # PIL raises many types for broken files
-            _warn_unreadable(where, data, e)
+        header = _header(data, where)
+        if header is None:
             return None
+        height, width, fmt = header
         boxes, flips = self._draw(height, width, index)
         pixels, s = self._decode(data, where, fmt, (width, height), boxes)
         if pixels is None:
@@ -196,13 +196,10 @@ class ReadBoxes(DecodeCrop):
     pixels (other formats), with every view's full-resolution box and flip."""
 
     def __call__(self, data: bytes, where: str, index: int) -> tuple | None:
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                width, height = im.size
-                fmt = im.format
-        except Exception as e:
-            _warn_unreadable(where, data, e)
+        header = _header(data, where)
+        if header is None:
             return None
+        height, width, fmt = header
         boxes, flips = self._draw(height, width, index)
         if fmt == "JPEG":
             return torch.frombuffer(bytearray(data), dtype=torch.uint8), (0, height, width), \
@@ -236,11 +233,10 @@ def collate_encoded(samples: list[tuple[tuple, int]]) -> tuple[list, Tensor]:
         torch.tensor([s[1] for s in samples], dtype=torch.int64)
 
 
-def resolve_pipeline(name: str | None, device: torch.device | str = "cpu") -> str:
-    """The pipeline a setting names on ``device``: None and "auto" are ``device-resize``, on a
-    GPU (the resize is almost free there) and on the CPU too (it costs less CPU per image than
-    resizing in the workers: ``mae-bench speed --data-only`` measures both)."""
-    del device  # one answer today; the device stays in the signature for the rule's sake
+def resolve_pipeline(name: str | None) -> str:
+    """The pipeline a setting names: None and "auto" are ``device-resize``, on a GPU (the resize
+    is almost free there) and on the CPU too (it costs less CPU per image than resizing in the
+    workers: ``mae-bench speed --data-only`` measures both)."""
     return "device-resize" if name in (None, "auto") else str(name)
 
 

@@ -484,7 +484,7 @@ def open_segment(setup: Setup, where: Where, start: Start, run_dir: Path,
         setup.dataset, cfg.train.batch_size, setup.plan.micro_per_epoch, cfg.train.seed,
         cfg.data.num_workers, setup.method.view_specs(), pin_memory=device.type == "cuda",
         rank=where.rank, world_size=where.world_size,
-        pipeline=resolve_pipeline(cfg.data.pipeline, device))
+        pipeline=resolve_pipeline(cfg.data.pipeline))
     tracker = open_tracker(cfg.train.tracker, run_dir, cfg) if where.is_main else None
     logger = MetricLogger(run_dir, where.is_main, console, tracker)
     if start.resumed:
@@ -505,7 +505,7 @@ def _write_run_files(setup: Setup, where: Where, run_dir: Path, step: int,
     now = provenance(cfg, where.device, where.precision, setup.img_size, plan.peak_lr,
                      plan.eff_batch, plan.total_steps) | {
         "attention": setup.attention, "attention_kernel": setup.kernel, "conv": setup.conv,
-        "data_pipeline": (resolve_pipeline(cfg.data.pipeline, where.device)
+        "data_pipeline": (resolve_pipeline(cfg.data.pipeline)
                           if isinstance(setup.dataset, StreamingDataset) else None),
         "warmup_epochs": plan.warm_epochs, "init": init}
     write_text_atomic(run_dir / RUN_FILE, json.dumps(run_history(run_dir / RUN_FILE, now, step),
