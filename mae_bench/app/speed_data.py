@@ -528,10 +528,13 @@ def library_versions() -> str:
     import torchvision
     from PIL import features
 
+    from mae_bench.data import jpeg_region
+
     turbo = features.check_feature("libjpeg_turbo")
     return (f"torch {torch.__version__}, torchvision {torchvision.__version__}, Pillow "
             f"{PIL.__version__} (Pillow-SIMD: {'yes' if '.post' in PIL.__version__ else 'no'}; "
-            f"libjpeg-turbo: {'unknown' if turbo is None else 'yes' if turbo else 'no'})")
+            f"libjpeg-turbo: {'unknown' if turbo is None else 'yes' if turbo else 'no'}); "
+            f"mae-bench's JPEG decoder: {jpeg_region.describe()}")
 
 
 def ratio_lines(r: WorkersResult) -> list[str]:

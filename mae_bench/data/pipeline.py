@@ -4,9 +4,10 @@ the training device, and how a batch is put together in between.
 Three splits of the work (``data.pipeline``; auto: ``device-resize``, on a GPU and on the CPU):
 
 - ``device-resize``: a worker reads the file's header, draws each view's crop box and flip,
-  decodes with the fastest decoder for that box (a DCT-scaled JPEG decode when even the
-  smallest box keeps twice the output size at 1/4 or 1/8 scale, else
-  ``torchvision.io.decode_jpeg``, else PIL for other formats) and cuts the boxes; the resize to
+  decodes only the boxes' region of a JPEG (libjpeg-turbo through ``jpeg_region``, at 1/4 or
+  1/8 scale when even the smallest box keeps twice the output size there; without the region
+  decoder, the whole image with ``torchvision.io.decode_jpeg`` or PIL's DCT-scaled decode;
+  PIL for other formats) and cuts the boxes; the resize to
   the training size runs on the device (``crops.CropBatch``), beside the colour augmentations.
   The resize is what costs a worker most after the decode, and a GPU does it almost for free;
 - ``device-decode``: a worker reads the header and draws the boxes only; the device decodes the
@@ -36,6 +37,7 @@ from PIL import Image
 from torch import Tensor
 
 import mae_bench.data.images as images  # the module, so a patched _open_rgb reaches workers
+from mae_bench.data import jpeg_region
 from mae_bench.data.augment import ViewSpec
 from mae_bench.data.crops import CropBatch, EncodedBatch, decode_jpeg, resize_crop
 
@@ -109,6 +111,10 @@ def scaled_box(box: Box, s: int, height: int, width: int) -> Box:
 def _header(data: bytes, where: str) -> tuple[int, int, str | None] | None:
     """(height, width, format) from the file's header, nothing decoded; None (warned) when it
     cannot be read."""
+    decoder = jpeg_region.load() if data[:2] == b"\xff\xd8" else None
+    size = decoder.header(data) if decoder is not None else None
+    if size is not None:  # libjpeg's header parse: a tenth of PIL's Image.open
+        return size[0], size[1], "JPEG"
     try:
         with Image.open(io.BytesIO(data)) as im:
             return im.size[1], im.size[0], im.format
@@ -158,29 +164,53 @@ class DecodeCrop(_SampleDraws):
             return None
         height, width, fmt = header
         boxes, flips = self._draw(height, width, index)
-        pixels, s = self._decode(data, where, fmt, (width, height), boxes)
-        if pixels is None:
-            return None
-        _, dh, dw = pixels.shape
-        crops = []
-        for box in boxes:
-            t, left, h, w = scaled_box(box, s, dh, dw) if s > 1 else box
-            crops.append(pixels[:, t:t + h, left:left + w])
+        crops = self._region_crops(data, height, width, boxes) if fmt == "JPEG" else None
+        if crops is None:
+            pixels, s = self._decode(data, where, fmt, (width, height), boxes)
+            if pixels is None:
+                return None
+            _, dh, dw = pixels.shape
+            crops = []
+            for box in boxes:
+                t, left, h, w = scaled_box(box, s, dh, dw) if s > 1 else box
+                crops.append(pixels[:, t:t + h, left:left + w])
         if self.resize:
             return tuple(resize_crop(c, sp.img_size, sp.interpolation, f)
                          for c, sp, f in zip(crops, self.specs, flips, strict=True))
         return tuple(zip(crops, flips, strict=True))
 
+    def _region_crops(self, data: bytes, height: int, width: int,
+                      boxes: list[Box]) -> list[Tensor] | None:
+        """Each view's crop [3, h, w] (at the decode scale) from one region decode of the
+        boxes' union (``jpeg_region``); None when there is no region decoder or libjpeg refuses
+        the file (the whole-image path then decodes it, or says why it cannot)."""
+        decoder = jpeg_region.load()
+        if decoder is None:
+            return None
+        s = dct_scale(boxes, [sp.img_size for sp in self.specs])
+        if s > 1:  # libjpeg's size at 1/s: ceil(H / s) x ceil(W / s)
+            boxes = [scaled_box(b, s, -(-height // s), -(-width // s)) for b in boxes]
+        top, left = min(b[0] for b in boxes), min(b[1] for b in boxes)
+        bottom, right = max(b[0] + b[2] for b in boxes), max(b[1] + b[3] for b in boxes)
+        region = decoder.decode(data, (top, left, bottom - top, right - left), s)
+        if region is None:
+            return None
+        return [region[:, t - top:t - top + h, le - left:le - left + w] for t, le, h, w in boxes]
+
     def _decode(self, data: bytes, where: str, fmt: str | None, size: tuple[int, int],
                 boxes: list[Box]) -> tuple[Tensor | None, int]:
-        """uint8 [C, H/s, W/s] and s; (None, 1) when unreadable (warned)."""
+        """The whole image, uint8 [C, H/s, W/s], and s; (None, 1) when unreadable (warned)."""
         if fmt == "JPEG":
             s = dct_scale(boxes, [sp.img_size for sp in self.specs])
             try:
                 if s > 1:
                     with Image.open(io.BytesIO(data)) as im:
-                        im.draft("RGB", (math.ceil(size[0] / s), math.ceil(size[1] / s)))
+                        # PIL decodes at the largest 1/k (k <= 8) keeping at least the size
+                        # asked for: W // s (not ceil(W / s), which can leave it k = s / 2)
+                        im.draft("RGB", (max(1, size[0] // s), max(1, size[1] // s)))
                         rgb = np.array(im.convert("RGB") if im.mode != "RGB" else im)
+                    if rgb.shape[:2] != (-(-size[1] // s), -(-size[0] // s)):
+                        raise ValueError("PIL chose another DCT scale")  # the full decode, below
                     return torch.from_numpy(rgb).permute(2, 0, 1), s  # [3, H/s, W/s]
                 return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8)), 1
             except Exception:  # libjpeg's verdict on a broken file: let PIL say why, below
@@ -252,6 +282,8 @@ def worker_transform(specs: Sequence[ViewSpec], pipeline: str):
     # (workers are not persistent).
     import torchvision.io  # noqa: F401
     import torchvision.transforms.v2.functional  # noqa: F401
+
+    jpeg_region.load()  # built (first time on a machine) and loaded here, before the fork
 
     if pipeline == "device-resize":
         return DecodeCrop(specs), collate_crops

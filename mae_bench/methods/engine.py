@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from mae_bench.config import RunConfig, TrainConfig, validate, warmup_epochs
 from mae_bench.config import peak_lr as config_peak_lr
-from mae_bench.data import StreamingDataset, cache_writes_held, load_dataset
+from mae_bench.data import StreamingDataset, cache_writes_held, jpeg_region, load_dataset
 from mae_bench.data.augment import BatchViews
 from mae_bench.data.loader import TrainBatches
 from mae_bench.data.pipeline import resolve_pipeline
@@ -500,13 +500,14 @@ def _write_run_files(setup: Setup, where: Where, run_dir: Path, step: int,
     """config.yaml, run.json (with this start added to its history), metrics.jsonl cut back to
     ``step`` (a resumed run never logs a step twice)."""
     cfg, plan = setup.cfg, setup.plan
+    streamed = isinstance(setup.dataset, StreamingDataset)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / CONFIG_FILE, cfg.to_yaml())
     now = provenance(cfg, where.device, where.precision, setup.img_size, plan.peak_lr,
                      plan.eff_batch, plan.total_steps) | {
         "attention": setup.attention, "attention_kernel": setup.kernel, "conv": setup.conv,
-        "data_pipeline": (resolve_pipeline(cfg.data.pipeline)
-                          if isinstance(setup.dataset, StreamingDataset) else None),
+        "data_pipeline": (resolve_pipeline(cfg.data.pipeline) if streamed else None),
+        "jpeg_decoder": jpeg_region.describe() if streamed else None,
         "warmup_epochs": plan.warm_epochs, "init": init}
     write_text_atomic(run_dir / RUN_FILE, json.dumps(run_history(run_dir / RUN_FILE, now, step),
                                                      indent=2))

@@ -179,7 +179,7 @@ def run_history(path: Path, now: dict[str, Any], step: int) -> dict[str, Any]:
     segment = {"command": now["command"], "start_step": step, "git_sha": now["git_sha"],
                "device_name": now["device_name"], "precision": now["precision"],
                "mae_bench": now["mae_bench"], "conv": now.get("conv"),
-               "data_pipeline": now.get("data_pipeline"),
+               "data_pipeline": now.get("data_pipeline"), "jpeg_decoder": now.get("jpeg_decoder"),
                "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     try:
         old = json.loads(path.read_text()) if step > 0 else {}
