@@ -10,7 +10,8 @@
 # 2. `mae-bench speed` side by side on the GPU: every method on ViT-Small/4 (32 px) in bf16 with
 #    MAE in fp32 too, and MAE against MAE [M] (mask tokens in the encoder) on ViT-Base/16 at 224 px,
 #    the paper's model. Rows go to OUT_DIR/results, tables to OUT_DIR/*.md.
-# 3. The streamed data path on the GPU (`speed --data-only`, 4 and 8 workers, each pipeline) on
+# 3. The streamed data path on the GPU (`speed --data-only`, 4 and 8 workers, each pipeline, dali
+#    where NVIDIA DALI is installed) on
 #    4,096 generated ImageNet-sized JPEGs, and MAE ViT-B/16 at 224 px trained end to end from
 #    those files with nvJPEG decoding (its images/s in OUT_DIR/e2e-mae-vit_base_patch16).
 #
@@ -46,7 +47,13 @@ step() { echo; echo "=== $* ($(date -u +%H:%M:%S))"; }
   step "data path: workers decode and crop, the GPU resizes (device-resize) or decodes (device-decode)"
   jpegs=$("$py" -c "from mae_bench.data.sample_photos import make_jpeg_folder as m; \
 print(m('$out/jpegs', n_images=4096).root)") || status=1
-  for pipeline in device-resize device-decode; do
+  pipelines="device-resize device-decode"
+  if "$py" -c "import nvidia.dali" 2>/dev/null; then
+    pipelines="$pipelines dali"
+  else
+    echo "NVIDIA DALI is not installed here: --pipeline dali not measured (pip install 'mae-bench[dali]')"
+  fi
+  for pipeline in $pipelines; do
     "$py" -m mae_bench speed --data-only --device cuda --data-dir "$jpegs" --workers 4,8 \
       --pipeline "$pipeline" --batch-size 128 --images 2048 --rounds 2 \
       --markdown "$out/data-path-$pipeline.md" || status=1

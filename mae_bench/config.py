@@ -28,7 +28,8 @@ from mae_bench.errors import ConfigError
 
 ATTENTION_PATHS = ("auto", "fused", "math")  # mae_bench.models.attention
 CONV_PATHS = ("auto", "native", "matmul")  # mae_bench.models.conv
-DATA_PIPELINES = ("auto", "device-resize", "device-decode", "workers")  # mae_bench.data.pipeline
+# mae_bench.data.pipeline
+DATA_PIPELINES = ("auto", "device-resize", "device-decode", "workers", "dali")
 TRACKERS = ("none", "tensorboard", "wandb")  # mae_bench.methods.trackers
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
@@ -86,7 +87,7 @@ class DataConfig:
                                        "reorders each rank's stream (default 1000).")
     pipeline: str | None = _knob(None, "Streamed data: device-resize (auto: workers decode and "
                                  "crop, the device resizes) | device-decode (nvJPEG on CUDA) "
-                                 "| workers (all in the workers).")
+                                 "| workers (all in workers) | dali (NVIDIA DALI).")
 
 
 @dataclass(frozen=True)

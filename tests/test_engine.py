@@ -1,5 +1,6 @@
 """The training loop: exact resume, schedules, parameter groups, non-finite loss, run folder."""
 
+import importlib.util
 import json
 import math
 import signal
@@ -318,7 +319,9 @@ def test_streamed_image_folder_trains_through_workers(tmp_path, monkeypatch):
     assert all(math.isfinite(r["loss"]) for r in _metrics(tmp_path / "run"))
 
 
-@pytest.mark.parametrize("pipeline", ["device-resize", "device-decode"])
+@pytest.mark.parametrize("pipeline", ["device-resize", "device-decode", pytest.param(
+    "dali", marks=pytest.mark.skipif(importlib.util.find_spec("nvidia.dali") is None,
+                                     reason="NVIDIA DALI has no wheel for this platform"))])
 def test_streamed_folder_resumes_exactly_with_crops_cut_in_workers(tmp_path, pipeline):
     """``--stream`` reads a small JPEG folder from its files; the workers decode and cut, the
     device resizes (or decodes too). Crops are drawn per sample, so a run stopped mid-epoch and

@@ -17,6 +17,7 @@ torchrun's job never creates a process group (``distributed.join_process_group``
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import os
 import subprocess
@@ -215,3 +216,35 @@ def test_crops_resized_and_jpegs_decoded_on_the_gpu_match_the_cpu():
         assert gpu.device.type == "cuda" and gpu.shape == cpu.shape == (6, 3, 24, 24)
         diff = (gpu.cpu().int() - cpu.int()).abs()
         assert int(diff.max()) <= 3 * tol and float(diff.float().mean()) <= tol / 2, transform
+
+
+@pytest.mark.skipif(importlib.util.find_spec("nvidia.dali") is None,
+                    reason="NVIDIA DALI is not installed (pip install 'mae-bench[dali]')")
+def test_dali_on_the_gpu_gives_its_cpu_views_within_a_few_levels():
+    """The dali pipeline with ``device="mixed"`` (nvJPEG) against its CPU-only pipeline
+    (libjpeg-turbo): the same boxes, IDCTs and resize arithmetic that differ slightly."""
+    import io
+
+    import numpy as np
+
+    from mae_bench.data import sample_photos
+    from mae_bench.data.augment import ViewSpec
+    from mae_bench.data.pipeline import ReadBoxes, collate_encoded
+
+    photos, rng = sample_photos._photos(), np.random.default_rng(0)
+    files = []
+    for _ in range(8):
+        buf = io.BytesIO()
+        sample_photos._draw_image(photos, rng).save(buf, format="JPEG", quality=90)
+        files.append(buf.getvalue())
+    spec = ViewSpec(224)
+    out = {}
+    for device in ("cpu", "cuda"):
+        transform = ReadBoxes([spec])
+        transform.epoch_seed = 5
+        (view,), _ = collate_encoded([(transform(f, str(i), i), i) for i, f in enumerate(files)],
+                                     decoder="dali")
+        out[device] = view.to(device).resize(224)
+    assert out["cuda"].device.type == "cuda" and out["cuda"].shape == (8, 3, 224, 224)
+    diff = (out["cuda"].cpu().int() - out["cpu"].int()).abs().float()
+    assert float(diff.mean()) <= 2, float(diff.mean())

@@ -534,7 +534,19 @@ def library_versions() -> str:
     return (f"torch {torch.__version__}, torchvision {torchvision.__version__}, Pillow "
             f"{PIL.__version__} (Pillow-SIMD: {'yes' if '.post' in PIL.__version__ else 'no'}; "
             f"libjpeg-turbo: {'unknown' if turbo is None else 'yes' if turbo else 'no'}); "
-            f"mae-bench's JPEG decoder: {jpeg_region.describe()}")
+            f"mae-bench's JPEG decoder: {jpeg_region.describe()}{_dali_version()}")
+
+
+def _dali_version() -> str:
+    """'; NVIDIA DALI x.y.z' where it is installed (the dali pipeline), else ''."""
+    import importlib.util
+
+    if importlib.util.find_spec("nvidia") is None or \
+            importlib.util.find_spec("nvidia.dali") is None:
+        return ""
+    import nvidia.dali
+
+    return f"; NVIDIA DALI {nvidia.dali.__version__}"
 
 
 def ratio_lines(r: WorkersResult) -> list[str]:

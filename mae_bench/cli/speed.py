@@ -92,7 +92,7 @@ def speed(
         rich_help_panel=DATA_PANEL, help="Images timed per round and path.")] = 512,
     pipeline: Annotated[str, typer.Option(
         rich_help_panel=DATA_PANEL, help="mae-bench's split of the work: device-resize (auto) "
-        "| device-decode | workers (see pretrain --pipeline).")] = "auto",
+        "| device-decode | workers | dali (see pretrain --pipeline).")] = "auto",
 ) -> None:
     """Time every method's training and the evaluation protocols, side by side in one run.
 

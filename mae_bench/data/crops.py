@@ -155,6 +155,9 @@ class EncodedBatch:
         boxes: int64 [B, V, 4] (top, left, height, width) per view, in full-resolution pixels.
         flips: bool [B, V].
         device: where ``decoded`` decodes (set by ``to``).
+        decoder: "torchvision" (``decoded``, then crop and resize) or "dali" (each view's box
+            decoded and resized by DALI: ``mae_bench.data.dali``; torchvision where DALI
+            refuses the batch).
     """
 
     data: Tensor
@@ -163,6 +166,7 @@ class EncodedBatch:
     boxes: Tensor
     flips: Tensor
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    decoder: str = "torchvision"
     _decoded: list[Tensor] | None = None
     _broken: list[int] = field(default_factory=list)
 
@@ -237,6 +241,12 @@ class EncodedView:
     def resize(self, size: int, interpolation: str = "bicubic") -> Tensor:
         """uint8 [B, C, size, size]: view ``v``'s box of every decoded image, resized and
         flipped."""
+        if self.batch.decoder == "dali":
+            from mae_bench.data import dali
+
+            done = dali.decode_resize(self.batch, self.v, size, interpolation)
+            if done is not None:
+                return done
         crops = []
         for i, image in enumerate(self.batch.decoded()):
             top, left, h, w = self.batch.box(i, self.v)

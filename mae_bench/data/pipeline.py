@@ -1,7 +1,7 @@
 """The streamed data path: what the DataLoader workers do with each image file, what is left for
 the training device, and how a batch is put together in between.
 
-Three splits of the work (``data.pipeline``; auto: ``device-resize``, on a GPU and on the CPU):
+Four splits of the work (``data.pipeline``; auto: ``device-resize``, on a GPU and on the CPU):
 
 - ``device-resize``: a worker reads the file's header, draws each view's crop box and flip,
   decodes only the boxes' region of a JPEG (libjpeg-turbo through ``jpeg_region``, at 1/4 or
@@ -13,6 +13,9 @@ Three splits of the work (``data.pipeline``; auto: ``device-resize``, on a GPU a
 - ``device-decode``: a worker reads the header and draws the boxes only; the device decodes the
   JPEG bytes (batched nvJPEG on CUDA), crops and resizes (``crops.EncodedBatch``). Other
   formats are decoded in the worker;
+- ``dali``: the workers as for ``device-decode``; NVIDIA DALI, when installed, decodes each
+  view's box and resizes it on the device (``mae_bench.data.dali``: nvJPEG on a GPU,
+  libjpeg-turbo threads on a CPU);
 - ``workers``: the same decode and cut, and the resize too, in the worker (with the same kernel,
   so the same pixels). It costs more CPU per image than ``device-resize`` even when the device is
   the CPU (a worker's fixed-size output is collated once more, and the crop it resizes is a
@@ -26,6 +29,7 @@ depend on the number of workers, and a resumed run replays them.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import math
@@ -43,7 +47,7 @@ from mae_bench.data.crops import CropBatch, EncodedBatch, decode_jpeg, resize_cr
 
 log = logging.getLogger("mae_bench.data")  # one logger name for the whole package
 
-PIPELINES = ("device-resize", "device-decode", "workers")
+PIPELINES = ("device-resize", "device-decode", "workers", "dali")
 # A JPEG is decoded at 1/s scale by PIL (DCT scaling) only for s = 8 or 4: at 1/2 scale PIL's
 # decode is hardly faster than libjpeg-turbo's full decode through torchvision.
 _DCT_SCALES = (8, 4)
@@ -249,15 +253,18 @@ def collate_crops(samples: list[tuple[tuple, int]]) -> tuple[list[CropBatch], Te
     return batches, torch.tensor([s[1] for s in samples], dtype=torch.int64)
 
 
-def collate_encoded(samples: list[tuple[tuple, int]]) -> tuple[list, Tensor]:
+def collate_encoded(samples: list[tuple[tuple, int]], decoder: str = "torchvision"
+                    ) -> tuple[list, Tensor]:
     """DataLoader collate for ``ReadBoxes`` samples: one view object per view, sharing one
-    ``EncodedBatch`` (each image decoded once for all its views), and the labels."""
+    ``EncodedBatch`` (each image decoded once for all its views; with ``decoder="dali"``,
+    each view's box by DALI), and the labels."""
     data = [s[0][0] for s in samples]
     batch = EncodedBatch(
         data=torch.cat(data), lengths=torch.tensor([len(d) for d in data], dtype=torch.int64),
         shapes=torch.tensor([s[0][1] for s in samples], dtype=torch.int64),
         boxes=torch.tensor([s[0][2] for s in samples], dtype=torch.int64),  # [B, V, 4]
-        flips=torch.tensor([s[0][3] for s in samples], dtype=torch.bool))  # [B, V]
+        flips=torch.tensor([s[0][3] for s in samples], dtype=torch.bool),  # [B, V]
+        decoder=decoder)
     views = batch.boxes.shape[1]
     return [batch.view(v) for v in range(views)], \
         torch.tensor([s[1] for s in samples], dtype=torch.int64)
@@ -276,6 +283,7 @@ def worker_transform(specs: Sequence[ViewSpec], pipeline: str):
 
     Raises:
         ValueError: an unknown pipeline.
+        DataError: ``dali`` without NVIDIA DALI installed.
     """
     # Imported here, in the main process, so that forked workers inherit them: importing
     # torchvision's decoders and resize costs each worker about a second of CPU, every epoch
@@ -289,6 +297,11 @@ def worker_transform(specs: Sequence[ViewSpec], pipeline: str):
         return DecodeCrop(specs), collate_crops
     if pipeline == "device-decode":
         return ReadBoxes(specs), collate_encoded
+    if pipeline == "dali":
+        from mae_bench.data import dali
+
+        dali.check_installed()  # one line, with how to install it, before any worker starts
+        return ReadBoxes(specs), functools.partial(collate_encoded, decoder="dali")
     if pipeline == "workers":
         return DecodeCrop(specs, resize=True), None
     raise ValueError(f"unknown data pipeline {pipeline!r}; valid: {', '.join(PIPELINES)}")

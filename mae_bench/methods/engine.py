@@ -478,6 +478,10 @@ def open_segment(setup: Setup, where: Where, start: Start, run_dir: Path,
         cfg, setup.method, setup.optimizer, setup.plan.lr, device=device,
         precision=where.precision, total_steps=setup.plan.total_steps, module=module,
         scaler=setup.scaler, step=start.step)
+    if cfg.data.pipeline == "dali" and isinstance(setup.dataset, StreamingDataset):
+        from mae_bench.data import dali
+
+        dali.check_installed()  # before anything is written to the run folder
     if where.is_main:
         _write_run_files(setup, where, run_dir, start.step, init)
     batches = TrainBatches(
