@@ -14,6 +14,7 @@ from rich.console import Console
 
 from mae_bench.config import RunConfig, warmup_epochs
 from mae_bench.data import jpeg_region
+from mae_bench.data.pipeline import jpeg_decoder
 from mae_bench.errors import ConfigError, TrainingError
 from mae_bench.methods.engine import pretrain
 from mae_bench.methods.registry import MAE, METHODS, build_method, resolve_config
@@ -351,7 +352,9 @@ def test_streamed_folder_resumes_exactly_with_crops_cut_in_workers(tmp_path, pip
     assert [(r["step"], r["loss"]) for r in ma] == [(r["step"], r["loss"]) for r in mb]
     run = json.loads((tmp_path / "full" / "run.json").read_text())
     assert run["data_pipeline"] == run["segments"][-1]["data_pipeline"] == pipeline
-    assert run["jpeg_decoder"] == jpeg_region.describe()  # the region decoder where cc can build it
+    assert run["jpeg_decoder"] == jpeg_decoder(pipeline)
+    if pipeline == "device-resize":  # the region decoder where cc can build it
+        assert run["jpeg_decoder"] == f"in the workers: {jpeg_region.describe()}"
 
 
 @pytest.mark.multiprocess

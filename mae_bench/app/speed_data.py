@@ -58,7 +58,7 @@ from mae_bench.app.speed_run import BUSY_SPREAD, describe_machine
 from mae_bench.data import IMAGE_SUFFIXES, load_dataset
 from mae_bench.data.augment import BatchViews, ViewSpec
 from mae_bench.data.loader import TrainBatches
-from mae_bench.data.pipeline import PIPELINES, resolve_pipeline
+from mae_bench.data.pipeline import PIPELINES, jpeg_decoder, resolve_pipeline
 from mae_bench.data.sample_photos import JpegFolder, default_sample_dir, make_jpeg_folder
 from mae_bench.errors import ConfigError, DataError
 from mae_bench.training.runtime import device_name, resolve_device
@@ -350,7 +350,7 @@ def _run(spec: DataSpeedSpec, device: torch.device,
     outcome.machine = describe_machine(torch.device("cpu")) + (
         f"; device-side work on {device_name(device)}" if device.type == "cuda" else "")
     outcome.machine += f"; {len(os.sched_getaffinity(0))} CPUs available to the process"
-    outcome.versions = library_versions()
+    outcome.versions = library_versions(resolve_pipeline(spec.pipeline))
     outcome.markdown = to_markdown(outcome)
     return outcome
 
@@ -521,32 +521,19 @@ def image_sizes(folder: Path, most: int = _SIZES_READ) -> str:
             f"square {share(lambda w, h: w == h):.0f} %")
 
 
-def library_versions() -> str:
-    """torch, torchvision and Pillow versions, and how Pillow decodes JPEGs (Pillow-SIMD is
-    released as x.y.z.postN; libjpeg-turbo decodes several times faster than libjpeg)."""
+def library_versions(pipeline: str) -> str:
+    """torch, torchvision and Pillow versions, how Pillow decodes JPEGs (Pillow-SIMD is released
+    as x.y.z.postN; libjpeg-turbo decodes several times faster than libjpeg), and where and with
+    what mae-bench's ``pipeline`` decodes them."""
     import PIL
     import torchvision
     from PIL import features
-
-    from mae_bench.data import jpeg_region
 
     turbo = features.check_feature("libjpeg_turbo")
     return (f"torch {torch.__version__}, torchvision {torchvision.__version__}, Pillow "
             f"{PIL.__version__} (Pillow-SIMD: {'yes' if '.post' in PIL.__version__ else 'no'}; "
             f"libjpeg-turbo: {'unknown' if turbo is None else 'yes' if turbo else 'no'}); "
-            f"mae-bench's JPEG decoder: {jpeg_region.describe()}{_dali_version()}")
-
-
-def _dali_version() -> str:
-    """'; NVIDIA DALI x.y.z' where it is installed (the dali pipeline), else ''."""
-    import importlib.util
-
-    if importlib.util.find_spec("nvidia") is None or \
-            importlib.util.find_spec("nvidia.dali") is None:
-        return ""
-    import nvidia.dali
-
-    return f"; NVIDIA DALI {nvidia.dali.__version__}"
+            f"mae-bench decodes JPEGs {jpeg_decoder(pipeline)}")
 
 
 def ratio_lines(r: WorkersResult) -> list[str]:

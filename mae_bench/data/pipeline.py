@@ -277,6 +277,19 @@ def resolve_pipeline(name: str | None) -> str:
     return "device-resize" if name in (None, "auto") else str(name)
 
 
+def jpeg_decoder(pipeline: str) -> str:
+    """Where and with what ``pipeline`` decodes JPEGs, in words (run.json, the data benchmark)."""
+    if pipeline == "device-decode":
+        return ("on the device: torchvision.io.decode_jpeg, whole images (nvJPEG on CUDA, "
+                "libjpeg-turbo on the CPU)")
+    if pipeline == "dali":
+        from mae_bench.data import dali
+
+        return (f"on the device: NVIDIA DALI {dali.check_installed()} fn.decoders.image_slice "
+                "(crop boxes only)")
+    return f"in the workers: {jpeg_region.describe()}"
+
+
 def worker_transform(specs: Sequence[ViewSpec], pipeline: str):
     """The per-sample transform of ``pipeline`` for ``specs`` and its collate function (None:
     the DataLoader's default).

@@ -46,10 +46,10 @@ from torch import Tensor, nn
 
 from mae_bench.config import RunConfig, TrainConfig, validate, warmup_epochs
 from mae_bench.config import peak_lr as config_peak_lr
-from mae_bench.data import StreamingDataset, cache_writes_held, jpeg_region, load_dataset
+from mae_bench.data import StreamingDataset, cache_writes_held, load_dataset
 from mae_bench.data.augment import BatchViews
 from mae_bench.data.loader import TrainBatches
-from mae_bench.data.pipeline import resolve_pipeline
+from mae_bench.data.pipeline import jpeg_decoder, resolve_pipeline
 from mae_bench.errors import ConfigError, RunInterrupted
 from mae_bench.files import (
     CONFIG_FILE,
@@ -511,7 +511,8 @@ def _write_run_files(setup: Setup, where: Where, run_dir: Path, step: int,
                      plan.eff_batch, plan.total_steps) | {
         "attention": setup.attention, "attention_kernel": setup.kernel, "conv": setup.conv,
         "data_pipeline": (resolve_pipeline(cfg.data.pipeline) if streamed else None),
-        "jpeg_decoder": jpeg_region.describe() if streamed else None,
+        "jpeg_decoder": (jpeg_decoder(resolve_pipeline(cfg.data.pipeline)) if streamed
+                         else None),
         "warmup_epochs": plan.warm_epochs, "init": init}
     write_text_atomic(run_dir / RUN_FILE, json.dumps(run_history(run_dir / RUN_FILE, now, step),
                                                      indent=2))
