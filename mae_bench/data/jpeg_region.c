@@ -47,9 +47,10 @@ static void mb_setup(struct jpeg_decompress_struct *cinfo, struct mb_error *err,
   msg[0] = '\0';
 }
 
-/* The image's height and width from its header. 0, or -1 with msg set. */
-int mb_jpeg_header(const unsigned char *data, unsigned long size, int *height, int *width,
-                   char *msg) {
+/* The work of both entry points below; header_only: stop after the header. */
+static int mb_decode(const unsigned char *data, unsigned long size, int header_only, int *height,
+                     int *width, int denom, int top, int left, int rows_wanted, int cols_wanted,
+                     unsigned char *out, unsigned long capacity, int *x0, int *cols, char *msg) {
   struct jpeg_decompress_struct cinfo;
   struct mb_error err;
   mb_setup(&cinfo, &err, msg);
@@ -62,44 +63,27 @@ int mb_jpeg_header(const unsigned char *data, unsigned long size, int *height, i
   jpeg_read_header(&cinfo, TRUE);
   *height = (int)cinfo.image_height;
   *width = (int)cinfo.image_width;
-  jpeg_destroy_decompress(&cinfo);
-  return 0;
-}
-
-/* Decodes rows [top, top + height) of the image at scale 1/denom (denom 1, 2, 4 or 8) as RGB, and
- * at least columns [left, left + width): the decoded columns are [*x0, *x0 + *cols), written
- * row after row (stride *cols * 3 bytes) into out, which holds `capacity` bytes (height *
- * (width + 66) * 3 is always enough: an iMCU is at most 32 pixels wide). 0, or -1 with msg set. */
-int mb_jpeg_decode(const unsigned char *data, unsigned long size, int denom, int top, int left,
-                   int height, int width, unsigned char *out, unsigned long capacity, int *x0,
-                   int *cols, char *msg) {
-  struct jpeg_decompress_struct cinfo;
-  struct mb_error err;
-  mb_setup(&cinfo, &err, msg);
-  if (setjmp(err.jump)) {
+  if (header_only) {
     jpeg_destroy_decompress(&cinfo);
-    return -1;
+    return 0;
   }
-  jpeg_create_decompress(&cinfo);
-  jpeg_mem_src(&cinfo, data, size);
-  jpeg_read_header(&cinfo, TRUE);
   cinfo.out_color_space = JCS_RGB;
   cinfo.scale_num = 1;
   cinfo.scale_denom = (unsigned int)denom;
   jpeg_start_decompress(&cinfo);
   int out_h = (int)cinfo.output_height, out_w = (int)cinfo.output_width;
-  if (top < 0 || left < 0 || height < 1 || width < 1 || top + height > out_h ||
-      left + width > out_w) {
-    snprintf(msg, MB_MSG_LEN, "box (%d, %d, %d, %d) outside the %dx%d image", top, left, height,
-             width, out_h, out_w);
+  if (top < 0 || left < 0 || rows_wanted < 1 || cols_wanted < 1 || top + rows_wanted > out_h ||
+      left + cols_wanted > out_w) {
+    snprintf(msg, MB_MSG_LEN, "box (%d, %d, %d, %d) outside the %dx%d image", top, left,
+             rows_wanted, cols_wanted, out_h, out_w);
     jpeg_destroy_decompress(&cinfo);
     return -1;
   }
-  int margin_left = left > 0, margin_right = left + width < out_w;
+  int margin_left = left > 0, margin_right = left + cols_wanted < out_w;
   JDIMENSION x = (JDIMENSION)(left - margin_left);
-  JDIMENSION w = (JDIMENSION)(width + margin_left + margin_right);
+  JDIMENSION w = (JDIMENSION)(cols_wanted + margin_left + margin_right);
   if (w < cinfo.output_width) jpeg_crop_scanline(&cinfo, &x, &w);
-  if ((unsigned long)height * w * 3 > capacity) {
+  if ((unsigned long)rows_wanted * w * 3 > capacity) {
     snprintf(msg, MB_MSG_LEN, "output buffer of %lu bytes too small", capacity);
     jpeg_destroy_decompress(&cinfo);
     return -1;
@@ -111,8 +95,8 @@ int mb_jpeg_decode(const unsigned char *data, unsigned long size, int denom, int
   }
   JSAMPROW rows[16];
   int done = 0;
-  while (done < height) {
-    int n = height - done < 16 ? height - done : 16;
+  while (done < rows_wanted) {
+    int n = rows_wanted - done < 16 ? rows_wanted - done : 16;
     for (int i = 0; i < n; i++) rows[i] = out + ((size_t)(done + i)) * w * 3;
     JDIMENSION got = jpeg_read_scanlines(&cinfo, rows, (JDIMENSION)n);
     if (got == 0) {
@@ -126,4 +110,22 @@ int mb_jpeg_decode(const unsigned char *data, unsigned long size, int denom, int
   *cols = (int)w;
   jpeg_destroy_decompress(&cinfo); /* the rows below the box are never decoded */
   return 0;
+}
+
+/* The image's height and width from its header. 0, or -1 with msg set. */
+int mb_jpeg_header(const unsigned char *data, unsigned long size, int *height, int *width,
+                   char *msg) {
+  return mb_decode(data, size, 1, height, width, 1, 0, 0, 0, 0, NULL, 0, NULL, NULL, msg);
+}
+
+/* Decodes rows [top, top + height) of the image at scale 1/denom (denom 1, 2, 4 or 8) as RGB, and
+ * at least columns [left, left + width): the decoded columns are [*x0, *x0 + *cols), written
+ * row after row (stride *cols * 3 bytes) into out, which holds `capacity` bytes (height *
+ * (width + 66) * 3 is always enough: an iMCU is at most 32 pixels wide). 0, or -1 with msg set. */
+int mb_jpeg_decode(const unsigned char *data, unsigned long size, int denom, int top, int left,
+                   int height, int width, unsigned char *out, unsigned long capacity, int *x0,
+                   int *cols, char *msg) {
+  int image_height, image_width;
+  return mb_decode(data, size, 0, &image_height, &image_width, denom, top, left, height, width,
+                   out, capacity, x0, cols, msg);
 }
