@@ -48,8 +48,9 @@ from mae_bench.data.crops import CropBatch, EncodedBatch, decode_jpeg, resize_cr
 log = logging.getLogger("mae_bench.data")  # one logger name for the whole package
 
 PIPELINES = ("device-resize", "device-decode", "workers", "dali")
-# A JPEG is decoded at 1/s scale by PIL (DCT scaling) only for s = 8 or 4: at 1/2 scale PIL's
-# decode is hardly faster than libjpeg-turbo's full decode through torchvision.
+# A JPEG is decoded at 1/s scale (DCT scaling) only for s = 8 or 4: at 1/2 scale PIL's decode
+# is hardly faster than libjpeg-turbo's full decode through torchvision. The region decoder uses
+# the same scales, so that both paths cut the same pixels (tests/test_jpeg_region.py).
 _DCT_SCALES = (8, 4)
 Box = tuple[int, int, int, int]  # (top, left, height, width) in pixels
 
@@ -162,12 +163,19 @@ class DecodeCrop(_SampleDraws):
             flips.append(sample_flip(s.hflip, g))
         return boxes, flips
 
-    def __call__(self, data: bytes, where: str, index: int) -> tuple | None:
+    def _start(self, data: bytes, where: str, index: int) -> tuple | None:
+        """(height, width, format, boxes, flips) from the header and the sample's draws; None
+        (warned) when the header cannot be read."""
         header = _header(data, where)
         if header is None:
             return None
-        height, width, fmt = header
-        boxes, flips = self._draw(height, width, index)
+        return *header, *self._draw(header[0], header[1], index)
+
+    def __call__(self, data: bytes, where: str, index: int) -> tuple | None:
+        start = self._start(data, where, index)
+        if start is None:
+            return None
+        height, width, fmt, boxes, flips = start
         crops = self._region_crops(data, height, width, boxes) if fmt == "JPEG" else None
         if crops is None:
             pixels, s = self._decode(data, where, fmt, (width, height), boxes)
@@ -230,11 +238,10 @@ class ReadBoxes(DecodeCrop):
     pixels (other formats), with every view's full-resolution box and flip."""
 
     def __call__(self, data: bytes, where: str, index: int) -> tuple | None:
-        header = _header(data, where)
-        if header is None:
+        start = self._start(data, where, index)
+        if start is None:
             return None
-        height, width, fmt = header
-        boxes, flips = self._draw(height, width, index)
+        height, width, fmt, boxes, flips = start
         if fmt == "JPEG":
             return torch.frombuffer(bytearray(data), dtype=torch.uint8), (0, height, width), \
                 boxes, flips
