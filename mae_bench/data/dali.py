@@ -139,6 +139,8 @@ def decode_resize(batch: Any, v: int, size: int, interpolation: str) -> Tensor |
         log.warning("DALI could not decode a file of this batch (%s); decoding the batch with "
                     "torchvision instead", first[:200])
         return None
-    from mae_bench.data.crops import _flip_where
-
-    return _flip_where(out, batch.flips[:, v])
+    flips = batch.flips[:, v].to(out.device)
+    if bool(flips.any()):
+        idx = flips.nonzero().flatten()
+        out[idx] = out[idx].flip(-1)
+    return out
